@@ -1,0 +1,40 @@
+# The two commands of the README. Each one sets up .venv on first use, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.gptforge-installed
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/gptforge demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+install: $(STAMP)
+
+# A Python that already imports torch (say a CUDA build) lends it to the venv through
+# --system-site-packages, so it is used and never replaced. Otherwise the CPU wheel is pinned
+# and installed first: an unpinned `torch` requirement would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gptforge needs Python >= 3.11, this is " + sys.version.split()[0]'
+	@if [ ! -x $(PY) ]; then \
+		if $(PYTHON) -c 'import torch' >/dev/null 2>&1; then \
+			echo "using the torch of $(PYTHON) (not replaced)"; \
+			$(PYTHON) -m venv --system-site-packages $(VENV); \
+		else \
+			$(PYTHON) -m venv $(VENV); \
+		fi; \
+	fi
+	@if $(PY) -c 'import torch' >/dev/null 2>&1; then \
+		$(PY) -c 'import torch; print("torch", torch.__version__, "already present: kept")'; \
+	else \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PY) -m pip install --quiet -e ".[corpus,test]"
+	@touch $@
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,374 @@
+"""Typed configs: the model's shape, the training run, exact-name presets, YAML files and dotted overrides.
+
+A config is built in one direction only: preset -> YAML file -> `--section.field value` overrides, each layer
+checked against the dataclass fields (an unknown key or a wrong type names the key and the valid choices).
+Values that follow from others (head size, padded vocab, MLP width when left unset) are properties, so that
+overriding `d_model` on a preset never leaves a stale derived value behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gptforge.errors import GptforgeError
+
+VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64 rows: matmul kernels prefer it (nanoGPT: 50257->50304)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and variant of a decoder-only GPT."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # key/value heads for grouped-query attention; None: n_head (plain MHA)
+    d_model: int = 768
+    d_mlp: int | None = None  # hidden width of the MLP; None: 4*d_model (gelu) or ~8/3*d_model (swiglu)
+    vocab_size: int = 50257  # the tokenizer's true size; the embedding is padded (see padded_vocab_size)
+    block_size: int = 1024  # longest context the model is trained for
+    pos_encoding: Literal["learned", "rotary"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True  # biases in Linear layers and LayerNorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise GptforgeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+            raise GptforgeError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise GptforgeError(f"rotary embeddings need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptforgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.d_mlp is not None and self.d_mlp < 1:
+            raise GptforgeError(f"model.d_mlp must be >= 1 or null, got {self.d_mlp}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        if self.d_mlp is not None:
+            return self.d_mlp
+        if self.mlp == "swiglu":  # 2/3 of 4d keeps the parameter count of a 4d GELU MLP (Shazeer 2020)
+            return 256 * math.ceil(8 * self.d_model / 3 / 256)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return VOCAB_MULTIPLE * math.ceil(self.vocab_size / VOCAB_MULTIPLE)
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameters of the model this config builds, counted from the formula (no model needed).
+
+        Per block: two norms, the fused qkv projection d x (n_head + 2 n_kv_head) hd, the output projection,
+        and the MLP (2 matrices for gelu, 3 for swiglu). Embeddings: the padded token table, the learned
+        position table if any, and the output head when it is not tied.
+        """
+        d, hd, f, b = self.d_model, self.head_dim, self.mlp_width, int(self.bias)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        qkv_out = (self.n_head + 2 * self.kv_heads) * hd
+        attn = d * qkv_out + b * qkv_out + self.n_head * hd * d + b * d
+        if self.mlp == "swiglu":
+            mlp = 3 * d * f + b * (2 * f + d)
+        else:
+            mlp = 2 * d * f + b * (f + d)
+        body = self.n_layer * (2 * norm + attn + mlp) + norm  # + the final norm
+        if not embeddings:
+            return body
+        emb = self.padded_vocab_size * d
+        if self.pos_encoding == "learned":
+            emb += self.block_size * d
+        if not self.tie_embeddings:
+            emb += self.padded_vocab_size * d
+        return body + emb
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6N + 12*L*d*T (PaLM, Chowdhery et al. 2022, appendix B).
+
+        N counts the weights that take part in a matmul for every token: every block's matrices and the
+        output head (tied or not), not the embedding lookups. 6N is the forward (2N) plus backward (4N)
+        matmul cost; 12*L*d*T is attention's QK^T and AV products over a context of T = seq_len tokens.
+        """
+        t = self.block_size if seq_len is None else seq_len
+        n = self.num_params(embeddings=False) + self.padded_vocab_size * self.d_model
+        return 6 * n + 12 * self.n_layer * self.d_model * t
+
+
+# Exact-name presets. Values not named take the ModelConfig defaults.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: builds and trains in milliseconds.
+    "tiny": dict(n_layer=2, n_head=4, d_model=64, vocab_size=512, block_size=64),
+    # The demo's model: a few minutes of bf16 training on 2 CPU cores gets it to readable verse.
+    "shakespeare": dict(
+        n_layer=4, n_head=4, d_model=256, vocab_size=4096, block_size=256,
+        pos_encoding="rotary", norm="rmsnorm", bias=False,
+    ),
+    # GPT-2 family (Radford et al. 2019; Hugging Face model cards).
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600),
+    # Llama-style ~1.2B, the shape of Llama 3.2 1B: RoPE, RMSNorm, SwiGLU, 4:1 GQA, tied embeddings.
+    "llama-1b": dict(
+        n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_mlp=8192, vocab_size=128256, block_size=2048,
+        pos_encoding="rotary", rope_theta=500000.0, norm="rmsnorm", mlp="swiglu", bias=False,
+    ),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The ModelConfig of a preset, looked up by its exact name."""
+    if name not in MODEL_PRESETS:
+        raise GptforgeError(f"unknown model preset {name!r}; valid presets: {', '.join(MODEL_PRESETS)}")
+    return ModelConfig(**MODEL_PRESETS[name])
+
+
+@dataclass
+class TrainConfig:
+    """One training run: batch, schedule, optimizer, evaluation, checkpoints."""
+
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast precision; auto: bf16 on CUDA, fp32 elsewhere
+    threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int | None = None  # tokens per sequence; None: model.block_size
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    max_minutes: float | None = None  # wall-time limit: stop, evaluate and save when reached
+    lr: float = 6e-4
+    min_lr: float | None = None  # floor of the cosine; None: lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings' sibling vectors
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    eval_interval: int = 250  # steps between evaluations (and at the first and last step)
+    eval_batches: int = 20  # batches of the validation split per evaluation
+    log_interval: int = 10
+    checkpoint_interval: int = 1000  # steps between checkpoints (and always at the end)
+    keep_checkpoints: int = 3  # how many step checkpoints to keep
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
+                    "eval_interval", "checkpoint_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise GptforgeError(f"train.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise GptforgeError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise GptforgeError(f"train.seq_len must be >= 1 or null, got {self.seq_len}")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass
+class RunConfig:
+    """Everything a `gptforge train` run reads: the model, the loop, and where data and outputs live."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str | None = None  # directory written by `gptforge prepare`
+    out: str | None = None  # run directory: checkpoints and logs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --- building configs from mappings, files and command-line overrides -------------------------------------
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting command-line strings; name `key` on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except GptforgeError as e:
+                errors.append(str(e))
+        raise GptforgeError(errors[0] if errors else f"{key}: cannot be null")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise GptforgeError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise GptforgeError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise GptforgeError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise GptforgeError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise GptforgeError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise GptforgeError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> GptforgeError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return GptforgeError(f"unknown key {where}{key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def update_dataclass(obj: Any, values: dict[str, Any], where: str) -> Any:
+    """A copy of dataclass `obj` with `values` applied, each checked against the field's type."""
+    hints = typing.get_type_hints(type(obj))
+    valid = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise _unknown_key(key, valid, where)
+        changes[key] = _coerce(value, hints[key], f"{where}{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def run_config_from_dict(raw: dict[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:
+    """Apply a nested mapping ({"model": {...}, "train": {...}, "data": ..., "out": ...}) onto `base`.
+
+    `model` may also be a preset name, or a mapping with a `preset` key whose fields are applied on top.
+    """
+    if not isinstance(raw, dict):
+        raise GptforgeError(f"{source}: expected a mapping of sections (model, train, data, out), got {type(raw).__name__}")
+    cfg = base or RunConfig()
+    valid = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in raw:
+        if key not in valid:
+            raise _unknown_key(key, valid, f"{source}: ")
+    model_raw = raw.get("model")
+    if isinstance(model_raw, str):
+        cfg = dataclasses.replace(cfg, model=model_preset(model_raw))
+    elif isinstance(model_raw, dict):
+        model_raw = dict(model_raw)
+        if "preset" in model_raw:
+            cfg = dataclasses.replace(cfg, model=model_preset(str(model_raw.pop("preset"))))
+        cfg = dataclasses.replace(cfg, model=update_dataclass(cfg.model, model_raw, "model."))
+    elif model_raw is not None:
+        raise GptforgeError(f"{source}: 'model' must be a preset name or a mapping")
+    train_raw = raw.get("train")
+    if train_raw is not None:
+        if not isinstance(train_raw, dict):
+            raise GptforgeError(f"{source}: 'train' must be a mapping")
+        cfg = dataclasses.replace(cfg, train=update_dataclass(cfg.train, train_raw, "train."))
+    for key in ("data", "out"):
+        if key in raw:
+            cfg = dataclasses.replace(cfg, **{key: _coerce(raw[key], str | None, key)})
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise GptforgeError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise GptforgeError(f"{p}: not valid YAML: {e}") from None
+    return raw or {}
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
+    """`["--train.lr", "3e-4", "--model.n_layer=4"]` -> {"train": {"lr": "3e-4"}, "model": {"n_layer": "4"}}."""
+    out: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise GptforgeError(f"unrecognized argument {arg!r}; overrides look like --train.lr 3e-4 or --model.n_layer=4")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise GptforgeError(f"override {arg} needs a value, e.g. {arg} VALUE")
+            value = args[i + 1]
+            i += 1
+        section, _, key = name.partition(".")
+        if section not in SECTIONS:
+            raise _unknown_key(section, list(SECTIONS), "section ")
+        out.setdefault(section, {})[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def build_run_config(
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Preset, then the YAML file, then `--section.field value` overrides; later layers win.
+
+    A `--model` preset given on the command line replaces the YAML's own preset name, but the YAML's
+    explicit model fields still apply on top of it.
+    """
+    cfg = RunConfig() if preset is None else RunConfig(model=model_preset(preset))
+    if config_file is not None:
+        raw = load_yaml(config_file)
+        if preset is not None and isinstance(raw, dict):
+            model_raw = raw.get("model")
+            if isinstance(model_raw, str):
+                raw = {k: v for k, v in raw.items() if k != "model"}
+            elif isinstance(model_raw, dict):
+                raw = {**raw, "model": {k: v for k, v in model_raw.items() if k != "preset"}}
+        cfg = run_config_from_dict(raw, cfg, source=str(config_file))
+    for section, values in parse_overrides(overrides or []).items():
+        cfg = dataclasses.replace(cfg, **{section: update_dataclass(getattr(cfg, section), values, f"{section}.")})
+    return cfg

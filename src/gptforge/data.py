@@ -1,0 +1,399 @@
+"""Corpus -> token shards, and the memory-mapped reader and batch sampler that training reads them with.
+
+A prepared directory holds `meta.json` (format version, dtype, token counts, tokenizer fingerprint, shards),
+`tokenizer.json`, and raw little-endian token files `train_00000.bin`, `val_00000.bin`, ... Each document
+is followed by the EOS token, so documents never run into each other unmarked.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptforge.corpora import CORPORA, Document, load_corpus
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer import Tokenizer
+
+FORMAT = "gptforge.tokens"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl"}
+
+
+# --- reading sources ------------------------------------------------------------------------------------
+
+def _read_text(path: Path, warnings: list[str]) -> str:
+    """Read a file as UTF-8. Invalid bytes become U+FFFD (the replacement character), always, and the file is
+    named in a warning: a corpus is rarely worth refusing for a few bad bytes, but it is worth knowing."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+        warnings.append(f"{path}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
+        return text
+
+
+def _read_jsonl(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
+    for lineno, line in enumerate(_read_text(path, warnings).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise GptforgeError(f"{path}:{lineno}: no {text_field!r} field; choose the field with --text-field")
+        if not isinstance(record[text_field], str):
+            raise GptforgeError(f"{path}:{lineno}: field {text_field!r} is not a string")
+        yield Document(f"{path}:{lineno}", record[text_field])
+
+
+def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(path, text_field, warnings)
+    else:
+        yield Document(str(path), _read_text(path, warnings))
+
+
+def read_sources(sources: list[str], text_field: str = "text") -> tuple[list[Document], list[str]]:
+    """Documents from files, folders (text files found recursively), globs, JSONL and bundled corpus names.
+
+    A text file is one document; a JSONL line is one document (its `text_field`); a bundled corpus names its
+    own documents. Returns the documents and warnings (files with invalid UTF-8).
+    """
+    if not sources:
+        raise GptforgeError("no sources given: name files, folders, globs, JSONL files or a bundled corpus (e.g. shakespeare)")
+    docs: list[Document] = []
+    warnings: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            docs.extend(_read_file(path, text_field, warnings))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not files:
+                raise GptforgeError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+            for f in files:
+                docs.extend(_read_file(f, text_field, warnings))
+        elif any(c in source for c in "*?["):
+            matches = sorted(Path(m) for m in globlib.glob(source, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise GptforgeError(f"glob {source!r} matches no files")
+            for f in matches:
+                docs.extend(_read_file(f, text_field, warnings))
+        elif source in CORPORA:
+            docs.extend(load_corpus(source))
+        else:
+            raise GptforgeError(f"source not found: {source!r} is neither a file, a folder, a glob, nor a bundled corpus ({', '.join(CORPORA)})")
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise GptforgeError(f"empty corpus: the sources {sources} hold no text")
+    return docs, warnings
+
+
+# --- splitting and tokenizing ---------------------------------------------------------------------------
+
+def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Deterministic split by document: the same documents and seed always give the same split.
+
+    At least one document goes to each split when val_fraction > 0. A corpus of a single document is first
+    cut at blank lines into about 100 pieces, so that it can still be split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise GptforgeError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return docs, []
+    if len(docs) == 1:
+        docs = _cut_at_blank_lines(docs[0], pieces=100)
+        if len(docs) < 2:
+            raise GptforgeError(f"{docs[0].name}: one document without blank lines cannot be split; add more documents or use --val-fraction 0")
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    order = np.random.default_rng(seed).permutation(len(docs))
+    val_idx = set(order[:n_val].tolist())
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+    return train, val
+
+
+def _cut_at_blank_lines(doc: Document, pieces: int) -> list[Document]:
+    paragraphs = re.split(r"(?<=\n\n)", doc.text)
+    target = max(1, len(doc.text) // pieces)
+    out, buf = [], ""
+    for para in paragraphs:
+        buf += para
+        if len(buf) >= target:
+            out.append(buf)
+            buf = ""
+    if buf:
+        out.append(buf)
+    return [Document(f"{doc.name}#{i}", t) for i, t in enumerate(out)]
+
+
+# A newline between two non-space characters is a pre-token boundary for byte-level BPE (GPT-2's split
+# pattern never joins "\n" to a neighbour that is not whitespace), so cutting there encodes identically.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """Cut text at safe boundaries into pieces of about `size` characters, so one long document can be
+    encoded by many threads at once."""
+    if len(text) <= size:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        out.append(text[start:m.end()])
+        start = m.end()
+    out.append(text[start:])
+    return out
+
+
+def tokenize_documents(tokenizer: Tokenizer, docs: list[Document], *, batch_chars: int = 1 << 20,
+                       chunk_chars: int = 8192, on_progress=None) -> Iterator[np.ndarray]:
+    """Yield one int64 array per document (its tokens then EOS), encoding in parallel batches."""
+    from tokenizers import pre_tokenizers
+
+    cut = isinstance(tokenizer.hf.pre_tokenizer, pre_tokenizers.ByteLevel)
+    pending: list[tuple[int, list[str]]] = []  # (doc index, chunks)
+    pending_chars = 0
+
+    def flush() -> Iterator[np.ndarray]:
+        flat = [c for _, chunks in pending for c in chunks]
+        encoded = tokenizer.encode_batch(flat)
+        k = 0
+        for _, chunks in pending:
+            ids = [i for piece in encoded[k:k + len(chunks)] for i in piece]
+            k += len(chunks)
+            ids.append(tokenizer.eos_id)
+            yield np.asarray(ids, dtype=np.int64)
+        if on_progress is not None:
+            on_progress(sum(len(c.encode()) for c in flat))
+
+    for i, doc in enumerate(docs):
+        chunks = _chunks(doc.text, chunk_chars) if cut else [doc.text]
+        pending.append((i, chunks))
+        pending_chars += len(doc.text)
+        if pending_chars >= batch_chars:
+            yield from flush()
+            pending, pending_chars = [], 0
+    if pending:
+        yield from flush()
+
+
+# --- writing shards -------------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits in 16 bits (halves the bytes read per token), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends token arrays to `{split}_{i:05d}.bin` files of at most `shard_tokens` tokens each."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file = None
+
+    def _open(self) -> None:
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self._file = open(self.out / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype.newbyteorder("<"), copy=False)
+        while len(ids):
+            if self._file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self.close()
+                self._open()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            self._file.write(ids[:room].tobytes())
+            self.shards[-1]["tokens"] += len(ids[:room])
+            ids = ids[room:]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class PrepareStats:
+    documents: dict[str, int]
+    tokens: dict[str, int]
+    bytes: int
+    seconds: float  # tokenizing and writing, not reading or tokenizer training
+    tokenizer_seconds: float
+    warnings: list[str]
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(1, sum(self.tokens.values()))
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None, vocab_size: int = 4096,
+            val_fraction: float = 0.05, seed: int = 1337, text_field: str = "text",
+            shard_tokens: int = 100_000_000, progress: bool = True) -> PrepareStats:
+    """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    out = Path(out)
+    docs, warnings = read_sources(sources, text_field)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+
+    t0 = time.perf_counter()
+    tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.train((d.text for d in train_docs), vocab_size)
+    tokenizer_seconds = time.perf_counter() - t0
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")) + [out / META_FILE]:
+        stale.unlink(missing_ok=True)  # a re-run must not leave shards of the last one behind
+    tok.save(out / "tokenizer.json")
+    dtype = token_dtype(tok.vocab_size)
+    total_bytes = sum(len(d.text.encode()) for d in train_docs + val_docs)
+
+    splits: dict[str, Any] = {}
+    t1 = time.perf_counter()
+    columns = [TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("tokenizing", total=total_bytes)
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            writer = ShardWriter(out, split, dtype, shard_tokens)
+            for ids in tokenize_documents(tok, split_docs, on_progress=lambda n: bar.advance(task, n)):
+                writer.write(ids)
+            writer.close()
+            splits[split] = {
+                "documents": len(split_docs),
+                "tokens": sum(s["tokens"] for s in writer.shards),
+                "bytes": sum(len(d.text.encode()) for d in split_docs),
+                "shards": writer.shards,
+            }
+    seconds = time.perf_counter() - t1
+
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "tokenizer": "tokenizer.json",
+        "tokenizer_fingerprint": tok.fingerprint,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "sources": list(sources),
+        "splits": splits,
+    }
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / META_FILE)  # meta.json last: a directory without it was never finished
+    return PrepareStats(
+        documents={s: splits[s]["documents"] for s in splits},
+        tokens={s: splits[s]["tokens"] for s in splits},
+        bytes=total_bytes, seconds=seconds, tokenizer_seconds=tokenizer_seconds, warnings=warnings,
+    )
+
+
+# --- reading shards -------------------------------------------------------------------------------------
+
+class TokenData:
+    """A prepared directory: its metadata, tokenizer and memory-mapped shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise GptforgeError(f"{self.path} is not a prepared data directory (no {META_FILE}); run: gptforge prepare SOURCE --out {self.path}")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise GptforgeError(f"{meta_path}: not valid JSON ({e}); re-run gptforge prepare") from None
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != FORMAT_VERSION:
+            raise GptforgeError(f"{meta_path}: format {self.meta.get('format')} v{self.meta.get('version')} is not {FORMAT} v{FORMAT_VERSION}; re-run gptforge prepare")
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["tokenizer_fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.path / self.meta["tokenizer"])
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        if split not in self.meta["splits"]:
+            raise GptforgeError(f"{self.path} has no {split!r} split; splits: {', '.join(self.meta['splits'])}")
+        arrays = []
+        for shard in self.meta["splits"][split]["shards"]:
+            f = self.path / shard["file"]
+            expected = shard["tokens"] * self.dtype.itemsize
+            if not f.is_file() or f.stat().st_size != expected:
+                raise GptforgeError(f"shard {f} is missing or truncated (expected {expected} bytes); re-run gptforge prepare")
+            arrays.append(np.memmap(f, dtype=self.dtype, mode="r", shape=(shard["tokens"],)))
+        return arrays
+
+
+class BatchSampler:
+    """Random windows of seq_len+1 tokens from memory-mapped shards, reproducible from (seed, position).
+
+    Batch k depends only on the seed and k, so a sampler restored from `state_dict()` continues with exactly
+    the batches an uninterrupted one would have drawn.
+    """
+
+    def __init__(self, shards: list[np.ndarray], batch_size: int, seq_len: int, seed: int = 0):
+        self.shards, self.batch_size, self.seq_len, self.seed = shards, batch_size, seq_len, seed
+        self.position = 0
+        starts = np.array([max(0, len(s) - seq_len) for s in shards], dtype=np.int64)  # windows per shard
+        if starts.sum() == 0:
+            longest = max((len(s) for s in shards), default=0)
+            raise GptforgeError(f"the split has {longest} tokens in its longest shard, fewer than seq_len+1 = {seq_len + 1}; use a smaller --train.seq_len or more data")
+        self._ends = np.cumsum(starts)
+
+    def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number k: inputs and next-token targets, each (batch_size, seq_len) int64."""
+        rng = np.random.default_rng([self.seed, k])
+        picks = rng.integers(0, self._ends[-1], size=self.batch_size)
+        shard_ids = np.searchsorted(self._ends, picks, side="right")
+        offsets = picks - np.concatenate(([0], self._ends))[shard_ids]
+        rows = np.stack([self.shards[s][o:o + self.seq_len + 1].astype(np.int64) for s, o in zip(shard_ids, offsets)])
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    def __iter__(self) -> BatchSampler:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(self.position)
+        self.position += 1
+        return x, y
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "position": self.position, "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["batch_size"], state["seq_len"]) != (self.batch_size, self.seq_len):
+            raise GptforgeError(f"sampler state was saved for batch_size={state['batch_size']}, seq_len={state['seq_len']}; this run uses {self.batch_size}, {self.seq_len}")
+        self.seed, self.position = state["seed"], state["position"]

@@ -1,0 +1,123 @@
+"""`gptforge demo`: prepare the bundled Shakespeare, train the `shakespeare` preset for a bounded time,
+report validation loss before and after, and print a sample.
+
+The step count is not fixed: a short probe times fp32 and bf16-autocast steps on this machine, keeps the
+faster precision, and sizes the cosine schedule so that it completes within the time budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptforge.config import RunConfig, TrainConfig, model_preset
+from gptforge.data import BatchSampler, TokenData, prepare
+from gptforge.model import GPT
+from gptforge.optim import build_optimizer
+from gptforge.train import autocast, next_token_loss, resolve_device, train
+
+DEMO_TRAIN = TrainConfig(
+    batch_size=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.1,
+    eval_batches=16, log_interval=5, checkpoint_interval=100_000, keep_checkpoints=1,
+)
+DEMO_PROMPT = "**HAMLET**\n"
+EVAL_OVERHEAD = 0.06  # share of the budget left for the 6 evaluations and the final checkpoint
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    checkpoint: Path
+    precision: str
+    probe_ms: dict[str, float]
+    prepare_mb_per_s: float
+    steps: int
+    tokens: int
+    train_seconds: float
+    first_val_loss: float
+    final_val_loss: float
+    sample: str
+    total_seconds: float
+
+
+def probe_precision(cfg: RunConfig, data: TokenData, rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per training step in fp32 and bf16 autocast on throwaway copies of the model.
+
+    Both are warmed up first, then timed alternately (fp32, bf16, fp32, ...), keeping each one's fastest
+    step, so that a slow first step or a noisy neighbour does not decide the choice.
+    """
+    device = resolve_device(cfg.train.device)
+    sampler = BatchSampler(data.shards("train"), cfg.train.batch_size, cfg.train.seq_len, seed=0)
+    x, y = (t.to(device) for t in sampler.batch(0))
+    candidates = {"fp32": None, "bf16": torch.bfloat16}
+    runs = {}
+    for name in candidates:
+        torch.manual_seed(0)
+        model = GPT(cfg.model).to(device)
+        runs[name] = (model, build_optimizer(model, cfg.train, device.type))
+
+    def one_step(name: str) -> float:
+        model, opt = runs[name]
+        t0 = time.perf_counter()
+        with autocast(device, candidates[name]):
+            loss, n = next_token_loss(model, x, y)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for name in candidates:
+        one_step(name)  # warm-up: kernels, allocator
+    best = {name: math.inf for name in candidates}
+    for _ in range(rounds):
+        for name in candidates:
+            best[name] = min(best[name], one_step(name))
+    return {name: t * 1000 for name, t in best.items()}
+
+
+def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool = True, say=print) -> DemoResult:
+    from gptforge.checkpoint import load_checkpoint
+    from gptforge.generate import generate
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    say(f"[1/4] preparing the bundled Shakespeare corpus into {out / 'data'}")
+    stats = prepare(["shakespeare"], out / "data", vocab_size=4096, progress=progress)
+    say(f"      {sum(stats.documents.values())} plays, {sum(stats.tokens.values()):,} tokens "
+        f"({stats.bytes_per_token:.2f} bytes/token), tokenized at {stats.mb_per_s:.1f} MB/s")
+
+    data = TokenData(out / "data")
+    model_cfg = dataclasses.replace(model_preset("shakespeare"), vocab_size=data.vocab_size)
+    cfg = RunConfig(model=model_cfg, train=DEMO_TRAIN, data=str(out / "data"), out=str(out / "run"))
+    say("[2/4] timing a training step in fp32 and bf16 to pick the faster precision")
+    probe = probe_precision(cfg, data)
+    precision = min(probe, key=probe.get)
+    say(f"      fp32 {probe['fp32']:.0f} ms/step, bf16 {probe['bf16']:.0f} ms/step: using {precision}")
+
+    budget = minutes * 60 * (1 - EVAL_OVERHEAD)
+    steps = max(10, int(budget / (probe[precision] / 1000)))
+    train_cfg = dataclasses.replace(
+        DEMO_TRAIN, dtype=precision, max_steps=steps, warmup_steps=min(DEMO_TRAIN.warmup_steps, steps // 10),
+        eval_interval=max(1, steps // 5), max_minutes=minutes,
+    )
+    cfg = dataclasses.replace(cfg, train=train_cfg)
+    say(f"[3/4] training the shakespeare preset ({GPT(cfg.model).num_params() / 1e6:.1f}M parameters) "
+        f"for {steps} steps, about {minutes:g} minutes")
+    result = train(cfg, progress=progress)
+
+    say("[4/4] sampling from the trained model")
+    model, tokenizer, _ = load_checkpoint(result.checkpoint)
+    sample = generate(model, tokenizer, DEMO_PROMPT, max_new_tokens=120, temperature=0.8, top_k=100, seed=0)
+    return DemoResult(
+        run_dir=result.run_dir, checkpoint=result.checkpoint, precision=precision, probe_ms=probe,
+        prepare_mb_per_s=stats.mb_per_s, steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
+        first_val_loss=result.first_val_loss, final_val_loss=result.final_val_loss,
+        sample=DEMO_PROMPT + sample, total_seconds=time.perf_counter() - t_start,
+    )

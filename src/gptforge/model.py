@@ -1,0 +1,182 @@
+"""The GPT: token (and position) embeddings, a stack of pre-norm blocks, a final norm and the output head.
+
+Variants that change the math (learned vs rotary positions, LayerNorm vs RMSNorm, GELU vs SwiGLU MLP) are
+chosen once, when the model is built; forward passes carry no per-variant flags beyond the rotary tables.
+Nothing here knows about compile, DDP, LoRA or quantization: those wrap a built model from outside.
+
+Shapes: B batch, T sequence length, D d_model, H query heads, K key/value heads, Hd head size, V padded vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles pos * theta^(-2i/Hd) (Su et al. 2021), each (T, Hd), fp32.
+
+    Computed per call from the positions rather than stored as buffers: it costs T*Hd multiplies, keeps the
+    model free of non-persistent state (so a meta-device build loads cleanly) and accepts any positions.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, Hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, Hd): the "rotate half" layout used by HF Llama
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+Hd/2}) of x (B, heads, T, Hd) by the angles in cos/sin (T, Hd)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, Hd/2) each
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, heads, T, Hd)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query, when n_kv_head < n_head) causal attention through SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=True,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, Hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Hd)
+        return self.resid_drop(self.proj(y))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: D -> F -> GELU (tanh approximation, as GPT-2 was trained) -> D."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.gelu(self.up(x), approximate="tanh")))
+
+
+class SwiGLUMLP(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = SwiGLUMLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        # A tied head has no module of its own: forward multiplies by tok_emb.weight, so a state dict never
+        # holds the same tensor twice (which safetensors refuses).
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) for matrices and embeddings, zero biases, unit norms, and the
+        projections that write into the residual stream scaled by 1/sqrt(2*n_layer) (Radford et al. 2019)."""
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:  # norm weights
+                nn.init.ones_(p)
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); pos (T,) are their positions, 0..T-1 by default."""
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        x = self.tok_emb(idx)  # (B, T, D)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)  # (B, T, D) + (T, D)
+        else:
+            rope = rotary_tables(pos, self.config.head_dim, self.config.rope_theta)  # 2 x (T, Hd)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.norm_f(x)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)  # (B, T, V)
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameters actually allocated; `embeddings=False` leaves out token/position tables and the head."""
+        total = sum(p.numel() for p in self.parameters())
+        if embeddings:
+            return total
+        emb = self.tok_emb.weight.numel()
+        if self.pos_emb is not None:
+            emb += self.pos_emb.weight.numel()
+        if self.lm_head is not None:
+            emb += self.lm_head.weight.numel()
+        return total - emb
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, 6N + 12*L*d*T: see ModelConfig.flops_per_token."""
+        return self.config.flops_per_token(seq_len)

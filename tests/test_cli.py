@@ -1,0 +1,91 @@
+"""The command line: its verbs and flags (listed here so that adding one is a deliberate act) and its errors."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from gptforge import __version__
+from gptforge.cli import build_parser, main
+
+COMMON = {"--debug", "--no-progress", "-h", "--help"}
+EXPECTED = {
+    "prepare": {"--out", "--tokenizer", "--vocab-size", "--val-fraction", "--seed", "--text-field", "--shard-tokens"},
+    "train": {"--config", "--model", "--data", "--out", "--resume"},
+    "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device"},
+    "demo": {"--out", "--minutes"},
+}
+
+
+def subcommands(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_verbs_and_flags_are_exactly_these():
+    verbs = subcommands(build_parser())
+    assert set(verbs) == set(EXPECTED)
+    for verb, sub in verbs.items():
+        flags = {s for a in sub._actions for s in a.option_strings}
+        assert flags == EXPECTED[verb] | COMMON, verb
+        for a in sub._actions:
+            assert a.help, f"{verb} {a.option_strings or a.dest} has no help text"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "no/such/file.txt", "--out", "OUT"], "source not found"),
+    (["train", "--data", "no/such/dir", "--out", "OUT"], "not a prepared data directory"),
+    (["train", "--model", "tiny", "--train.lrr", "1"], "did you mean 'lr'"),
+    (["generate", "no/such/ckpt"], "checkpoint not found"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_cli("prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "GptforgeError" in r.stderr
+
+
+def test_prepare_train_generate_through_the_cli(plays_dir, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    r = run_cli("prepare", str(plays_dir), "--out", str(data), "--vocab-size", "400", "--val-fraction", "0.25", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "MB/s" in r.stdout and "bytes/token" in r.stdout
+    r = run_cli("train", "--model", "tiny", "--data", str(data), "--out", str(run), "--no-progress",
+                "--train.max_steps", "20", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_batches", "2")
+    assert r.returncode == 0, r.stderr
+    assert "val loss" in r.stdout and "checkpoint:" in r.stdout
+    r = run_cli("generate", str(run), "--prompt", "KING", "--max-new-tokens", "10", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("KING")
+    again = run_cli("generate", str(run), "--prompt", "KING", "--max-new-tokens", "10", "--seed", "1")
+    assert again.stdout == r.stdout
+    r = run_cli("generate", str(run), "--temperature", "-1")
+    assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_checkpoint_with_wrong_tokenizer_for_data(plays_dir, tmp_path, prepared):
+    """A checkpoint resumed on shards made with another tokenizer is refused by fingerprint."""
+    data = tmp_path / "d"
+    assert run_cli("prepare", str(plays_dir), "--out", str(data), "--vocab-size", "300", "--no-progress").returncode == 0
+    run = tmp_path / "run"
+    assert run_cli("train", "--model", "tiny", "--data", str(prepared), "--out", str(run), "--no-progress",
+                   "--train.max_steps", "2", "--train.seq_len", "32", "--train.eval_batches", "1").returncode == 0
+    r = run_cli("train", "--model", "tiny", "--data", str(data), "--out", str(run), "--resume", "auto", "--no-progress")
+    assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
