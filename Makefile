@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
+# Where the pinned torch comes from. Empty: pip's own configuration (on our CI machines, a local CPU wheel).
+# Elsewhere on Linux, PyPI's torch is a CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU one.
+TORCH_INDEX ?=
 STAMP := $(VENV)/.gptforge-installed
 
 .PHONY: demo test install clean
@@ -31,7 +34,7 @@ $(STAMP): pyproject.toml
 	@if $(PY) -c 'import torch' >/dev/null 2>&1; then \
 		$(PY) -c 'import torch; print("torch", torch.__version__, "already present: kept")'; \
 	else \
-		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
 	$(PY) -m pip install --quiet -e ".[corpus,test]"
 	@touch $@
