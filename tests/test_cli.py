@@ -68,7 +68,7 @@ def test_prepare_train_generate_through_the_cli(plays_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "MB/s" in r.stdout and "bytes/token" in r.stdout
     r = run_cli("train", "--model", "tiny", "--data", str(data), "--out", str(run), "--no-progress",
-                "--train.max_steps", "20", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_batches", "2")
+                "--train.max_steps", "20", "--train.micro_batch", "4", "--train.seq_len", "32", "--train.eval_batches", "2")
     assert r.returncode == 0, r.stderr
     assert "val loss" in r.stdout and "checkpoint:" in r.stdout
     r = run_cli("generate", str(run), "--prompt", "KING", "--max-new-tokens", "10", "--seed", "1")

@@ -18,9 +18,9 @@ def test_unknown_preset_lists_valid_ones():
 
 def test_overrides_are_typed():
     cfg = build_run_config(preset="tiny", overrides=["--train.lr", "3e-4", "--model.n_layer=4", "--model.bias", "false",
-                                                     "--train.seq_len", "none", "--train.max_minutes", "2"])
+                                                     "--train.seq_len", "none", "--train.max_time", "2"])
     assert cfg.train.lr == 3e-4 and cfg.model.n_layer == 4 and cfg.model.bias is False
-    assert cfg.train.seq_len is None and cfg.train.max_minutes == 2.0
+    assert cfg.train.seq_len is None and cfg.train.max_time == 2.0
     assert parse_overrides(["--train.max-steps", "5"]) == {"train": {"max_steps": "5"}}
 
 

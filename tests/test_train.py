@@ -15,8 +15,8 @@ from gptforge.train import train
 
 
 def small_run(data, out, **train_kw) -> RunConfig:
-    tc = TrainConfig(batch_size=8, seq_len=64, max_steps=60, warmup_steps=5, lr=3e-3, eval_interval=30,
-                     eval_batches=4, log_interval=10, checkpoint_interval=40, keep_checkpoints=2, seed=3)
+    tc = TrainConfig(micro_batch=8, seq_len=64, max_steps=60, warmup_steps=5, lr=3e-3, eval_every=30,
+                     eval_batches=4, log_every=10, save_every=40, keep_last=2, seed=3)
     return RunConfig(model=model_preset("tiny"), train=dataclasses.replace(tc, **train_kw), data=str(data), out=str(out))
 
 
@@ -36,7 +36,7 @@ def test_prepare_train_generate_end_to_end(run, prepared):
 
 
 def test_loss_falls_in_the_log(run):
-    records = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
     evals = [r for r in records if "val_loss" in r]
@@ -45,7 +45,7 @@ def test_loss_falls_in_the_log(run):
 
 def test_checkpoint_layout(run):
     ckpts = sorted((run.run_dir / "checkpoints").glob("step-*"))
-    assert [c.name for c in ckpts] == ["step-00000040", "step-00000060"]  # keep_checkpoints=2
+    assert [c.name for c in ckpts] == ["step-00000040", "step-00000060"]  # keep_last=2
     assert resolve_checkpoint(run.run_dir) == ckpts[-1]
     assert {p.name for p in ckpts[-1].iterdir()} == {"model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.pt"}
     keys = load_file(str(ckpts[-1] / "model.safetensors")).keys()
@@ -68,7 +68,7 @@ def test_resume_continues_the_same_run(prepared, tmp_path):
 
 
 def test_time_limit_stops_and_saves(prepared, tmp_path):
-    r = train(small_run(prepared, tmp_path, max_steps=10_000, max_minutes=0.02), progress=False)
+    r = train(small_run(prepared, tmp_path, max_steps=10_000, max_time=1.2), progress=False)
     assert r.stopped_early and 0 < r.steps < 10_000
     assert resolve_checkpoint(tmp_path) == r.checkpoint and r.final_val_loss is not None
 

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     if result.final_val_loss is not None:
         print(f"val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f} "
               f"(perplexity {math.exp(result.first_val_loss):.1f} -> {math.exp(result.final_val_loss):.1f})")
-    print(f"checkpoint: {result.checkpoint}\nlog: {result.run_dir / 'log.jsonl'}")
+    print(f"checkpoint: {result.checkpoint}\nlog: {result.run_dir / 'metrics.jsonl'}")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -97,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(r.sample)
     print("-" * 61)
     print(f"\ndemo took {r.total_seconds / 60:.1f} min. checkpoint: {r.checkpoint}")
-    print(f"logs: {r.run_dir / 'log.jsonl'}   data: {Path(args.out) / 'data'}")
+    print(f"logs: {r.run_dir / 'metrics.jsonl'}   data: {Path(args.out) / 'data'}")
     print(f'next: gptforge generate {r.run_dir} --prompt "**ROMEO**" --max-new-tokens 300')
 
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(MODEL_PRESETS), metavar="PRESET",
                    help=f"model preset: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--data", help="directory written by gptforge prepare")
-    p.add_argument("--out", help="run directory for checkpoints and log.jsonl")
+    p.add_argument("--out", help="run directory for checkpoints and metrics.jsonl")
     p.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint, or the latest one in --out with 'auto'")
     p.set_defaults(func=cmd_train)
 

@@ -151,29 +151,28 @@ class TrainConfig:
 
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast precision; auto: bf16 on CUDA, fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 = bf16 autocast; auto: bf16 on CUDA, else fp32
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
-    batch_size: int = 16  # sequences per micro-batch
+    micro_batch: int = 16  # sequences per forward/backward
     seq_len: int | None = None  # tokens per sequence; None: model.block_size
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    batch_tokens: int | None = None  # tokens per optimizer step; None: micro_batch * seq_len (no accumulation)
     max_steps: int = 2000
-    max_minutes: float | None = None  # wall-time limit: stop, evaluate and save when reached
+    max_time: float | None = None  # seconds of training; when reached: evaluate, save and stop
     lr: float = 6e-4
     min_lr: float | None = None  # floor of the cosine; None: lr / 10
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings' sibling vectors
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    eval_interval: int = 250  # steps between evaluations (and at the first and last step)
-    eval_batches: int = 20  # batches of the validation split per evaluation
-    log_interval: int = 10
-    checkpoint_interval: int = 1000  # steps between checkpoints (and always at the end)
-    keep_checkpoints: int = 3  # how many step checkpoints to keep
+    eval_every: int = 250  # steps between evaluations (also at the first and last step)
+    eval_batches: int = 20  # micro-batches of the validation split per evaluation
+    log_every: int = 10  # steps between metrics records
+    save_every: int = 1000  # steps between checkpoints (and always at the end)
+    keep_last: int = 3  # step checkpoints kept; older ones are deleted
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
-                    "eval_interval", "checkpoint_interval", "keep_checkpoints")
+        positive = ("micro_batch", "max_steps", "eval_batches", "log_every", "eval_every", "save_every", "keep_last")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GptforgeError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -181,12 +180,27 @@ class TrainConfig:
             raise GptforgeError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise GptforgeError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise GptforgeError(f"train.seq_len must be >= 1 or null, got {self.seq_len}")
+        for name in ("seq_len", "batch_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise GptforgeError(f"train.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise GptforgeError(f"train.max_time must be > 0 seconds or null, got {self.max_time}")
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def grad_accum(self, seq_len: int) -> int:
+        """Micro-batches per optimizer step, so that a step holds batch_tokens tokens."""
+        per_micro = self.micro_batch * seq_len
+        if self.batch_tokens is None:
+            return 1
+        if self.batch_tokens % per_micro:
+            raise GptforgeError(
+                f"train.batch_tokens ({self.batch_tokens}) must be a multiple of micro_batch x seq_len "
+                f"({self.micro_batch} x {seq_len} = {per_micro}); e.g. --train.batch_tokens {per_micro * max(1, round(self.batch_tokens / per_micro))}"
+            )
+        return self.batch_tokens // per_micro
 
 
 @dataclass

@@ -22,8 +22,8 @@ from gptforge.optim import build_optimizer
 from gptforge.train import autocast, next_token_loss, resolve_device, train
 
 DEMO_TRAIN = TrainConfig(
-    batch_size=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.1,
-    eval_batches=16, log_interval=5, checkpoint_interval=100_000, keep_checkpoints=1,
+    micro_batch=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.1,
+    eval_batches=16, log_every=5, save_every=100_000, keep_last=1,
 )
 DEMO_PROMPT = "**HAMLET**\n"
 EVAL_OVERHEAD = 0.06  # share of the budget left for the 6 evaluations and the final checkpoint
@@ -53,7 +53,7 @@ def probe_precision(cfg: RunConfig, data: TokenData, rounds: int = 3) -> dict:
     step, so that a slow first step or a noisy neighbour does not decide the choice.
     """
     device = resolve_device(cfg.train.device)
-    sampler = BatchSampler(data.shards("train"), cfg.train.batch_size, cfg.train.seq_len, seed=0)
+    sampler = BatchSampler(data.shards("train"), cfg.train.micro_batch, cfg.train.seq_len, seed=0)
     x, y = (t.to(device) for t in sampler.batch(0))
     candidates = {"fp32": None, "bf16": torch.bfloat16}
     runs = {}
@@ -110,8 +110,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool
     budget = minutes * 60 * (1 - EVAL_OVERHEAD)
     steps = max(10, int(budget / (probe["steady"] / 1000)))
     train_cfg = dataclasses.replace(
-        DEMO_TRAIN, dtype=precision, max_steps=steps, warmup_steps=min(DEMO_TRAIN.warmup_steps, steps // 10),
-        eval_interval=max(1, steps // 5), max_minutes=minutes,
+        DEMO_TRAIN, precision=precision, max_steps=steps, warmup_steps=min(DEMO_TRAIN.warmup_steps, steps // 10),
+        eval_every=max(1, steps // 5), max_time=minutes * 60,
     )
     cfg = dataclasses.replace(cfg, train=train_cfg)
     say(f"[3/4] training the shakespeare preset ({GPT(cfg.model).num_params() / 1e6:.1f}M parameters) "

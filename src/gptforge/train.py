@@ -73,12 +73,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.dtype, or None for plain fp32. `auto` is bf16 on CUDA and fp32 elsewhere:
-    on CPUs without AMX, bf16 autocast measured slower than fp32 (docs/BENCHMARKS.md)."""
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if dtype == "bf16" else None
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.precision, or None for plain fp32. `auto` is bf16 on CUDA and fp32
+    elsewhere: on CPUs without AMX, bf16 autocast measured slower than fp32 (docs/BENCHMARKS.md)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -135,7 +135,7 @@ class Reporter:
 
 def train(cfg: RunConfig, *, resume: str | None = None, loss_fn: LossFn = next_token_loss,
           progress: bool = True) -> TrainResult:
-    """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints and `log.jsonl` under `cfg.out`.
+    """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints and `metrics.jsonl` under `cfg.out`.
 
     `resume`: a checkpoint (or run directory) to continue from, or "auto" for the latest one in `cfg.out`.
     """
@@ -155,15 +155,16 @@ def train(cfg: RunConfig, *, resume: str | None = None, loss_fn: LossFn = next_t
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
-    amp = autocast_dtype(tc.dtype, device)
+    amp = autocast_dtype(tc.precision, device)
+    accum = tc.grad_accum(seq_len)
 
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
     optimizer = build_optimizer(model, tc, device.type)
-    sampler = BatchSampler(data.shards("train"), tc.batch_size, seq_len, seed=tc.seed)
+    sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
     val_sampler = None
     if data.meta["splits"]["val"]["tokens"] > 0:
-        val_sampler = BatchSampler(data.shards("val"), tc.batch_size, seq_len, seed=EVAL_SEED)
+        val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
     step, tokens_seen = 0, 0
 
     if resume is not None:
@@ -182,7 +183,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, loss_fn: LossFn = next_t
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
-    log = open(run_dir / "log.jsonl", "a")
+    log = open(run_dir / "metrics.jsonl", "a")
 
     def record(**fields: Any) -> None:
         log.write(json.dumps(fields) + "\n")
@@ -206,21 +207,21 @@ def train(cfg: RunConfig, *, resume: str | None = None, loss_fn: LossFn = next_t
     reporter = Reporter(tc.max_steps, step, progress)
     n_params = model.num_params()
     reporter.note(f"model: {n_params / 1e6:.2f}M parameters, device {device}, "
-                  f"precision {'fp32' if amp is None else 'bf16 autocast'}, {tc.batch_size * tc.grad_accum_steps * seq_len} tokens/step")
+                  f"precision {'fp32' if amp is None else 'bf16 autocast'}, {tc.micro_batch * accum * seq_len} tokens/step")
     first_val = last_val = run_eval()
     if first_val is not None:
         reporter.note(f"step {step}: val loss {first_val:.4f} (perplexity {math.exp(first_val):.1f})")
 
     model.train()
     seconds, run_tokens, stopped_early, interrupted = 0.0, 0, False, False
-    step_tokens = tc.batch_size * tc.grad_accum_steps * seq_len
+    step_tokens = tc.micro_batch * accum * seq_len
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [next(sampler) for _ in range(tc.grad_accum_steps)]
+            batches = [next(sampler) for _ in range(accum)]
             n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
             step_loss = torch.zeros((), device=device)
             for x, y in batches:
@@ -237,34 +238,34 @@ def train(cfg: RunConfig, *, resume: str | None = None, loss_fn: LossFn = next_t
             tokens_seen += step_tokens
             run_tokens += step_tokens
 
-            if step % tc.log_interval == 0 or step == tc.max_steps:
+            if step % tc.log_every == 0 or step == tc.max_steps:
                 loss_value = step_loss.item()  # the one host sync per log interval
                 dt = time.perf_counter() - t0
                 seconds += dt
                 tok_s = run_tokens / max(seconds, 1e-9)
                 record(step=step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
                        tokens_per_s=tok_s, elapsed_s=seconds)
-                reporter.step(step, f"loss {loss_value:.3f}  {tok_s:,.0f} tok/s", force=step % (tc.log_interval * 10) == 0)
+                reporter.step(step, f"loss {loss_value:.3f}  {tok_s:,.0f} tok/s", force=step % (tc.log_every * 10) == 0)
             else:
                 seconds += time.perf_counter() - t0
                 reporter.step(step, "")
 
-            out_of_time = tc.max_minutes is not None and seconds >= tc.max_minutes * 60
-            if step % tc.eval_interval == 0 or step == tc.max_steps or out_of_time:
+            out_of_time = tc.max_time is not None and seconds >= tc.max_time
+            if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
                 last_val = run_eval()
                 if last_val is not None:
                     reporter.note(f"step {step}: val loss {last_val:.4f} (perplexity {math.exp(last_val):.1f})")
-            if step % tc.checkpoint_interval == 0 and step < tc.max_steps and not out_of_time:
-                save_checkpoint(run_dir, step, model, cfg, tokenizer, trainer_state(), tc.keep_checkpoints)
+            if step % tc.save_every == 0 and step < tc.max_steps and not out_of_time:
+                save_checkpoint(run_dir, step, model, cfg, tokenizer, trainer_state(), tc.keep_last)
             if out_of_time:
                 stopped_early = True
-                reporter.note(f"time limit of {tc.max_minutes} min reached at step {step}")
+                reporter.note(f"time limit of {tc.max_time:g} s reached at step {step}")
                 break
     except KeyboardInterrupt:
         interrupted = True
     finally:
         reporter.close()
-    ckpt = save_checkpoint(run_dir, step, model, cfg, tokenizer, trainer_state(), tc.keep_checkpoints)
+    ckpt = save_checkpoint(run_dir, step, model, cfg, tokenizer, trainer_state(), tc.keep_last)
     log.close()
     if interrupted:
         raise GptforgeError(f"interrupted at step {step}; checkpoint saved to {ckpt}; continue with --resume {ckpt}")
