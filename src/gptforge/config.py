@@ -147,32 +147,44 @@ def model_preset(name: str) -> ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run: batch, schedule, optimizer, evaluation, checkpoints."""
+    """One training run: precision, batch, schedule, optimizer, budgets, evaluation, checkpoints."""
 
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 = bf16 autocast; auto: bf16 on CUDA, else fp32
+    # fp32; bf16 / fp16: autocast over fp32 weights (fp16 with a GradScaler, CUDA only); bf16-pure: bf16
+    # weights, gradients and optimizer states. auto: bf16 on CUDA, fp32 elsewhere (see autocast_dtype).
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = "auto"
+    compile: bool = False  # torch.compile the model and loss
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
     micro_batch: int = 16  # sequences per forward/backward
     seq_len: int | None = None  # tokens per sequence; None: model.block_size
     batch_tokens: int | None = None  # tokens per optimizer step; None: micro_batch * seq_len (no accumulation)
     max_steps: int = 2000
     max_time: float | None = None  # seconds of training; when reached: evaluate, save and stop
+    max_tokens: int | None = None  # tokens to train on; when reached: evaluate, save and stop
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # after a linear warmup
     lr: float = 6e-4
-    min_lr: float | None = None  # floor of the cosine; None: lr / 10
+    min_lr: float | None = None  # where cosine / linear / wsd end; None: lr / 10
     warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
     weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     eval_every: int = 250  # steps between evaluations (also at the first and last step)
     eval_batches: int = 20  # micro-batches of the validation split per evaluation
+    early_stop_patience: int | None = None  # evaluations without a better val loss before stopping
     log_every: int = 10  # steps between metrics records
     save_every: int = 1000  # steps between checkpoints (and always at the end)
-    keep_last: int = 3  # step checkpoints kept; older ones are deleted
+    keep_last: int = 3  # step checkpoints kept, plus the best by val loss; older ones are deleted
+    save_best: bool = True  # save a checkpoint whenever val loss improves, and keep it
+    tensorboard: bool = True  # event files under OUT/tb (needs the tensorboard package)
 
     def __post_init__(self) -> None:
-        positive = ("micro_batch", "max_steps", "eval_batches", "log_every", "eval_every", "save_every", "keep_last")
+        positive = ("micro_batch", "max_steps", "eval_batches", "log_every", "eval_every", "save_every", "keep_last",
+                    "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GptforgeError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -180,11 +192,13 @@ class TrainConfig:
             raise GptforgeError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise GptforgeError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        for name in ("seq_len", "batch_tokens"):
+        for name in ("seq_len", "batch_tokens", "max_tokens", "early_stop_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise GptforgeError(f"train.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.max_time is not None and self.max_time <= 0:
             raise GptforgeError(f"train.max_time must be > 0 seconds or null, got {self.max_time}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise GptforgeError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
     @property
     def final_lr(self) -> float:

@@ -26,9 +26,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to final_lr at max_steps."""
+    """The learning rate of optimizer step `step` (0-based): linear warmup to lr over warmup_steps, then
+
+    cosine:   half-cosine from lr down to final_lr at max_steps (Loshchilov & Hutter 2017, SGDR);
+    linear:   straight line from lr down to final_lr at max_steps;
+    constant: lr;
+    wsd:      warmup-stable-decay: lr until the last decay_fraction of max_steps, then linear to final_lr
+              (Hu et al. 2024, MiniCPM): a run can be continued from before the decay.
+    The schedule is a pure function of the step, so resuming needs no scheduler state beyond the step.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, round(cfg.max_steps * (1 - cfg.decay_fraction)))
+        if step < decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+        return cfg.lr + progress * (cfg.final_lr - cfg.lr)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr + progress * (cfg.final_lr - cfg.lr)
     return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)

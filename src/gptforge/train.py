@@ -1,7 +1,8 @@
 """The one training loop: accumulate, clip, step, schedule, evaluate, checkpoint, log.
 
 Every objective runs through `train`: the objective is the `loss_fn` parameter (next-token cross-entropy by
-default), so pretraining and, later, fine-tuning and distillation never grow copies of this loop.
+default), so pretraining and, later, fine-tuning and distillation never grow copies of this loop. Precision,
+compile and activation checkpointing are applied to the built model from outside (distributed.py).
 """
 
 from __future__ import annotations
@@ -10,19 +11,26 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint, unwrap
+from gptforge.checkpoint import (checkpoint_problem, find_resumable, load_checkpoint, load_trainer_state,
+                                 resolve_checkpoint, save_checkpoint, unwrap)
 from gptforge.config import RunConfig
 from gptforge.data import BatchSampler, TokenData
+from gptforge.distributed import apply_activation_checkpointing, apply_compile
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
@@ -49,17 +57,25 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 class TrainResult:
     run_dir: Path
     checkpoint: Path
-    steps: int
+    steps: int  # the step the run ended at (a resumed run counts from 0, not from where it resumed)
     tokens: int  # trained on in this call (a resumed run counts from where it resumed)
     seconds: float  # wall time of the optimizer steps, evaluation and checkpoints excluded
     first_val_loss: float | None
     final_val_loss: float | None
-    stopped_early: bool  # by the time limit
+    best_val_loss: float | None
+    stopped_by: str  # max_steps | max_time | max_tokens | early_stop | SIGINT | SIGTERM
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_by != "max_steps"
+
+
+# --- device and precision ---------------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -73,18 +89,47 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.precision, or None for plain fp32. `auto` is bf16 on CUDA and fp32
-    elsewhere: on CPUs without AMX, bf16 autocast measured slower than fp32 (docs/BENCHMARKS.md)."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast on CUDA and fp32 elsewhere: on CPUs without AMX, bf16 autocast measured
+    slower than fp32 (docs/BENCHMARKS.md). fp16 needs a GradScaler, which gptforge runs on CUDA only."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise GptforgeError(f"train.precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
+    return precision
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision, or None where no autocast runs (fp32, bf16-pure)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+# --- one optimizer step's forward and backward ------------------------------------------------------------
+
+def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
+                     device: torch.device, amp: torch.dtype | None, scaler=None) -> torch.Tensor:
+    """Accumulate gradients over micro-batches; returns the step's loss per target token (detached).
+
+    Each micro-batch's summed loss is divided by the target tokens of the *whole* step, so k micro-batches
+    of b sequences give exactly the gradient of one batch of k*b, ignored (-100) targets included.
+    """
+    n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    if n_targets == 0:
+        raise GptforgeError("a training step has no target tokens (every target is -100); check the loss masks")
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast(device, amp):
+            loss_sum, _ = loss_fn(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss = loss_sum / n_targets
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    return total
 
 
 @torch.no_grad()
@@ -102,6 +147,116 @@ def evaluate(model: nn.Module, sampler: BatchSampler, n_batches: int, device: to
         count += n
     model.train(was_training)
     return (total / count).item()
+
+
+# --- state that resume restores ----------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the loop may draw from, as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignals:
+    """SIGINT and SIGTERM set a flag that the loop checks after each step, so it stops at a step boundary
+    and saves (a scheduler's preemption sends SIGTERM). A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --- logging -----------------------------------------------------------------------------------------------
+
+class Metrics:
+    """The same scalars to `metrics.jsonl` and, when the tensorboard package is there, to `tb/` event files.
+
+    On resume, records past the resumed step (written by the run that was killed) are dropped from both, so
+    the files read as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool, note):
+        self.path = run_dir / "metrics.jsonl"
+        if start_step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        elif start_step == 0:
+            self.path.unlink(missing_ok=True)
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                note("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None)
+
+    def log(self, step: int, **scalars: float) -> None:
+        self.file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(TB_TAGS.get(key, key), value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+TB_TAGS = {
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
+    "mfu": "train/mfu", "peak_memory_gb": "train/peak_memory_gb", "tokens": "train/tokens",
+    "skipped_steps": "train/skipped_steps", "val_loss": "val/loss", "val_ppl": "val/perplexity",
+}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory: allocated tensors on CUDA; the process's peak resident set elsewhere (an upper bound)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 class Reporter:
@@ -133,140 +288,268 @@ class Reporter:
             self.bar.stop()
 
 
-def train(cfg: RunConfig, *, resume: str | None = None, loss_fn: LossFn = next_token_loss,
-          progress: bool = True) -> TrainResult:
-    """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints and `metrics.jsonl` under `cfg.out`.
+# --- the loop ----------------------------------------------------------------------------------------------
 
-    `resume`: a checkpoint (or run directory) to continue from, or "auto" for the latest one in `cfg.out`.
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise GptforgeError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose another --out") from None
+
+
+def _model_mismatch(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    a, b = dataclasses.asdict(saved.model), dataclasses.asdict(cfg.model)
+    return [f"{k}: checkpoint {a[k]!r}, this run {b[k]!r}" for k in a if a[k] != b[k] and k != "dropout"]
+
+
+def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = None,
+          loss_fn: LossFn = next_token_loss, progress: bool = True) -> TrainResult:
+    """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints, metrics and TensorBoard files
+    under `cfg.out`.
+
+    resume:    a checkpoint (or run directory) to continue exactly, or "auto" for the newest valid one in
+               `cfg.out`; weights, optimizer, step, sampler position and RNG states are restored.
+    init_from: a checkpoint whose weights (and model config) start a new run with a fresh optimizer.
     """
     if cfg.data is None or cfg.out is None:
         raise GptforgeError("train needs --data DIR (from gptforge prepare) and --out DIR (where the run is written)")
+    if resume is not None and init_from is not None:
+        raise GptforgeError("give either --resume (continue a run) or --init-from (start from its weights), not both")
     tc = cfg.train
+    run_dir = Path(cfg.out)
+    _check_writable(run_dir)
     data = TokenData(cfg.data)
     tokenizer = data.tokenizer()
     if tokenizer.fingerprint != data.fingerprint:
         raise GptforgeError(f"{cfg.data}: tokenizer.json does not match the fingerprint in meta.json; re-run gptforge prepare")
+    reporter = Reporter(tc.max_steps, 0, progress)
+
+    init_ckpt = None
+    if init_from is not None:
+        init_ckpt = resolve_checkpoint(init_from)
+        init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
+        if init_tok.fingerprint != data.fingerprint:
+            raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
+        # Fine-tuning keeps the checkpoint's architecture; only dropout may be set anew.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg.model, dropout=cfg.model.dropout))
     # The vocabulary comes from the data's tokenizer; a preset's own vocab_size only sizes untrained models.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     seq_len = tc.seq_len or cfg.model.block_size
     if seq_len > cfg.model.block_size:
         raise GptforgeError(f"train.seq_len ({seq_len}) exceeds model.block_size ({cfg.model.block_size})")
-    run_dir = Path(cfg.out)
+    accum = tc.grad_accum(seq_len)
+    step_tokens = tc.micro_batch * accum * seq_len
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
-    amp = autocast_dtype(tc.precision, device)
-    accum = tc.grad_accum(seq_len)
+    precision = resolve_precision(tc.precision, device)
+    amp = autocast_dtype(precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere and later)
+        torch.backends.cudnn.allow_tf32 = True
 
+    # Build: model, then what wraps it from outside, then the optimizer over its parameters.
     torch.manual_seed(tc.seed)
-    model = GPT(cfg.model).to(device)
-    optimizer = build_optimizer(model, tc, device.type)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    model = GPT(cfg.model)
+    if init_ckpt is not None:
+        model.load_state_dict(init_model.state_dict())
+        del init_model
+    model = model.to(device, dtype=torch.bfloat16 if precision == "bf16-pure" else None)
+    raw_model = model
+    if tc.activation_checkpointing:
+        model = apply_activation_checkpointing(model)
+    if tc.compile:
+        model = apply_compile(model)
+        loss_fn = torch.compile(loss_fn)
+    optimizer = build_optimizer(raw_model, tc, device.type)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
     val_sampler = None
     if data.meta["splits"]["val"]["tokens"] > 0:
         val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, best_val, skipped, stale_evals = 0, 0, math.inf, 0, 0
 
     if resume is not None:
-        ckpt = resolve_checkpoint(run_dir if resume == "auto" else resume)
+        ckpt = find_resumable(run_dir, warn=reporter.note) if resume == "auto" else resolve_checkpoint(resume)
+        if resume != "auto" and (problem := checkpoint_problem(ckpt)) is not None:
+            raise GptforgeError(f"cannot resume from {ckpt}: {problem}")
         state = load_trainer_state(ckpt)
         if state["tokenizer_fingerprint"] != data.fingerprint:
             raise GptforgeError(f"checkpoint {ckpt} was trained with tokenizer {state['tokenizer_fingerprint']}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {ckpt}/tokenizer.json")
-        from safetensors.torch import load_file
-        unwrap(model).load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+        saved_model, _, saved_cfg = load_checkpoint(ckpt)
+        mismatch = _model_mismatch(saved_cfg, cfg)
+        if mismatch:
+            raise GptforgeError(f"cannot resume {ckpt} with another model config ({'; '.join(mismatch)}); use its config, or --init-from to start a new run from its weights")
+        raw_model.load_state_dict(saved_model.state_dict())
+        del saved_model
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        best_val, stale_evals = state["best_val_loss"], state["stale_evals"]
+        set_rng_state(state["rng"], device)
+        reporter.note(f"resumed from {ckpt} at step {step}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision))
     cfg.save(run_dir / "config.yaml")
-    log = open(run_dir / "metrics.jsonl", "a")
-
-    def record(**fields: Any) -> None:
-        log.write(json.dumps(fields) + "\n")
-        log.flush()
+    metrics = Metrics(run_dir, step, tc.tensorboard, reporter.note)
 
     def trainer_state() -> dict[str, Any]:
         state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                 "sampler": sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "tokenizer_fingerprint": data.fingerprint}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+                 "sampler": sampler.state_dict(), "rng": rng_state(device), "skipped_steps": skipped,
+                 "best_val_loss": best_val, "stale_evals": stale_evals, "tokenizer_fingerprint": data.fingerprint}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         return state
 
+    saved_at: int | None = None
+    save_failed = False
+
+    def save(best: bool = False) -> Path:
+        nonlocal saved_at, save_failed
+        try:
+            path = save_checkpoint(run_dir, step, raw_model, cfg, tokenizer, trainer_state(), tc.keep_last, best=best)
+        except GptforgeError:
+            save_failed = True  # a full disk stays full: no second attempt on the way out
+            raise
+        saved_at = step
+        return path
+
     def run_eval() -> float | None:
+        """Evaluate; save the best checkpoint and count patience. Returns the val loss."""
+        nonlocal best_val, stale_evals
         if val_sampler is None:
             return None
         val = evaluate(model, val_sampler, tc.eval_batches, device, amp, loss_fn)
-        record(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)))
+        metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50)))
+        reporter.note(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.1f})")
+        if val < best_val:
+            best_val, stale_evals = val, 0
+            if tc.save_best and step > 0:
+                save(best=True)
+        else:
+            stale_evals += 1
         return val
 
-    reporter = Reporter(tc.max_steps, step, progress)
-    n_params = model.num_params()
-    reporter.note(f"model: {n_params / 1e6:.2f}M parameters, device {device}, "
-                  f"precision {'fp32' if amp is None else 'bf16 autocast'}, {tc.micro_batch * accum * seq_len} tokens/step")
-    first_val = last_val = run_eval()
-    if first_val is not None:
-        reporter.note(f"step {step}: val loss {first_val:.4f} (perplexity {math.exp(first_val):.1f})")
+    n_params = raw_model.num_params()
+    flops_per_step = cfg.model.flops_per_token(seq_len) * step_tokens
+    reporter.note(f"model: {n_params / 1e6:.2f}M parameters, device {device}, precision {precision}"
+                  f"{', compiled' if tc.compile else ''}{', activation checkpointing' if tc.activation_checkpointing else ''}; "
+                  f"{step_tokens} tokens/step = {tc.micro_batch} x {seq_len} x {accum} accumulation")
+    first_val = last_val = run_eval() if step == 0 else None
 
     model.train()
-    seconds, run_tokens, stopped_early, interrupted = 0.0, 0, False, False
-    step_tokens = tc.micro_batch * accum * seq_len
-    try:
-        while step < tc.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = [next(sampler) for _ in range(accum)]
-            n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-            step_loss = torch.zeros((), device=device)
-            for x, y in batches:
-                with autocast(device, amp):
-                    loss_sum, _ = loss_fn(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                loss = loss_sum / n_targets
-                loss.backward()
-                step_loss += loss.detach()
-            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens
-            run_tokens += step_tokens
-
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                loss_value = step_loss.item()  # the one host sync per log interval
+    seconds, run_tokens, stopped_by, bad_run = 0.0, 0, "max_steps", 0
+    window_loss, window_steps, window_len, window_seconds = torch.zeros((), device=device), 0, 0, 0.0
+    peak_flops = device_peak_flops(device, precision)
+    reporter.step(step, "")
+    hard_interrupt = False
+    with StopSignals() as signals:
+        try:
+            while step < tc.max_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batches = [next(sampler) for _ in range(accum)]
+                loss = forward_backward(model, batches, loss_fn, device, amp, scaler)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+                # One host sync per step: the guard must know before stepping. fp16 overflow is the
+                # GradScaler's to handle (it skips and lowers the scale); only a non-finite loss counts there.
+                loss_ok = math.isfinite(loss.item())
+                grads_ok = scaler is not None or math.isfinite(grad_norm.item())
+                if loss_ok and grads_ok:
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    bad_run = 0
+                    window_loss += loss
+                    window_steps += 1
+                else:
+                    if scaler is not None:
+                        scaler.update()
+                    skipped += 1
+                    bad_run += 1
+                    reporter.note(f"step {step + 1}: non-finite {'loss' if not loss_ok else 'gradient norm'}; step skipped")
+                    if bad_run >= tc.max_bad_steps:
+                        optimizer.zero_grad(set_to_none=True)
+                        raise GptforgeError(
+                            f"{bad_run} steps in a row (up to step {step + 1}) had a non-finite loss or gradient; "
+                            f"lower --train.lr (now {tc.lr:g}), keep --train.grad_clip on"
+                            f"{', or use --train.precision bf16 instead of fp16' if precision == 'fp16' else ''}; "
+                            f"the last good checkpoint is in {run_dir / 'checkpoints'}")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_tokens
+                run_tokens += step_tokens
                 dt = time.perf_counter() - t0
                 seconds += dt
-                tok_s = run_tokens / max(seconds, 1e-9)
-                record(step=step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
-                       tokens_per_s=tok_s, elapsed_s=seconds)
-                reporter.step(step, f"loss {loss_value:.3f}  {tok_s:,.0f} tok/s", force=step % (tc.log_every * 10) == 0)
-            else:
-                seconds += time.perf_counter() - t0
-                reporter.step(step, "")
+                window_seconds += dt
 
-            out_of_time = tc.max_time is not None and seconds >= tc.max_time
-            if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
-                last_val = run_eval()
-                if last_val is not None:
-                    reporter.note(f"step {step}: val loss {last_val:.4f} (perplexity {math.exp(last_val):.1f})")
-            if step % tc.save_every == 0 and step < tc.max_steps and not out_of_time:
-                save_checkpoint(run_dir, step, model, cfg, tokenizer, trainer_state(), tc.keep_last)
-            if out_of_time:
-                stopped_early = True
-                reporter.note(f"time limit of {tc.max_time:g} s reached at step {step}")
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        reporter.close()
-    ckpt = save_checkpoint(run_dir, step, model, cfg, tokenizer, trainer_state(), tc.keep_last)
-    log.close()
-    if interrupted:
-        raise GptforgeError(f"interrupted at step {step}; checkpoint saved to {ckpt}; continue with --resume {ckpt}")
-    return TrainResult(run_dir, ckpt, step, run_tokens, seconds, first_val, last_val, stopped_early)
+                window_len += 1
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    step_seconds = window_seconds / window_len
+                    mean_loss = (window_loss / max(window_steps, 1)).item()  # mean over the window's good steps
+                    record = dict(loss=mean_loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
+                                  tokens_per_s=step_tokens / step_seconds, peak_memory_gb=peak_memory_gb(device),
+                                  skipped_steps=skipped)
+                    if peak_flops is not None:
+                        record["mfu"] = flops_per_step / step_seconds / peak_flops
+                    metrics.log(step, **record)
+                    tok_s = record["tokens_per_s"]
+                    reporter.step(step, f"loss {mean_loss:.3f}  {tok_s:,.0f} tok/s",
+                                  force=step % (tc.log_every * 10) == 0)
+                    window_loss.zero_()
+                    window_steps, window_len, window_seconds = 0, 0, 0.0
+                else:
+                    reporter.step(step, "")
+
+                if tc.max_time is not None and seconds >= tc.max_time:
+                    stopped_by = "max_time"
+                elif tc.max_tokens is not None and run_tokens >= tc.max_tokens:
+                    stopped_by = "max_tokens"
+                elif signals.received is not None:
+                    stopped_by = signals.received
+                if step % tc.eval_every == 0 or step == tc.max_steps or stopped_by != "max_steps":
+                    last_val = run_eval()
+                    if (tc.early_stop_patience is not None and stale_evals >= tc.early_stop_patience
+                            and stopped_by == "max_steps"):
+                        stopped_by = "early_stop"
+                if step % tc.save_every == 0 and saved_at != step:
+                    save()
+                if stopped_by != "max_steps":
+                    reporter.note(f"stopping at step {step}: {stopped_by}")
+                    break
+        except KeyboardInterrupt:
+            # A second Ctrl-C lands anywhere, perhaps inside optimizer.step(): the state in memory may be half
+            # updated, so nothing is saved and the last checkpoint stands.
+            hard_interrupt = True
+            raise GptforgeError(f"interrupted at step {step} without saving; resume from the last checkpoint with --resume auto") from None
+        finally:
+            reporter.close()
+            if saved_at != step and not hard_interrupt and not save_failed:
+                save()
+            metrics.close()
+    ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
+    return TrainResult(run_dir, ckpt, step, run_tokens, seconds, first_val, last_val,
+                       None if math.isinf(best_val) else best_val, stopped_by, skipped)
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of this device for the precision, for MFU; None where it is not known."""
+    try:
+        from gptforge.hardware import peak_flops
+    except ImportError:
+        return None
+    return peak_flops(device, precision)
