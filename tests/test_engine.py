@@ -294,12 +294,14 @@ def test_metrics_jsonl_and_tensorboard_tags(prepared, tmp_path):
 
     train(run_cfg(prepared, tmp_path, max_steps=10, eval_every=5), progress=False)
     records = metrics(tmp_path)
-    train_keys = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_gb", "skipped_steps"}
+    train_keys = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_gb", "skipped_steps", "mfu"}
     assert all(train_keys <= set(r) for r in records if "loss" in r)
     assert [r["step"] for r in records if "val_loss" in r] == [0, 5, 10]
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_memory_gb",
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_memory_gb", "train/mfu",
             "val/loss", "val/perplexity"} <= tags
+    # MFU = 6N+12LdT FLOPs per token x tokens/s / this CPU's measured matmul peak: a fraction, well below 1.
+    assert all(0 < r["mfu"] < 1 for r in records if "mfu" in r)
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))

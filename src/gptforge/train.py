@@ -546,10 +546,27 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
                        None if math.isinf(best_val) else best_val, stopped_by, skipped)
 
 
+# Substrings of torch.cuda.get_device_name() -> hardware preset, most specific first.
+CUDA_NAMES = [("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("H200", "h200"), ("A100-SXM4-40GB", "a100-40gb"),
+              ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"), ("L4", "l4"), ("A10G", "a10g"),
+              ("RTX 4090", "rtx-4090"), ("RTX 3090", "rtx-3090")]
+
+
 def device_peak_flops(device: torch.device, precision: str) -> float | None:
-    """Dense peak FLOP/s of this device for the precision, for MFU; None where it is not known."""
-    try:
-        from gptforge.hardware import peak_flops
-    except ImportError:
-        return None
-    return peak_flops(device, precision)
+    """Dense peak FLOP/s of this device for the run's matmuls, the denominator of MFU; None when unknown
+    (MFU is then omitted rather than guessed). CUDA devices are looked up in the datasheet presets of
+    hardware.py (fp32 runs there use TF32, which train() turns on); a CPU's peak is measured by a short
+    matmul probe (hardware.cpu_hardware), so its MFU is relative to what this CPU's matmul achieves."""
+    from gptforge import hardware
+
+    if device.type == "cpu":
+        hw = hardware.cpu_hardware()
+        return (hw.fp32_tflops if precision == "fp32" else hw.bf16_tflops) * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        preset = next((p for key, p in CUDA_NAMES if key in name), None)
+        if preset is None:
+            return None
+        hw = hardware.PRESETS[preset]
+        return (hw.tf32_tflops if precision == "fp32" else hw.bf16_tflops) * 1e12
+    return None
