@@ -12,9 +12,22 @@ from gptforge.cli import build_parser, main
 COMMON = {"--debug", "--no-progress", "-h", "--help"}
 EXPECTED = {
     "prepare": {"--out", "--tokenizer", "--vocab-size", "--val-fraction", "--seed", "--text-field", "--shard-tokens"},
-    "train": {"--config", "--model", "--data", "--out", "--resume"},
-    "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device"},
+    "train": {"--config", "--model", "--data", "--out", "--resume", "--init-from", "--nproc"},
+    "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device",
+                 "--top-p", "--min-p", "--repetition-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
+                 "--ignore-eos", "--truncate-prompt", "--dtype", "--compile", "--threads"},
     "demo": {"--out", "--minutes"},
+    "consolidate": {"--out"},
+    "plan": {"--seq-len", "--micro-batch", "--global-batch", "--precision", "--optimizer", "--checkpointing",
+             "--attention", "--parallel", "--world-size", "--nodes", "--hardware", "--tokens", "--mfu", "--recommend",
+             "--deadline", "--json"},
+    "bench": {"--device", "--precision", "--micro-batch", "--seq-len", "--steps", "--decode-tokens", "--hardware",
+              "--mfu", "--json"},
+    "report": {"--out"},
+    "quantize": {"--method", "--group-size", "--out"},
+    "prune": {"--method", "--sparsity", "--pattern", "--data", "--recover-steps", "--out"},
+    "distill": {"--teacher", "--student", "--data", "--out", "--temperature", "--kl-weight", "--ce-weight"},
+    "eval": {"--data", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},
 }
 
 
@@ -48,6 +61,8 @@ def run_cli(*args):
     (["train", "--data", "no/such/dir", "--out", "OUT"], "not a prepared data directory"),
     (["train", "--model", "tiny", "--train.lrr", "1"], "did you mean 'lr'"),
     (["generate", "no/such/ckpt"], "checkpoint not found"),
+    (["quantize", "no/such/ckpt", "--method", "int3", "--out", "OUT"], "unknown quantization method"),
+    (["prune", "no/such/ckpt", "--method", "magnitude", "--sparsity", "1.5", "--out", "OUT"], "--sparsity must be in (0, 1)"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]

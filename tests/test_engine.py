@@ -4,7 +4,6 @@ import dataclasses
 import errno
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -251,7 +250,7 @@ def wait_for(path, proc, timeout=120):
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(prepared, tmp_path):
     """A run killed with SIGKILL and resumed continues with the same losses, step for step (CPU fp32)."""
-    args = ["--train.max_steps", "150", "--train.save_every", "10", "--train.eval_every", "50"]
+    args = ["--train.max_steps", "80", "--train.save_every", "10", "--train.eval_every", "40"]
     full = subprocess.run(cli_train(prepared, tmp_path / "full", *args), capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
     run = tmp_path / "killed"
@@ -261,7 +260,7 @@ def test_sigkill_then_resume_is_bit_identical(prepared, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(train_losses(run))
-    assert killed_at < 150
+    assert killed_at < 80
     resumed = subprocess.run(cli_train(prepared, run, *args, "--resume", "auto"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert train_losses(run) == train_losses(tmp_path / "full")  # every step, exactly
@@ -305,3 +304,8 @@ def test_metrics_jsonl_and_tensorboard_tags(prepared, tmp_path):
     # MFU = 6N+12LdT FLOPs per token x tokens/s / this CPU's measured matmul peak: a fraction, well below 1.
     assert all(0 < r["mfu"] < 1 for r in records if "mfu" in r)
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
+
+
+def test_resume_auto_without_checkpoints_starts_a_new_run(prepared, tmp_path):
+    r = train(run_cfg(prepared, tmp_path, max_steps=3), resume="auto", progress=False)
+    assert r.steps == 3 and r.first_val_loss is not None

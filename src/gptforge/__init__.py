@@ -10,4 +10,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset  # noqa: E402
 from gptforge.errors import GptforgeError  # noqa: E402
 
-__all__ = ["ModelConfig", "RunConfig", "TrainConfig", "model_preset", "GptforgeError", "__version__"]
+
+def load(path, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) of a checkpoint folder or run directory, ready for gptforge.generate.generate/stream.
+
+    Imported lazily so that `import gptforge` stays free of torch.
+    """
+    from gptforge.generate import load as _load
+
+    return _load(path, device=device, dtype=dtype)
+
+
+__all__ = ["ModelConfig", "RunConfig", "TrainConfig", "model_preset", "GptforgeError", "load", "__version__"]

@@ -1,11 +1,14 @@
-"""Checkpoint directories: save unwrapped state atomically, find the latest, load onto a meta-device model.
+"""Checkpoint directories: save unwrapped state atomically, find the latest valid one, load for inference.
 
 A run directory keeps `checkpoints/step-00000500/` folders, each holding
     model.safetensors   weights, unwrapped (no `_orig_mod.` / `module.` prefixes: nanoGPT issue #325)
+      or dcp/           the same weights and the optimizer, sharded by torch.distributed.checkpoint (FSDP runs);
+                        `gptforge consolidate` turns it into the single-file form
     config.yaml         the full run config (model shape included)
     tokenizer.json      the tokenizer the model was trained with
-    trainer_state.pt    optimizer, step, tokens seen, sampler position, RNG states (tensors and plain values
-                        only, so it loads with torch.load(weights_only=True))
+    trainer_state.pt    optimizer (keyed by parameter name, so it loads into any world size), step, tokens
+                        seen, sampler position, RNG states: tensors and plain values only, so it loads with
+                        torch.load(weights_only=True)
 and `checkpoints/latest` (and `checkpoints/best`), one-line files naming a step folder. A checkpoint is written
 under a temporary name, fsynced and renamed into place, so a crash or a full disk leaves either the old set or
 the new one, never half a file under a final name.
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
+SHARDS_DIR = "dcp"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "trainer_state.pt"
@@ -48,11 +54,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,46 +62,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(dest: Path, model: nn.Module, cfg: RunConfig, tokenizer: Tokenizer,
-                     trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder at `dest` atomically (temp folder, fsync, rename).
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")) + [path]:
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(p)
 
-    If writing fails (a full disk, say), the temp folder is removed and whatever was at `dest` is untouched.
+
+def _agree(ok: bool, d) -> bool:
+    """True on every rank only if `ok` on every rank (a barrier that carries failure, so no rank waits for a
+    rank that gave up)."""
+    if d is None or not d.enabled:
+        return ok
+    return int(d.sum(torch.tensor(0 if ok else 1, device=d.device)).item()) == 0
+
+
+def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_state: dict[str, Any] | None = None,
+                     *, model_state: dict[str, torch.Tensor] | None = None,
+                     write_shards: Callable[[Path], None] | None = None, d=None) -> Path:
+    """Write a checkpoint folder at `dest` atomically: a temp folder, fsynced, then renamed.
+
+    `model_state` (full, unwrapped) goes to model.safetensors from rank 0. `write_shards(folder)` is a
+    collective every rank calls (FSDP's sharded save). If writing fails anywhere (a full disk, say), the temp
+    folder is removed, whatever was at `dest` is untouched, and every rank raises.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    main = d is None or d.is_main
+    tmp = dest.parent / f".tmp-{dest.name}"
+    error = None
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        cfg.save(tmp / CONFIG_FILE)
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / STATE_FILE)
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+        if main:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GptforgeError(f"could not write checkpoint {dest} ({e}); earlier checkpoints in {dest.parent} are intact") from None
-    if dest.exists():  # re-saving the same step: move the old one aside first, drop it once the new one is in
-        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
+        error = e
+    if _agree(error is None, d):
+        try:
+            if write_shards is not None:
+                write_shards(tmp / SHARDS_DIR)
+            if main:
+                if model_state is not None:
+                    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+                    save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+                cfg.save(tmp / CONFIG_FILE)
+                tokenizer.save(tmp / TOKENIZER_FILE)
+                if trainer_state is not None:
+                    torch.save(trainer_state, tmp / STATE_FILE)
+                _fsync_tree(tmp)
+        except OSError as e:
+            error = e
+    if not _agree(error is None, d):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = f"{error}" if error is not None else "another rank failed to write its part"
+        raise GptforgeError(f"could not write checkpoint {dest} ({why}); earlier checkpoints in {dest.parent} are intact")
+    if main:
+        if dest.exists():  # re-saving the same step: move the old one aside first, drop it once the new one is in
+            old = dest.parent / f".old-{dest.name}"
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+    if d is not None:
+        d.barrier()
     return dest
 
 
 def _write_pointer(root: Path, name: str, target: Path) -> None:
     tmp = root / f".{name}.tmp"
     tmp.write_text(target.name + "\n")
-    _fsync_file(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, root / name)
 
 
@@ -109,44 +147,74 @@ def _read_pointer(root: Path, name: str) -> Path | None:
     return root / f.read_text().strip() if f.is_file() else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, cfg: RunConfig, tokenizer: Tokenizer,
-                    trainer_state: dict[str, Any], keep: int, best: bool = False) -> Path:
-    """Save `checkpoints/step-N` and point `latest` (and `best`, if `best`) at it; then delete step folders
-    beyond the newest `keep`, never the best one."""
+def save_checkpoint(run_dir: str | Path, step: int, cfg: RunConfig, tokenizer: Tokenizer, trainer_state: dict[str, Any],
+                    keep: int, best: bool = False, *, model_state: dict[str, torch.Tensor] | None = None,
+                    write_shards: Callable[[Path], None] | None = None, d=None) -> Path:
+    """Save `checkpoints/step-N`, point `latest` (and `best`, if `best`) at it, then delete step folders
+    beyond the newest `keep`, never the best one. Pointers and pruning are rank 0's."""
     root = Path(run_dir) / CHECKPOINTS
-    dest = write_checkpoint(root / f"step-{step:08d}", model, cfg, tokenizer, trainer_state)
-    _write_pointer(root, LATEST, dest)
-    if best:
-        _write_pointer(root, BEST, dest)
-    keep_best = _read_pointer(root, BEST)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        if old != keep_best:
-            shutil.rmtree(old, ignore_errors=True)
+    dest = write_checkpoint(root / f"step-{step:08d}", cfg, tokenizer, trainer_state,
+                            model_state=model_state, write_shards=write_shards, d=d)
+    if d is None or d.is_main:
+        _write_pointer(root, LATEST, dest)
+        if best:
+            _write_pointer(root, BEST, dest)
+        keep_best = _read_pointer(root, BEST)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            if old != keep_best:
+                shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _has_weights(p: Path) -> bool:
+    return (p / MODEL_FILE).is_file() or (p / SHARDS_DIR / ".metadata").is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself, or from a run directory (its `latest`, else its newest step)."""
+    p = Path(path)
+    if not p.exists():
+        raise GptforgeError(f"checkpoint not found: {p}")
+    if _has_weights(p):
+        return p
+    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+    named = _read_pointer(root, LATEST)
+    if named is not None and _has_weights(named):
+        return named
+    steps = sorted(d for d in root.glob("step-*") if _has_weights(d))
+    if steps:
+        return steps[-1]
+    raise GptforgeError(f"{p} holds no checkpoint ({MODEL_FILE} not found); give a checkpoint folder or a run directory from gptforge train")
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from (a missing or unreadable file), or None if it can."""
-    for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE):
+    for name in (CONFIG_FILE, TOKENIZER_FILE, STATE_FILE):
         if not (ckpt / name).is_file():
             return f"{name} is missing"
+    if not _has_weights(ckpt):
+        return f"neither {MODEL_FILE} nor {SHARDS_DIR}/ is there"
     try:
-        with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key)  # reads the header entry; a truncated file fails on its offsets
-        if (ckpt / MODEL_FILE).stat().st_size < 8:
-            return f"{MODEL_FILE} is truncated"
-        torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        if (ckpt / MODEL_FILE).is_file():
+            with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)  # reads the header entry; a truncated file fails on its offsets
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        if not (ckpt / MODEL_FILE).is_file() and "optimizer" in state:
+            return "trainer_state.pt and dcp/ disagree"
         load_yaml(ckpt / CONFIG_FILE)
     except Exception as e:  # any unreadable file disqualifies the checkpoint; the caller says which
         return f"unreadable ({type(e).__name__}: {e})"
     return None
 
 
-def find_resumable(run_dir: str | Path, warn=None) -> Path:
-    """The newest checkpoint of a run that can be resumed, skipping (and warning about) broken ones."""
+def find_resumable(run_dir: str | Path, warn=None) -> Path | None:
+    """The newest checkpoint of a run that can be resumed, skipping (and warning about) broken ones; None if
+    the run has no checkpoint at all (so one command can both start and continue a run)."""
     root = Path(run_dir) / CHECKPOINTS
     candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    if not candidates:
+        return None
     for ckpt in candidates:
         problem = checkpoint_problem(ckpt)
         if problem is None:
@@ -156,40 +224,57 @@ def find_resumable(run_dir: str | Path, warn=None) -> Path:
     raise GptforgeError(f"no resumable checkpoint in {root}; start without --resume")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself, or from a run directory (its `latest`, else its newest step)."""
-    p = Path(path)
-    if not p.exists():
-        raise GptforgeError(f"checkpoint not found: {p}")
-    if (p / MODEL_FILE).is_file():
-        return p
-    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
-    latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if (named / MODEL_FILE).is_file():
-            return named
-    steps = sorted(d for d in root.glob("step-*") if (d / MODEL_FILE).is_file())
-    if steps:
-        return steps[-1]
-    raise GptforgeError(f"{p} holds no checkpoint ({MODEL_FILE} not found); give a checkpoint folder or a run directory from gptforge train")
+def read_config(ckpt: Path) -> RunConfig:
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise GptforgeError(f"checkpoint {ckpt} is incomplete: {CONFIG_FILE} is missing")
+    return run_config_from_dict(load_yaml(ckpt / CONFIG_FILE), source=str(ckpt / CONFIG_FILE))
+
+
+def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load dcp/ shards into a model (and optimizer) of any layout: plain, DDP or FSDP at any world size;
+    torch.distributed.checkpoint reshards on load."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(ckpt / SHARDS_DIR), no_dist=not dist.is_initialized())
+        model.load_state_dict(state["model"])
+        return
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():  # loading in one process is what we mean; DCP warns that it assumed so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDS_DIR), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
     """Model (eval mode), tokenizer and run config of a checkpoint; weights go straight to `device`.
 
-    The model is built on the meta device (no memory, no init) and the tensors are assigned in place.
+    The model is built on the meta device (no memory, no init) and the tensors are assigned in place. A
+    sharded (dcp/) checkpoint is consolidated in memory.
     """
     ckpt = resolve_checkpoint(path)
-    for name in (CONFIG_FILE, TOKENIZER_FILE):
-        if not (ckpt / name).is_file():
-            raise GptforgeError(f"checkpoint {ckpt} is incomplete: {name} is missing")
-    cfg = run_config_from_dict(load_yaml(ckpt / CONFIG_FILE), source=str(ckpt / CONFIG_FILE))
+    cfg = read_config(ckpt)
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        raise GptforgeError(f"checkpoint {ckpt} is incomplete: {TOKENIZER_FILE} is missing")
     tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
     if tokenizer.vocab_size > cfg.model.padded_vocab_size:
         raise GptforgeError(f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.padded_vocab_size} rows")
+    if not (ckpt / MODEL_FILE).is_file():
+        model = GPT(cfg.model)
+        load_sharded(ckpt, model)
+        return model.to(device).eval(), tokenizer, cfg
     with torch.device("meta"):
         model = GPT(cfg.model)
+    if cfg.compression:  # a quantized checkpoint: swap in the modules whose buffers its state dict holds
+        from gptforge.compress.quantize import apply_compression
+
+        apply_compression(model, cfg.compression)
     try:
         state = load_file(str(ckpt / MODEL_FILE), device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -206,3 +291,26 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise GptforgeError(f"{f.parent} has no {STATE_FILE}: it can be loaded for inference but not resumed")
     return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
+    """Turn a sharded (dcp/) checkpoint into the single-file form: model.safetensors and the optimizer in
+    trainer_state.pt, keyed by parameter name. Written next to it as `consolidated-<name>` unless `out`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from gptforge.optim import build_optimizer
+
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / MODEL_FILE).is_file():
+        raise GptforgeError(f"{ckpt} is already a single-file checkpoint")
+    cfg = read_config(ckpt)
+    state = load_trainer_state(ckpt)
+    model = GPT(cfg.model)
+    if cfg.train.precision == "bf16-pure":
+        model = model.to(torch.bfloat16)
+    optimizer = build_optimizer(model, cfg.train, "cpu")
+    load_sharded(ckpt, model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    dest = Path(out) if out is not None else ckpt.parent / f"consolidated-{ckpt.name}"
+    return write_checkpoint(dest, cfg, Tokenizer.load(ckpt / TOKENIZER_FILE), {**state, "optimizer": optim_state},
+                            model_state=model_state)

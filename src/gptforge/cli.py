@@ -37,6 +37,26 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     import dataclasses
+    import os
+    import subprocess
+
+    if args.nproc is not None and "RANK" not in os.environ:
+        # Launch ourselves under torchrun, one node, N processes, same arguments minus --nproc.
+        from gptforge.distributed import torchrun_command
+
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        rest, skip = [], False
+        for a in argv:
+            if skip:
+                skip = False
+            elif a == "--nproc":
+                skip = True
+            elif not a.startswith("--nproc="):
+                rest.append(a)
+        code = subprocess.call(torchrun_command(args.nproc, rest))
+        if code:
+            raise GptforgeError(f"distributed training failed (exit status {code}); each rank's error is above")
+        return
 
     from gptforge.config import build_run_config
     from gptforge.train import train
@@ -46,12 +66,19 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         cfg = dataclasses.replace(cfg, data=args.data)
     if args.out is not None:
         cfg = dataclasses.replace(cfg, out=args.out)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_s:,.0f} tokens/s)")
-    if result.final_val_loss is not None:
+    result = train(cfg, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for the job
+    how = "" if result.stopped_by == "max_steps" else f" (stopped by {result.stopped_by})"
+    print(f"trained to step {result.steps}{how}: {result.tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_s:,.0f} tokens/s)")
+    if result.skipped_steps:
+        print(f"{result.skipped_steps} step(s) skipped for a non-finite loss or gradient")
+    if result.first_val_loss is not None and result.final_val_loss is not None:
         print(f"val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f} "
               f"(perplexity {math.exp(result.first_val_loss):.1f} -> {math.exp(result.final_val_loss):.1f})")
-    print(f"checkpoint: {result.checkpoint}\nlog: {result.run_dir / 'metrics.jsonl'}")
+    elif result.final_val_loss is not None:
+        print(f"val loss {result.final_val_loss:.4f} (perplexity {math.exp(result.final_val_loss):.1f})")
+    print(f"checkpoint: {result.checkpoint}\nmetrics: {result.run_dir / 'metrics.jsonl'}; tensorboard --logdir {result.run_dir / 'tb'}")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -70,18 +97,33 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.generate import stream
-    from gptforge.train import resolve_device
+    from gptforge.generate import load, stream
 
     prompt = _read_prompt(args)
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
     sys.stdout.write(prompt)
     for delta in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, seed=args.seed):
+                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                        frequency_penalty=args.frequency_penalty, stop=tuple(args.stop or ()),
+                        stop_at_eos=not args.ignore_eos, truncate_prompt=args.truncate_prompt, seed=args.seed,
+                        compile=True if args.compile else None):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from gptforge.checkpoint import consolidate
+
+    dest = consolidate(args.checkpoint, args.out)
+    print(f"wrote {dest} (model.safetensors + trainer_state.pt); it loads, generates and resumes like any checkpoint")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -99,6 +141,103 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\ndemo took {r.total_seconds / 60:.1f} min. checkpoint: {r.checkpoint}")
     print(f"logs: {r.run_dir / 'metrics.jsonl'}   data: {Path(args.out) / 'data'}")
     print(f'next: gptforge generate {r.run_dir} --prompt "**ROMEO**" --max-new-tokens 300')
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.plan import PlanConfig, load_model_config, make_plan, parse_tokens, print_plan, recommend
+
+    if args.deadline is not None and not args.recommend:
+        raise GptforgeError("--deadline is read by --recommend; add --recommend")
+    pc = PlanConfig(load_model_config(args.model), seq_len=args.seq_len, micro_batch=args.micro_batch,
+                    global_batch=args.global_batch, precision=args.precision, optimizer=args.optimizer,
+                    checkpointing=args.checkpointing, attention=args.attention, parallel=args.parallel,
+                    world_size=args.world_size, nodes=args.nodes, hardware=args.hardware,
+                    tokens=parse_tokens(args.tokens), mfu=args.mfu)
+    plan = make_plan(pc)
+    if args.recommend:
+        plan.recommendation = recommend(pc, plan.hardware, args.deadline)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print_plan(plan)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.bench import bench, print_rows, rows_as_dicts
+    from gptforge.plan import load_model_config
+
+    cfg = load_model_config(args.model)
+    rows = bench(cfg, device=args.device, precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                 steps=args.steps, decode_tokens=args.decode_tokens, hardware=args.hardware, mfu=args.mfu)
+    if args.json:
+        print(json.dumps(rows_as_dicts(rows), indent=2))
+    else:
+        print_rows(rows, f"{args.model} on {args.device}: plan vs measurement (error = (plan - measured) / measured)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from gptforge.report import report
+
+    page = report(args.runs, args.out)
+    print(f"wrote {page} and its PNG plots")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from gptforge.compress.quantize import quantize_checkpoint
+
+    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size)
+    size = (dest / "model.safetensors").stat().st_size
+    print(f"wrote {dest} ({section['quantization']}, model.safetensors {size / 1e6:.2f} MB); "
+          f"compare: gptforge eval {args.checkpoint} {dest} --data DIR")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from gptforge.compress.prune import prune_checkpoint
+
+    dest, section, result = prune_checkpoint(args.checkpoint, args.method, args.out, args.sparsity, args.pattern,
+                                             args.data, args.recover_steps, progress=not args.no_progress)
+    print(f"wrote {dest}: {section['pruning']}")
+    if result is not None and result.final_val_loss is not None:
+        print(f"recovery: {result.steps} steps, val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f}")
+
+
+def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> None:
+    import dataclasses
+
+    from gptforge.compress.distill import DistillConfig, distill
+    from gptforge.config import build_run_config
+
+    student = args.student
+    preset, config = (student, None) if student in MODEL_PRESETS else (None, student)
+    cfg = dataclasses.replace(build_run_config(config, preset, overrides), data=args.data, out=args.out)
+    dcfg = DistillConfig(temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
+    result = distill(cfg, args.teacher, dcfg, progress=not args.no_progress)
+    print(f"distilled {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
+          f"val objective {result.final_val_loss:.4f}\ncheckpoint: {result.checkpoint}\n"
+          f"compare: gptforge eval {args.teacher} {result.checkpoint} --data {args.data}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.compress.evaluate import eval_checkpoints, print_table
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
+                            seq_len=args.seq_len, decode_tokens=args.decode_tokens)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model preset: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--data", help="directory written by gptforge prepare")
     p.add_argument("--out", help="run directory for checkpoints and metrics.jsonl")
-    p.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint, or the latest one in --out with 'auto'")
+    p.add_argument("--resume", metavar="CKPT|auto",
+                   help="continue a run exactly from a checkpoint, or from the newest valid one in --out with 'auto'")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run N processes on this machine through torchrun (DDP, or FSDP with --train.parallel fsdp)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run from a checkpoint's weights and model config, with a fresh optimizer (fine-tuning)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
@@ -143,24 +287,157 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default 200)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens until their probability reaches P (default 1: all)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the most likely one (default 0: none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL-style penalty > 1 on every token already in the prompt or output (default 1: none)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI-style: subtract this from the logit of every token generated so far, -2..2 (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI-style: subtract this times each token's count so far, -2..2 (default 0)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (left out of it); repeat for several")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="keep the end of a prompt longer than the context instead of failing")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("consolidate", parents=[common], help="turn a sharded (FSDP) checkpoint into single files",
+                       description="Gather a checkpoint saved by an FSDP run (dcp/ shards) into model.safetensors and "
+                                   "a trainer_state.pt whose optimizer is keyed by parameter name.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or a run directory (its latest)")
+    p.add_argument("--out", help="folder to write (default: consolidated-NAME next to the checkpoint)")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("demo", parents=[common], help="prepare, train and sample on the bundled Shakespeare",
                        description="The whole flow on the bundled corpus in a few minutes on a laptop CPU.")
     p.add_argument("--out", default="runs/demo", help="directory for the data and the run (default runs/demo)")
     p.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes (default 6)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", parents=[common], help="estimate memory, time and cost of a run before starting it",
+                       description="Per-device memory (weights, gradients, optimizer, activations, overhead), FLOPs, "
+                                   "tokens/s, time and cost of a token budget, and KV-cache/decode figures, from "
+                                   "arithmetic alone (no GPU needed). See docs/plan.md.")
+    p.add_argument("model", metavar="MODEL",
+                   help="a model preset name, a YAML run config, a checkpoint or run directory, or a Hugging Face config.json")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per device per forward/backward (default 8)")
+    p.add_argument("--global-batch", type=int,
+                   help="sequences per optimizer step over all devices (default: micro-batch x world size)")
+    p.add_argument("--precision", default="bf16",
+                   help="fp32, bf16 or fp16 (autocast over fp32 weights), or bf16-pure (default bf16)")
+    p.add_argument("--optimizer", default="adamw", help="adamw, sgd (with momentum) or adamw-8bit (default adamw)")
+    p.add_argument("--checkpointing", action="store_true", help="recompute each block's activations in backward")
+    p.add_argument("--attention", default="sdpa", help="sdpa (flash / memory-efficient) or eager (default sdpa)")
+    p.add_argument("--parallel", default="ddp", help="ddp, fsdp (full shard) or fsdp-grad-op (default ddp)")
+    p.add_argument("--world-size", type=int, default=1, help="devices in all (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="machines the devices are spread over (default 1)")
+    p.add_argument("--hardware", default="h100-sxm",
+                   help="a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, l4, a10g, rtx-4090, rtx-3090, cpu (this "
+                        "machine, measured), or custom:memory=GIB,bf16=TFLOPS,bandwidth=GBS,cost=USD (default h100-sxm)")
+    p.add_argument("--tokens", default="chinchilla",
+                   help="training budget: a count like 300B or 2e9, or chinchilla = 20 per parameter (default)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+    p.add_argument("--recommend", action="store_true",
+                   help="also recommend micro-batch, accumulation, checkpointing/FSDP and the cheapest hardware")
+    p.add_argument("--deadline", type=float, metavar="HOURS",
+                   help="with --recommend: the cheapest listed hardware that trains the budget within this many hours")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bench", parents=[common], help="measure this device and a model on it against the plan",
+                       description="Peak matmul FLOP/s, copy bandwidth, a training step (tokens/s, MFU, peak memory) "
+                                   "and batch-1 decode, each next to gptforge plan's prediction with the error in %%.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default="shakespeare",
+                   help="preset, YAML run config, checkpoint or HF config.json to build (default shakespeare)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 (autocast) or bf16-pure (default fp32)")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per training step (default 4)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps, after one warm-up (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens to decode for the decode figure (default 32)")
+    p.add_argument("--hardware", help="the planner's hardware to compare with (default: recognised from the device)")
+    p.add_argument("--mfu", type=float, default=0.4, help="the MFU prior the plan's tokens/s uses (default 0.4)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", parents=[common], help="plot runs' metrics (PNG) on an HTML page with their configs",
+                       description="Loss and val loss, LR, grad norm, tokens/s (and MFU when logged) over steps from "
+                                   "each RUN_DIR/metrics.jsonl; several runs share each plot.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by gptforge train")
+    p.add_argument("--out", help="folder for the PNGs and index.html (default: FIRST_RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("quantize", parents=[common], help="weight-only int8/int4 quantization or a bf16/fp16 cast",
+                       description="Quantize every Linear and the (tied) output head of a checkpoint, weight-only: "
+                                   "int8 per output channel, or int4 in groups along the input. Writes the same "
+                                   "checkpoint format; generate and eval load it unchanged. See docs/compress.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
+    p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, 32, 64 or 128 (default 32)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", parents=[common], help="unstructured, N:M or structured pruning",
+                       description="magnitude / wanda zero the smallest-scoring weights of every block Linear (wanda "
+                                   "weighs them by calibration activations from --data); structured removes whole "
+                                   "heads and MLP channels and writes a smaller dense model.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    p.add_argument("--method", required=True, help="magnitude, wanda or structured")
+    p.add_argument("--sparsity", type=float, help="share of weights (or heads and channels, for structured) to remove, in (0, 1)")
+    p.add_argument("--pattern", metavar="N:M", help="keep N of every M consecutive weights, e.g. 2:4 (magnitude, wanda)")
+    p.add_argument("--data", help="prepared data: calibration batches (wanda, structured) and recovery training")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="fine-tune the pruned model for N steps on --data through the training loop (default 0)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("distill", parents=[common], help="train a student on a teacher's logits",
+                       description="The training loop with a distillation objective: T^2 * KL(teacher || student) at "
+                                   "temperature T mixed with cross-entropy. Overrides as in train: --train.FIELD VALUE.")
+    p.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher checkpoint (its tokenizer must be the data's)")
+    p.add_argument("--student", required=True, metavar="PRESET|CONFIG", help="a model preset name or a YAML run config")
+    p.add_argument("--data", required=True, help="directory written by gptforge prepare")
+    p.add_argument("--out", required=True, help="run directory for the student's checkpoints and metrics")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of both distributions (default 2)")
+    p.add_argument("--kl-weight", type=float, default=0.5, help="weight of the T^2-scaled KL term (default 0.5)")
+    p.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on the data (default 0.5)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", parents=[common], help="compare checkpoints: size, perplexity, KL, agreement, speed",
+                       description="One table over the same validation windows: parameters, file size, val loss, "
+                                   "perplexity, and vs the first checkpoint Δ perplexity, mean KL and top-1 "
+                                   "agreement; then batch-1 greedy decode tokens/s and the loaded weights' bytes.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints; the first is the reference")
+    p.add_argument("--data", required=True, help="directory written by gptforge prepare (its val split is used)")
+    p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the smallest block_size)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode for the speed column; 0 skips it (default 64)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     debug = getattr(args, "debug", False)
     try:
-        if args.verb == "train":
+        if args.verb in ("train", "distill"):
             args.func(args, extra)
         else:
             if extra:

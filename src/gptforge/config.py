@@ -43,12 +43,13 @@ class ModelConfig:
     bias: bool = True  # biases in Linear layers and LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    head_size: int | None = None  # per-head width; None: d_model // n_head (set when structured pruning drops heads)
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
             if getattr(self, name) < 1:
                 raise GptforgeError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_head:
+        if self.head_size is None and self.d_model % self.n_head:
             raise GptforgeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
             raise GptforgeError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
@@ -58,6 +59,8 @@ class ModelConfig:
             raise GptforgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.d_mlp is not None and self.d_mlp < 1:
             raise GptforgeError(f"model.d_mlp must be >= 1 or null, got {self.d_mlp}")
+        if self.head_size is not None and self.head_size < 1:
+            raise GptforgeError(f"model.head_size must be >= 1 or null, got {self.head_size}")
 
     @property
     def kv_heads(self) -> int:
@@ -65,7 +68,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_model // self.n_head if self.head_size is None else self.head_size
 
     @property
     def mlp_width(self) -> int:
@@ -157,9 +160,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model and loss
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
-    micro_batch: int = 16  # sequences per forward/backward
+    # Under torchrun: ddp (a replica per rank) or fsdp (FSDP2, sharded); auto is ddp when WORLD_SIZE > 1.
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    fsdp_strategy: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before the job fails
+    micro_batch: int = 16  # sequences per forward/backward (per rank)
     seq_len: int | None = None  # tokens per sequence; None: model.block_size
-    batch_tokens: int | None = None  # tokens per optimizer step; None: micro_batch * seq_len (no accumulation)
+    batch_tokens: int | None = None  # tokens per optimizer step, all ranks together; None: micro_batch * seq_len
     max_steps: int = 2000
     max_time: float | None = None  # seconds of training; when reached: evaluate, save and stop
     max_tokens: int | None = None  # tokens to train on; when reached: evaluate, save and stop
@@ -204,17 +211,25 @@ class TrainConfig:
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
-    def grad_accum(self, seq_len: int) -> int:
-        """Micro-batches per optimizer step, so that a step holds batch_tokens tokens."""
+    def micro_batches_per_step(self, seq_len: int, world: int = 1) -> int:
+        """Micro-batches in one optimizer step, all ranks together: batch_tokens / (micro_batch x seq_len),
+        split evenly over the `world` ranks; without batch_tokens, one per rank."""
         per_micro = self.micro_batch * seq_len
         if self.batch_tokens is None:
-            return 1
+            return world
         if self.batch_tokens % per_micro:
             raise GptforgeError(
                 f"train.batch_tokens ({self.batch_tokens}) must be a multiple of micro_batch x seq_len "
                 f"({self.micro_batch} x {seq_len} = {per_micro}); e.g. --train.batch_tokens {per_micro * max(1, round(self.batch_tokens / per_micro))}"
             )
-        return self.batch_tokens // per_micro
+        total = self.batch_tokens // per_micro
+        if total % world:
+            valid = [w for w in range(1, total + 1) if total % w == 0]
+            raise GptforgeError(
+                f"a step of {total} micro-batches (batch_tokens {self.batch_tokens} / micro_batch {self.micro_batch} / "
+                f"seq_len {seq_len}) cannot be split over {world} ranks; use a world size in {valid}, or change "
+                f"batch_tokens to a multiple of {per_micro * world}")
+        return total
 
 
 @dataclass
@@ -225,6 +240,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None  # directory written by `gptforge prepare`
     out: str | None = None  # run directory: checkpoints and logs
+    compression: dict[str, Any] | None = None  # what gptforge quantize/prune did (compress/); None: a plain model
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -338,6 +354,10 @@ def run_config_from_dict(raw: dict[str, Any], base: RunConfig | None = None, sou
         if not isinstance(train_raw, dict):
             raise GptforgeError(f"{source}: 'train' must be a mapping")
         cfg = dataclasses.replace(cfg, train=update_dataclass(cfg.train, train_raw, "train."))
+    if raw.get("compression") is not None:
+        if not isinstance(raw["compression"], dict):
+            raise GptforgeError(f"{source}: 'compression' must be a mapping (written by gptforge quantize / prune)")
+        cfg = dataclasses.replace(cfg, compression=dict(raw["compression"]))
     for key in ("data", "out"):
         if key in raw:
             cfg = dataclasses.replace(cfg, **{key: _coerce(raw[key], str | None, key)})

@@ -1,12 +1,24 @@
-"""Text generation: temperature and top-k sampling, token by token.
+"""Text generation: a static KV cache, prefill in one forward, one-token decode steps, sampling, batches, streaming.
 
-This is the minimal engine: each step reruns the model over the (cropped) context, without a KV cache. Its
-interface (`generate_tokens`, `generate`, `stream`) is what the fast engine will keep behind it.
+Decoding one token of a batch-1 request reads every weight once, so its speed is bound by memory bandwidth.
+The engine therefore does as little else as it can per step: the keys and values of earlier tokens live in a
+cache allocated once for (batch, prompt + new tokens) and are never recomputed; a step feeds one token per row.
+
+Reading order: the sampling options, the cache, the sampling math (each filter a small function), the token
+loop (prefill, decode steps, stops), then text (stop strings, UTF-8-safe streaming) and the public functions.
+
+Batches are left-padded: every row writes its next token to the same cache slot, so one decode step has the
+same shapes for the whole batch; each row's positions start at 0 at its first real token, and padded slots
+are masked out of attention. Shapes: B batch, T prompt length (the longest), S cache length, V vocab.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -15,48 +27,376 @@ from gptforge.errors import GptforgeError
 from gptforge.tokenizer import Tokenizer
 
 
+# --- options ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token, and when to stop. Names follow the OpenAI / Hugging Face ones."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 is greedy decoding
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (Holtzman et al. 2019)
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (Nguyen et al. 2024)
+    repetition_penalty: float = 1.0  # CTRL's (Keskar et al. 2019): logits of tokens seen, prompt included
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often the token was generated
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end a sequence (matched on decoded text, left out of it)
+    stop_at_eos: bool = True
+    logprobs: bool = False  # log-probabilities of the chosen tokens...
+    top_logprobs: int = 0  # ...and of this many most likely alternatives at each step
+    truncate_prompt: bool = False  # keep the end of a too-long prompt instead of raising
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> GptforgeError:
+            return GptforgeError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if self.max_new_tokens < 0:
+            raise bad("max_new_tokens", ">= 0")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise bad("top_k", ">= 1 (or None for no limit)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1] (1 keeps every token)")
+        if not 0.0 <= self.min_p < 1.0:
+            raise bad("min_p", "in [0, 1) (0 keeps every token)")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0 (1 is no penalty)")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "in [-2, 2], as in the OpenAI API")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "in [-2, 2], as in the OpenAI API")
+        if isinstance(self.stop, str):  # a bare string would be taken as a tuple of its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not s for s in self.stop):
+            raise GptforgeError("stop strings must not be empty")
+        if self.top_logprobs < 0:
+            raise bad("top_logprobs", ">= 0")
+
+
+# --- the static KV cache -----------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of every layer for B rows of S positions, allocated once for the whole generation.
+
+    `prepare(slots, real)` is called before each forward: it records which slots this forward writes and
+    builds the attention mask, which each layer's `update` hands to SDPA with the full key/value buffers.
+    With `static=True` attention always spans all S slots (unwritten ones masked), so every decode step has
+    the same shapes and can be captured once as a CUDA graph; otherwise it spans only the slots written so
+    far, which reads less memory per step in eager mode.
+    """
+
+    def __init__(self, cfg, batch: int, length: int, *, device: torch.device, dtype: torch.dtype, static: bool):
+        shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+        self.layers = [_LayerKV(self, torch.zeros(shape, device=device, dtype=dtype),
+                                torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
+        self.length, self.static, self.dtype = length, static, dtype
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = self.valid[:, None, None, :]
+        self.end = length
+        if static and device.type == "cuda":
+            # Buffers at fixed addresses are what lets a CUDA graph replay write into them (HF StaticCache does
+            # the same); without this, cudagraph trees would copy them on every step or refuse to capture.
+            for t in [self.valid] + [b for kv in self.layers for b in (kv.k, kv.v)]:
+                torch._dynamo.mark_static_address(t)
+
+    def prepare(self, slots: torch.Tensor, real: torch.Tensor, end: int | None = None) -> None:
+        """This forward writes slots (T,) for every row; real (B, T) says which of them hold real tokens (not
+        padding). `end` (eager only) is one past the last slot written."""
+        self.slots = slots
+        self.valid.index_copy_(1, slots, real)
+        self.end = self.length if self.static or end is None else end
+        s = torch.arange(self.end, device=slots.device)
+        causal = s[None, :] <= slots[:, None]  # (T, end)
+        # A padding query may see only itself: a row of all-masked keys would make SDPA return NaN, and the
+        # NaN would reach real tokens through 0 * NaN in the next layer's attention over the cached values.
+        allowed = (self.valid[:, None, : self.end] & causal) | (s[None, :] == slots[:, None])  # (B, T, end)
+        # An additive float mask: CPU SDPA measured 2-4x faster with it than with a boolean one at decode shapes.
+        zero = torch.zeros((), dtype=self.dtype, device=slots.device)
+        self.mask = torch.where(allowed, zero, float("-inf"))[:, None]  # (B, 1, T, end): the same for every head
+
+
+class _LayerKV:
+    """One layer's view of the cache: what CausalSelfAttention calls `kv.update(k, v)` on."""
+
+    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor):
+        self.cache, self.k, self.v = cache, k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.cache
+        self.k.index_copy_(2, c.slots, k)  # (B, K, S, Hd) <- (B, K, T, Hd) at slots
+        self.v.index_copy_(2, c.slots, v)
+        return self.k[:, :, : c.end], self.v[:, :, : c.end], c.mask
+
+
+# --- sampling ----------------------------------------------------------------------------------------------
+# Every function here works on (B, V) fp32 logits with tensor ops only, so a CUDA decode loop runs without
+# waiting for the host (no .item(), no data-dependent Python branches).
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """counts (B, V): times each token was generated; seen (B, V): in the prompt or generated."""
+    if p.repetition_penalty != 1.0:
+        # CTRL divides positive logits and multiplies negative ones, so a penalty > 1 always lowers the token.
+        penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if p.presence_penalty:
+        logits = logits - p.presence_penalty * (counts > 0)
+    if p.frequency_penalty:
+        logits = logits - p.frequency_penalty * counts
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf below the k-th largest logit of each row (ties at the k-th are kept)."""
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their probability reaches p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V): probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p  # the first token has mass_before 0, so it always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times that of the most likely token."""
+    if min_p <= 0.0:
+        return logits
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed.
+    threshold = logits.max(dim=-1, keepdim=True).values + math.log(min_p)  # (B, 1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """Next ids (B,) from processed logits: greedy at temperature 0, else temperature, top-k, top-p, min-p."""
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / p.temperature
+    if p.top_k is not None:
+        logits = top_k_filter(logits, p.top_k)
+    logits = min_p_filter(top_p_filter(logits, p.top_p), p.min_p)
+    probs = logits.softmax(dim=-1)
+    # argmax(probs / E) with E ~ Exp(1) draws from probs (the exponential race, as in gpt-fast): unlike
+    # torch.multinomial it never synchronises with the host.
+    noise = torch.empty_like(probs).exponential_(1, generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
+# --- the token loop ----------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One decode step of a batch: the chosen id per row (None once a row has finished)."""
+
+    ids: list[int | None]
+    logprobs: list[float | None] | None = None  # of the chosen ids, under the model's own distribution
+    top: list[list[tuple[int, float]] | None] | None = None  # the most likely ids and their logprobs
+
+
+def _fit_prompts(prompts: list[list[int]], p: SamplingParams, block_size: int) -> list[list[int]]:
+    out = []
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise GptforgeError(f"prompt {i} encodes to no tokens")
+        if len(ids) > block_size:
+            if not p.truncate_prompt:
+                raise GptforgeError(f"prompt {i} is {len(ids)} tokens but the model's context is {block_size}; "
+                                    "shorten it, or pass truncate_prompt=True (--truncate-prompt) to keep its end")
+            # Leave room for the new tokens too, as long as at least one prompt token remains.
+            ids = ids[-max(1, block_size - p.max_new_tokens):]
+        out.append(list(ids))
+    return out
+
+
+def _decode_step(model: nn.Module, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                 end: int | None = None) -> torch.Tensor:
+    """Logits (B, V) of one new token per row: ids, pos (B, 1), written at cache slot (1,)."""
+    cache.prepare(slot, torch.ones_like(ids, dtype=torch.bool), end)
+    return model(ids, pos, cache)[:, -1]
+
+
+_compiled_step = None
+
+
+def _static_step(device: torch.device):
+    """The decode step compiled once per process for fixed shapes: CUDA graphs on CUDA (torch.compile
+    "reduce-overhead"), inductor's fused kernels elsewhere (CUDA graphs do not exist there)."""
+    global _compiled_step
+    if _compiled_step is None:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        _compiled_step = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_step
+
+
 @torch.no_grad()
+def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingParams, *, vocab_size: int,
+                   stop_ids: tuple[int, ...] = (), finished: list[bool] | None = None,
+                   compile: bool | None = None) -> Iterator[Step]:
+    """Prefill the prompts (token ids) in one forward, then decode one token per row per step.
+
+    A row finishes after any id in `stop_ids`; the caller may also finish rows by setting `finished[i]`
+    (a list it passes in), which is how text-level stops end a row. Yields one Step per decode step until
+    every row has finished, `max_new_tokens` are out, or the context (block_size) is full.
+
+    compile: run the decode step with static shapes through torch.compile (CUDA graphs on CUDA). None: on
+    CUDA only. On CPU it pays off only for long generations: a small model decodes ~2.6x faster compiled, but
+    each new (batch, cache length) costs ~30 s of compilation on 2 cores (docs/BENCHMARKS.md).
+    """
+    cfg = model.config
+    prompts = _fit_prompts(prompts, params, cfg.block_size)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    lens = [len(p) for p in prompts]
+    max_new = min(params.max_new_tokens, cfg.block_size - T)  # positions never exceed the trained context
+    finished = [False] * B if finished is None else finished
+    if max_new <= 0 or all(finished):
+        return
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    static = device.type == "cuda" if compile is None else compile
+    # CUDA: sync with the host only every few steps; the rows that finished in between just run on.
+    sync_every = 8 if device.type == "cuda" else 1
+    S = T + max_new
+    if static:
+        S = min(cfg.block_size, -(-S // 64) * 64)  # a few cache lengths, so a few graph captures, not one per call
+    gen = None
+    if params.temperature > 0:
+        gen = torch.Generator(device=device)
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+
+    # Prefill: left-pad to T; each row's positions count from its first real token.
+    pad = torch.tensor([T - n for n in lens], device=device)  # (B,)
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
+    cols = torch.arange(T, device=device)
+    real = cols[None, :] >= pad[:, None]  # (B, T)
+    pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+    cache = KVCache(cfg, B, S, device=device, dtype=dtype, static=static)
+    cache.prepare(cols, real, end=T)
+    logits = model(idx, pos, cache)[:, -1]  # (B, V)
+
+    counts = torch.zeros(B, vocab_size, device=device)  # generated tokens, for presence/frequency penalties
+    # Prompt + generated, for the repetition penalty; padding goes to an extra column that is then dropped.
+    seen = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=device)
+    seen = seen.scatter_(1, torch.where(real, idx, vocab_size), True)[:, :vocab_size].contiguous()  # (B, V)
+    next_pos = torch.tensor(lens, device=device)[:, None]  # (B, 1)
+    slot_table = torch.arange(T, S, device=device)  # (S - T,): the cache slot of each decode step
+    step = _static_step(device) if static else _decode_step
+    want_top = params.top_logprobs > 0
+    pending: list[tuple[torch.Tensor, ...]] = []
+    for n in range(max_new):
+        logits = logits[:, :vocab_size].float()  # rows above the tokenizer's size are padding: never sampled
+        ids = sample(apply_penalties(logits, counts, seen, params), params, gen)  # (B,)
+        counts.scatter_add_(1, ids[:, None], torch.ones_like(counts[:, :1]))
+        seen.scatter_(1, ids[:, None], True)
+        out: tuple[torch.Tensor, ...] = (ids,)
+        if params.logprobs or want_top:
+            logp = logits.log_softmax(dim=-1)  # the model's distribution, before penalties and filters
+            out += (logp.gather(1, ids[:, None])[:, 0],)
+            if want_top:
+                out += torch.topk(logp, min(params.top_logprobs, vocab_size), dim=-1)
+        pending.append(out)
+        last = n == max_new - 1
+        if len(pending) == sync_every or last:
+            for host in [[t.tolist() for t in o] for o in pending]:  # one host transfer per block
+                yield _step_out(host, finished, stop_ids, params)
+                if all(finished):
+                    return
+            pending = []
+        if last:
+            return
+        slot = slot_table[n : n + 1]  # a view: no host-to-device copy inside the loop
+        if static:
+            logits = step(model, cache, ids[:, None], next_pos + n, slot).clone()  # clone: graph outputs are reused
+        else:
+            logits = step(model, cache, ids[:, None], next_pos + n, slot, T + n + 1)
+
+
+def _step_out(host: list, finished: list[bool], stop_ids: tuple[int, ...], p: SamplingParams) -> Step:
+    """A Step from one step's host lists (ids, then chosen logprobs and top values/indices if asked)."""
+    ids = [None if f else i for i, f in zip(host[0], finished)]
+    s = Step(ids)
+    if p.logprobs or p.top_logprobs:
+        s.logprobs = [None if i is None else lp for i, lp in zip(ids, host[1])]
+    if p.top_logprobs:
+        s.top = [None if i is None else list(zip(ix, v)) for i, v, ix in zip(ids, host[2], host[3])]
+    for r, i in enumerate(ids):
+        if i is not None and i in stop_ids:
+            finished[r] = True
+    return s
+
+
 def generate_tokens(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, vocab_size: int,
                     temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
-                    stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield up to `max_new_tokens` sampled ids, stopping after any id in `stop_ids`.
+                    stop_ids: tuple[int, ...] = (), **options) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids continuing one prompt, the stop id included when one ends it."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, **options)
+    for s in generate_steps(model, [prompt_ids], params, vocab_size=vocab_size, stop_ids=stop_ids):
+        yield s.ids[0]
 
-    temperature 0 is greedy decoding; top_k keeps the k most likely tokens before sampling. Logits of the
-    padding rows above `vocab_size` (the tokenizer's true size) are never sampled.
+
+# --- text: stop strings and streaming ----------------------------------------------------------------------
+class _TextRow:
+    """The decoded text of one row as its ids arrive: complete UTF-8 only, stop strings cut off.
+
+    Byte-level BPE decodes a sequence to the concatenation of its parts' bytes, so ids are decoded in pieces
+    from the last point where the text was whole (no dangling UTF-8 byte), not from the start every time.
     """
-    if max_new_tokens < 0:
-        raise GptforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise GptforgeError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GptforgeError(f"top_k must be >= 1, got {top_k}")
-    if not prompt_ids:
-        raise GptforgeError("the prompt encodes to no tokens")
-    device = next(model.parameters()).device
-    block_size = model.config.block_size
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -block_size:])[:, -1, :].float()  # (1, V)
-        logits[:, vocab_size:] = float("-inf")
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-        else:
-            logits = logits / temperature
-            if top_k is not None and top_k < vocab_size:
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (1, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, 1, generator=gen)  # (1, 1)
-        token = int(next_id)
-        yield token
-        if token in stop_ids:
-            return
-        ids = torch.cat((ids, next_id), dim=1)
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self.tok, self.stops = tokenizer, stops
+        self.text = ""  # decoded so far, complete characters only
+        self.piece: list[int] = []  # ids not yet decoded to complete characters
+        self.emitted = 0  # characters of text handed out
+        self.stopped = False
+
+    def add(self, i: int) -> str:
+        """Take one id; return the text that is now safe to hand out."""
+        self.piece.append(i)
+        piece = self.tok.decode(self.piece)
+        if piece.endswith("\ufffd"):  # the id ended inside a multi-byte character: wait for the rest
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += piece
+        self.piece = []
+        hits = [j for j in (self.text.find(s, start) for s in self.stops) if j >= 0]
+        if hits:  # a stop string may straddle ids: it is searched for in the text, not in the ids
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self.flush()
+        # Hold back a tail that could still grow into a stop string.
+        hold = next((k for k in range(min(len(self.text), max((len(s) for s in self.stops), default=1) - 1), 0, -1)
+                     if any(s.startswith(self.text[-k:]) for s in self.stops)), 0)
+        safe = len(self.text) - hold
+        out, self.emitted = self.text[self.emitted: safe], max(self.emitted, safe)
+        return out
+
+    def flush(self) -> str:
+        """The rest of the text, once the row has finished."""
+        if self.piece and not self.stopped:  # ended inside a character: the replacement char is the truth
+            self.text += self.tok.decode(self.piece)
+            self.piece = []
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    text: str
+    token_ids: list[int]  # every id generated, the EOS or the one completing a stop string included
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens or the context is full)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -64,16 +404,116 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
 
 
-def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 200,
-           temperature: float = 0.8, top_k: int | None = 200, seed: int | None = None,
-           stop_at_eos: bool = True) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text deltas, each one valid UTF-8."""
-    ids = generate_tokens(model, _prompt_ids(tokenizer, prompt), max_new_tokens=max_new_tokens,
-                          vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k, seed=seed,
-                          stop_ids=(tokenizer.eos_id,) if stop_at_eos else ())
-    yield from tokenizer.decode_stream(i for i in ids if not (stop_at_eos and i == tokenizer.eos_id))
+def _run(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
+         results: list[Completion], compile: bool | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (row, text delta) as rows decode; fill `results` with one Completion per prompt."""
+    rows = [_TextRow(tokenizer, params.stop) for _ in prompts]
+    results[:] = [Completion("", [], "length", [] if params.logprobs else None,
+                             [] if params.top_logprobs else None) for _ in prompts]
+    finished = [False] * len(prompts)
+    eos = (tokenizer.eos_id,) if params.stop_at_eos else ()
+    steps = generate_steps(model, [_prompt_ids(tokenizer, p) for p in prompts], params,
+                           vocab_size=tokenizer.vocab_size, stop_ids=eos, finished=finished, compile=compile)
+    for s in steps:
+        for r, i in enumerate(s.ids):
+            if i is None:
+                continue
+            res = results[r]
+            res.token_ids.append(i)
+            if s.logprobs is not None and res.logprobs is not None:
+                res.logprobs.append(s.logprobs[r])
+            if s.top is not None:
+                res.top_logprobs.append(s.top[r])
+            if i in eos:
+                res.finish_reason = "stop"
+                delta = rows[r].flush()
+            else:
+                delta = rows[r].add(i)
+                if rows[r].stopped:
+                    finished[r], res.finish_reason = True, "stop"
+            if delta:
+                yield r, delta
+    for r, row in enumerate(rows):
+        if delta := row.flush():
+            yield r, delta
+        results[r].text = row.text
 
 
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
-    """The continuation of `prompt` as one string (same arguments as `stream`)."""
-    return "".join(stream(model, tokenizer, prompt, **kwargs))
+def _params(kwargs: dict) -> SamplingParams:
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise GptforgeError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return SamplingParams(**kwargs)
+
+
+def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, *, compile: bool | None = None,
+           **options) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text deltas, each valid UTF-8, as it is generated.
+
+    options are the fields of SamplingParams (max_new_tokens, temperature, top_k, top_p, min_p, penalties,
+    seed, stop, stop_at_eos, truncate_prompt). A stop string is never yielded, not even in part.
+    """
+    results: list[Completion] = []
+    for _, delta in _run(model, tokenizer, [prompt], _params(options), results, compile):
+        yield delta
+
+
+def stream_batch(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], *, compile: bool | None = None,
+                 **options) -> Iterator[tuple[int, str]]:
+    """Like `stream` for several prompts decoded together: yields (prompt index, text delta)."""
+    results: list[Completion] = []
+    yield from _run(model, tokenizer, list(prompts), _params(options), results, compile)
+
+
+def complete(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], *, compile: bool | None = None,
+             **options) -> list[Completion]:
+    """Completions (text, ids, finish reason, logprobs when asked) of prompts decoded as one batch."""
+    results: list[Completion] = []
+    for _ in _run(model, tokenizer, list(prompts), _params(options), results, compile):
+        pass
+    return results
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[str], **options) -> str | list[str]:
+    """The continuation of `prompt` (a string), or of each prompt of a list, decoded as one batch."""
+    if isinstance(prompt, str):
+        return complete(model, tokenizer, [prompt], **options)[0].text
+    return [c.text for c in complete(model, tokenizer, prompt, **options)]
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store every nn.Linear weight transposed in memory: same values, same (out, in) shape, but (in, out)
+    contiguous underneath (the layout of HF GPT-2's Conv1D), so F.linear multiplies by a contiguous matrix.
+
+    On the CI CPU that GEMM ran 2.3x faster for 8 rows (no slower for 1), and a batch-8 `gpt2` decode went
+    from ~52 to ~65 tokens/s (docs/BENCHMARKS.md). Applied by `load` on CPU only: it is for inference (the
+    parameters are replaced, so an optimizer built before would no longer see them).
+    """
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
+    return model
+
+
+def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, Tokenizer]:
+    """Model (eval mode) and tokenizer of a checkpoint folder or run directory, ready to generate.
+
+    dtype auto: bf16 on CUDA (decoding is bound by the bytes read per token), fp32 elsewhere (on CPUs without
+    AMX, bf16 matmuls are slower; docs/BENCHMARKS.md).
+    """
+    from gptforge.checkpoint import load_checkpoint
+    from gptforge.train import resolve_device
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GptforgeError(f"device {device!r} asked for but no CUDA device is available; use --device cpu (or auto)")
+    dev = resolve_device(device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in dtypes:
+        raise GptforgeError(f"unknown dtype {dtype!r}; use auto, {', '.join(dtypes)}")
+    model, tokenizer, _ = load_checkpoint(path, device=dev)
+    model = model.to(dtypes[dtype])
+    return (decode_layout(model) if dev.type == "cpu" else model), tokenizer

@@ -29,15 +29,16 @@ def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
 
     Computed per call from the positions rather than stored as buffers: it costs T*Hd multiplies, keeps the
     model free of non-persistent state (so a meta-device build loads cleanly) and accepts any positions.
+    Per-row positions pos (B, T) (a left-padded batch) give tables (B, T, Hd).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, Hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, Hd): the "rotate half" layout used by HF Llama
+    angles = pos.float()[..., None] * inv_freq  # (..., T, Hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, Hd): the "rotate half" layout used by HF Llama
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+Hd/2}) of x (B, heads, T, Hd) by the angles in cos/sin (T, Hd)."""
+    """Rotate pairs (x_i, x_{i+Hd/2}) of x (B, heads, T, Hd) by the angles in cos/sin (T, Hd) or (B, 1, T, Hd)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, Hd/2) each
     rotated = torch.cat((-x2, x1), dim=-1)  # (B, heads, T, Hd)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -54,7 +55,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None) -> torch.Tensor:
+        """kv, when given, is one layer's view of a KV cache (gptforge.generate.KVCache): this call's keys and
+        values are written into it and the queries attend to every cached position its mask allows."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -64,12 +67,16 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, Hd)
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=True,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, H, T, Hd)
+        else:
+            k, v, mask = kv.update(k, v)  # (B, K, S, Hd) x 2 and (B, 1, T, S): cached keys, this call's included
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Hd)
         return self.resid_drop(self.proj(y))
 
@@ -111,8 +118,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = SwiGLUMLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, kv)
         return x + self.mlp(self.norm2(x))
 
 
@@ -145,8 +152,10 @@ class GPT(nn.Module):
             else:  # norm weights
                 nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T); pos (T,) are their positions, 0..T-1 by default."""
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); pos (T,) or per row (B, T) are their positions, 0..T-1 by
+        default. With a KV cache (gptforge.generate.KVCache, for generation) idx are only the new tokens: their
+        keys and values join the cached ones, and the cache's mask says which each may attend to."""
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device)
@@ -155,12 +164,14 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, D)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)  # (B, T, D) + (T, D)
+            x = x + self.pos_emb(pos)  # (B, T, D) + (T, D) or (B, T, D)
         else:
-            rope = rotary_tables(pos, self.config.head_dim, self.config.rope_theta)  # 2 x (T, Hd)
+            rope = rotary_tables(pos, self.config.head_dim, self.config.rope_theta)  # 2 x (T, Hd) or (B, T, Hd)
+            if pos.dim() == 2:
+                rope = (rope[0][:, None], rope[1][:, None])  # 2 x (B, 1, T, Hd): broadcast over heads
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layers[i])
         x = self.norm_f(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # (B, T, V)

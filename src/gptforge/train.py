@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.checkpoint import (checkpoint_problem, find_resumable, load_checkpoint, load_trainer_state,
-                                 resolve_checkpoint, save_checkpoint, unwrap)
+from gptforge.checkpoint import (MODEL_FILE, checkpoint_problem, find_resumable, load_checkpoint,
+                                 load_sharded, load_trainer_state, read_config, resolve_checkpoint, save_checkpoint)
 from gptforge.config import RunConfig
 from gptforge.data import BatchSampler, TokenData
-from gptforge.distributed import apply_activation_checkpointing, apply_compile
+from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
+                                  close_distributed, grad_sync, init_distributed)
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
@@ -113,38 +114,48 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # --- one optimizer step's forward and backward ------------------------------------------------------------
 
 def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn,
-                     device: torch.device, amp: torch.dtype | None, scaler=None) -> torch.Tensor:
-    """Accumulate gradients over micro-batches; returns the step's loss per target token (detached).
+                     device: torch.device, amp: torch.dtype | None, scaler=None, d: Dist | None = None) -> torch.Tensor:
+    """Accumulate gradients over this rank's micro-batches; returns the step's loss per target token over
+    all ranks (detached).
 
-    Each micro-batch's summed loss is divided by the target tokens of the *whole* step, so k micro-batches
-    of b sequences give exactly the gradient of one batch of k*b, ignored (-100) targets included.
+    Each micro-batch's summed loss is divided by the target tokens of the *whole* step (all micro-batches,
+    all ranks), so k micro-batches of b sequences give exactly the gradient of one batch of k*b, ignored (-100)
+    targets included. DDP and FSDP average gradients over ranks, hence the factor `world`. Gradients are
+    reduced across ranks once, on the last micro-batch.
     """
-    n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-    if n_targets == 0:
+    world = 1 if d is None else d.world
+    n_targets = torch.tensor(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches), device=device)
+    if d is not None:
+        d.sum(n_targets)
+    if int(n_targets) == 0:
         raise GptforgeError("a training step has no target tokens (every target is -100); check the loss masks")
     total = torch.zeros((), device=device)
-    for x, y in batches:
-        with autocast(device, amp):
+    for i, (x, y) in enumerate(batches):
+        with grad_sync(model, enabled=i == len(batches) - 1), autocast(device, amp):
             loss_sum, _ = loss_fn(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        loss = loss_sum / n_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
-    return total
+            loss = loss_sum * (world / n_targets)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach() / world
+    return total if d is None else d.sum(total)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, sampler: BatchSampler, n_batches: int, device: torch.device,
-             amp: torch.dtype | None, loss_fn: LossFn = next_token_loss) -> float:
-    """Mean loss per target token over the first `n_batches` batches of a fixed-seed sampler."""
+             amp: torch.dtype | None, loss_fn: LossFn = next_token_loss, d: Dist | None = None) -> float:
+    """Mean loss per target token over batches 0..n_batches-1 of a fixed-seed sampler; ranks take turns."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for k in range(n_batches):
+    rank, world = (0, 1) if d is None else (d.rank, d.world)
+    for k in range(rank, n_batches, world):
         x, y = sampler.batch(k)
         with autocast(device, amp):
             loss, n = loss_fn(model, x.to(device), y.to(device))
         total += loss.float()
         count += n
+    if d is not None:
+        d.sum(total)
+        d.sum(count)
     model.train(was_training)
     return (total / count).item()
 
@@ -262,11 +273,11 @@ def peak_memory_gb(device: torch.device) -> float:
 class Reporter:
     """A rich progress bar on a terminal (when `bar`); otherwise a plain line every 10 log intervals."""
 
-    def __init__(self, total: int, start: int, bar: bool):
+    def __init__(self, total: int, start: int, bar: bool, quiet: bool = False):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, quiet=quiet)  # ranks other than 0 print nothing
         self.bar = None
         if bar and self.console.is_terminal:
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -305,13 +316,80 @@ def _model_mismatch(saved: RunConfig, cfg: RunConfig) -> list[str]:
     return [f"{k}: checkpoint {a[k]!r}, this run {b[k]!r}" for k in a if a[k] != b[k] and k != "dropout"]
 
 
+def _parallel(tc, d: Dist) -> str:
+    if tc.parallel == "auto":
+        return "ddp" if d.enabled else "none"
+    if tc.parallel != "none" and not d.enabled:
+        return "none"  # a single process needs no wrapper; the same config runs under torchrun unchanged
+    if tc.parallel == "none" and d.enabled:
+        raise GptforgeError(f"train.parallel is none but {d.world} processes were started; use ddp or fsdp")
+    return tc.parallel
+
+
+def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_state: dict | None = None):
+    """The model, then what wraps it from outside (activation checkpointing, DDP/FSDP, compile), then the
+    optimizer over its parameters. Returns (model to call, unwrapped model, optimizer, autocast dtype)."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    raw = GPT(cfg.model)
+    if init_state is not None:
+        raw.load_state_dict(init_state)
+    raw = raw.to(d.device, dtype=torch.bfloat16 if precision == "bf16-pure" else None)
+    amp = autocast_dtype(precision, d.device)
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(raw)
+    model = raw
+    if parallel == "ddp":
+        model = apply_ddp(raw, d)
+    elif parallel == "fsdp":
+        # FSDP's mixed-precision policy replaces autocast: bf16 compute, fp32 master weights and reductions.
+        apply_fsdp(raw, tc.fsdp_strategy, torch.bfloat16 if precision == "bf16" else None)
+        amp = None
+    if tc.compile:
+        model = apply_compile(model)
+    optimizer = build_optimizer(raw, tc, d.device.type)
+    return model, raw, optimizer, amp
+
+
+def restore(ckpt: Path, cfg: RunConfig, data: TokenData, raw_model: nn.Module, optimizer, sampler: BatchSampler,
+            scaler, d: Dist) -> dict[str, Any]:
+    """Load a checkpoint's weights, optimizer, sampler, scaler and RNG states into a freshly built run, after
+    checking that it is whole and belongs to this model and tokenizer. Returns the loop's counters."""
+    if (problem := checkpoint_problem(ckpt)) is not None:
+        raise GptforgeError(f"cannot resume from {ckpt}: {problem}")
+    state = load_trainer_state(ckpt)
+    if state["tokenizer_fingerprint"] != data.fingerprint:
+        raise GptforgeError(f"checkpoint {ckpt} was trained with tokenizer {state['tokenizer_fingerprint']}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {ckpt}/tokenizer.json")
+    mismatch = _model_mismatch(read_config(ckpt), cfg)
+    if mismatch:
+        raise GptforgeError(f"cannot resume {ckpt} with another model config ({'; '.join(mismatch)}); use its config, or --init-from to start a new run from its weights")
+    if (ckpt / MODEL_FILE).is_file():
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        # Full, name-keyed state: set_state_dict shards it when the model is FSDP-wrapped.
+        set_state_dict(raw_model, optimizer, model_state_dict=load_file(str(ckpt / MODEL_FILE)),
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        load_sharded(ckpt, raw_model, optimizer)
+    sampler.load_state_dict(state["sampler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if state.get("world", 1) == d.world:  # another world size draws differently anyway (dropout masks)
+        set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)], d.device)
+    return state
+
+
 def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = None,
           loss_fn: LossFn = next_token_loss, progress: bool = True) -> TrainResult:
     """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints, metrics and TensorBoard files
-    under `cfg.out`.
+    under `cfg.out`. Under torchrun, every rank calls this; rank 0 logs and writes.
 
     resume:    a checkpoint (or run directory) to continue exactly, or "auto" for the newest valid one in
-               `cfg.out`; weights, optimizer, step, sampler position and RNG states are restored.
+               `cfg.out`; weights, optimizer, step, sampler position and RNG states are restored, at any
+               world size.
     init_from: a checkpoint whose weights (and model config) start a new run with a fresh optimizer.
     """
     if cfg.data is None or cfg.out is None:
@@ -319,15 +397,26 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
     if resume is not None and init_from is not None:
         raise GptforgeError("give either --resume (continue a run) or --init-from (start from its weights), not both")
     tc = cfg.train
+    d = init_distributed(resolve_device(tc.device), tc.dist_timeout)
+    try:
+        return _train(cfg, d, resume, init_from, loss_fn, progress)
+    finally:
+        close_distributed()
+
+
+def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, loss_fn: LossFn,
+           progress: bool) -> TrainResult:
+    tc = cfg.train
     run_dir = Path(cfg.out)
-    _check_writable(run_dir)
+    if d.is_main:
+        _check_writable(run_dir)
     data = TokenData(cfg.data)
     tokenizer = data.tokenizer()
     if tokenizer.fingerprint != data.fingerprint:
         raise GptforgeError(f"{cfg.data}: tokenizer.json does not match the fingerprint in meta.json; re-run gptforge prepare")
-    reporter = Reporter(tc.max_steps, 0, progress)
+    reporter = Reporter(tc.max_steps, 0, progress and d.is_main, quiet=not d.is_main)
 
-    init_ckpt = None
+    init_state = None
     if init_from is not None:
         init_ckpt = resolve_checkpoint(init_from)
         init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
@@ -335,38 +424,29 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
             raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
         # Fine-tuning keeps the checkpoint's architecture; only dropout may be set anew.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg.model, dropout=cfg.model.dropout))
+        init_state = init_model.state_dict()
     # The vocabulary comes from the data's tokenizer; a preset's own vocab_size only sizes untrained models.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     seq_len = tc.seq_len or cfg.model.block_size
     if seq_len > cfg.model.block_size:
         raise GptforgeError(f"train.seq_len ({seq_len}) exceeds model.block_size ({cfg.model.block_size})")
-    accum = tc.grad_accum(seq_len)
-    step_tokens = tc.micro_batch * accum * seq_len
+    # The global batch is fixed by the config: micro-batches 0..A-1 of each step are dealt out to ranks in
+    # turn, so any world size trains on the same windows in the same steps, and resumes at any world size.
+    per_step = tc.micro_batches_per_step(seq_len, d.world)
+    step_tokens = tc.micro_batch * per_step * seq_len
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    device = d.device
     precision = resolve_precision(tc.precision, device)
-    amp = autocast_dtype(precision, device)
+    parallel = _parallel(tc, d)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere and later)
         torch.backends.cudnn.allow_tf32 = True
 
-    # Build: model, then what wraps it from outside, then the optimizer over its parameters.
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    model = GPT(cfg.model)
-    if init_ckpt is not None:
-        model.load_state_dict(init_model.state_dict())
-        del init_model
-    model = model.to(device, dtype=torch.bfloat16 if precision == "bf16-pure" else None)
-    raw_model = model
-    if tc.activation_checkpointing:
-        model = apply_activation_checkpointing(model)
+    model, raw_model, optimizer, amp = build_model(cfg, precision, parallel, d, init_state)
+    del init_state
     if tc.compile:
-        model = apply_compile(model)
         loss_fn = torch.compile(loss_fn)
-    optimizer = build_optimizer(raw_model, tc, device.type)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
     val_sampler = None
@@ -374,36 +454,33 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
         val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
     step, tokens_seen, best_val, skipped, stale_evals = 0, 0, math.inf, 0, 0
 
+    if resume == "auto" and (ckpt := find_resumable(run_dir, warn=reporter.note)) is None:
+        reporter.note(f"--resume auto: no checkpoint in {run_dir} yet, starting a new run")
+        resume = None
     if resume is not None:
-        ckpt = find_resumable(run_dir, warn=reporter.note) if resume == "auto" else resolve_checkpoint(resume)
-        if resume != "auto" and (problem := checkpoint_problem(ckpt)) is not None:
-            raise GptforgeError(f"cannot resume from {ckpt}: {problem}")
-        state = load_trainer_state(ckpt)
-        if state["tokenizer_fingerprint"] != data.fingerprint:
-            raise GptforgeError(f"checkpoint {ckpt} was trained with tokenizer {state['tokenizer_fingerprint']}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {ckpt}/tokenizer.json")
-        saved_model, _, saved_cfg = load_checkpoint(ckpt)
-        mismatch = _model_mismatch(saved_cfg, cfg)
-        if mismatch:
-            raise GptforgeError(f"cannot resume {ckpt} with another model config ({'; '.join(mismatch)}); use its config, or --init-from to start a new run from its weights")
-        raw_model.load_state_dict(saved_model.state_dict())
-        del saved_model
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
-        best_val, stale_evals = state["best_val_loss"], state["stale_evals"]
-        set_rng_state(state["rng"], device)
+        ckpt = ckpt if resume == "auto" else resolve_checkpoint(resume)
+        counters = restore(ckpt, cfg, data, raw_model, optimizer, sampler, scaler, d)
+        step, tokens_seen, skipped, best_val, stale_evals = (counters[k] for k in (
+            "step", "tokens_seen", "skipped_steps", "best_val_loss", "stale_evals"))
         reporter.note(f"resumed from {ckpt} at step {step}")
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision))
-    cfg.save(run_dir / "config.yaml")
-    metrics = Metrics(run_dir, step, tc.tensorboard, reporter.note)
+    if d.is_main:
+        cfg.save(run_dir / "config.yaml")
+    metrics = Metrics(run_dir, step, tc.tensorboard, reporter.note) if d.is_main else None
 
-    def trainer_state() -> dict[str, Any]:
-        state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": rng_state(device), "skipped_steps": skipped,
-                 "best_val_loss": best_val, "stale_evals": stale_evals, "tokenizer_fingerprint": data.fingerprint}
+    def trainer_state(optim_state: dict | None) -> dict[str, Any]:
+        rngs = [rng_state(device)]
+        if d.enabled:  # every rank's generators, gathered so that a same-size resume restores each
+            gathered: list = [None] * d.world
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        sampler.position = step * per_step
+        state = {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "rng": rngs,
+                 "world": d.world, "skipped_steps": skipped, "best_val_loss": best_val, "stale_evals": stale_evals,
+                 "tokenizer_fingerprint": data.fingerprint}
+        if optim_state is not None:
+            state["optimizer"] = optim_state
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         return state
@@ -411,23 +488,37 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
     saved_at: int | None = None
     save_failed = False
 
-    def save(best: bool = False) -> Path:
+    def save(best: bool = False) -> None:
+        """Single-file checkpoints from rank 0 (plain and DDP runs); FSDP writes sharded ones collectively."""
         nonlocal saved_at, save_failed
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
         try:
-            path = save_checkpoint(run_dir, step, raw_model, cfg, tokenizer, trainer_state(), tc.keep_last, best=best)
+            if parallel == "fsdp":
+                import torch.distributed.checkpoint as dcp
+
+                msd, osd = get_state_dict(raw_model, optimizer)
+                save_checkpoint(run_dir, step, cfg, tokenizer, trainer_state(None), tc.keep_last, best, d=d,
+                                write_shards=lambda path: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path)))
+            else:
+                msd, osd = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True))
+                state = trainer_state(osd)
+                if d.is_main:
+                    save_checkpoint(run_dir, step, cfg, tokenizer, state, tc.keep_last, best, model_state=msd)
+                d.barrier()
         except GptforgeError:
             save_failed = True  # a full disk stays full: no second attempt on the way out
             raise
         saved_at = step
-        return path
 
     def run_eval() -> float | None:
         """Evaluate; save the best checkpoint and count patience. Returns the val loss."""
         nonlocal best_val, stale_evals
         if val_sampler is None:
             return None
-        val = evaluate(model, val_sampler, tc.eval_batches, device, amp, loss_fn)
-        metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50)))
+        val = evaluate(model, val_sampler, tc.eval_batches, device, amp, loss_fn, d if d.enabled else None)
+        if metrics is not None:
+            metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50)))
         reporter.note(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.1f})")
         if val < best_val:
             best_val, stale_evals = val, 0
@@ -437,11 +528,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
             stale_evals += 1
         return val
 
-    n_params = raw_model.num_params()
     flops_per_step = cfg.model.flops_per_token(seq_len) * step_tokens
-    reporter.note(f"model: {n_params / 1e6:.2f}M parameters, device {device}, precision {precision}"
-                  f"{', compiled' if tc.compile else ''}{', activation checkpointing' if tc.activation_checkpointing else ''}; "
-                  f"{step_tokens} tokens/step = {tc.micro_batch} x {seq_len} x {accum} accumulation")
+    reporter.note(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, device {device}, precision {precision}"
+                  f"{f', {parallel} x {d.world}' if d.enabled else ''}{', compiled' if tc.compile else ''}"
+                  f"{', activation checkpointing' if tc.activation_checkpointing else ''}; {step_tokens} tokens/step = "
+                  f"{tc.micro_batch} x {seq_len} x {per_step} micro-batches")
     first_val = last_val = run_eval() if step == 0 else None
 
     model.train()
@@ -457,14 +548,17 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
                 lr = lr_at(step, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batches = [next(sampler) for _ in range(accum)]
-                loss = forward_backward(model, batches, loss_fn, device, amp, scaler)
+                batches = [sampler.batch(step * per_step + j) for j in range(d.rank, per_step, d.world)]
+                loss = forward_backward(model, batches, loss_fn, device, amp, scaler, d if d.enabled else None)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-                # One host sync per step: the guard must know before stepping. fp16 overflow is the
-                # GradScaler's to handle (it skips and lowers the scale); only a non-finite loss counts there.
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over ranks
+                    grad_norm = grad_norm.full_tensor()
+                # One host sync per step: the guard must know before stepping, and every rank sees the same
+                # (all-reduced) loss and norm, so all skip together. fp16 overflow is the GradScaler's to
+                # handle (it skips and lowers the scale); only a non-finite loss counts there.
                 loss_ok = math.isfinite(loss.item())
                 grads_ok = scaler is not None or math.isfinite(grad_norm.item())
                 if loss_ok and grads_ok:
@@ -496,31 +590,37 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
                 dt = time.perf_counter() - t0
                 seconds += dt
                 window_seconds += dt
-
                 window_len += 1
+
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     step_seconds = window_seconds / window_len
                     mean_loss = (window_loss / max(window_steps, 1)).item()  # mean over the window's good steps
+                    memory = float(d.max(torch.tensor(peak_memory_gb(device), device=device)))
                     record = dict(loss=mean_loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
-                                  tokens_per_s=step_tokens / step_seconds, peak_memory_gb=peak_memory_gb(device),
-                                  skipped_steps=skipped)
+                                  tokens_per_s=step_tokens / step_seconds, peak_memory_gb=memory, skipped_steps=skipped)
                     if peak_flops is not None:
-                        record["mfu"] = flops_per_step / step_seconds / peak_flops
-                    metrics.log(step, **record)
-                    tok_s = record["tokens_per_s"]
-                    reporter.step(step, f"loss {mean_loss:.3f}  {tok_s:,.0f} tok/s",
+                        record["mfu"] = flops_per_step / step_seconds / (peak_flops * d.world)
+                    if metrics is not None:
+                        metrics.log(step, **record)
+                    reporter.step(step, f"loss {mean_loss:.3f}  {record['tokens_per_s']:,.0f} tok/s",
                                   force=step % (tc.log_every * 10) == 0)
                     window_loss.zero_()
                     window_steps, window_len, window_seconds = 0, 0, 0.0
                 else:
                     reporter.step(step, "")
 
+                # Stop decisions are rank 0's, shared so that every rank leaves the loop at the same step.
+                stop = 0
                 if tc.max_time is not None and seconds >= tc.max_time:
-                    stopped_by = "max_time"
+                    stop = 1
                 elif tc.max_tokens is not None and run_tokens >= tc.max_tokens:
-                    stopped_by = "max_tokens"
+                    stop = 2
                 elif signals.received is not None:
-                    stopped_by = signals.received
+                    stop = 3 if signals.received == "SIGINT" else 4
+                if d.enabled:
+                    stop = int(d.max(torch.tensor(stop, device=device)))
+                if stop:
+                    stopped_by = {1: "max_time", 2: "max_tokens", 3: "SIGINT", 4: "SIGTERM"}[stop]
                 if step % tc.eval_every == 0 or step == tc.max_steps or stopped_by != "max_steps":
                     last_val = run_eval()
                     if (tc.early_stop_patience is not None and stale_evals >= tc.early_stop_patience
@@ -538,9 +638,12 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
             raise GptforgeError(f"interrupted at step {step} without saving; resume from the last checkpoint with --resume auto") from None
         finally:
             reporter.close()
-            if saved_at != step and not hard_interrupt and not save_failed:
-                save()
-            metrics.close()
+            try:
+                if saved_at != step and not hard_interrupt and not save_failed:
+                    save()
+            finally:
+                if metrics is not None:
+                    metrics.close()
     ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
     return TrainResult(run_dir, ckpt, step, run_tokens, seconds, first_val, last_val,
                        None if math.isinf(best_val) else best_val, stopped_by, skipped)

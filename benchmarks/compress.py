@@ -1,0 +1,166 @@
+"""Compression on a model trained here: quality (Δ perplexity, KL, agreement), file size and CPU decode speed.
+
+    python benchmarks/compress.py --work /tmp/compress-bench          # everything (~12 min on 2 shared cores)
+    python benchmarks/compress.py --worker CKPT                       # one decode measurement, one JSON line
+
+The parent: 4 layers, d 128, 4 heads, rotary, RMSNorm, a 1024-token BPE of the bundled Shakespeare, 0.92M
+parameters, trained 600 steps x 2048 tokens (~2.5 min, one thread). Quality is measured with `gptforge eval`'s
+function on 64 x 8 x 128 = 65,536 held-out tokens. Speed: greedy batch-1 decode of 128 tokens through
+`gptforge.generate` (one thread), each variant in its own process, alternating A B A B (benchmarks/alternate.py),
+medians of 3. A `gpt2`-shaped model (124M, random weights: speed does not depend on the values) is timed the
+same way for int8/int4, where the weights no longer fit in cache.
+Distillation: a student with ~1/4 of the parent's parameters trained on the same tokens from scratch and with
+KD (T=2, 0.5 KL + 0.5 CE); both val-loss curves (cross-entropy) go to distill_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from alternate import alternate  # noqa: E402
+
+TEACHER = dict(n_layer=4, n_head=4, d_model=128, block_size=128, pos_encoding="rotary", norm="rmsnorm", bias=False)
+STUDENT = dict(TEACHER, n_layer=2, d_model=80)  # 0.26x the teacher's parameters (235,920 vs 918,656)
+TRAIN = dict(micro_batch=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=600, eval_every=100,
+             eval_batches=16, tensorboard=False, save_every=100_000, keep_last=1, threads=1)
+DECODE_TOKENS = 128
+
+
+def worker(ckpt: str, tokens: int) -> None:
+    """Decode tokens/s of one checkpoint (or `gpt2:METHOD`, a random gpt2-shaped model) in this process."""
+    torch.set_num_threads(1)
+    from gptforge.compress.evaluate import decode_speed
+
+    if ckpt.startswith("gpt2:"):
+        from gptforge.compress.quantize import quantize_model
+        from gptforge.config import model_preset
+        from gptforge.generate import decode_layout
+        from gptforge.model import GPT
+
+        torch.manual_seed(0)
+        model = GPT(model_preset("gpt2")).eval()
+        method = ckpt.split(":")[1]
+        model = decode_layout(model) if method == "fp32" else quantize_model(model, method, 32 if method == "int4" else None)[0]
+        vocab = 50257
+    else:
+        from gptforge.generate import load
+
+        model, tok = load(ckpt, device="cpu")
+        vocab = tok.vocab_size
+    speeds = [decode_speed(model, vocab, tokens) for _ in range(3)]
+    print(json.dumps({"tokens_per_s": statistics.median(speeds)}))
+
+
+def run(work: Path) -> dict:
+    from gptforge.compress.distill import DistillConfig, distill
+    from gptforge.compress.evaluate import eval_checkpoints
+    from gptforge.compress.prune import prune_checkpoint
+    from gptforge.compress.quantize import quantize_checkpoint
+    from gptforge.config import ModelConfig, RunConfig, TrainConfig
+    from gptforge.data import prepare
+    from gptforge.train import train
+
+    torch.set_num_threads(1)
+    t_start = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not (data / "meta.json").is_file():
+        prepare(["shakespeare"], data, vocab_size=1024, progress=False)
+    tc = TrainConfig(**TRAIN)
+    teacher = work / "teacher"
+    if not (teacher / "checkpoints").is_dir():
+        train(RunConfig(model=ModelConfig(**TEACHER, vocab_size=1024), train=tc, data=str(data), out=str(teacher)),
+              progress=False)
+    out: dict = {"timings_s": {}}
+
+    def mark(name):
+        out["timings_s"][name] = round(time.time() - t_start)
+        print(f"[{out['timings_s'][name]:5d} s] {name}", file=sys.stderr, flush=True)
+
+    mark("teacher ready")
+    variants = {"int8": ("int8", None), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64),
+                "int4-g128": ("int4", 128), "bf16": ("bf16", None)}
+    for name, (method, g) in variants.items():
+        quantize_checkpoint(str(teacher), method, str(work / name), g)
+    prune_runs = {"magnitude-50": dict(method="magnitude", sparsity=0.5), "wanda-50": dict(method="wanda", sparsity=0.5),
+                  "magnitude-2:4": dict(method="magnitude", pattern="2:4"), "wanda-2:4": dict(method="wanda", pattern="2:4"),
+                  "structured-30": dict(method="structured", sparsity=0.3)}
+    for name, kw in prune_runs.items():
+        prune_checkpoint(str(teacher), out=str(work / name), data=str(data), progress=False, **kw)
+    prune_checkpoint(str(teacher), "structured", str(work / "structured-30-recovered"), 0.3, data=str(data),
+                     recover_steps=200, progress=False)
+    mark("compressed")
+    names = ["teacher", *variants, *prune_runs, "structured-30-recovered"]
+    rows = eval_checkpoints([str(work / n) for n in names], str(data), batches=64, batch_size=8, decode_tokens=0)
+    out["quality"] = {n: {k: r[k] for k in ("params", "file_bytes", "val_loss", "perplexity", "delta_ppl_pct",
+                                             "mean_kl", "top1_agreement_pct")} for n, r in zip(names, rows)}
+    mark("quality")
+
+    # Distillation: same student shape, same tokens, KD vs from scratch.
+    scfg = RunConfig(model=ModelConfig(**STUDENT, vocab_size=1024), train=tc, data=str(data))
+    scratch = train(dataclasses.replace(scfg, out=str(work / "student-scratch")), progress=False)
+    kd = distill(dataclasses.replace(scfg, out=str(work / "student-kd")), str(teacher), DistillConfig(), progress=False)
+    out["distill"] = {"teacher_params": out["quality"]["teacher"]["params"],
+                      "student_params": ModelConfig(**STUDENT, vocab_size=1024).num_params(),
+                      "tokens": scratch.tokens, "scratch_val_loss": scratch.final_val_loss, "kd_val_loss": kd.final_val_loss,
+                      "teacher_val_loss": out["quality"]["teacher"]["val_loss"]}
+    _plot_curves(work, {"from scratch": work / "student-scratch", "distilled (KD)": work / "student-kd"},
+                 work / "distill_curves.png")
+    mark("distill")
+
+    me = [sys.executable, __file__, "--worker"]
+    small = {n: me + [str(work / n)] for n in ("teacher", "int8", "int4-g32", "structured-30-recovered")}
+    out["speed_small"] = alternate(small, "tokens_per_s", rounds=3)
+    mark("speed small")
+    big = {m: me + [f"gpt2:{m}", "--tokens", "16"] for m in ("fp32", "int8", "int4")}
+    out["speed_gpt2"] = alternate(big, "tokens_per_s", rounds=3)
+    mark("speed gpt2")
+    return out
+
+
+def _plot_curves(work: Path, runs: dict[str, Path], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run_dir in runs.items():
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        pts = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("step (2048 tokens each)")
+    ax.set_ylabel("val cross-entropy")
+    ax.set_title("student (0.26x params): KD vs from scratch, same tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/compress-bench", help="folder for data, checkpoints and results")
+    ap.add_argument("--worker", help="measure one checkpoint's decode speed and print one JSON line")
+    ap.add_argument("--tokens", type=int, default=DECODE_TOKENS, help="tokens to decode per measurement")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.tokens)
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    res = run(Path(args.work))
+    (Path(args.work) / "results.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Measure this device and a model on it, each figure next to what `gptforge plan` predicts.
+
+Peak matmul FLOP/s and copy bandwidth (the planner's hardware figures), a training step (tokens/s, MFU, peak
+memory) and batch-1 decode (tokens/s, achieved GB/s). The error is (predicted - measured) / measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gptforge.config import ModelConfig, TrainConfig
+from gptforge.errors import GptforgeError
+from gptforge.hardware import PRESETS, Hardware, cpu_hardware, get_hardware, probe_copy_bandwidth, probe_matmul_flops
+from gptforge.plan import PlanConfig, make_plan, matmul_weights
+
+# torch.cuda.get_device_name() substrings -> preset, most specific first
+CUDA_NAMES = [("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("H200", "h200"), ("A100-SXM4-40GB", "a100-40gb"),
+              ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"), ("L4", "l4"), ("A10G", "a10g"),
+              ("4090", "rtx-4090"), ("3090", "rtx-3090")]
+
+
+@dataclass
+class Row:
+    quantity: str
+    predicted: float | None
+    measured: float | None
+    unit: str
+
+    @property
+    def error(self) -> float | None:
+        if self.predicted is None or not self.measured:
+            return None
+        return (self.predicted - self.measured) / self.measured
+
+
+def device_hardware(device: torch.device, name: str | None) -> Hardware:
+    """The planner's hardware for this device: given by name, recognised from the CUDA name, or this CPU."""
+    if name is not None:
+        return get_hardware(name)
+    if device.type == "cpu":
+        return cpu_hardware()
+    gpu = torch.cuda.get_device_name(device)
+    for part, preset in CUDA_NAMES:
+        if part in gpu:
+            return PRESETS[preset]
+    raise GptforgeError(f"no hardware preset for {gpu!r}; give --hardware custom:memory=...,bf16=...,bandwidth=...")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", micro_batch: int = 4,
+          seq_len: int | None = None, steps: int = 3, decode_tokens: int = 32, hardware: str | None = None,
+          mfu: float = 0.4) -> list[Row]:
+    """Measure and compare; `precision` is fp32, bf16 (autocast) or bf16-pure."""
+    from gptforge.generate import generate_tokens
+    from gptforge.model import GPT
+    from gptforge.optim import build_optimizer
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptforgeError("--device cuda but no CUDA device is available; use --device cpu")
+    if precision not in ("fp32", "bf16", "bf16-pure"):
+        raise GptforgeError(f"bench --precision {precision!r}: choose fp32, bf16 or bf16-pure")
+    hw = device_hardware(dev, hardware)
+    seq_len = seq_len or cfg.block_size
+    plan = make_plan(PlanConfig(cfg, seq_len=seq_len, micro_batch=micro_batch, precision=precision, mfu=mfu,
+                                hardware=hw.name), hw)
+    rows: list[Row] = []
+    dtype = "fp32" if precision == "fp32" else "bf16"
+    n = 4096 if dev.type == "cuda" else 1024
+    rows.append(Row(f"peak matmul ({dtype})", hw.peak_flops(precision) / 1e12,
+                    probe_matmul_flops(dtype, n=n, device=device) / 1e12, "TFLOP/s"))
+    rows.append(Row("copy bandwidth", hw.bandwidth_gbs,
+                    probe_copy_bandwidth(256 if dev.type == "cuda" else 64, device=device) / 1e9, "GB/s"))
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev)
+    if precision == "bf16-pure":
+        model = model.to(torch.bfloat16)
+    opt = build_optimizer(model, TrainConfig(), dev.type)
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up; creates the optimizer states
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    tok_s = micro_batch * seq_len / sorted(times)[len(times) // 2]
+    rows.append(Row("train tokens/s", plan.throughput.tokens_per_s, tok_s, "tokens/s"))
+    rows.append(Row("train MFU", mfu, tok_s * plan.throughput.flops_per_token / hw.peak_flops(precision), "fraction"))
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    # Without accumulation the gradients are freed before the next forward: compare to the planned peak less them.
+    rows.append(Row("train peak memory", (plan.memory.peak_allocated - plan.memory.gradients) / 2**30, peak, "GiB"))
+
+    model.eval()
+    c = 4 if precision == "fp32" else 2
+    prompt = list(range(1, 9))
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    for _ in generate_tokens(model, prompt, max_new_tokens=2, vocab_size=cfg.vocab_size, seed=0):
+        pass  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    count = sum(1 for _ in generate_tokens(model, prompt, max_new_tokens=decode_tokens, vocab_size=cfg.vocab_size,
+                                           seed=0))
+    _sync(dev)
+    dec = count / (time.perf_counter() - t0)
+    # the planner's decode bound is at a context of seq_len; at this short context the cache term is small
+    ctx = len(prompt) + decode_tokens // 2
+    bound = hw.bandwidth_gbs * 1e9 / (matmul_weights(cfg) * c + plan.inference.kv_bytes_per_token * ctx)
+    rows.append(Row("decode tokens/s (batch 1)", bound, dec, "tokens/s"))
+    rows.append(Row("decode achieved bandwidth", hw.bandwidth_gbs,
+                    dec * (matmul_weights(cfg) * c + plan.inference.kv_bytes_per_token * ctx) / 1e9, "GB/s"))
+    return rows
+
+
+def print_rows(rows: list[Row], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col, just in (("quantity", "left"), ("predicted", "right"), ("measured", "right"), ("unit", "left"),
+                      ("error", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        fmt = (lambda v: "n/a" if v is None else f"{v:,.4g}")
+        t.add_row(r.quantity, fmt(r.predicted), fmt(r.measured), r.unit, "n/a" if r.error is None else f"{r.error:+.0%}")
+    Console(highlight=False).print(t)
+
+
+def rows_as_dicts(rows: list[Row]) -> list[dict]:
+    return [{**asdict(r), "error": r.error} for r in rows]

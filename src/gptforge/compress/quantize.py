@@ -1,0 +1,302 @@
+"""Weight-only quantization (int8 per output channel, int4 in groups) and bf16/fp16 casts.
+
+Compression is a state-dict transform plus a module swap (gpt-fast's `quantize.py` shape):
+`quantize_state_dict` turns fp32 matrices into integer codes and scales; `swap_modules` replaces each
+nn.Linear / nn.Embedding of a (meta-device) GPT with a module whose buffers have exactly those names, so the
+quantized file loads with `load_state_dict(assign=True)`. The checkpoint records what was done in the run
+config's `compression` section, and `load_checkpoint` swaps before it loads: `generate` and `eval` need no change.
+
+The output head is quantized too: it is the largest matrix of a small-vocabulary-heavy model (V x D). With
+tied embeddings the head *is* the token table, so the shared table is quantized once (rows are both the
+lookup and the head's output channels) rather than stored twice: a second copy would cost more file than
+quantizing saves. The model's forward multiplies by `tok_emb.weight` / `lm_head.weight` with F.linear;
+those attributes are a `QuantizedWeight`, whose `__torch_function__` routes F.linear to the int matmul.
+The learned position table (block_size x D, one row read per token) stays fp32: it is small and pays nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.errors import GptforgeError
+
+METHODS = ("int8", "int4", "bf16", "fp16")
+GROUP_SIZES = (32, 64, 128)
+CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_method(method: str, group_size: int | None = None) -> None:
+    if method not in METHODS:
+        raise GptforgeError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
+    if group_size is not None and method != "int4":
+        raise GptforgeError(f"--group-size applies to int4 only, not {method}; leave it out")
+    if method == "int4" and group_size is not None and group_size not in GROUP_SIZES:
+        raise GptforgeError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+
+
+# --- the codes: w ~ q * scale (int8, symmetric per row); w ~ q * scale + lo (int4, asymmetric per group) ----
+
+def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (N, K) and fp32 scales (N,) with w ~ q * scale[:, None]; max error scale / 2 per row."""
+    scale = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes 0..15 packed two per byte (N, K/2), and fp16 scales and minima (N, K/group): w ~ q * scale + lo.
+
+    Asymmetric (min/max) groups spend all 16 levels on each group's actual range, which matters at 4 bits
+    (the round-to-nearest baseline of GPTQ, Frantar et al. 2022). Scale and minimum are stored in fp16 and
+    the codes are chosen against those rounded values, so the stored model is exactly what was measured.
+    """
+    n, k = w.shape
+    if k % group:
+        raise GptforgeError(f"int4 group size {group} does not divide the input width {k}; use a group size that divides {k} (32, 64 or 128)")
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).half()
+    lo = lo.half()
+    q = torch.round((wg - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.view(n, k)
+    return (q[:, 0::2] << 4) | q[:, 1::2], scale, lo
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)  # (N, K) codes 0..15
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+    """The fp matrix the codes stand for (int8 when lo is None, else packed int4)."""
+    if lo is None:
+        return (q.to(dtype) * scale.to(dtype)[..., None])
+    codes = unpack_int4(q)
+    n, k = codes.shape
+    g = k // scale.shape[-1]
+    w = codes.view(n, -1, g).to(dtype) * scale.to(dtype)[..., None] + lo.to(dtype)[..., None]
+    return w.view(n, k)
+
+
+# --- the matmul ---------------------------------------------------------------------------------------------
+# Two paths, chosen by measurement (KERNEL below): PyTorch's CPU weight-only kernels
+# (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), or dequantize then F.linear (any device).
+
+def _int4_kernel_args(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor):
+    """Codes in the layout of torch._weight_int4pack_mm_for_cpu, and its (K/g, N, 2) scale/zero table, where
+    the kernel's convention is w = (q - 8) * scale + zero, i.e. zero = lo + 8 * scale."""
+    codes = unpack_int4(q).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack((scale.float().t(), (lo.float() + 8 * scale.float()).t()), dim=-1).contiguous()
+    return packed, sz
+
+
+class QuantizedWeight:
+    """A quantized matrix standing in for an fp weight where the model calls F.linear / F.embedding on it.
+
+    Not a tensor: F.linear(x, w) reaches `__torch_function__` (PyTorch's protocol for tensor-like types),
+    which runs the quantized matmul. `module` is the QuantLinear / QuantEmbedding that owns the buffers, so
+    a later `.to()` of the model is seen here.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.module.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight_q.device
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return w.module.matmul(x, bias)
+        if func is F.embedding:
+            idx, w = args[0], args[1]
+            return w.module.rows(idx)
+        raise TypeError(f"a quantized weight supports F.linear and F.embedding only, not {getattr(func, '__name__', func)}")
+
+
+class _Quantized(nn.Module):
+    """Shared by the Linear and Embedding replacements: the codes, their dequantization, the matmul."""
+
+    def __init__(self, out_features: int, in_features: int, method: str, group_size: int | None, device=None):
+        super().__init__()
+        self.shape = torch.Size((out_features, in_features))
+        self.method, self.group_size = method, group_size
+        if method == "int8":
+            self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, device=device))
+            self.zeros = None
+        else:
+            groups = in_features // group_size
+            self.register_buffer("weight_q", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        self._kernel_cache = None
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.weight_q, self.scales, self.zeros, dtype)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if KERNEL == "aten" and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]:
+            y = self._aten_matmul(x)
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.method == "int8":
+            y = torch._weight_int8pack_mm(flat, self.weight_q, self.scales.to(x.dtype))
+        else:
+            if self._kernel_cache is None:
+                self._kernel_cache = _int4_kernel_args(self.weight_q, self.scales, self.zeros)
+            packed, sz = self._kernel_cache
+            y = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
+        return y.view(*x.shape[:-1], self.shape[0])
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows idx of the matrix (an embedding lookup reads only those)."""
+        q, s = self.weight_q[idx], self.scales[idx]
+        z = None if self.zeros is None else self.zeros[idx]
+        flat = dequantize(q.reshape(-1, q.shape[-1]), s.reshape(-1, *s.shape[idx.dim():]),
+                          None if z is None else z.reshape(-1, *z.shape[idx.dim():]))
+        return flat.view(*idx.shape, self.shape[1])
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return f"out={self.shape[0]}, in={self.shape[1]}, {self.method}{g}"
+
+
+class QuantLinear(_Quantized):
+    def __init__(self, linear: nn.Linear, method: str, group_size: int | None):
+        super().__init__(linear.out_features, linear.in_features, method, group_size, linear.weight.device)
+        self.bias = linear.bias  # fp32, as are norms: they are a rounding error of the size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+class QuantEmbedding(_Quantized):
+    def __init__(self, emb: nn.Embedding, method: str, group_size: int | None):
+        super().__init__(emb.num_embeddings, emb.embedding_dim, method, group_size, emb.weight.device)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.rows(idx)
+
+
+# Which matmul QuantLinear runs on CPU in fp32 for a single row (batch-1 decode): "aten" (PyTorch's int8/int4
+# weight-only CPU kernels) or "dequant" (materialize the fp32 matrix, then F.linear). Measured on the CI CPU,
+# one thread (docs/compress.md): for one row aten beats dequant 1.5-5x on a d=768 model's shapes (768x3072:
+# 2.2 ms vs 7.5 ms), though both lose to the fp32 GEMV (0.37 ms; torchao 0.18's int8 weight-only: 0.94 ms).
+# The aten kernels cost ~60 us per extra row, so prefill and evaluation (many rows) always dequantize: one
+# pass over the matrix, shared by every row (1024 rows: 0.8 ms vs 64 ms).
+KERNEL = "aten"
+
+
+# --- the state-dict transform and the module swap ------------------------------------------------------------
+
+def _targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules to quantize: every nn.Linear, and the token table (the head, when tied; else the embedding)."""
+    out = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out["tok_emb"] = model.tok_emb
+    return out
+
+
+def _check_group(model: nn.Module, group_size: int) -> None:
+    for name, m in _targets(model).items():
+        width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
+        if width % group_size:
+            raise GptforgeError(f"int4 group size {group_size} does not divide the input width {width} of {name}; "
+                                f"use a group size that divides every width (32 divides {width} if it is a multiple of 32)")
+
+
+def quantize_state_dict(model: nn.Module, method: str, group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of `model` (a plain fp GPT) with its matrices replaced by codes and scales (or cast)."""
+    check_method(method, group_size)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if method in CASTS:
+        return {k: v.to(CASTS[method]) if v.is_floating_point() else v for k, v in state.items()}
+    if method == "int4":
+        group_size = group_size or 32
+        _check_group(model, group_size)
+    for name in _targets(model):
+        w = state.pop(f"{name}.weight")
+        if method == "int8":
+            state[f"{name}.weight_q"], state[f"{name}.scales"] = int8_codes(w)
+        else:
+            state[f"{name}.weight_q"], state[f"{name}.scales"], state[f"{name}.zeros"] = int4_codes(w, group_size)
+    return state
+
+
+def swap_modules(model: nn.Module, section: dict[str, Any]) -> nn.Module:
+    """Replace the modules of `model` that a quantized state dict (as recorded in `section`) has codes for.
+    In place; works on a meta-device model, whose new buffers are then assigned by load_state_dict."""
+    method, group = section["method"], section.get("group_size")
+    if method in CASTS:
+        return model
+    for name, m in _targets(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = QuantLinear(m, method, group) if isinstance(m, nn.Linear) else QuantEmbedding(m, method, group)
+        setattr(parent, attr, new)
+    return model
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
+    """A quantized copy of `model` (built on meta, loaded with assign=True, exactly as a checkpoint loads),
+    its `compression` section and its state dict."""
+    from gptforge.model import GPT
+
+    state = quantize_state_dict(model, method, group_size)
+    section = {"quantization": {"method": method, **({"group_size": group_size or 32} if method == "int4" else {})}}
+    with torch.device("meta"):
+        new = GPT(model.config)
+    apply_compression(new, section)
+    new.load_state_dict(state, assign=True)
+    return new.eval(), section, state
+
+
+def apply_compression(model: nn.Module, section: dict[str, Any] | None) -> nn.Module:
+    """Prepare a freshly built (meta) GPT for a compressed checkpoint's state dict: the hook load_checkpoint calls."""
+    if not section or "quantization" not in section:
+        return model
+    q = section["quantization"]
+    check_method(q.get("method", "?"), q.get("group_size"))
+    return swap_modules(model, q)
+
+
+def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None = None) -> tuple[Any, dict]:
+    """Read a checkpoint, quantize it, write the same directory format (no trainer state: it is for inference)."""
+    import dataclasses
+
+    from gptforge.checkpoint import load_checkpoint, write_checkpoint
+
+    check_method(method, group_size)
+    model, tokenizer, cfg = load_checkpoint(src)
+    if cfg.compression and "quantization" in cfg.compression:
+        raise GptforgeError(f"{src} is already quantized ({cfg.compression['quantization']}); quantize its fp32 parent")
+    model = model.float()
+    _, section, state = quantize_model(model, method, group_size)
+    section = {**(cfg.compression or {}), **section}
+    dest = write_checkpoint(Path(out), dataclasses.replace(cfg, compression=section), tokenizer, model_state=state)
+    return dest, section

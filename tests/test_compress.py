@@ -1,0 +1,279 @@
+"""Compression: quantized formats round-trip and bound their error, pruning hits its sparsity and pattern
+exactly, structured pruning equals masking, distillation's loss and gradient, and the eval table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge.checkpoint import load_checkpoint, write_checkpoint
+from gptforge.compress.distill import DistillConfig, DistillLoss, distill
+from gptforge.compress.evaluate import eval_checkpoints
+from gptforge.compress.prune import (block_linears, prune_checkpoint, prune_model, shrink, structured_plan,
+                                     unstructured_masks)
+from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize, quantize_checkpoint, quantize_model,
+                                        quantize_state_dict)
+from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
+from gptforge.data import TokenData, prepare
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT
+
+SMALL_TRAIN = TrainConfig(micro_batch=4, seq_len=32, eval_batches=2, log_every=1, tensorboard=False, warmup_steps=1)
+
+
+def tiny(**kw) -> GPT:
+    return GPT(dataclasses.replace(model_preset("tiny"), **kw)).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(prepared, tmp_path_factory):
+    """A tiny model (random weights, the prepared data's tokenizer) written as a checkpoint."""
+    tok = TokenData(prepared).tokenizer()
+    cfg = RunConfig(model=dataclasses.replace(model_preset("tiny"), vocab_size=tok.vocab_size), train=SMALL_TRAIN)
+    torch.manual_seed(1)
+    model = GPT(cfg.model)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "parent", cfg, tok, model_state=model.state_dict())
+
+
+# --- quantization -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 64), ("bf16", None), ("fp16", None)])
+def test_quantized_checkpoint_round_trips(ckpt, tmp_path, method, group):
+    model, _, _ = load_checkpoint(ckpt)
+    before, _, _ = quantize_model(model, method, group)
+    x = torch.randint(0, 500, (2, 16))
+    expected = before(x)
+    dest, section = quantize_checkpoint(str(ckpt), method, str(tmp_path / "q"), group)
+    loaded, _, cfg = load_checkpoint(dest)
+    assert cfg.compression == section and section["quantization"]["method"] == method
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    fp32 = (ckpt / "model.safetensors").stat().st_size
+    ratio = (dest / "model.safetensors").stat().st_size / fp32
+    assert ratio < {"int8": 0.30, "int4": 0.20, "bf16": 0.51, "fp16": 0.51}[method]
+
+
+def test_per_layer_error_is_within_half_a_step():
+    model = tiny()
+    for method, group in (("int8", None), ("int4", 32)):
+        state = quantize_state_dict(model, method, group)
+        for name, w in model.state_dict().items():
+            if f"{name[:-len('weight')]}weight_q" not in state:
+                continue
+            base = name[:-len("weight")]
+            q, s, z = state[base + "weight_q"], state[base + "scales"], state.get(base + "zeros")
+            err = (dequantize(q, s, z) - w).abs()
+            step = s.float()[:, None] if z is None else s.float().repeat_interleave(group, dim=1)
+            assert (err <= step / 2 + 1e-6).all(), (method, name)  # round to nearest: half a step at most
+            rel = (err.norm() / w.norm()).item()
+            assert rel < (0.01 if method == "int8" else 0.12), (method, name, rel)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_head_is_quantized(tied):
+    """The quantized model equals an fp model whose every matrix, the head included, is replaced by its
+    dequantized codes: so the head really runs on the quantized table."""
+    model = tiny(tie_embeddings=tied)
+    q, _, state = quantize_model(model, "int4", 32)
+    assert isinstance(q.tok_emb, QuantEmbedding)
+    assert "tok_emb.weight" not in state and "lm_head.weight" not in state
+    if not tied:
+        assert isinstance(q.lm_head, QuantLinear)
+    fake = tiny(tie_embeddings=tied)
+    fake.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, (QuantLinear, QuantEmbedding)):
+                fake.get_submodule(name).weight.copy_(m.dequantized())
+    x = torch.randint(0, 500, (2, 16))
+    torch.testing.assert_close(q(x), fake(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(q(x), model(x), atol=1e-4)  # and the codes did change the weights
+
+
+def test_quantized_checkpoint_generates(ckpt, tmp_path):
+    from gptforge.generate import generate, load
+
+    dest, _ = quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "q8"))
+    model, tok = load(dest, device="cpu")
+    out = generate(model, tok, "the ", max_new_tokens=8, temperature=0.0)
+    assert isinstance(out, str) and len(tok.encode(out)) >= 1
+
+
+def test_quantize_bad_input(ckpt, tmp_path):
+    model = tiny()
+    with pytest.raises(GptforgeError, match="unknown quantization method 'int3'"):
+        quantize_state_dict(model, "int3")
+    with pytest.raises(GptforgeError, match="group size 128 does not divide the input width 64"):
+        quantize_state_dict(model, "int4", 128)
+    with pytest.raises(GptforgeError, match="must be one of 32, 64, 128"):
+        quantize_state_dict(model, "int4", 48)
+    dest, _ = quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "q8"))
+    with pytest.raises(GptforgeError, match="already quantized"):
+        quantize_checkpoint(str(dest), "int4", str(tmp_path / "again"))
+
+
+# --- pruning ------------------------------------------------------------------------------------------------
+
+def _batches(prepared, n=2):
+    from gptforge.compress.prune import calibration_batches
+    return calibration_batches(str(prepared), n, 4, 32)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_unstructured_reaches_the_sparsity_exactly(prepared, method, sparsity):
+    model = tiny(vocab_size=TokenData(prepared).tokenizer().vocab_size)
+    pruned, section, masks = prune_model(model, method, sparsity, batches=_batches(prepared))
+    for name, m in block_linears(pruned).items():
+        zeros = (m.weight == 0)
+        if method == "wanda":  # compared within each output row: every row loses exactly its share
+            assert (zeros.sum(1) == round(sparsity * m.in_features)).all(), name
+        else:
+            assert int(zeros.sum()) == round(sparsity * m.weight.numel()), name
+    assert section["pruning"]["measured_sparsity"] == pytest.approx(sparsity, abs=2e-3)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_two_four_pattern_is_exact(prepared, method):
+    model = tiny(vocab_size=TokenData(prepared).tokenizer().vocab_size)
+    pruned, section, _ = prune_model(model, method, None, "2:4", batches=_batches(prepared))
+    for m in block_linears(pruned).values():
+        nonzero = (m.weight != 0).reshape(m.out_features, -1, 4).sum(-1)
+        assert (nonzero == 2).all()
+    assert section["pruning"]["measured_sparsity"] == 0.5
+
+
+def test_wanda_weighs_weights_by_activation_norms(prepared):
+    model = tiny(vocab_size=TokenData(prepared).tokenizer().vocab_size)
+    batches = _batches(prepared)
+    wanda = unstructured_masks(model, "wanda", 0.5, batches=batches)
+    magnitude = unstructured_masks(model, "magnitude", 0.5)
+    differ = sum(int((wanda[k] != magnitude[k]).sum()) for k in wanda)
+    assert differ > 0.05 * sum(m.numel() for m in wanda.values())
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2, "mlp": "swiglu", "bias": False, "pos_encoding": "rotary"}])
+def test_structured_shrinks_and_equals_the_masked_model(prepared, kw):
+    model = tiny(**kw)
+    plan = structured_plan(model, 0.5, _batches(prepared))
+    small = shrink(model, plan)
+    cfg, new = model.config, small.config
+    assert new.kv_heads == cfg.kv_heads // 2 and new.n_head == cfg.n_head // 2
+    assert new.head_dim == cfg.head_dim and new.mlp_width == cfg.mlp_width // 2
+    assert small.blocks[0].attn.qkv.weight.shape[0] < model.blocks[0].attn.qkv.weight.shape[0]
+    assert small.num_params() < model.num_params() and small.num_params() == new.num_params()
+    # The masked model: the dropped heads' and channels' outputs zeroed in the full-size model.
+    masked = tiny(**kw)
+    masked.load_state_dict(model.state_dict())
+    per = cfg.n_head // cfg.kv_heads
+    with torch.no_grad():
+        for i, block in enumerate(masked.blocks):
+            for g in set(range(cfg.kv_heads)) - set(plan.groups[i]):
+                block.attn.proj.weight[:, g * per * cfg.head_dim:(g + 1) * per * cfg.head_dim] = 0
+            drop = sorted(set(range(cfg.mlp_width)) - set(plan.channels[i]))
+            block.mlp.down.weight[:, drop] = 0
+    x = torch.randint(0, 500, (2, 24))
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_structured_checkpoint_loads_with_its_new_shape(ckpt, prepared, tmp_path):
+    dest, section, _ = prune_checkpoint(str(ckpt), "structured", str(tmp_path / "s"), 0.25, data=str(prepared))
+    model, _, cfg = load_checkpoint(dest)
+    assert cfg.model.n_head == 3 and cfg.model.head_size == 16 and cfg.model.d_mlp == 192
+    assert model(torch.randint(0, 500, (1, 8))).shape == (1, 8, cfg.model.padded_vocab_size)
+
+
+def test_recovery_keeps_the_sparsity(ckpt, prepared, tmp_path):
+    before, _, _ = load_checkpoint(ckpt)
+    dest, section, result = prune_checkpoint(str(ckpt), "magnitude", str(tmp_path / "m"), 0.5, data=str(prepared),
+                                             recover_steps=3, progress=False)
+    assert result.steps == 3 and section["pruning"]["recover_steps"] == 3
+    after, _, cfg = load_checkpoint(dest)
+    for name, m in block_linears(after).items():
+        assert int((m.weight == 0).sum()) == m.weight.numel() // 2, name
+    assert cfg.compression["pruning"]["method"] == "magnitude"
+    changed = [not torch.equal(m.weight, before.get_submodule(n).weight) for n, m in block_linears(after).items()]
+    assert all(changed)
+
+
+def test_prune_bad_input(ckpt, tmp_path):
+    model = tiny()
+    for s in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(GptforgeError, match=r"--sparsity must be in \(0, 1\)"):
+            prune_model(model, "magnitude", s)
+    with pytest.raises(GptforgeError, match="unknown pruning method 'random'"):
+        prune_model(model, "random", 0.5)
+    with pytest.raises(GptforgeError, match="pattern 2:4 means sparsity 0.5"):
+        prune_model(model, "magnitude", 0.3, "2:4")
+    with pytest.raises(GptforgeError, match="wanda needs --data"):
+        prune_checkpoint(str(ckpt), "wanda", str(tmp_path / "w"), 0.5)
+
+
+# --- distillation -------------------------------------------------------------------------------------------
+
+def test_distill_loss_is_zero_for_the_teacher_itself():
+    teacher = tiny()
+    loss_fn = DistillLoss(teacher, 512, DistillConfig(temperature=2.0, kl_weight=1.0, ce_weight=0.0))
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    y[0, :4] = -100
+    teacher.train()  # (dropout is 0) in eval mode the objective is plain cross-entropy, checked below
+    loss, n = loss_fn(teacher, x, y)
+    assert int(n) == 28 and abs(float(loss)) < 1e-5
+    teacher.eval()
+    ce = F.cross_entropy(teacher(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    assert float(loss_fn(teacher, x, y)[0]) == pytest.approx(float(ce), rel=1e-6)
+
+
+def test_distill_gradient_matches_finite_differences():
+    torch.manual_seed(3)
+    teacher, student = tiny().double(), tiny(n_layer=1, d_model=32, n_head=2).double()
+    loss_fn = DistillLoss(teacher, 512, DistillConfig(temperature=1.5, kl_weight=0.7, ce_weight=0.3))
+    x, y = torch.randint(0, 512, (2, 8)), torch.randint(0, 512, (2, 8))
+    student.train()
+    loss, _ = loss_fn(student, x, y)
+    loss.backward()
+    for p, rows in ((student.blocks[0].mlp.up.weight, (0, 3, 100)), (student.tok_emb.weight, (int(x[0, 0]), int(y[1, 2])))):
+        for idx in [(r, c) for r in rows for c in (0, 7)]:
+            eps, old = 1e-6, p.data[idx].item()
+            p.data[idx] = old + eps
+            up = loss_fn(student, x, y)[0].item()
+            p.data[idx] = old - eps
+            down = loss_fn(student, x, y)[0].item()
+            p.data[idx] = old
+            assert p.grad[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+def test_distill_trains_through_the_loop_and_checks_the_tokenizer(ckpt, prepared, plays_dir, tmp_path):
+    student = dataclasses.replace(model_preset("tiny"), n_layer=1, d_model=32, n_head=2)
+    cfg = RunConfig(model=student, train=dataclasses.replace(SMALL_TRAIN, max_steps=3), data=str(prepared),
+                    out=str(tmp_path / "student"))
+    result = distill(cfg, str(ckpt), progress=False)
+    assert result.steps == 3 and (result.checkpoint / "model.safetensors").is_file()
+    other = tmp_path / "other"
+    prepare([str(plays_dir)], other, vocab_size=600, val_fraction=0.5, progress=False)
+    with pytest.raises(GptforgeError, match="teacher and student tokenizers differ"):
+        distill(dataclasses.replace(cfg, data=str(other), out=str(tmp_path / "s2")), str(ckpt), progress=False)
+    with pytest.raises(GptforgeError, match="temperature must be > 0"):
+        DistillConfig(temperature=0)
+
+
+# --- eval ---------------------------------------------------------------------------------------------------
+
+def test_eval_of_identical_checkpoints(ckpt, prepared, tmp_path):
+    dest, _ = quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "q8"))
+    rows = eval_checkpoints([str(ckpt), str(ckpt), str(dest)], str(prepared), batches=2, batch_size=2, decode_tokens=4)
+    a, b, q = rows
+    assert b["mean_kl"] == 0.0 and b["top1_agreement_pct"] == 100.0 and b["delta_ppl_pct"] == 0.0
+    assert b["val_loss"] == a["val_loss"] and a["params"] == q["params"] == GPT(load_checkpoint(ckpt)[2].model).num_params()
+    assert 0 < q["mean_kl"] < 0.01 and q["file_bytes"] < 0.3 * a["file_bytes"]
+    assert a["decode_tokens_per_s"] > 0 and q["weights_memory_bytes"] < 0.3 * a["weights_memory_bytes"]
+
+
+def test_head_size_config_is_backward_compatible():
+    assert ModelConfig(n_head=4, d_model=64).head_dim == 16
+    cfg = ModelConfig(n_head=3, d_model=64, head_size=16)
+    assert cfg.head_dim == 16 and GPT(cfg).num_params() == cfg.num_params()
+    with pytest.raises(GptforgeError, match="divisible"):
+        ModelConfig(n_head=3, d_model=64)
