@@ -111,7 +111,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool
     steps = max(10, int(budget / (probe["steady"] / 1000)))
     train_cfg = dataclasses.replace(
         DEMO_TRAIN, precision=precision, max_steps=steps, warmup_steps=min(DEMO_TRAIN.warmup_steps, steps // 10),
-        eval_every=max(1, steps // 5), max_time=minutes * 60,
+        eval_every=max(1, math.ceil(steps / 5)), max_time=minutes * 60,
     )
     cfg = dataclasses.replace(cfg, train=train_cfg)
     say(f"[3/4] training the shakespeare preset ({GPT(cfg.model).num_params() / 1e6:.1f}M parameters) "
