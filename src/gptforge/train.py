@@ -292,7 +292,7 @@ class Reporter:
             self.note(f"step {step}: {info}")
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # log lines stay whole in files and CI logs
 
     def close(self) -> None:
         if self.bar is not None:
@@ -419,6 +419,9 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
     init_state = None
     if init_from is not None:
         init_ckpt = resolve_checkpoint(init_from)
+        if read_config(init_ckpt).compression:
+            raise GptforgeError(f"{init_ckpt} is a compressed checkpoint ({read_config(init_ckpt).compression.get('method', '?')}); "
+                                f"fine-tune its uncompressed parent, or use gptforge prune --recover-steps")
         init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
         if init_tok.fingerprint != data.fingerprint:
             raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
