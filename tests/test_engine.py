@@ -309,3 +309,12 @@ def test_metrics_jsonl_and_tensorboard_tags(prepared, tmp_path):
 def test_resume_auto_without_checkpoints_starts_a_new_run(prepared, tmp_path):
     r = train(run_cfg(prepared, tmp_path, max_steps=3), resume="auto", progress=False)
     assert r.steps == 3 and r.first_val_loss is not None
+
+
+def test_init_from_a_quantized_checkpoint_is_refused(prepared, tmp_path):
+    from gptforge.compress.quantize import quantize_checkpoint
+
+    base = train(run_cfg(prepared, tmp_path / "base", max_steps=2), progress=False)
+    quantized, _ = quantize_checkpoint(str(base.checkpoint), "int8", str(tmp_path / "q"))
+    with pytest.raises(GptforgeError, match=r"quantized \(int8\); fine-tune its unquantized parent"):
+        train(run_cfg(prepared, tmp_path / "ft"), init_from=str(quantized), progress=False)

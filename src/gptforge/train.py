@@ -419,9 +419,9 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
     init_state = None
     if init_from is not None:
         init_ckpt = resolve_checkpoint(init_from)
-        if read_config(init_ckpt).compression:
-            raise GptforgeError(f"{init_ckpt} is a compressed checkpoint ({read_config(init_ckpt).compression.get('method', '?')}); "
-                                f"fine-tune its uncompressed parent, or use gptforge prune --recover-steps")
+        quantized = (read_config(init_ckpt).compression or {}).get("quantization", {}).get("method")
+        if quantized in ("int8", "int4"):  # packed integer weights do not train; pruned or cast weights do
+            raise GptforgeError(f"{init_ckpt} is quantized ({quantized}); fine-tune its unquantized parent instead")
         init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
         if init_tok.fingerprint != data.fingerprint:
             raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
