@@ -19,7 +19,7 @@ from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import BatchSampler, TokenData, prepare
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer
-from gptforge.train import autocast, next_token_loss, resolve_device, train
+from gptforge.train import forward_backward, next_token_loss, resolve_device, train
 
 DEMO_TRAIN = TrainConfig(
     micro_batch=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.1,
@@ -65,9 +65,8 @@ def probe_precision(cfg: RunConfig, data: TokenData, rounds: int = 3) -> dict:
     def one_step(name: str) -> float:
         model, opt = runs[name]
         t0 = time.perf_counter()
-        with autocast(device, candidates[name]):
-            loss, n = next_token_loss(model, x, y)
-        (loss / n).backward()
+        forward_backward(model, [(x, y)], next_token_loss, device, candidates[name])  # the loop's own step
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
