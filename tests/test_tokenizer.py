@@ -67,3 +67,30 @@ def test_bad_tokenizer_inputs(tmp_path):
         Tokenizer.load(tmp_path / "broken.json")
     with pytest.raises(GptforgeError, match="neither"):
         Tokenizer.load(tmp_path)
+
+
+def test_chat_template_and_assistant_mask(tok, tmp_path):
+    """ChatML rendering; the mask covers assistant content and its closing marker, token by token."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"},
+            {"role": "assistant", "content": "A friend."}]
+    ids, mask = tok.encode_chat(msgs)
+    assert len(ids) == len(mask)
+    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho art thou?<|im_end|>\n"
+                               "<|im_start|>assistant\nA friend.<|im_end|>\n")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "A friend.<|im_end|>"
+    assert sum(mask) == len(tok.encode("A friend.")) + 1 and mask[-1] is False  # the trailing newline is not learnt
+    prompt, pmask = tok.encode_chat(msgs[:2], add_generation_prompt=True)
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n") and not any(pmask)
+    assert tok.im_end_id == SPECIAL_TOKENS.index("<|im_end|>")
+    with pytest.raises(GptforgeError, match="unknown role 'wizard'"):
+        tok.encode_chat([{"role": "wizard", "content": "x"}])
+    with pytest.raises(GptforgeError, match="message 0"):
+        tok.encode_chat([{"role": "user"}])
+    # A GPT-2-style tokenizer (vocab.json + merges.txt) has no chat template until the markers are added.
+    tok.hf.model.save(str(tmp_path))
+    gpt2 = Tokenizer.load(tmp_path)
+    assert not gpt2.has_chat_template
+    with pytest.raises(GptforgeError, match="no chat template"):
+        gpt2.encode_chat(msgs)
+    gpt2.add_chat_tokens()
+    assert gpt2.has_chat_template and gpt2.decode(gpt2.encode_chat(msgs)[0]) == tok.decode(ids)

@@ -18,8 +18,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from gptforge.errors import GptforgeError
 
 EOS = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Ids 0..7 of a trained tokenizer: EOS, two chat-turn markers (ChatML style) and five held in reserve.
-SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(3, 8)]
+SPECIAL_TOKENS = [EOS, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(3, 8)]
+CHAT_ROLES = ("system", "user", "assistant")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -123,6 +125,65 @@ class Tokenizer:
             emitted = text
         if len(seen) and (text := self.decode(seen)) != emitted:
             yield text[len(emitted):]
+
+    # --- chat template ----------------------------------------------------------------------------------
+    # One template, ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message. A tokenizer has it exactly
+    # when both markers are special tokens of its vocabulary: trained tokenizers always do; an imported GPT-2
+    # tokenizer gains them through `add_chat_tokens` (and its model through an embedding resize).
+    @property
+    def has_chat_template(self) -> bool:
+        return all(self._special_id(t) is not None for t in (IM_START, IM_END))
+
+    def _special_id(self, token: str) -> int | None:
+        specials = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        return self.hf.token_to_id(token) if token in specials else None
+
+    @property
+    def im_end_id(self) -> int:
+        """The id that ends a chat turn: generation for a chat stops there."""
+        self._require_chat()
+        return self.hf.token_to_id(IM_END)
+
+    def add_chat_tokens(self) -> int:
+        """Add the ChatML markers as special tokens where missing; returns how many ids were added."""
+        before = self.vocab_size
+        self.hf.add_special_tokens([t for t in (IM_START, IM_END) if self._special_id(t) is None])
+        return self.vocab_size - before
+
+    def _require_chat(self) -> None:
+        if not self.has_chat_template:
+            raise GptforgeError(f"this tokenizer has no chat template (no {IM_START}/{IM_END} special tokens); "
+                                "fine-tune it for chat first: gptforge finetune --task chat adds them")
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation in ChatML, and for each id whether it is assistant-written.
+
+        The assistant mask covers an assistant message's content and its closing marker (so that a model trained
+        on it learns to stop), never the role header. `add_generation_prompt` ends with an open assistant turn.
+        """
+        self._require_chat()
+        if not isinstance(messages, list) or not messages:
+            raise GptforgeError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+        ids: list[int] = []
+        mask: list[bool] = []
+
+        def put(text: str, assistant: bool) -> None:
+            part = self.hf.encode(text, add_special_tokens=False).ids if text else []
+            ids.extend(part)
+            mask.extend([assistant] * len(part))
+
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise GptforgeError(f"message {i}: needs a string \"role\" and a string \"content\"")
+            if m["role"] not in CHAT_ROLES:
+                raise GptforgeError(f"message {i}: unknown role {m['role']!r}; use one of {', '.join(CHAT_ROLES)}")
+            is_assistant = m["role"] == "assistant"
+            put(f"{IM_START}{m['role']}\n", False)
+            put(f"{m['content']}{IM_END}", is_assistant)
+            put("\n", False)
+        if add_generation_prompt:
+            put(f"{IM_START}assistant\n", False)
+        return ids, mask
 
     @property
     def fingerprint(self) -> str:
