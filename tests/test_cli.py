@@ -20,7 +20,7 @@ EXPECTED = {
     "consolidate": {"--out"},
     "plan": {"--seq-len", "--micro-batch", "--global-batch", "--precision", "--optimizer", "--checkpointing",
              "--attention", "--parallel", "--world-size", "--nodes", "--hardware", "--tokens", "--mfu", "--recommend",
-             "--deadline", "--json"},
+             "--deadline", "--measure", "--device", "--steps", "--json"},
     "bench": {"--device", "--precision", "--micro-batch", "--seq-len", "--steps", "--decode-tokens", "--hardware",
               "--mfu", "--json"},
     "report": {"--out"},

@@ -324,3 +324,31 @@ def test_report_plots_several_runs(tmp_path):
     assert "lr: 0.001" in text and "lr: 0.0003" in text and "<img src='loss.png'" in text
     with pytest.raises(GptforgeError, match="no metrics.jsonl"):
         report([tmp_path / "out"])
+
+
+@pytest.mark.parametrize("precision, ckpt, optimizer", [("fp32", False, "adamw"), ("bf16", True, "adamw"),
+                                                        ("bf16-pure", False, "sgd")])
+def test_plan_measure_runs_the_planned_steps(precision, ckpt, optimizer):
+    """plan --measure: the planned memory (states + saved activations) within 10% of the tensors the real
+    training step holds, for three numerics/checkpointing/optimizer settings; throughput measured and compared."""
+    from gptforge.bench import measure_plan
+
+    pc = PlanConfig(SMALL, seq_len=32, micro_batch=2, global_batch=4, precision=precision, checkpointing=ckpt,
+                    optimizer=optimizer, hardware="cpu")
+    rows = {r.quantity.split(" (")[0]: r for r in measure_plan(pc, "cpu", steps=1)}
+    mem = rows["train memory"]
+    assert abs(mem.error) < 0.10, (mem.predicted, mem.measured)
+    assert rows["train tokens/s"].measured > 0 and rows["MFU"].measured > 0
+    with pytest.raises(GptforgeError, match="--world-size 1"):
+        measure_plan(PlanConfig(SMALL, seq_len=32, micro_batch=2, world_size=2, hardware="cpu"), "cpu")
+    with pytest.raises(GptforgeError, match="bitsandbytes"):
+        measure_plan(PlanConfig(SMALL, seq_len=32, micro_batch=2, optimizer="adamw-8bit", hardware="cpu"), "cpu")
+
+
+def test_plan_measure_cli_json(capsys):
+    from gptforge.cli import main
+
+    assert main(["plan", "tiny", "--measure", "--steps", "1", "--seq-len", "32", "--micro-batch", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"]["name"] == "cpu"  # --measure compares with the device it runs on
+    assert {r["quantity"].split(" (")[0] for r in out["measured"]} >= {"train memory", "train tokens/s", "MFU"}

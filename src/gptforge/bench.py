@@ -149,3 +149,109 @@ def print_rows(rows: list[Row], title: str) -> None:
 
 def rows_as_dicts(rows: list[Row]) -> list[dict]:
     return [{**asdict(r), "error": r.error} for r in rows]
+
+
+# --- plan --measure: a few real steps of the planned configuration ----------------------------------------------
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases count once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> list[Row]:
+    """Run `steps` optimizer steps of the planned configuration (after one warm-up) with the training loop's own
+    step (`forward_backward`: accumulation over pc.accum_steps micro-batches, token-normalised loss) and put the
+    measured memory and throughput next to the plan's.
+
+    Memory on CUDA is the allocator's peak (`torch.cuda.max_memory_allocated`). A CPU has no allocator counter, so
+    there the measured figure is what the plan's peak is made of, read from the tensors themselves: the weights,
+    gradients and optimizer states held after a step, plus the storages autograd saves for backward in one
+    micro-batch (`saved_tensors_hooks`); the plan's transient term is left out of that comparison.
+    """
+    from gptforge.distributed import apply_activation_checkpointing
+    from gptforge.model import GPT
+    from gptforge.optim import build_optimizer
+    from gptforge.train import autocast, autocast_dtype, forward_backward, next_token_loss
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptforgeError("--device cuda but no CUDA device is available; use --device cpu")
+    if pc.world_size > 1:
+        raise GptforgeError("--measure runs on this one device; give --world-size 1 (and --nodes 1) to check the "
+                            "per-device plan, then scale out")
+    if pc.optimizer == "adamw-8bit":
+        raise GptforgeError("--measure cannot run adamw-8bit (bitsandbytes is not a gptforge dependency); "
+                            "measure --optimizer adamw or sgd")
+    if pc.attention != "sdpa":
+        raise GptforgeError("--measure runs gptforge's model, which always uses SDPA attention; give --attention sdpa")
+    if pc.precision == "fp16" and dev.type != "cuda":
+        raise GptforgeError("fp16 autocast needs CUDA (gptforge's GradScaler path); measure bf16 or fp32 on a CPU")
+    hw = get_hardware(pc.hardware) if pc.hardware else device_hardware(dev, None)
+    plan = make_plan(pc, hw)
+
+    torch.manual_seed(0)
+    model = GPT(pc.model).to(dev, dtype=torch.bfloat16 if pc.precision == "bf16-pure" else None)
+    if pc.checkpointing:
+        apply_activation_checkpointing(model)
+    if pc.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    else:
+        opt = build_optimizer(model, TrainConfig(), dev.type)
+    amp = autocast_dtype(pc.precision, dev)
+    b, t, k = pc.micro_batch, pc.seq_len, pc.accum_steps
+    gen = torch.Generator().manual_seed(0)
+    batches = [(x[:, :-1], x[:, 1:]) for x in
+               (torch.randint(0, pc.model.vocab_size, (b, t + 1), generator=gen) for _ in range(k))]
+
+    def step() -> None:
+        forward_backward(model, batches, next_token_loss, dev, amp)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: creates the optimizer states
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+    tok_s = b * t * k / step_s
+
+    m = plan.memory
+    if dev.type == "cuda":
+        predicted, measured, what = m.peak_allocated, torch.cuda.max_memory_allocated(dev), "peak allocated"
+    else:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(x: torch.Tensor) -> torch.Tensor:
+            s = x.untyped_storage()
+            if s.data_ptr() not in params:
+                saved[s.data_ptr()] = s.nbytes()
+            return x
+
+        x, y = batches[0]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), autocast(dev, amp):
+            loss, _ = next_token_loss(model, x, y)
+        loss.backward()  # leaves gradients, so the states below include them
+        states = _storage_bytes([*model.parameters(), *(p.grad for p in model.parameters()),
+                                 *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))])
+        opt.zero_grad(set_to_none=True)
+        predicted = m.weights + m.gradients + m.optimizer + m.activations
+        measured, what = states + sum(saved.values()), "states + saved activations"
+    return [
+        Row(f"train memory ({what})", predicted / 2**30, measured / 2**30, "GiB"),
+        Row("train tokens/s", plan.throughput.tokens_per_s, tok_s, "tokens/s"),
+        Row("optimizer step time", plan.throughput.step_s, step_s, "s"),
+        Row("MFU (give plan --mfu this)", pc.mfu, tok_s * plan.throughput.flops_per_token / hw.peak_flops(pc.precision),
+            "fraction"),
+    ]

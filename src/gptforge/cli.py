@@ -150,18 +150,40 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     if args.deadline is not None and not args.recommend:
         raise GptforgeError("--deadline is read by --recommend; add --recommend")
+    hardware = args.hardware
+    if hardware is None:  # --measure compares with the device it runs on; a plan alone defaults to an H100
+        if args.measure:
+            from gptforge.bench import device_hardware
+
+            hardware = device_hardware(torch_device(args.device), None).name
+        else:
+            hardware = "h100-sxm"
     pc = PlanConfig(load_model_config(args.model), seq_len=args.seq_len, micro_batch=args.micro_batch,
                     global_batch=args.global_batch, precision=args.precision, optimizer=args.optimizer,
                     checkpointing=args.checkpointing, attention=args.attention, parallel=args.parallel,
-                    world_size=args.world_size, nodes=args.nodes, hardware=args.hardware,
+                    world_size=args.world_size, nodes=args.nodes, hardware=hardware,
                     tokens=parse_tokens(args.tokens), mfu=args.mfu)
     plan = make_plan(pc)
     if args.recommend:
         plan.recommendation = recommend(pc, plan.hardware, args.deadline)
+    rows = None
+    if args.measure:
+        from gptforge.bench import measure_plan, print_rows, rows_as_dicts
+
+        rows = measure_plan(pc, args.device, args.steps)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
-    else:
-        print_plan(plan)
+        print(json.dumps({**plan.to_dict(), **({"measured": rows_as_dicts(rows)} if rows else {})}, indent=2))
+        return
+    print_plan(plan)
+    if rows:
+        print_rows(rows, f"{args.model} on {args.device or 'this device'}: plan vs {args.steps} measured steps "
+                         "(error = (plan - measured) / measured)")
+
+
+def torch_device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -343,9 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", default="ddp", help="ddp, fsdp (full shard) or fsdp-grad-op (default ddp)")
     p.add_argument("--world-size", type=int, default=1, help="devices in all (default 1)")
     p.add_argument("--nodes", type=int, default=1, help="machines the devices are spread over (default 1)")
-    p.add_argument("--hardware", default="h100-sxm",
+    p.add_argument("--hardware",
                    help="a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, l4, a10g, rtx-4090, rtx-3090, cpu (this "
-                        "machine, measured), or custom:memory=GIB,bf16=TFLOPS,bandwidth=GBS,cost=USD (default h100-sxm)")
+                        "machine, measured), or custom:memory=GIB,bf16=TFLOPS,bandwidth=GBS,cost=USD (default "
+                        "h100-sxm; with --measure, the device measured on)")
     p.add_argument("--tokens", default="chinchilla",
                    help="training budget: a count like 300B or 2e9, or chinchilla = 20 per parameter (default)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
@@ -353,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also recommend micro-batch, accumulation, checkpointing/FSDP and the cheapest hardware")
     p.add_argument("--deadline", type=float, metavar="HOURS",
                    help="with --recommend: the cheapest listed hardware that trains the budget within this many hours")
+    p.add_argument("--measure", action="store_true",
+                   help="also run a few real optimizer steps of this configuration here and compare memory and "
+                        "throughput with the plan")
+    p.add_argument("--device", help="with --measure: cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    p.add_argument("--steps", type=int, default=3, help="with --measure: timed optimizer steps after a warm-up (default 3)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
     p.set_defaults(func=cmd_plan)
 
