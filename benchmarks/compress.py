@@ -1,12 +1,13 @@
 """Compression on a model trained here: quality (Δ perplexity, KL, agreement), file size and CPU decode speed.
 
     python benchmarks/compress.py --work /tmp/compress-bench          # everything (~12 min on 2 shared cores)
+    python benchmarks/compress.py --work /tmp/compress-bench --speed-only   # decode speed only (~6 min)
     python benchmarks/compress.py --worker CKPT                       # one decode measurement, one JSON line
 
 The parent: 4 layers, d 128, 4 heads, rotary, RMSNorm, a 1024-token BPE of the bundled Shakespeare, 0.92M
 parameters, trained 600 steps x 2048 tokens (~2.5 min, one thread). Quality is measured with `gptforge eval`'s
 function on 64 x 8 x 128 = 65,536 held-out tokens. Speed: greedy batch-1 decode of 128 tokens through
-`gptforge.generate` (one thread), each variant in its own process, alternating A B A B (benchmarks/alternate.py),
+`gptforge.generate` (one thread; tokens after the first over the time after the first, so prefill is out), each variant in its own process, alternating A B A B (benchmarks/alternate.py),
 medians of 3. A `gpt2`-shaped model (124M, random weights: speed does not depend on the values) is timed the
 same way for int8/int4, where the weights no longer fit in cache.
 Distillation: a student with ~1/4 of the parent's parameters trained on the same tokens from scratch and with
@@ -61,7 +62,7 @@ def worker(ckpt: str, tokens: int) -> None:
     print(json.dumps({"tokens_per_s": statistics.median(speeds)}))
 
 
-def run(work: Path) -> dict:
+def run(work: Path, speed_only: bool = False) -> dict:
     from gptforge.compress.distill import DistillConfig, distill
     from gptforge.compress.evaluate import eval_checkpoints
     from gptforge.compress.prune import prune_checkpoint
@@ -92,6 +93,11 @@ def run(work: Path) -> dict:
                 "int4-g128": ("int4", 128), "bf16": ("bf16", None)}
     for name, (method, g) in variants.items():
         quantize_checkpoint(str(teacher), method, str(work / name), g)
+    if speed_only:
+        if not (work / "structured-30-recovered").is_dir():
+            prune_checkpoint(str(teacher), "structured", str(work / "structured-30-recovered"), 0.3, data=str(data),
+                             recover_steps=200, progress=False)
+        return _speed(work, out, mark)
     prune_runs = {"magnitude-50": dict(method="magnitude", sparsity=0.5), "wanda-50": dict(method="wanda", sparsity=0.5),
                   "magnitude-2:4": dict(method="magnitude", pattern="2:4"), "wanda-2:4": dict(method="wanda", pattern="2:4"),
                   "structured-30": dict(method="structured", sparsity=0.3)}
@@ -117,7 +123,10 @@ def run(work: Path) -> dict:
     _plot_curves(work, {"from scratch": work / "student-scratch", "distilled (KD)": work / "student-kd"},
                  work / "distill_curves.png")
     mark("distill")
+    return _speed(work, out, mark)
 
+
+def _speed(work: Path, out: dict, mark) -> dict:
     me = [sys.executable, __file__, "--worker"]
     small = {n: me + [str(work / n)] for n in ("teacher", "int8", "int4-g32", "structured-30-recovered")}
     out["speed_small"] = alternate(small, "tokens_per_s", rounds=3)
@@ -152,12 +161,14 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/compress-bench", help="folder for data, checkpoints and results")
     ap.add_argument("--worker", help="measure one checkpoint's decode speed and print one JSON line")
     ap.add_argument("--tokens", type=int, default=DECODE_TOKENS, help="tokens to decode per measurement")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the decode-speed comparisons (trains/quantizes what they need if missing)")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.tokens)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    res = run(Path(args.work))
+    res = run(Path(args.work), args.speed_only)
     (Path(args.work) / "results.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 

@@ -71,6 +71,33 @@ def test_per_layer_error_is_within_half_a_step():
             assert rel < (0.01 if method == "int8" else 0.12), (method, name, rel)
 
 
+@pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 128)])
+def test_one_row_kernels_equal_the_dequantized_matmul(monkeypatch, method, group):
+    """Batch-1 decode's kernels (the compiled GEMVs, PyTorch's aten weight-only kernels) and the many-row
+    dequantize path compute the same product; int4 codes unpack to exactly what was packed."""
+    import gptforge.compress.quantize as Q
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384, bias=True)
+    ql = QuantLinear(lin, method, group)
+    if method == "int8":
+        ql.weight_q, ql.scales = Q.int8_codes(lin.weight.detach())
+    else:
+        ql.weight_q, ql.scales, ql.zeros = Q.int4_codes(lin.weight.detach(), group)
+        codes = torch.round((lin.weight.detach().view(384, -1, group) - ql.zeros.float()[..., None])
+                            / ql.scales.float()[..., None]).clamp(0, 15).view(384, 256)
+        assert torch.equal(Q.unpack_int4(ql.weight_q, 256 // group), codes.to(torch.uint8))
+    x = torch.randn(1, 1, 256)
+    expected = F.linear(x, ql.dequantized(), lin.bias)
+    assert ql.shape.numel() >= Q.COMPILED_MIN_WEIGHTS  # so the first kernel below is the compiled one
+    for kernel in ("compiled", "aten", "dequant"):
+        monkeypatch.setattr(Q, "KERNEL", kernel)
+        with torch.no_grad():
+            torch.testing.assert_close(ql(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # several rows always take the dequantize path
+        torch.testing.assert_close(ql(x.expand(1, 5, 256)), F.linear(x.expand(1, 5, 256), ql.dequantized(), lin.bias))
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_output_head_is_quantized(tied):
     """The quantized model equals an fp model whose every matrix, the head included, is replaced by its

@@ -33,16 +33,20 @@ def memory_bytes(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def decode_speed(model, vocab_size: int, tokens: int, prompt_len: int = 16) -> float:
-    """Greedy batch-1 decode tokens/s through gptforge.generate, after a short warm-up."""
+    """Greedy batch-1 decode tokens/s through gptforge.generate, after a short warm-up: the tokens after the
+    first over the time after the first, so that the prompt's prefill (time to first token) is not in it."""
     from gptforge.generate import generate_tokens
 
     prompt = list(range(1, prompt_len + 1))
     for _ in generate_tokens(model, prompt, max_new_tokens=4, vocab_size=vocab_size, temperature=0.0):
         pass
-    t0 = time.perf_counter()
-    n = sum(1 for _ in generate_tokens(model, prompt, max_new_tokens=tokens, vocab_size=vocab_size, temperature=0.0,
-                                       stop_at_eos=False))
-    return n / (time.perf_counter() - t0)
+    n, t0 = 0, 0.0
+    for _ in generate_tokens(model, prompt, max_new_tokens=tokens + 1, vocab_size=vocab_size, temperature=0.0,
+                             stop_at_eos=False):
+        if n == 0:
+            t0 = time.perf_counter()
+        n += 1
+    return (n - 1) / (time.perf_counter() - t0)
 
 
 @torch.no_grad()

@@ -63,19 +63,28 @@ def int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor,
     scale = ((hi - lo) / 15).clamp(min=1e-6).half()
     lo = lo.half()
     q = torch.round((wg - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
-    q = q.view(n, k)
-    return (q[:, 0::2] << 4) | q[:, 1::2], scale, lo
+    # Byte j of a group holds code j (high nibble) and code j + group/2 (low nibble): the compiled GEMV below then
+    # multiplies each nibble plane by a contiguous half of the group's inputs, which vectorizes; the
+    # neighbour-pair packing it replaced did not (3x slower, docs/compress.md).
+    halves = q.view(n, k // group, 2, group // 2)
+    return ((halves[:, :, 0] << 4) | halves[:, :, 1]).view(n, k // 2), scale, lo
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)  # (N, K) codes 0..15
+INT4_PACKING = "group-halves"  # recorded in the checkpoint, so that a later change of layout is caught on load
+
+
+def unpack_int4(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Codes 0..15 (N, K) of packed int4 rows (N, K/2) quantized in `groups` groups per row."""
+    n = packed.shape[0]
+    planes = packed.view(n, groups, 1, -1)  # (N, groups, 1, group/2)
+    return torch.cat((planes >> 4, planes & 15), dim=2).view(n, -1)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
     """The fp matrix the codes stand for (int8 when lo is None, else packed int4)."""
     if lo is None:
-        return (q.to(dtype) * scale.to(dtype)[..., None])
-    codes = unpack_int4(q)
+        return q * scale.to(dtype)[..., None]  # one kernel: the int8 codes promote to dtype as they are read
+    codes = unpack_int4(q, scale.shape[-1])
     n, k = codes.shape
     g = k // scale.shape[-1]
     w = codes.view(n, -1, g).to(dtype) * scale.to(dtype)[..., None] + lo.to(dtype)[..., None]
@@ -83,13 +92,36 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, dt
 
 
 # --- the matmul ---------------------------------------------------------------------------------------------
-# Two paths, chosen by measurement (KERNEL below): PyTorch's CPU weight-only kernels
-# (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu), or dequantize then F.linear (any device).
+# Three paths, chosen by measurement (KERNEL below): a torch.compile'd GEMV that dequantizes inside its
+# reduction, PyTorch's CPU weight-only kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu),
+# or dequantize then F.linear (any device, any number of rows).
+
+def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (1, K) @ (q * scale)^T for int8 q (N, K): each code is widened in registers, never written back as fp32,
+    so the pass over the matrix reads 1 byte per weight instead of 4."""
+    return (x[:, None, :] * q.float()).sum(-1) * scale  # (1, N, K) -> (1, N)
+
+
+def _int4_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """x (1, K) @ w^T for int4 q (N, K/2) in int4_codes' layout, w = code * scale + lo per group:
+    sum_k x_k w_k = sum_groups (scale_g * sum_{k in g} x_k code_k + lo_g * sum_{k in g} x_k)."""
+    n, groups = scale.shape
+    xg = x.view(1, groups, 2, -1)  # (1, G, 2, g/2): the inputs of each group's high and low nibbles
+    qg = q.view(n, groups, -1)  # (N, G, g/2)
+    dots = ((qg >> 4).float() * xg[:, :, 0] + (qg & 15).float() * xg[:, :, 1]).sum(-1)  # (N, G)
+    return (dots * scale.float() + lo.float() * xg.sum((2, 3))).sum(-1)[None]  # (1, N)
+
+
+# dynamic=False: one kernel specialised to each matrix shape, compiled on first use (a GPT has five or so shapes;
+# symbolic shapes measured 2.5x slower for int4). Dynamo stops recompiling a function after
+# `recompile_limit` (8) shapes and falls back to eager, which a model with many widths would reach.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+_compiled_gemv = {"int8": torch.compile(_int8_gemv, dynamic=False), "int4": torch.compile(_int4_gemv, dynamic=False)}
 
 def _int4_kernel_args(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor):
     """Codes in the layout of torch._weight_int4pack_mm_for_cpu, and its (K/g, N, 2) scale/zero table, where
     the kernel's convention is w = (q - 8) * scale + zero, i.e. zero = lo + 8 * scale."""
-    codes = unpack_int4(q).to(torch.int32)
+    codes = unpack_int4(q, scale.shape[-1]).to(torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack((scale.float().t(), (lo.float() + 8 * scale.float()).t()), dim=-1).contiguous()
     return packed, sz
@@ -157,7 +189,15 @@ class _Quantized(nn.Module):
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if KERNEL == "aten" and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]:
+        one_row = x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
+        if one_row and KERNEL == "compiled" and self.shape.numel() >= COMPILED_MIN_WEIGHTS:
+            flat = x.reshape(1, -1)
+            if self.method == "int8":
+                y = _compiled_gemv["int8"](flat, self.weight_q, self.scales)
+            else:
+                y = _compiled_gemv["int4"](flat, self.weight_q, self.scales, self.zeros)
+            y = y.view(*x.shape[:-1], self.shape[0])
+        elif one_row and KERNEL in ("compiled", "aten"):
             y = self._aten_matmul(x)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
@@ -204,13 +244,15 @@ class QuantEmbedding(_Quantized):
         return self.rows(idx)
 
 
-# Which matmul QuantLinear runs on CPU in fp32 for a single row (batch-1 decode): "aten" (PyTorch's int8/int4
-# weight-only CPU kernels) or "dequant" (materialize the fp32 matrix, then F.linear). Measured on the CI CPU,
-# one thread (docs/compress.md): for one row aten beats dequant 1.5-5x on a d=768 model's shapes (768x3072:
-# 2.2 ms vs 7.5 ms), though both lose to the fp32 GEMV (0.37 ms; torchao 0.18's int8 weight-only: 0.94 ms).
-# The aten kernels cost ~60 us per extra row, so prefill and evaluation (many rows) always dequantize: one
-# pass over the matrix, shared by every row (1024 rows: 0.8 ms vs 64 ms).
-KERNEL = "aten"
+# Which matmul QuantLinear runs on CPU in fp32 for a single row (batch-1 decode), by measurement on the CI CPU
+# (one thread, docs/compress.md): "compiled" (the torch.compile'd GEMVs above: at d=768 int8 runs 768x3072 in
+# about the fp32 GEMV's time in cache and faster once the model outgrows the cache, where reading 1 byte a
+# weight instead of 4 is what counts), falling back to "aten" (PyTorch's int8/int4 weight-only CPU kernels,
+# 5-10x slower than compiled at d=768) for matrices under COMPILED_MIN_WEIGHTS, where a compiled call's ~45 us
+# of fixed cost loses. Prefill and evaluation (many rows) always dequantize: one pass over the matrix,
+# shared by every row (1024 rows: 0.8 ms vs 64 ms with the aten kernels).
+KERNEL = "compiled"
+COMPILED_MIN_WEIGHTS = 1 << 15
 
 
 # --- the state-dict transform and the module swap ------------------------------------------------------------
@@ -268,7 +310,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None)
     from gptforge.model import GPT
 
     state = quantize_state_dict(model, method, group_size)
-    section = {"quantization": {"method": method, **({"group_size": group_size or 32} if method == "int4" else {})}}
+    int4 = {"group_size": group_size or 32, "packing": INT4_PACKING} if method == "int4" else {}
+    section = {"quantization": {"method": method, **int4}}
     with torch.device("meta"):
         new = GPT(model.config)
     apply_compression(new, section)
@@ -282,6 +325,9 @@ def apply_compression(model: nn.Module, section: dict[str, Any] | None) -> nn.Mo
         return model
     q = section["quantization"]
     check_method(q.get("method", "?"), q.get("group_size"))
+    if q["method"] == "int4" and q.get("packing") != INT4_PACKING:
+        raise GptforgeError(f"this int4 checkpoint packs its codes as {q.get('packing', 'neighbour pairs')!r}, which "
+                            f"this gptforge no longer reads ({INT4_PACKING!r}); quantize its fp32 parent again")
     return swap_modules(model, q)
 
 
