@@ -37,9 +37,9 @@ TRAIN = dict(micro_batch=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=20,
 DECODE_TOKENS = 128
 
 
-def worker(ckpt: str, tokens: int) -> None:
+def worker(ckpt: str, tokens: int, threads: int = 1) -> None:
     """Decode tokens/s of one checkpoint (or `gpt2:METHOD`, a random gpt2-shaped model) in this process."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from gptforge.compress.evaluate import decode_speed
 
     if ckpt.startswith("gpt2:"):
@@ -62,7 +62,7 @@ def worker(ckpt: str, tokens: int) -> None:
     print(json.dumps({"tokens_per_s": statistics.median(speeds)}))
 
 
-def run(work: Path, speed_only: bool = False) -> dict:
+def run(work: Path, speed_only: bool = False, threads: int = 1) -> dict:
     from gptforge.compress.distill import DistillConfig, distill
     from gptforge.compress.evaluate import eval_checkpoints
     from gptforge.compress.prune import prune_checkpoint
@@ -97,7 +97,7 @@ def run(work: Path, speed_only: bool = False) -> dict:
         if not (work / "structured-30-recovered").is_dir():
             prune_checkpoint(str(teacher), "structured", str(work / "structured-30-recovered"), 0.3, data=str(data),
                              recover_steps=200, progress=False)
-        return _speed(work, out, mark)
+        return _speed(work, out, mark, threads)
     prune_runs = {"magnitude-50": dict(method="magnitude", sparsity=0.5), "wanda-50": dict(method="wanda", sparsity=0.5),
                   "magnitude-2:4": dict(method="magnitude", pattern="2:4"), "wanda-2:4": dict(method="wanda", pattern="2:4"),
                   "structured-30": dict(method="structured", sparsity=0.3)}
@@ -123,11 +123,11 @@ def run(work: Path, speed_only: bool = False) -> dict:
     _plot_curves(work, {"from scratch": work / "student-scratch", "distilled (KD)": work / "student-kd"},
                  work / "distill_curves.png")
     mark("distill")
-    return _speed(work, out, mark)
+    return _speed(work, out, mark, threads)
 
 
-def _speed(work: Path, out: dict, mark) -> dict:
-    me = [sys.executable, __file__, "--worker"]
+def _speed(work: Path, out: dict, mark, threads: int = 1) -> dict:
+    me = [sys.executable, __file__, "--threads", str(threads), "--worker"]
     small = {n: me + [str(work / n)] for n in ("teacher", "int8", "int4-g32", "structured-30-recovered")}
     out["speed_small"] = alternate(small, "tokens_per_s", rounds=3)
     mark("speed small")
@@ -161,14 +161,15 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/compress-bench", help="folder for data, checkpoints and results")
     ap.add_argument("--worker", help="measure one checkpoint's decode speed and print one JSON line")
     ap.add_argument("--tokens", type=int, default=DECODE_TOKENS, help="tokens to decode per measurement")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each decode-speed process (default 1)")
     ap.add_argument("--speed-only", action="store_true",
                     help="only the decode-speed comparisons (trains/quantizes what they need if missing)")
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.tokens)
+        worker(args.worker, args.tokens, args.threads)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    res = run(Path(args.work), args.speed_only)
+    res = run(Path(args.work), args.speed_only, args.threads)
     (Path(args.work) / "results.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 

@@ -16,6 +16,9 @@ EXPECTED = {
     "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device",
                  "--top-p", "--min-p", "--repetition-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
                  "--ignore-eos", "--truncate-prompt", "--dtype", "--compile", "--threads"},
+    "serve": {"--host", "--port", "--model-name", "--api-key", "--max-batch", "--max-queue", "--max-prompt-tokens",
+              "--max-tokens", "--max-body-bytes", "--request-timeout", "--shutdown-timeout", "--device", "--dtype",
+              "--threads"},
     "demo": {"--out", "--minutes"},
     "consolidate": {"--out"},
     "plan": {"--seq-len", "--micro-batch", "--global-batch", "--precision", "--optimizer", "--checkpointing",
@@ -28,6 +31,11 @@ EXPECTED = {
     "prune": {"--method", "--sparsity", "--pattern", "--data", "--recover-steps", "--out"},
     "distill": {"--teacher", "--student", "--data", "--out", "--temperature", "--kl-weight", "--ce-weight"},
     "eval": {"--data", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},
+    "import-hf": {"--out"},
+    "export-hf": {"--out"},
+    "finetune": {"--data", "--out", "--method", "--task", "--val-data", "--val-fraction", "--lora-rank", "--lora-alpha",
+                 "--lora-dropout", "--lora-targets"},
+    "classify": {"--text", "--input", "--json"},
 }
 
 
@@ -61,6 +69,8 @@ def run_cli(*args):
     (["train", "--data", "no/such/dir", "--out", "OUT"], "not a prepared data directory"),
     (["train", "--model", "tiny", "--train.lrr", "1"], "did you mean 'lr'"),
     (["generate", "no/such/ckpt"], "checkpoint not found"),
+    (["serve", "no/such/ckpt"], "checkpoint not found"),
+    (["serve", "no/such/ckpt", "--max-batch", "0"], "--max-batch) must be >= 1"),
     (["quantize", "no/such/ckpt", "--method", "int3", "--out", "OUT"], "unknown quantization method"),
     (["prune", "no/such/ckpt", "--method", "magnitude", "--sparsity", "1.5", "--out", "OUT"], "--sparsity must be in (0, 1)"),
 ])

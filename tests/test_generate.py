@@ -418,3 +418,80 @@ def test_decode_layout_keeps_values_and_greedy_output(model):
     a, b = list(generate_steps(model, [[1, 2, 3], [4]], p, vocab_size=500)), list(generate_steps(moved, [[1, 2, 3], [4]], p, vocab_size=500))
     assert [s.ids for s in a] == [s.ids for s in b]
     torch.testing.assert_close(torch.tensor([s.logprobs for s in a]), torch.tensor([s.logprobs for s in b]), atol=ATOL, rtol=0)
+
+
+# --- continuous batching (BatchEngine, the server's decoder) ---------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """Many tiny steps: on a busy 2-core machine, 2 intra-op threads made each ~100x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_engine(engine, jobs, join_every=3):
+    """Add (prompt ids, params) jobs one every `join_every` steps while stepping; returns tokens, text per job."""
+    pending, by_seq, toks, texts, steps = list(enumerate(jobs)), {}, {}, {}, 0
+    while pending or engine.live:
+        if pending and steps % join_every == 0:
+            k, (ids, p) = pending.pop(0)
+            by_seq[engine.add(ids, p)] = k
+        for ev in engine.step():
+            k = by_seq[ev.seq]
+            toks.setdefault(k, []).append(ev.token)
+            texts[k] = texts.get(k, "") + ev.text
+        steps += 1
+    return [toks[k] for k in range(len(jobs))], [texts[k] for k in range(len(jobs))]
+
+
+def test_engine_with_staggered_joins_equals_complete(model, byte_tok, one_thread):
+    # Greedy, seeded, and seeded with filters, penalties and logprobs: each sequence joins a running batch at a
+    # different step, yet decodes exactly what `complete` decodes for it alone (same ids, same text).
+    prompts = ["abc", "b", "cabbage cab", "a"]
+    opts = [dict(temperature=0, max_new_tokens=12), dict(temperature=0.9, seed=3, max_new_tokens=12),
+            dict(temperature=1.0, top_k=50, top_p=0.9, seed=7, presence_penalty=0.5, max_new_tokens=9,
+                 top_logprobs=2, stop=("ab",))]
+    jobs = [(p, o) for p in prompts for o in opts]
+    engine = G.BatchEngine(model, byte_tok, max_batch=8)
+    toks, texts = run_engine(engine, [(byte_tok.encode(p), SamplingParams(stop_at_eos=False, **o)) for p, o in jobs])
+    for (p, o), t, text in zip(jobs, toks, texts):
+        ref = complete(model, byte_tok, [p], stop_at_eos=False, **o)[0]
+        assert t == ref.token_ids and text == ref.text
+    assert engine.live == 0
+
+
+def test_engine_cancel_and_limits(model, byte_tok, one_thread):
+    engine = G.BatchEngine(model, byte_tok, max_batch=2)
+    p = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    a, b = engine.add([1, 2, 3], p), engine.add([4, 5], p)
+    with pytest.raises(GptforgeError, match="0 of 2 rows free"):
+        engine.add([6], p)
+    engine.step()
+    assert engine.cancel(a) and not engine.cancel(a) and engine.live == 1
+    # The freed row is reused; the survivor (moved into row 0) decodes on unchanged.
+    c = engine.add([7, 8], p)
+    out = {b: [], c: []}
+    while engine.live:
+        for ev in engine.step():
+            out[ev.seq].append(ev.token)
+    alone = tokens(generate_steps(model, [[4, 5]], p, vocab_size=byte_tok.vocab_size))[0]
+    assert out[b] == alone[1:] and out[c] == tokens(generate_steps(model, [[7, 8]], p, vocab_size=byte_tok.vocab_size))[0]
+    with pytest.raises(GptforgeError, match="nothing to generate"):
+        engine.add(list(range(1, 65)), p)  # fills the 64-token context
+
+
+def test_engine_prefills_a_wave_of_prompts_in_one_forward(model, byte_tok, one_thread):
+    # Right-padded prompts of different lengths, prefilled together into a batch already running.
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3], [5, 8, 9, 7, 9], [1]]
+    p = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False, logprobs=True)
+    engine = G.BatchEngine(model, byte_tok, max_batch=6)
+    first = engine.add([7, 7, 7], p)
+    engine.step()
+    seqs = engine.add_many([(q, p, ()) for q in prompts])
+    out = {s: [] for s in [first] + seqs}
+    while engine.live:
+        for ev in engine.step():
+            out[ev.seq].append(ev.token)
+    for s, q in zip(seqs, prompts):
+        assert out[s] == tokens(generate_steps(model, [q], p, vocab_size=byte_tok.vocab_size))[0]

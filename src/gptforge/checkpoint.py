@@ -265,6 +265,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
     if tokenizer.vocab_size > cfg.model.padded_vocab_size:
         raise GptforgeError(f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.padded_vocab_size} rows")
+    if cfg.finetune:  # a LoRA adapter (merged onto its base here) or a classifier (not a language model)
+        from gptforge.finetune.run import load_finetuned, needs_special_load
+
+        if cfg.finetune.get("task") == "classify":
+            raise GptforgeError(f"{ckpt} is a classifier, not a language model; use gptforge classify {ckpt}")
+        if needs_special_load(cfg):
+            return load_finetuned(ckpt, cfg, device), tokenizer, cfg
     if not (ckpt / MODEL_FILE).is_file():
         model = GPT(cfg.model)
         load_sharded(ckpt, model)

@@ -243,6 +243,25 @@ def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> None:
           f"compare: gptforge eval {args.teacher} {result.checkpoint} --data {args.data}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from gptforge.serve import ServeConfig, serve
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
+                      api_key=args.api_key or os.environ.get("GPTFORGE_API_KEY") or None, max_batch=args.max_batch,
+                      max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                      max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                      shutdown_timeout=args.shutdown_timeout)
+    serve(args.checkpoint, cfg, device=args.device, dtype=args.dtype)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
@@ -260,6 +279,61 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2))
     else:
         print_table(rows)
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from gptforge.hf import import_hf
+
+    dest = import_hf(args.folder, args.out)
+    print(f"wrote {dest}; try: gptforge generate {dest} --prompt \"Hello\"")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from gptforge.hf import export_hf
+
+    dest, arch = export_hf(args.checkpoint, args.out)
+    print(f"wrote {dest} ({arch}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json); "
+          f"load with transformers.AutoModelForCausalLM.from_pretrained({str(dest)!r})")
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    import dataclasses
+
+    from gptforge.config import build_run_config
+    from gptforge.finetune.lora import LoRAConfig
+    from gptforge.finetune.run import FinetuneSpec, finetune, format_confusion
+
+    cfg = dataclasses.replace(build_run_config(None, None, overrides), out=args.out)
+    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+    spec = FinetuneSpec(method=args.method, task=args.task, lora=lora, val_fraction=args.val_fraction)
+    r = finetune(cfg, args.checkpoint, spec, data=args.data, val_data=args.val_data, progress=not args.no_progress)
+    t = r.train
+    print(f"{args.method} fine-tuning ({args.task}): {r.trainable_params:,} of {r.total_params:,} parameters trained "
+          f"({100 * r.trainable_params / r.total_params:.2f}%), AdamW state {r.optimizer_state_bytes / 2**20:.2f} MiB")
+    print(f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s:,.0f} tokens/s)")
+    if t.first_val_loss is not None and t.final_val_loss is not None:
+        print(f"val loss {t.first_val_loss:.4f} -> {t.final_val_loss:.4f}")
+    if r.classify is not None:
+        print(format_confusion(r.classify))
+    size = (t.checkpoint / "model.safetensors").stat().st_size
+    print(f"checkpoint: {t.checkpoint} (model.safetensors {size / 1e6:.2f} MB{', the adapter only' if args.method == 'lora' else ''})")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.finetune.run import classify_texts, format_confusion
+
+    if args.text and args.input:
+        raise GptforgeError("give either --text or --input, not both")
+    out = classify_texts(args.checkpoint, args.text, args.input)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    for p in out["predictions"]:
+        print(f"{p['label']}\t{p['probability']:.3f}\t{p['text'][:80]}")
+    if "report" in out:
+        print(format_confusion(out["report"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +407,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", parents=[common], help="serve a checkpoint over the OpenAI HTTP API",
+                       description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics) with continuous batching, streaming, limits and metrics. "
+                                   "See docs/serve.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 takes any free one (default 8000)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $GPTFORGE_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences waiting for a batch slot before new requests get 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
+    p.add_argument("--max-tokens", type=int, help="most completion tokens per choice (default: the context)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, queueing included, before it is cancelled (default 600)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled (default 30)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--threads", type=int, help="CPU threads for matmuls (default: all cores)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("consolidate", parents=[common], help="turn a sharded (FSDP) checkpoint into single files",
                        description="Gather a checkpoint saved by an FSDP run (dcp/ shards) into model.safetensors and "
@@ -456,6 +555,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("import-hf", parents=[common], help="convert a local Hugging Face GPT-2 or Llama folder",
+                       description="Read config.json, model.safetensors (or pytorch_model.bin, loaded with "
+                                   "weights_only=True) and tokenizer.json (or vocab.json + merges.txt) from a local "
+                                   "folder and write a gptforge checkpoint. Supported: GPT2LMHeadModel, "
+                                   "LlamaForCausalLM. See docs/finetune.md.")
+    p.add_argument("folder", metavar="DIR", help="a Hugging Face model folder (e.g. from save_pretrained)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", parents=[common], help="write a checkpoint as a Hugging Face folder",
+                       description="GPT-2-style models (learned positions, LayerNorm, GELU) become GPT2LMHeadModel, "
+                                   "Llama-style ones (rotary, RMSNorm, SwiGLU) LlamaForCausalLM; anything else is "
+                                   "refused naming the field. LoRA adapters are merged into their base first.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="folder to write config.json, model.safetensors and the tokenizer into")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("finetune", parents=[common], help="fine-tune a checkpoint: full or LoRA; text, chat or classify",
+                       description="Fine-tune CKPT through the training loop. --task lm reads prepared shards, chat a "
+                                   "JSONL of {\"messages\": [...]} (loss on assistant tokens, packed), classify a JSONL "
+                                   "of {\"text\", \"label\"}. Overrides as in train: --train.FIELD VALUE. See docs/finetune.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help="the base checkpoint (ours, or from gptforge import-hf)")
+    p.add_argument("--data", required=True, help="lm: a directory from gptforge prepare; chat / classify: a JSONL file")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    p.add_argument("--method", default="full", help="full (every weight trains) or lora (low-rank adapters only) (default full)")
+    p.add_argument("--task", default="lm", help="lm, chat or classify (default lm)")
+    p.add_argument("--val-data", help="chat / classify: a validation JSONL (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when no --val-data (default 0.1)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+    p.add_argument("--lora-targets", default="qkv,proj,gate,up,down",
+                   help="comma-separated Linear names to adapt: qkv, proj, gate, up, down, lm_head (default: all of the blocks')")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("classify", parents=[common], help="predict labels with a classifier checkpoint",
+                       description="Label texts with a checkpoint from gptforge finetune --task classify; with a "
+                                   "labelled --input, also accuracy and the confusion matrix.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a classifier checkpoint folder or run directory")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--input", help="a JSONL of {\"text\"} or {\"text\", \"label\"} lines")
+    p.add_argument("--json", action="store_true", help="print predictions (and the report) as JSON")
+    p.set_defaults(func=cmd_classify)
     return parser
 
 
@@ -465,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     debug = getattr(args, "debug", False)
     try:
-        if args.verb in ("train", "distill"):
+        if args.verb in ("train", "distill", "finetune"):
             args.func(args, extra)
         else:
             if extra:

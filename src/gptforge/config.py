@@ -39,11 +39,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"  # relu2: down(relu(up(x))^2) (So et al. 2021, Primer)
     bias: bool = True  # biases in Linear layers and LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     head_size: int | None = None  # per-head width; None: d_model // n_head (set when structured pruning drops heads)
+    # Speedrun fields (docs/train.md "Speedrun recipe"); the defaults build the plain GPT above.
+    qk_norm: bool = False  # RMSNorm (learned gain per head dim) on queries and keys before attention
+    zero_init_proj: bool = False  # attn.proj, mlp.down (and an untied head) start at zero
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2; modded-nanogpt)
+    value_embeds: int = 0  # extra token tables added to the values of the first and last this-many layers
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
@@ -61,6 +66,11 @@ class ModelConfig:
             raise GptforgeError(f"model.d_mlp must be >= 1 or null, got {self.d_mlp}")
         if self.head_size is not None and self.head_size < 1:
             raise GptforgeError(f"model.head_size must be >= 1 or null, got {self.head_size}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise GptforgeError(f"model.logit_softcap must be > 0 or null, got {self.logit_softcap}")
+        if not 0 <= 2 * self.value_embeds <= self.n_layer:
+            raise GptforgeError(f"model.value_embeds ({self.value_embeds}) must be between 0 and n_layer / 2 "
+                                f"({self.n_layer // 2}): each table feeds one of the first and one of the last layers")
 
     @property
     def kv_heads(self) -> int:
@@ -86,7 +96,8 @@ class ModelConfig:
         """Parameters of the model this config builds, counted from the formula (no model needed).
 
         Per block: two norms, the fused qkv projection d x (n_head + 2 n_kv_head) hd, the output projection,
-        and the MLP (2 matrices for gelu, 3 for swiglu). Embeddings: the padded token table, the learned
+        and the MLP (2 matrices for gelu and relu2, 3 for swiglu), plus the query/key norm gains (qk_norm) and
+        the value-embedding gates. Embeddings: the padded token table, the value-embedding tables, the learned
         position table if any, and the output head when it is not tied.
         """
         d, hd, f, b = self.d_model, self.head_dim, self.mlp_width, int(self.bias)
@@ -97,10 +108,13 @@ class ModelConfig:
             mlp = 3 * d * f + b * (2 * f + d)
         else:
             mlp = 2 * d * f + b * (f + d)
+        attn += 2 * hd if self.qk_norm else 0  # the query and key norms' gains
         body = self.n_layer * (2 * norm + attn + mlp) + norm  # + the final norm
+        body += 2 * self.value_embeds  # one mixing gate per layer that reads a value table
         if not embeddings:
             return body
         emb = self.padded_vocab_size * d
+        emb += self.value_embeds * self.padded_vocab_size * self.kv_heads * hd  # lookups, not matmuls
         if self.pos_encoding == "learned":
             emb += self.block_size * d
         if not self.tie_embeddings:
@@ -127,6 +141,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare": dict(
         n_layer=4, n_head=4, d_model=256, vocab_size=4096, block_size=256,
         pos_encoding="rotary", norm="rmsnorm", bias=False,
+    ),
+    # The `shakespeare` shape with the speedrun fields that measured faster to a given val loss on 2 CPU cores
+    # (benchmarks/time_to_loss.py; docs/train.md "Speedrun recipe"). Train it with configs/speedrun.yaml (Muon).
+    "speedrun": dict(
+        n_layer=4, n_head=4, d_model=256, vocab_size=4096, block_size=256,
+        pos_encoding="rotary", norm="rmsnorm", bias=False, mlp="relu2", qk_norm=True, zero_init_proj=True,
+        tie_embeddings=False,
     ),
     # GPT-2 family (Radford et al. 2019; Hugging Face model cards).
     "gpt2": dict(n_layer=12, n_head=12, d_model=768),
@@ -178,6 +199,12 @@ class TrainConfig:
     weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
     beta1: float = 0.9
     beta2: float = 0.95
+    # muon: torch.optim.Muon for the blocks' 2-D weight matrices, AdamW (lr, betas, weight_decay above) for
+    # embeddings, the head and vectors. The schedule scales muon_lr by the same factor as lr.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon matrices
+    muon_weight_decay: float = 0.0  # decoupled, as lr * muon_weight_decay per step
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     eval_every: int = 250  # steps between evaluations (also at the first and last step)
@@ -197,6 +224,9 @@ class TrainConfig:
                 raise GptforgeError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise GptforgeError(f"train.lr must be > 0, got {self.lr}")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
+            raise GptforgeError(f"train.muon_lr must be > 0 (got {self.muon_lr}), train.muon_momentum in [0, 1) "
+                                f"(got {self.muon_momentum}) and train.muon_weight_decay >= 0 (got {self.muon_weight_decay})")
         if self.warmup_steps < 0:
             raise GptforgeError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("seq_len", "batch_tokens", "max_tokens", "early_stop_patience"):
@@ -241,6 +271,7 @@ class RunConfig:
     data: str | None = None  # directory written by `gptforge prepare`
     out: str | None = None  # run directory: checkpoints and logs
     compression: dict[str, Any] | None = None  # what gptforge quantize/prune did (compress/); None: a plain model
+    finetune: dict[str, Any] | None = None  # how gptforge finetune made it: method, task, LoRA, base, labels (finetune/)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -358,6 +389,10 @@ def run_config_from_dict(raw: dict[str, Any], base: RunConfig | None = None, sou
         if not isinstance(raw["compression"], dict):
             raise GptforgeError(f"{source}: 'compression' must be a mapping (written by gptforge quantize / prune)")
         cfg = dataclasses.replace(cfg, compression=dict(raw["compression"]))
+    if raw.get("finetune") is not None:
+        if not isinstance(raw["finetune"], dict):
+            raise GptforgeError(f"{source}: 'finetune' must be a mapping (written by gptforge finetune)")
+        cfg = dataclasses.replace(cfg, finetune=dict(raw["finetune"]))
     for key in ("data", "out"):
         if key in raw:
             cfg = dataclasses.replace(cfg, **{key: _coerce(raw[key], str | None, key)})

@@ -1,7 +1,8 @@
 """The GPT: token (and position) embeddings, a stack of pre-norm blocks, a final norm and the output head.
 
-Variants that change the math (learned vs rotary positions, LayerNorm vs RMSNorm, GELU vs SwiGLU MLP) are
-chosen once, when the model is built; forward passes carry no per-variant flags beyond the rotary tables.
+Variants that change the math (learned vs rotary positions, LayerNorm vs RMSNorm, GELU vs SwiGLU vs ReLU²
+MLP, QK-norm, logit soft-cap) are chosen once, when the model is built, as modules (nn.Identity where a
+variant is off); forward passes carry no per-variant flags beyond the rotary tables and value embeddings.
 Nothing here knows about compile, DDP, LoRA or quantization: those wrap a built model from outside.
 
 Shapes: B batch, T sequence length, D d_model, H query heads, K key/value heads, Hd head size, V padded vocab.
@@ -45,33 +46,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head (or grouped-query, when n_kv_head < n_head) causal attention through SDPA."""
+    """Multi-head (or grouped-query, when n_kv_head < n_head) causal attention through SDPA.
 
-    def __init__(self, cfg: ModelConfig):
+    qk_norm: queries and keys are RMS-normalised per head (a gain per head dim, shared by the heads) before
+    the rotary rotation, which bounds the attention logits and allows higher learning rates (Dehghani et al.
+    2023; Wortsman et al. 2023). value_gate: this layer reads a value-embedding table (GPT.value_embeds);
+    its lookup `ve` (B, T, K*Hd) is added to the values, scaled by a learned gate (modded-nanogpt's value
+    embeddings: token identity reaches the values of deep layers without going through the residual stream).
+    """
+
+    def __init__(self, cfg: ModelConfig, value_gate: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.value_gate = nn.Parameter(torch.empty(1)) if value_gate else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None) -> torch.Tensor:
-        """kv, when given, is one layer's view of a KV cache (gptforge.generate.KVCache): this call's keys and
-        values are written into it and the queries attend to every cached position its mask allows."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
+                ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, 1, T, T) bool, when given, replaces the plain causal mask (packed documents). kv, when
+        given, is one layer's view of a KV cache (gptforge.generate.KVCache): this call's keys and values
+        are written into it and the queries attend to every cached position its mask allows. ve (B, T, K*Hd)
+        is this layer's value-embedding lookup, None for layers without one."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        if ve is not None:
+            v = v + self.value_gate * ve  # (B, T, K*Hd)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, K, T, Hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv is None:
             y = F.scaled_dot_product_attention(
                 q, k, v,
+                attn_mask=mask,
                 dropout_p=self.dropout if self.training else 0.0,
-                is_causal=True,
+                is_causal=mask is None,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, H, T, Hd)
         else:
@@ -108,18 +125,58 @@ class SwiGLUMLP(nn.Module):
         return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class ReLU2MLP(nn.Module):
+    """Primer's MLP: down(relu(up(x))^2) (So et al. 2021); the modded-nanogpt speedrun measured it faster to
+    a given loss than GELU at the same width."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.norm2 = make_norm(cfg)
-        self.mlp = SwiGLUMLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, kv)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.relu(self.up(x)).square()))
+
+
+MLPS = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "relu2": ReLU2MLP}
+
+
+class SoftCap(nn.Module):
+    """cap * tanh(logits / cap): logits stay within (-cap, cap) while small ones pass almost unchanged
+    (Gemma 2, Team et al. 2024; modded-nanogpt)."""
+
+    def __init__(self, cap: float):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(logits / self.cap)
+
+    def extra_repr(self) -> str:
+        return f"cap={self.cap}"
+
+
+def value_embed_layers(cfg: ModelConfig) -> dict[int, int]:
+    """Layer -> value-embedding table: table i feeds layer i and layer n_layer - k + i (k = value_embeds),
+    the U shape of modded-nanogpt, which shares each table between an early and a late layer."""
+    k, n = cfg.value_embeds, cfg.n_layer
+    return {**{i: i for i in range(k)}, **{n - k + i: i for i in range(k)}}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, value_gate: bool = False):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, value_gate)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
+                ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, kv, ve, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -130,20 +187,33 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ve_layers = value_embed_layers(cfg)
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(cfg.padded_vocab_size, cfg.kv_heads * cfg.head_dim) for _ in range(cfg.value_embeds))
+        self.blocks = nn.ModuleList(Block(cfg, i in self.ve_layers) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         # A tied head has no module of its own: forward multiplies by tok_emb.weight, so a state dict never
         # holds the same tensor twice (which safetensors refuses).
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.softcap = SoftCap(cfg.logit_softcap) if cfg.logit_softcap is not None else nn.Identity()
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) for matrices and embeddings, zero biases, unit norms, and the
-        projections that write into the residual stream scaled by 1/sqrt(2*n_layer) (Radford et al. 2019)."""
+        projections that write into the residual stream scaled by 1/sqrt(2*n_layer) (Radford et al. 2019).
+
+        zero_init_proj starts those projections (and an untied head) at zero instead, so each block begins
+        as the identity and the first steps train the residual stream from the embeddings outward
+        (modded-nanogpt; Zhang et al. 2019, Fixup). Value-embedding gates start at 1/2."""
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        zero = ("attn.proj.weight", "mlp.down.weight", "lm_head.weight") if self.config.zero_init_proj else ()
         for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+            if name.endswith(zero):
+                nn.init.zeros_(p)
+            elif name.endswith("value_gate"):
+                nn.init.constant_(p, 0.5)
+            elif name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
             elif p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=0.02)
@@ -152,10 +222,17 @@ class GPT(nn.Module):
             else:  # norm weights
                 nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache=None,
+                doc: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); pos (T,) or per row (B, T) are their positions, 0..T-1 by
         default. With a KV cache (gptforge.generate.KVCache, for generation) idx are only the new tokens: their
-        keys and values join the cached ones, and the cache's mask says which each may attend to."""
+        keys and values join the cached ones, and the cache's mask says which each may attend to. doc (B, T),
+        for sequences packed from several documents, is each token's document id: attention stays causal and
+        within a document (finetune/data.py packs chats this way); without it SDPA runs its is_causal path."""
+        mask = None
+        if doc is not None:
+            causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device)
@@ -170,18 +247,20 @@ class GPT(nn.Module):
             if pos.dim() == 2:
                 rope = (rope[0][:, None], rope[1][:, None])  # 2 x (B, 1, T, Hd): broadcast over heads
         x = self.drop(x)
+        ves = [table(idx) for table in self.value_embeds]  # (B, T, K*Hd) each; none unless value_embeds
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache.layers[i])
+            ve = ves[self.ve_layers[i]] if i in self.ve_layers else None
+            x = block(x, rope, None if cache is None else cache.layers[i], ve, mask)
         x = self.norm_f(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)  # (B, T, V)
+        return self.softcap(F.linear(x, weight))  # (B, T, V)
 
     def num_params(self, *, embeddings: bool = True) -> int:
-        """Parameters actually allocated; `embeddings=False` leaves out token/position tables and the head."""
+        """Parameters actually allocated; `embeddings=False` leaves out token/position/value tables and the head."""
         total = sum(p.numel() for p in self.parameters())
         if embeddings:
             return total
-        emb = self.tok_emb.weight.numel()
+        emb = self.tok_emb.weight.numel() + sum(t.weight.numel() for t in self.value_embeds)
         if self.pos_emb is not None:
             emb += self.pos_emb.weight.numel()
         if self.lm_head is not None:

@@ -121,8 +121,11 @@ def param_tensors(cfg: ModelConfig) -> tuple[int, list[int]]:
     sizes = [cfg.padded_vocab_size * d] + ([cfg.block_size * d] if cfg.pos_encoding == "learned" else [])
     mlp = ([d * f, d * f, f * d] + ([f, f, d] if bias else [])) if cfg.mlp == "swiglu" else \
         ([d * f, f * d] + ([f, d] if bias else []))
-    block = norm + [d * qkv] + ([qkv] if bias else []) + [cfg.n_head * hd * d] + ([d] if bias else []) + norm + mlp
-    sizes += block * cfg.n_layer + norm
+    sizes += [cfg.padded_vocab_size * cfg.kv_heads * hd] * cfg.value_embeds  # value-embedding tables
+    attn = [d * qkv] + ([qkv] if bias else []) + [cfg.n_head * hd * d] + ([d] if bias else [])
+    attn += [hd, hd] if cfg.qk_norm else []  # query and key norm gains
+    block = norm + attn + norm + mlp
+    sizes += block * cfg.n_layer + [1] * (2 * cfg.value_embeds) + norm  # + a gate per layer reading a value table
     if not cfg.tie_embeddings:
         sizes.append(cfg.padded_vocab_size * d)
     return len(sizes), sizes

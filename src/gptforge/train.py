@@ -326,9 +326,11 @@ def _parallel(tc, d: Dist) -> str:
     return tc.parallel
 
 
-def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_state: dict | None = None):
-    """The model, then what wraps it from outside (activation checkpointing, DDP/FSDP, compile), then the
-    optimizer over its parameters. Returns (model to call, unwrapped model, optimizer, autocast dtype)."""
+def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_state: dict | None = None,
+                prepare_model: Callable[[nn.Module], nn.Module] | None = None):
+    """The model, then what wraps it from outside (activation checkpointing, `prepare_model` such as LoRA,
+    DDP/FSDP, compile), then the optimizer over its trainable parameters. Returns (model to call, unwrapped
+    model, optimizer, autocast dtype)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -340,10 +342,14 @@ def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_sta
     amp = autocast_dtype(precision, d.device)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(raw)
+    if prepare_model is not None:
+        raw = prepare_model(raw)
     model = raw
     if parallel == "ddp":
         model = apply_ddp(raw, d)
     elif parallel == "fsdp":
+        if tc.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP gives a rank a shard of it
+            raise GptforgeError("train.optimizer muon needs whole weight matrices on every rank; use --train.parallel ddp, or adamw with fsdp")
         # FSDP's mixed-precision policy replaces autocast: bf16 compute, fp32 master weights and reductions.
         apply_fsdp(raw, tc.fsdp_strategy, torch.bfloat16 if precision == "bf16" else None)
         amp = None
@@ -383,7 +389,8 @@ def restore(ckpt: Path, cfg: RunConfig, data: TokenData, raw_model: nn.Module, o
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = None,
-          loss_fn: LossFn = next_token_loss, progress: bool = True) -> TrainResult:
+          loss_fn: LossFn = next_token_loss, progress: bool = True, source=None,
+          prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainResult:
     """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints, metrics and TensorBoard files
     under `cfg.out`. Under torchrun, every rank calls this; rank 0 logs and writes.
 
@@ -391,6 +398,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
                `cfg.out`; weights, optimizer, step, sampler position and RNG states are restored, at any
                world size.
     init_from: a checkpoint whose weights (and model config) start a new run with a fresh optimizer.
+    source:    batches from elsewhere than token shards (finetune/data.py): an object with `fingerprint`,
+               `tokenizer()` and `samplers(micro_batch, seq_len, seed, eval_seed)` -> (train, val or None)
+               samplers with `batch(k)` -> (x, y); x is anything with `.to(device)` that loss_fn reads.
+    prepare_model: applied to the built (and init_from-loaded) model before DDP/compile and the optimizer,
+               e.g. a LoRA swap; parameters it freezes are never saved (they are init_from's, unchanged).
     """
     if cfg.data is None or cfg.out is None:
         raise GptforgeError("train needs --data DIR (from gptforge prepare) and --out DIR (where the run is written)")
@@ -398,19 +410,21 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
         raise GptforgeError("give either --resume (continue a run) or --init-from (start from its weights), not both")
     tc = cfg.train
     d = init_distributed(resolve_device(tc.device), tc.dist_timeout)
+    if source is not None and resume is not None:
+        raise GptforgeError("resuming a fine-tuning run from JSONL data is not supported; start it again")
     try:
-        return _train(cfg, d, resume, init_from, loss_fn, progress)
+        return _train(cfg, d, resume, init_from, loss_fn, progress, source, prepare_model)
     finally:
         close_distributed()
 
 
 def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, loss_fn: LossFn,
-           progress: bool) -> TrainResult:
+           progress: bool, source=None, prepare_model=None) -> TrainResult:
     tc = cfg.train
     run_dir = Path(cfg.out)
     if d.is_main:
         _check_writable(run_dir)
-    data = TokenData(cfg.data)
+    data = TokenData(cfg.data) if source is None else source
     tokenizer = data.tokenizer()
     if tokenizer.fingerprint != data.fingerprint:
         raise GptforgeError(f"{cfg.data}: tokenizer.json does not match the fingerprint in meta.json; re-run gptforge prepare")
@@ -446,15 +460,19 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere and later)
         torch.backends.cudnn.allow_tf32 = True
 
-    model, raw_model, optimizer, amp = build_model(cfg, precision, parallel, d, init_state)
+    model, raw_model, optimizer, amp = build_model(cfg, precision, parallel, d, init_state, prepare_model)
     del init_state
     if tc.compile:
         loss_fn = torch.compile(loss_fn)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
-    val_sampler = None
-    if data.meta["splits"]["val"]["tokens"] > 0:
-        val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
+    if source is not None:
+        sampler, val_sampler = source.samplers(tc.micro_batch, seq_len, tc.seed, EVAL_SEED)
+    else:
+        sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
+        val_sampler = None
+        if data.meta["splits"]["val"]["tokens"] > 0:
+            val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
+    frozen = {name for name, p in raw_model.named_parameters() if not p.requires_grad}
     step, tokens_seen, best_val, skipped, stale_evals = 0, 0, math.inf, 0, 0
 
     if resume == "auto" and (ckpt := find_resumable(run_dir, warn=reporter.note)) is None:
@@ -505,6 +523,7 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
                                 write_shards=lambda path: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path)))
             else:
                 msd, osd = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True))
+                msd = {k: v for k, v in msd.items() if k not in frozen}  # LoRA: the adapter only
                 state = trainer_state(osd)
                 if d.is_main:
                     save_checkpoint(run_dir, step, cfg, tokenizer, state, tc.keep_last, best, model_state=msd)
@@ -550,7 +569,7 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
                 t0 = time.perf_counter()
                 lr = lr_at(step, tc)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / lr times lr
                 batches = [sampler.batch(step * per_step + j) for j in range(d.rank, per_step, d.world)]
                 loss = forward_backward(model, batches, loss_fn, device, amp, scaler, d if d.enabled else None)
                 if scaler is not None:

@@ -158,6 +158,9 @@ def structured_plan(model: nn.Module, sparsity: float, batches: list[torch.Tenso
     columns it writes through (attn.proj for a head's values, mlp.down for a channel); without calibration
     batches the activation norms are taken as 1 (plain weight magnitude)."""
     cfg = model.config
+    if cfg.value_embeds:  # a table feeds an early and a late layer, which may keep different heads
+        raise GptforgeError("structured pruning cannot remove heads of a model with value embeddings "
+                            f"(model.value_embeds = {cfg.value_embeds}); use --method magnitude or wanda")
     hd, per_group = cfg.head_dim, cfg.n_head // cfg.kv_heads
     norms = input_norms(model, batches) if batches else {}
     keep_groups = max(1, round((1 - sparsity) * cfg.kv_heads))

@@ -1,0 +1,301 @@
+"""`gptforge finetune`: a base checkpoint + a method (full | lora) + a task (lm | chat | classify), run through
+the one training loop, `gptforge.train.train`, with the task's data source, loss and model transform.
+
+What a fine-tuned checkpoint records in config.yaml's `finetune:` section, and how it loads:
+  method full, task lm/chat   a plain checkpoint (every weight), loads anywhere.
+  method lora                 model.safetensors holds only the adapter (lora_a/lora_b, and the class head);
+                              `finetune.base` names the base checkpoint; load_checkpoint merges them.
+  task classify               the GPT's output head is a (classes, d_model) matrix read at the text's last
+                              token; `finetune.labels` names the classes. Loaded by `load_classifier`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptforge.config import RunConfig
+from gptforge.errors import GptforgeError
+from gptforge.finetune.data import (IGNORE_INDEX, ChatData, ClassifyBatch, ClassifyData, PackedBatch, collate,
+                                    encode_text, eval_batches_for, read_labelled)
+from gptforge.finetune.lora import LoRAConfig, apply_lora, is_lora_key, merge_lora
+from gptforge.model import GPT
+from gptforge.tokenizer import Tokenizer
+
+METHODS = ("full", "lora")
+TASKS = ("lm", "chat", "classify")
+
+
+# --- losses for the loop: loss_fn(model, x, y) -> (summed loss, number of targets) ---------------------------
+
+def chat_loss(model: nn.Module, x: PackedBatch, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on assistant tokens of packed conversations (attention kept within each)."""
+    logits = model(x.idx, pos=x.pos, doc=x.doc)  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (y != IGNORE_INDEX).sum()
+
+
+def class_logits(model: nn.Module, x: ClassifyBatch) -> torch.Tensor:
+    """(B, C): the class head read at each row's last real token (its closing EOS)."""
+    out = model(x.idx)  # (B, T, C): the output head is the class head
+    return out[torch.arange(out.shape[0], device=out.device), x.last]  # (B, C)
+
+
+def classify_loss(model: nn.Module, x: ClassifyBatch, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.cross_entropy(class_logits(model, x).float(), y, reduction="sum"), y.new_tensor(y.numel())
+
+
+# --- model transforms -----------------------------------------------------------------------------------------
+
+def attach_class_head(model: GPT, n_classes: int) -> GPT:
+    """Swap the GPT's output head for a (n_classes, d_model) one (in place): forward then returns class
+    scores at every position, and the loss reads the last. The tied embedding stays as the input table."""
+    w = model.tok_emb.weight
+    head = nn.Linear(model.config.d_model, n_classes, bias=False, device=w.device, dtype=w.dtype)
+    nn.init.normal_(head.weight, std=0.02)
+    model.lm_head = head
+    return model
+
+
+def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
+    """A copy of `model` whose token table (and untied head) has room for `vocab_size` tokens.
+
+    New rows start at the mean of the existing ones plus small noise (Hewitt 2021, "Initializing new word
+    embeddings"): near what the model already reads, yet distinct, so new markers are told apart."""
+    old = model.config.vocab_size
+    cfg = dataclasses.replace(model.config, vocab_size=vocab_size)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    for key in ("tok_emb.weight", "lm_head.weight"):
+        if key not in state:
+            continue
+        t = state[key]
+        grown = t.new_zeros(cfg.padded_vocab_size, t.shape[1])
+        grown[:old] = t[:old]
+        mean, std = t[:old].float().mean(0), t[:old].float().std() * 0.1
+        grown[old:vocab_size] = (mean + std * torch.randn(vocab_size - old, t.shape[1], generator=g)).to(t.dtype)
+        state[key] = grown
+    with torch.device("meta"):
+        new = GPT(cfg)
+    new.load_state_dict(state, assign=True)
+    return new
+
+
+@dataclass
+class FinetuneSpec:
+    method: str = "full"
+    task: str = "lm"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise GptforgeError(f"unknown --method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.task not in TASKS:
+            raise GptforgeError(f"unknown --task {self.task!r}; use one of {', '.join(TASKS)}")
+
+
+def model_transform(section: dict[str, Any]):
+    """The function build_model applies to the loaded base: LoRA and/or a class head, per the section."""
+    def prepare(model: GPT) -> nn.Module:
+        if section["method"] == "lora":
+            apply_lora(model, LoRAConfig(**section["lora"]))
+        if section["task"] == "classify":
+            attach_class_head(model, len(section["labels"]))  # after apply_lora: the new head trains
+        return model
+    return prepare
+
+
+# --- loading fine-tuned checkpoints -----------------------------------------------------------------------------
+
+def needs_special_load(cfg: RunConfig) -> bool:
+    s = cfg.finetune or {}
+    return s.get("method") == "lora" or s.get("task") == "classify"
+
+
+def _base_path(ckpt: Path, section: dict) -> Path:
+    from gptforge.checkpoint import resolve_checkpoint
+
+    base = Path(section["base"])
+    for cand in (base, ckpt / base):
+        if cand.exists():
+            return resolve_checkpoint(cand)
+    raise GptforgeError(f"{ckpt} is a LoRA adapter whose base checkpoint {base} is not there; "
+                        "put the base back (or fine-tune with --method full for a self-contained checkpoint)")
+
+
+def load_finetuned(ckpt: Path, cfg: RunConfig, device: str | torch.device = "cpu", merge: bool = True) -> nn.Module:
+    """The model of a LoRA and/or classification checkpoint: base weights, then the transform, then the saved
+    (trainable) state; LoRA merged into plain Linears when `merge`."""
+    from safetensors.torch import load_file
+
+    from gptforge.checkpoint import MODEL_FILE, load_checkpoint
+
+    section = cfg.finetune
+    state = load_file(str(ckpt / MODEL_FILE), device=str(device))
+    if section["method"] == "lora":
+        model, _, base_cfg = load_checkpoint(_base_path(ckpt, section), device=device)
+        if base_cfg.model != cfg.model:
+            raise GptforgeError(f"{ckpt}: its base checkpoint's model config differs from the adapter's; was the base replaced?")
+    else:
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+    model = model_transform(section)(model)
+    try:
+        model.load_state_dict(state, strict=section["method"] != "lora", assign=section["method"] != "lora")
+    except RuntimeError as e:
+        raise GptforgeError(f"{ckpt / MODEL_FILE} does not match its config.yaml: {e}") from None
+    if section["method"] == "lora":
+        expected = {k for k in model.state_dict() if is_lora_key(k) or k == "lm_head.weight" and section["task"] == "classify"}
+        if expected != set(state):
+            raise GptforgeError(f"{ckpt / MODEL_FILE}: adapter keys do not match the LoRA config "
+                                f"(missing {sorted(expected - set(state))[:3]}, extra {sorted(set(state) - expected)[:3]})")
+        if merge:
+            merge_lora(model)
+    return model.to(device).eval()
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, RunConfig]:
+    from gptforge.checkpoint import TOKENIZER_FILE, read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    if (cfg.finetune or {}).get("task") != "classify":
+        raise GptforgeError(f"{ckpt} is not a classifier; train one with gptforge finetune --task classify")
+    return load_finetuned(ckpt, cfg, device), Tokenizer.load(ckpt / TOKENIZER_FILE), cfg
+
+
+# --- classification reports -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Class probabilities (N, C) for texts."""
+    seq_len = model.config.block_size
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = collate([encode_text(tokenizer, t, seq_len) for t in texts[i:i + batch_size]], tokenizer.eos_id)
+        out.append(class_logits(model, batch.to(next(model.parameters()).device)).float().softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def confusion(pred: list[int], gold: list[int], n: int) -> list[list[int]]:
+    m = [[0] * n for _ in range(n)]
+    for p, g in zip(pred, gold):
+        m[g][p] += 1
+    return m
+
+
+def classify_report(model: nn.Module, tokenizer: Tokenizer, labels: list[str], texts: list[str],
+                    gold: list[str]) -> dict[str, Any]:
+    """Accuracy and confusion matrix (rows: true label, columns: predicted) of a classifier on labelled texts."""
+    pred = predict(model, tokenizer, texts).argmax(-1).tolist()
+    g = [labels.index(x) for x in gold]
+    acc = sum(p == t for p, t in zip(pred, g)) / max(1, len(g))
+    return {"accuracy": acc, "n": len(g), "labels": labels, "confusion": confusion(pred, g, len(labels))}
+
+
+def format_confusion(report: dict[str, Any]) -> str:
+    labels = report["labels"]
+    w = max(8, *(len(x) for x in labels)) + 2
+    lines = [f"accuracy {report['accuracy']:.3f} on {report['n']} examples; confusion (rows true, columns predicted):",
+             " " * w + "".join(f"{x:>{w}}" for x in labels)]
+    for lab, row in zip(labels, report["confusion"]):
+        lines.append(f"{lab:<{w}}" + "".join(f"{v:>{w}}" for v in row))
+    return "\n".join(lines)
+
+
+# --- the verb ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult:
+    train: Any  # gptforge.train.TrainResult
+    trainable_params: int
+    total_params: int
+    optimizer_state_bytes: int  # AdamW: two fp32 moments per trainable parameter
+    classify: dict[str, Any] | None = None
+
+
+def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str, val_data: str | None = None,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune checkpoint `base` on `data` (a prepared directory for lm, a JSONL for chat and classify),
+    writing the run to `cfg.out`. `cfg.train` holds the loop's settings; the model comes from `base`."""
+    from gptforge.checkpoint import load_checkpoint, resolve_checkpoint, write_checkpoint
+    from gptforge.train import next_token_loss, train
+
+    if cfg.out is None:
+        raise GptforgeError("finetune needs --out DIR")
+    base_ckpt = resolve_checkpoint(base)
+    base_model, tokenizer, base_cfg = load_checkpoint(base_ckpt)
+    if base_cfg.finetune and base_cfg.finetune.get("task") == "classify":
+        raise GptforgeError(f"{base_ckpt} is a classifier; fine-tune its base language model instead")
+    init_from = base_ckpt
+    seq_len = min(cfg.train.seq_len or base_cfg.model.block_size, base_cfg.model.block_size)
+    section: dict[str, Any] = {"method": spec.method, "task": spec.task}
+    source, loss_fn = None, next_token_loss
+    if spec.task == "chat" and not tokenizer.has_chat_template:
+        # The ChatML markers join the vocabulary; the model's table grows to match, saved as a new base.
+        tokenizer.add_chat_tokens()
+        resized = resize_vocab(base_model, tokenizer.vocab_size)
+        init_from = write_checkpoint(Path(cfg.out) / "base", dataclasses.replace(base_cfg, model=resized.config),
+                                     tokenizer, model_state=resized.state_dict())
+    if spec.task == "lm":
+        cfg = dataclasses.replace(cfg, data=data)
+    elif spec.task == "chat":
+        source = ChatData(data, tokenizer, val_path=val_data, val_fraction=spec.val_fraction, seed=cfg.train.seed)
+        loss_fn = chat_loss
+        n_val = len(source.packed("val", seq_len)[0]) if source.splits["val"] else 0
+        cfg = dataclasses.replace(cfg, data=str(data))
+    else:
+        source = ClassifyData(data, tokenizer, val_path=val_data, val_fraction=spec.val_fraction, seed=cfg.train.seed)
+        loss_fn = classify_loss
+        section["labels"] = source.labels
+        n_val = len(source.splits["val"])
+        cfg = dataclasses.replace(cfg, data=str(data))
+    if source is not None and n_val:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, eval_batches=eval_batches_for(n_val, cfg.train.micro_batch)))
+    if spec.method == "lora":
+        section["lora"] = spec.lora.to_dict()
+        section["base"] = str(Path(init_from).resolve())
+    cfg = dataclasses.replace(cfg, finetune=section, compression=base_cfg.compression)
+    prepare = model_transform(section) if spec.method == "lora" or spec.task == "classify" else None
+
+    # Counted on a copy with the transform applied, exactly as the loop will build it.
+    counted = model_transform(section)(resize_vocab(base_model, tokenizer.vocab_size)) if prepare else base_model
+    trainable = sum(p.numel() for p in counted.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in counted.parameters())
+    del base_model, counted
+    result = train(cfg, init_from=str(init_from), loss_fn=loss_fn, progress=progress, source=source,
+                   prepare_model=prepare)
+    report = None
+    if spec.task == "classify" and source.splits["val"]:
+        model, tok, _ = load_classifier(result.checkpoint)
+        val = source.splits["val"]
+        report = classify_report(model, tok, source.labels, [t for _, t, _ in val], [lab for _, _, lab in val])
+    return FinetuneResult(result, trainable, total, 8 * trainable, report)
+
+
+def classify_texts(path: str | Path, texts: list[str] | None = None, input_file: str | None = None) -> dict[str, Any]:
+    """Predictions of a classifier checkpoint for texts or a JSONL file (with labels: accuracy + confusion)."""
+    model, tokenizer, cfg = load_classifier(path)
+    labels = cfg.finetune["labels"]
+    gold = None
+    if input_file is not None:
+        recs, _ = read_labelled(input_file, labels)
+        texts = [t for _, t, _ in recs]
+        if all(lab is not None for _, _, lab in recs):
+            gold = [lab for _, _, lab in recs]
+    if not texts:
+        raise GptforgeError("nothing to classify: give --text TEXT (repeatable) or --input FILE.jsonl")
+    probs = predict(model, tokenizer, texts)
+    out: dict[str, Any] = {"predictions": [
+        {"text": t, "label": labels[int(p.argmax())], "probability": round(float(p.max()), 4)} for t, p in zip(texts, probs)]}
+    if gold is not None:
+        out["report"] = classify_report(model, tokenizer, labels, texts, gold)
+    return out
