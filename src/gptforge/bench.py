@@ -55,6 +55,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_step_s(step, dev: torch.device, steps: int) -> float:
+    """Median seconds of `steps` calls of `step` after one warm-up (which creates the optimizer states); the
+    CUDA peak-memory counter is reset after the warm-up, so it reads the timed steps' peak."""
+    step()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", micro_batch: int = 4,
           seq_len: int | None = None, steps: int = 3, decode_tokens: int = 32, hardware: str | None = None,
           mfu: float = 0.4) -> list[Row]:
@@ -94,17 +110,7 @@ def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", mic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up; creates the optimizer states
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    _sync(dev)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    tok_s = micro_batch * seq_len / sorted(times)[len(times) // 2]
+    tok_s = micro_batch * seq_len / _median_step_s(step, dev, steps)
     rows.append(Row("train tokens/s", plan.throughput.tokens_per_s, tok_s, "tokens/s"))
     rows.append(Row("train MFU", mfu, tok_s * plan.throughput.flops_per_token / hw.peak_flops(precision), "fraction"))
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
@@ -213,17 +219,7 @@ def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> l
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: creates the optimizer states
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]
+    step_s = _median_step_s(step, dev, steps)
     tok_s = b * t * k / step_s
 
     m = plan.memory
