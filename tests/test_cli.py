@@ -15,7 +15,7 @@ EXPECTED = {
     "train": {"--config", "--model", "--data", "--out", "--resume", "--init-from", "--nproc"},
     "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device",
                  "--top-p", "--min-p", "--repetition-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
-                 "--ignore-eos", "--truncate-prompt", "--dtype", "--compile", "--threads"},
+                 "--ignore-eos", "--truncate-prompt", "--dtype", "--compile", "--threads", "--chat", "--system"},
     "serve": {"--host", "--port", "--model-name", "--api-key", "--max-batch", "--max-queue", "--max-prompt-tokens",
               "--max-tokens", "--max-body-bytes", "--request-timeout", "--shutdown-timeout", "--device", "--dtype",
               "--threads"},
@@ -114,3 +114,39 @@ def test_checkpoint_with_wrong_tokenizer_for_data(plays_dir, tmp_path, prepared)
                    "--train.max_steps", "2", "--train.seq_len", "32", "--train.eval_batches", "1").returncode == 0
     r = run_cli("train", "--model", "tiny", "--data", str(data), "--out", str(run), "--resume", "auto", "--no-progress")
     assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_chat_session(prepared, tmp_path, capsys, monkeypatch):
+    """--chat: each stdin line is a user turn rendered with the ChatML template; the replies are exactly
+    stream() over Tokenizer.encode_chat of the conversation so far (greedy), the first reply in the second prompt."""
+    import dataclasses
+    import io
+
+    import torch
+
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.cli import main
+    from gptforge.config import RunConfig, model_preset
+    from gptforge.data import TokenData
+    from gptforge.generate import load, stream
+    from gptforge.model import GPT
+
+    tok = TokenData(prepared).tokenizer()
+    cfg = RunConfig(model=dataclasses.replace(model_preset("tiny"), vocab_size=tok.vocab_size))
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, tok, model_state=GPT(cfg.model).state_dict())
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who art thou?\nAnd then?\n"))
+    assert main(["generate", str(ckpt), "--chat", "--system", "Be brief.", "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    model, tok = load(ckpt)
+    messages = [{"role": "system", "content": "Be brief."}]
+    expected = []
+    for turn in ("Who art thou?", "And then?"):
+        messages.append({"role": "user", "content": turn})
+        ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
+        reply = "".join(stream(model, tok, ids, max_new_tokens=6, temperature=0.0, stop=("<|im_end|>",)))
+        messages.append({"role": "assistant", "content": reply})
+        expected.append(f"assistant> {reply}\n")
+    assert out == "".join(expected)
+    assert main(["generate", str(ckpt), "--system", "x"]) == 2  # --system without --chat

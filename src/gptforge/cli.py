@@ -99,7 +99,11 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     from gptforge.generate import load, stream
 
-    prompt = _read_prompt(args)
+    if args.chat and (args.prompt is not None or args.prompt_file is not None):
+        raise GptforgeError("--chat reads each turn from standard input; leave out --prompt / --prompt-file")
+    if args.system is not None and not args.chat:
+        raise GptforgeError("--system is the system message of a --chat session; add --chat")
+    prompt = "" if args.chat else _read_prompt(args)
     if args.threads is not None:
         import torch
 
@@ -107,16 +111,49 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                   stop=tuple(args.stop or ()), stop_at_eos=not args.ignore_eos, truncate_prompt=args.truncate_prompt,
+                   seed=args.seed, compile=True if args.compile else None)
+    if args.chat:
+        return _chat(model, tokenizer, args.system, options)
     sys.stdout.write(prompt)
-    for delta in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                        frequency_penalty=args.frequency_penalty, stop=tuple(args.stop or ()),
-                        stop_at_eos=not args.ignore_eos, truncate_prompt=args.truncate_prompt, seed=args.seed,
-                        compile=True if args.compile else None):
+    for delta in stream(model, tokenizer, prompt, **options):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _chat(model, tokenizer, system: str | None, options: dict) -> None:
+    """An interactive session: each line of standard input is a user turn; the reply streams until the model
+    ends its turn (<|im_end|>), and the whole conversation is the next turn's prompt (the tokenizer's ChatML
+    template, as fine-tuning and the server use it). Ends at end of input."""
+    from gptforge.generate import stream
+    from gptforge.tokenizer import IM_END
+
+    if not tokenizer.has_chat_template:
+        tokenizer.encode_chat([])  # raises the error that names the fix
+    messages = [{"role": "system", "content": system}] if system else []
+    options = {**options, "stop": (*options["stop"], IM_END)}
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        reply = []
+        sys.stdout.write("assistant> ")
+        for delta in stream(model, tokenizer, ids, **options):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 def cmd_consolidate(args: argparse.Namespace) -> None:
@@ -399,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the end of a prompt longer than the context instead of failing")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--chat", action="store_true",
+                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
+                        "checkpoint's chat template (from gptforge finetune --task chat)")
+    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")

@@ -437,7 +437,9 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):  # already token ids (a chat rendered by Tokenizer.encode_chat)
+        return prompt
     # An empty prompt starts a new document: the model saw EOS before every document in training.
     return tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
 
@@ -485,9 +487,9 @@ def _params(kwargs: dict) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
-def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, *, compile: bool | None = None,
+def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], *, compile: bool | None = None,
            **options) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text deltas, each valid UTF-8, as it is generated.
+    """Yield the continuation of `prompt` (text, or token ids) as text deltas, each valid UTF-8, as it is generated.
 
     options are the fields of SamplingParams (max_new_tokens, temperature, top_k, top_p, min_p, penalties,
     seed, stop, stop_at_eos, truncate_prompt). A stop string is never yielded, not even in part.
