@@ -160,43 +160,58 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int)
     return idx, targets, pos, doc
 
 
-class ChatData:
+class _JsonlSource:
+    """What train() reads of a data source, for the JSONL ones: the tokenizer and its fingerprint, and a train
+    and a val sampler (None for an empty split) over the batches a subclass's `_batches` makes."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.fingerprint = tokenizer.fingerprint
+        self.splits: dict[str, list] = {}
+
+    def tokenizer(self) -> Tokenizer:
+        return self.tok
+
+    def _batches(self, split: str, seq_len: int):
+        """(number of items, make(rows) -> (x, y)) of one split."""
+        raise NotImplementedError
+
+    def samplers(self, batch_size: int, seq_len: int, seed: int, eval_seed: int):
+        out = []
+        for split, s in (("train", seed), ("val", eval_seed)):
+            if self.splits[split]:
+                n, make = self._batches(split, seq_len)
+                out.append(EpochSampler(n, batch_size, s, make))
+            else:
+                out.append(None)
+        return tuple(out)
+
+
+class ChatData(_JsonlSource):
     """A chat JSONL (train, and val from --val-data or a held-out fraction) as a source for train()."""
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, *, val_path: str | Path | None = None,
                  val_fraction: float = 0.1, seed: int = 0):
-        self.tok = tokenizer
-        self.fingerprint = tokenizer.fingerprint
+        super().__init__(tokenizer)
         train = read_chat(path, tokenizer)
         if val_path is not None:
             val = read_chat(val_path, tokenizer)
         else:
             train, val = split_records(train, val_fraction, seed)
         self.splits = {"train": train, "val": val}
-        self.truncated = 0
-
-    def tokenizer(self) -> Tokenizer:
-        return self.tok
 
     def packed(self, split: str, seq_len: int) -> tuple[np.ndarray, ...]:
         examples = [(i, t) for _, i, t in self.splits[split]]
-        self.truncated += sum(len(i) > seq_len for i, _ in examples)
         return pack(examples, seq_len, self.tok.eos_id)
 
-    def samplers(self, batch_size: int, seq_len: int, seed: int, eval_seed: int):
-        out = []
-        for split, s in (("train", seed), ("val", eval_seed)):
-            if not self.splits[split]:
-                out.append(None)
-                continue
-            arrays = [torch.from_numpy(a) for a in self.packed(split, seq_len)]
+    def _batches(self, split: str, seq_len: int):
+        arrays = [torch.from_numpy(a) for a in self.packed(split, seq_len)]
 
-            def make(rows, a=arrays):
-                idx, tgt, pos, doc = (t[rows] for t in a)
-                return PackedBatch(idx, pos, doc), tgt
+        def make(rows):
+            idx, tgt, pos, doc = (t[rows] for t in arrays)
+            return PackedBatch(idx, pos, doc), tgt
 
-            out.append(EpochSampler(len(arrays[0]), batch_size, s, make))
-        return tuple(out)
+        return len(arrays[0]), make
 
 
 # --- classification -----------------------------------------------------------------------------------------
@@ -247,13 +262,12 @@ def read_labelled(path: str | Path, labels: list[str] | None = None) -> tuple[li
     return out, (labels if labels is not None else found)
 
 
-class ClassifyData:
+class ClassifyData(_JsonlSource):
     """Labelled text JSONL as a source for train(): x a ClassifyBatch, y the label ids (B,)."""
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, *, val_path: str | Path | None = None,
                  val_fraction: float = 0.1, seed: int = 0):
-        self.tok = tokenizer
-        self.fingerprint = tokenizer.fingerprint
+        super().__init__(tokenizer)
         records, labels = read_labelled(path)
         missing = [w for w, _, lab in records if lab is None]
         if missing:
@@ -270,26 +284,17 @@ class ClassifyData:
             train, val = split_records(records, val_fraction, seed)
             self.splits = {"train": train, "val": val}
 
-    def tokenizer(self) -> Tokenizer:
-        return self.tok
-
     def examples(self, split: str, seq_len: int) -> tuple[list[list[int]], list[int]]:
         recs = self.splits[split]
         return ([encode_text(self.tok, t, seq_len) for _, t, _ in recs], [self.labels.index(lab) for _, _, lab in recs])
 
-    def samplers(self, batch_size: int, seq_len: int, seed: int, eval_seed: int):
-        out = []
-        for split, s in (("train", seed), ("val", eval_seed)):
-            if not self.splits[split]:
-                out.append(None)
-                continue
-            ids, ys = self.examples(split, seq_len)
+    def _batches(self, split: str, seq_len: int):
+        ids, ys = self.examples(split, seq_len)
 
-            def make(rows, ids=ids, ys=ys):
-                return collate([ids[r] for r in rows], self.tok.eos_id), torch.tensor([ys[r] for r in rows])
+        def make(rows):
+            return collate([ids[r] for r in rows], self.tok.eos_id), torch.tensor([ys[r] for r in rows])
 
-            out.append(EpochSampler(len(ids), batch_size, s, make))
-        return tuple(out)
+        return len(ids), make
 
 
 def eval_batches_for(n_items: int, batch_size: int) -> int:
