@@ -106,9 +106,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     """AdamW with decoupled weight decay on matrices (weights and embeddings) only; norms and biases are
     vectors and get none (Loshchilov & Hutter 2019; GPT-2/nanoGPT practice).
 
-    optimizer "muon": the blocks' matrices go to Muon (torch.optim.Muon, fp32 iteration on CPU) instead (momentum, then Newton-Schulz
-    orthogonalisation of the update) at muon_lr, the rest to the AdamW above. Every group carries an
-    `lr_scale` (muon_lr / lr for Muon's, 1 for AdamW's) that the loop multiplies the scheduled lr by."""
+    optimizer "muon": the blocks' matrices go to Muon instead (momentum, then Newton-Schulz orthogonalisation
+    of the update; fp32 iteration on CPU) at muon_lr, the rest to the AdamW above. Muon's group carries an
+    `lr_scale` (muon_lr / lr) that the loop multiplies the scheduled lr by (AdamW's groups: none, i.e. 1)."""
     hidden = set(muon_params(model)) if cfg.optimizer == "muon" else set()
     params = [p for n, p in model.named_parameters() if p.requires_grad and n not in hidden]
     decay = [p for p in params if p.dim() >= 2]
@@ -126,7 +126,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         return adamw
     matrices = [p for n, p in model.named_parameters() if n in hidden]
     muon = Muon([{"params": matrices, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
-                            momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True)
+                momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True)
     return MuonAdamW(muon, adamw)
 
 
