@@ -13,7 +13,7 @@ from gptforge.checkpoint import load_checkpoint, write_checkpoint
 from gptforge.compress.distill import DistillConfig, DistillLoss, distill
 from gptforge.compress.evaluate import eval_checkpoints
 from gptforge.compress.prune import (block_linears, prune_checkpoint, prune_model, shrink, structured_plan,
-                                     unstructured_masks)
+                                     structured_widths, unstructured_masks)
 from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize, quantize_checkpoint, quantize_model,
                                         quantize_state_dict)
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
@@ -73,9 +73,10 @@ def test_per_layer_error_is_within_half_a_step():
 
 @pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 128)])
 def test_one_row_kernels_equal_the_dequantized_matmul(monkeypatch, method, group):
-    """Batch-1 decode's kernels (the compiled GEMVs, PyTorch's aten weight-only kernels) and the many-row
-    dequantize path compute the same product; int4 codes unpack to exactly what was packed."""
+    """Decode's kernels (gemv.py's native ones for 1 and 8 rows, PyTorch's aten weight-only kernels for one) and
+    the many-row dequantize path compute the same product; int4 codes unpack to exactly what was packed."""
     import gptforge.compress.quantize as Q
+    from gptforge import gemv
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384, bias=True)
@@ -87,15 +88,18 @@ def test_one_row_kernels_equal_the_dequantized_matmul(monkeypatch, method, group
         codes = torch.round((lin.weight.detach().view(384, -1, group) - ql.zeros.float()[..., None])
                             / ql.scales.float()[..., None]).clamp(0, 15).view(384, 256)
         assert torch.equal(Q.unpack_int4(ql.weight_q, 256 // group), codes.to(torch.uint8))
-    x = torch.randn(1, 1, 256)
-    expected = F.linear(x, ql.dequantized(), lin.bias)
-    assert ql.shape.numel() >= Q.COMPILED_MIN_WEIGHTS  # so the first kernel below is the compiled one
-    for kernel in ("compiled", "aten", "dequant"):
-        monkeypatch.setattr(Q, "KERNEL", kernel)
-        with torch.no_grad():
-            torch.testing.assert_close(ql(x), expected, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # several rows always take the dequantize path
-        torch.testing.assert_close(ql(x.expand(1, 5, 256)), F.linear(x.expand(1, 5, 256), ql.dequantized(), lin.bias))
+    for rows in (1, 8):
+        x = torch.randn(1, rows, 256)
+        expected = F.linear(x, ql.dequantized(), lin.bias)
+        kernels = ("native", "aten", "dequant") if rows == 1 else ("native", "dequant")
+        for kernel in kernels:
+            monkeypatch.setattr(Q, "KERNEL", kernel)
+            with torch.no_grad():
+                torch.testing.assert_close(ql(x), expected, rtol=1e-5, atol=1e-5)
+    assert gemv.available()  # so the "native" rows above did run the native kernels
+    with torch.no_grad():  # more rows than the native kernels take: the dequantize path
+        x = torch.randn(1, gemv.MAX_ROWS + 1, 256)
+        torch.testing.assert_close(ql(x), F.linear(x, ql.dequantized(), lin.bias))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -210,6 +214,46 @@ def test_structured_checkpoint_loads_with_its_new_shape(ckpt, prepared, tmp_path
     model, _, cfg = load_checkpoint(dest)
     assert cfg.model.n_head == 3 and cfg.model.head_size == 16 and cfg.model.d_mlp == 192
     assert model(torch.randint(0, 500, (1, 8))).shape == (1, 8, cfg.model.padded_vocab_size)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("preset,kw", [("gpt2", {}), ("tiny", {}), ("tiny", {"n_kv_head": 2, "mlp": "swiglu"}),
+                                       ("gpt2", {"d_mlp": 3000})])
+def test_structured_widths_are_aligned_and_reach_the_sparsity(preset, kw, sparsity):
+    cfg = dataclasses.replace(model_preset(preset), **kw)
+    groups, channels, achieved = structured_widths(cfg, sparsity)
+    assert channels % 64 == 0 and 1 <= groups <= cfg.kv_heads
+
+    def block_weights(heads, kv, f):  # one layer's Linear weights: qkv, proj, the MLP's 2 or 3 matrices
+        d, hd = cfg.d_model, cfg.head_dim
+        return (heads + 2 * kv) * hd * d + heads * hd * d + (3 if cfg.mlp == "swiglu" else 2) * d * f
+
+    per = cfg.n_head // cfg.kv_heads
+    total = block_weights(cfg.n_head, cfg.kv_heads, cfg.mlp_width)
+    assert achieved == pytest.approx(1 - block_weights(groups * per, groups, channels) / total, abs=1e-12)
+    assert achieved >= sparsity
+    # ...and no more than needed: 64 more channels would have fallen short.
+    if channels + 64 <= cfg.mlp_width:
+        assert 1 - block_weights(groups * per, groups, channels + 64) / total < sparsity
+
+
+def test_structured_widths_for_gpt2_and_the_bench_parent():
+    # gpt2 at 30%: 8 of 12 heads, 2176 of 3072 channels (34 x 64), 30.6% of the block weights.
+    assert structured_widths(model_preset("gpt2"), 0.3) == (8, 2176, pytest.approx(0.30556, abs=1e-5))
+    parent = ModelConfig(n_layer=4, n_head=4, d_model=128, pos_encoding="rotary", norm="rmsnorm", bias=False)
+    assert structured_widths(parent, 0.3) == (3, 320, pytest.approx(1 / 3))
+    with pytest.raises(GptforgeError, match="can lose at most 0.750 of its block weights"):
+        structured_widths(model_preset("tiny"), 0.9)
+
+
+def test_structured_pruned_model_quantizes_and_reports_its_sparsity(prepared):
+    model = tiny(n_layer=1, d_model=128, n_head=4, d_mlp=512)
+    small, section, _ = prune_model(model, "structured", 0.3, batches=_batches(prepared))
+    assert section["pruning"]["mlp_channels"] == "512->320" and section["pruning"]["measured_sparsity"] >= 0.3
+    # An aligned width is one int4 g32 groups divide (358 channels, the old nearest rounding, would not).
+    q = quantize_model(small, "int4", 32)[0]
+    x = torch.randint(0, 500, (1, 8))
+    assert (q(x) - small(x)).abs().max() < 0.5
 
 
 def test_recovery_keeps_the_sparsity(ckpt, prepared, tmp_path):

@@ -4,6 +4,7 @@ server is shown to add scheduling and accounting, not a decoder of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -23,8 +24,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gptforge.checkpoint import write_checkpoint
 from gptforge.config import ModelConfig, RunConfig
-from gptforge.generate import complete, load
+from gptforge.errors import GptforgeError
+from gptforge.generate import BatchEngine, SamplingParams, complete, load
 from gptforge.model import GPT
+from gptforge.serve import ServeConfig
 from gptforge.tokenizer import EOS, Tokenizer
 
 KEY = "test-key"
@@ -85,8 +88,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
+    # A prefill budget smaller than most prompts: every test below also runs through chunked prefill.
     s = Server(ckpt, tmp_path_factory.mktemp("log") / "server.log", "--model-name", "tiny", "--api-key", KEY,
-               "--max-batch", "8")
+               "--max-batch", "8", "--max-prefill-tokens", "3")
     yield s
     assert s.stop() == 0
 
@@ -239,6 +243,153 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     assert server.metric("gptforge_batch_live") == 0
     assert server.metric('gptforge_sequences_finished_total{reason="cancelled"}') == cancelled + 1
     assert ask(client, max_tokens=3).usage.completion_tokens == 3
+
+
+# --- chunked prefill: the scheduler's prefill budget (BatchEngine max_prefill_tokens) --------------------------
+class PrefillSpy:
+    """Records the (rows, width) of every prefill forward an engine runs, and the step it ran in."""
+
+    def __init__(self, engine):
+        self.forwards: list[tuple[int, int, int]] = []  # (step, rows, width)
+        self.steps = 0
+        model, prefill = engine.model, engine._prefill
+        self.inside = False
+
+        def spy_model(idx, pos, cache):
+            if self.inside:
+                self.forwards.append((self.steps, *idx.shape))
+            return model(idx, pos, cache)
+
+        def spy_prefill(budget):
+            self.inside = True
+            try:
+                prefill(budget)
+            finally:
+                self.inside = False
+
+        engine.model, engine._prefill = spy_model, spy_prefill
+
+
+def drive(engine, waves, spy=None):
+    """Add each wave (a list of (ids, params)) at its step while stepping; tokens and logprobs per sequence, in
+    the order added, and whether a row retired while another was partly prefilled."""
+    order, toks, lps, retired_mid_prefill, step = [], {}, {}, False, 0
+    while waves or engine.live:
+        if waves and waves[0][0] == step:
+            order += engine.add_many([(ids, p, ()) for ids, p in waves.pop(0)[1]])
+        events = engine.step()
+        for ev in events:
+            toks.setdefault(ev.seq, []).append(ev.token)
+            lps.setdefault(ev.seq, []).append(ev.logprob)
+        # A step prefills, then retires: a prompt still partly prefilled after it was so during the retire.
+        partial = bool(engine.filling) and engine.filling[0].length > 0
+        retired_mid_prefill |= partial and any(ev.finish_reason for ev in events)
+        step += 1
+        if spy:
+            spy.steps = step
+    return [toks[s] for s in order], [lps[s] for s in order], retired_mid_prefill
+
+
+def engine_waves(tok):
+    """Two sequences decoding (one for 60 tokens, one for 5: it retires while the wave below is half
+    prefilled), then a wave of four prompts of 20 to 150 tokens, greedy and seeded, then one more prompt."""
+    text = TEXT[0] + TEXT[1]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eos=False, logprobs=True)
+    seeded = SamplingParams(max_new_tokens=9, temperature=0.9, top_k=40, seed=11, stop_at_eos=False, logprobs=True)
+    long = SamplingParams(max_new_tokens=60, temperature=0, stop_at_eos=False, logprobs=True)
+    short = SamplingParams(max_new_tokens=5, temperature=0.8, seed=2, stop_at_eos=False, logprobs=True)
+    ids = [tok.encode(text[i * 37: i * 37 + n]) for i, n in enumerate([9, 12, 400, 160, 600, 80, 250])]
+    return [(0, [(ids[0], long), (ids[1], short)]),
+            (1, [(ids[2], greedy), (ids[3], seeded), (ids[4], short), (ids[5], greedy)]),
+            (4, [(ids[6], seeded)])]
+
+
+def waves_0(tok):
+    return engine_waves(tok)[0][1]
+
+
+@pytest.mark.parametrize("budget", [1, 7, 32])
+def test_chunked_prefill_decodes_what_a_whole_prefill_decodes(engine_ref, budget):
+    model, tok = engine_ref
+    whole_toks, whole_lps, _ = drive(BatchEngine(model, tok, max_batch=8), engine_waves(tok))
+    chunked = BatchEngine(model, tok, max_batch=8, max_prefill_tokens=budget)
+    toks, lps, retired_mid_prefill = drive(chunked, engine_waves(tok))
+    assert toks == whole_toks  # the same ids, greedy and seeded
+    diff = max(abs(a - b) for xs, ys in zip(lps, whole_lps) for a, b in zip(xs, ys))
+    assert diff < 1e-4, diff  # and the same distributions: chunks attend to the cached ones
+    assert retired_mid_prefill  # the partly prefilled row moved down with the decoding rows, intact
+    # And each sequence decodes what it decodes alone.
+    for (_, wave) in [w for w in engine_waves(tok)]:
+        for ids, p in wave:
+            alone = complete(model, tok, [ids], **{f.name: getattr(p, f.name) for f in
+                                                  dataclasses.fields(p)})[0].token_ids
+            assert alone in toks
+
+
+def test_the_prefill_budget_is_respected_per_step(engine_ref):
+    model, tok = engine_ref
+    budget = 16
+    engine = BatchEngine(model, tok, max_batch=8, max_prefill_tokens=budget)
+    spy = PrefillSpy(engine)
+    waves = engine_waves(tok)
+    prompt_tokens = sum(len(ids) for _, wave in waves[1:] for ids, _ in wave)
+    drive(engine, waves, spy)
+    first, *rest = spy.forwards
+    # The first two arrive when nothing decodes: prefilled whole, in one forward, whatever the budget.
+    assert first == (0, 2, max(len(ids) for ids, _ in waves_0(tok)))
+    steps = [s for s, _, _ in rest]
+    assert len(steps) == len(set(steps))  # at most one prefill forward per step...
+    assert all(rows * width <= budget for _, rows, width in rest)  # ...of at most `budget` positions
+    assert prompt_tokens > 300 and len(rest) >= prompt_tokens / budget  # so the wave took at least 20 steps
+    assert sum(rows * width for _, rows, width in rest) <= 1.2 * prompt_tokens  # little of it padding
+
+
+def test_the_budget_spreads_a_wave_of_prompts_over_steps(engine_ref):
+    # Eight 24-token prompts join a running sequence: with no budget one forward of 8 x 24 positions stalls
+    # it; with a budget of 24, each step prefills one prompt, and the first one decodes a step later.
+    model, tok = engine_ref
+    p = SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=False)
+    prompts = [tok.encode(TEXT[i % 2][i: i + 200])[:24] for i in range(8)]
+    for budget, forwards in [(None, [(1, 8, 24)]), (24, [(s, 1, 24) for s in range(1, 9)])]:
+        engine = BatchEngine(model, tok, max_batch=9, max_prefill_tokens=budget)
+        engine.add([1, 2, 3], p)
+        engine.step()  # it decodes: from now on the budget applies
+        spy = PrefillSpy(engine)
+        live = []
+        for step in range(1, 10):
+            spy.steps = step
+            if step == 1:
+                engine.add_many([(q, p, ()) for q in prompts])
+            live.append(len(engine.step()))
+        assert spy.forwards == forwards
+        assert live == ([9] * 9 if budget is None else [2, 3, 4, 5, 6, 7, 8, 9, 9])
+
+
+def test_cancelling_a_sequence_mid_prefill_frees_its_row(engine_ref):
+    model, tok = engine_ref
+    p = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    engine = BatchEngine(model, tok, max_batch=2, max_prefill_tokens=4)
+    a = engine.add([5, 6, 7], p)
+    engine.step()
+    b = engine.add(tok.encode(TEXT[0][:60]), p)
+    engine.step()
+    assert engine.filling[0].id == b and 0 < engine.filling[0].length < len(engine.filling[0].prompt)
+    assert engine.free == 0 and engine.cancel(b) and engine.free == 1 and not engine.cancel(b)
+    c = engine.add([9, 8], p)  # takes the row b had half written
+    out = {a: [], c: []}
+    while engine.live:
+        for ev in engine.step():
+            out[ev.seq].append(ev.token)
+    assert out[c] == complete(model, tok, [[9, 8]], max_new_tokens=6, temperature=0, stop_at_eos=False)[0].token_ids
+    assert len(out[a]) == 4
+
+
+def test_prefill_budget_must_be_positive(engine_ref):
+    model, tok = engine_ref
+    with pytest.raises(GptforgeError, match="max_prefill_tokens must be >= 1"):
+        BatchEngine(model, tok, max_batch=2, max_prefill_tokens=0)
+    with pytest.raises(GptforgeError, match="--max-prefill-tokens"):
+        ServeConfig(max_prefill_tokens=0)
 
 
 # --- errors: the right status and body, and the server keeps serving -----------------------------------------

@@ -294,6 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
                       api_key=args.api_key or os.environ.get("GPTFORGE_API_KEY") or None, max_batch=args.max_batch,
                       max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                      **({} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}),
                       max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                       shutdown_timeout=args.shutdown_timeout)
     serve(args.checkpoint, cfg, device=args.device, dtype=args.dtype)
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="sequences waiting for a batch slot before new requests get 429 (default 64)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
+    p.add_argument("--max-prefill-tokens", type=int,
+                   help="prompt tokens prefilled between two decode steps; longer prompts and waves of requests "
+                        "are prefilled in chunks over several steps, so running streams keep flowing (default 64)")
     p.add_argument("--max-tokens", type=int, help="most completion tokens per choice (default: the context)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)")
     p.add_argument("--request-timeout", type=float, default=600.0,

@@ -542,8 +542,9 @@ class _Seq:
     stop_ids: tuple[int, ...]
     gen: torch.Generator | None  # its own random stream: its draws do not depend on its batch-mates
     text: _TextRow
-    length: int  # tokens in its cache row: the slot its next fed token is written to
+    prompt: list[int]
     max_new: int
+    length: int = 0  # tokens in its cache row: the slot its next fed token is written to
     generated: int = 0
     token: int = 0  # the last id sampled, fed at the next forward
 
@@ -551,83 +552,131 @@ class _Seq:
 class BatchEngine:
     """Continuous batching: sequences join and leave a running batch between decode steps.
 
-    One KV cache of `max_batch` rows x the model's context. `add` prefills a new sequence into a free row (a
-    forward over that row alone); `step` samples one token for every live sequence, each with its own
-    SamplingParams and random stream, retires the finished ones and feeds the rest in one batched forward;
-    `cancel` frees a row at once. Live sequences always occupy rows 0..n-1 (a retired row takes over the last
-    row's contents), so a step computes n rows, not max_batch. Unlike `generate_steps`' left-padded batch,
-    every row writes its own slot (its own length), so sequences that joined at different steps need no
-    realignment.
+    One KV cache of `max_batch` rows x the model's context. `add` prefills a new sequence into a free row;
+    `step` samples one token for every decoding sequence, each with its own SamplingParams and random stream,
+    retires the finished ones and feeds the rest in one batched forward; `cancel` frees a row at once.
+    Decoding sequences always occupy rows 0..n-1 (a retired row takes over the last row's contents), so a step
+    computes n rows, not max_batch. Unlike `generate_steps`' left-padded batch, every row writes its own slot
+    (its own length), so sequences that joined at different steps need no realignment.
+
+    Chunked prefill (`max_prefill_tokens`; Agrawal et al. 2024, "Sarathi-Serve"; vLLM's chunked prefill): with
+    no limit, `add` / `add_many` prefill at once, and the decoding sequences wait for the whole prefill. With
+    a limit, added sequences wait in `filling` and each `step` first prefills at most that many token
+    positions of them (one right-padded forward: real prompt tokens plus padding), in arrival order; a prompt
+    longer than what is left is cut into chunks over several steps, each chunk attending to the cached ones.
+    So a wave of arrivals delays each decode step by about one budget's worth of prefill, not by all of it.
+    When nothing is decoding, nothing waits on the prefill, and everything pending is prefilled at once.
+    Only `filling[0]` can be partly prefilled; it lives in row n, just past the decoding rows.
 
     A sequence's tokens do not depend on its batch-mates: a greedy or seeded sequence decodes the same text
     alone as with others (up to the float rounding of batched matmuls, as for `generate_steps`' batches), and
-    the same as `complete` with the same options. Not thread-safe: one thread (the server's scheduler) calls it.
+    the same as `complete` with the same options, however its prompt was chunked. Not thread-safe: one thread
+    (the server's scheduler) calls it.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int, max_prefill_tokens: int | None = None):
         if max_batch < 1:
             raise GptforgeError(f"max_batch must be >= 1, got {max_batch}")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise GptforgeError(f"max_prefill_tokens must be >= 1 (or None: no limit), got {max_prefill_tokens}")
         cfg = model.config
         weight = next(model.parameters())
         self.model, self.tokenizer, self.max_batch, self.block_size = model, tokenizer, max_batch, cfg.block_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.device, self.vocab = weight.device, tokenizer.vocab_size
         self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=weight.dtype, static=False)
         self.logits = torch.zeros(max_batch, self.vocab, device=self.device)  # each row's next-token logits
         self.counts = torch.zeros(max_batch, self.vocab, device=self.device)  # generated ids, for penalties
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)  # prompt + generated
-        self.rows: list[_Seq] = []  # rows[i] lives in cache row i
+        self.rows: list[_Seq] = []  # decoding: rows[i] lives in cache row i
+        self.filling: list[_Seq] = []  # added, prompt not fully prefilled yet (in arrival order)
         self._ids = itertools.count()
 
     @property
     def live(self) -> int:
-        return len(self.rows)
+        """Sequences held: decoding, or waiting for (the rest of) their prefill."""
+        return len(self.rows) + len(self.filling)
 
     @property
     def free(self) -> int:
-        return self.max_batch - len(self.rows)
+        return self.max_batch - self.live
 
     def add(self, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = ()) -> int:
-        """Prefill a new sequence into a free row; returns its id. It ends at any of `stop_ids` (finish reason
-        "stop", the id reported but never in the text), a stop string, max_new_tokens or a full context."""
+        """Take a new sequence into a free row (prefilled now, or over the next steps with max_prefill_tokens);
+        returns its id. It ends at any of `stop_ids` (finish reason "stop", the id reported but never in the
+        text), a stop string, max_new_tokens or a full context."""
         return self.add_many([(prompt_ids, params, stop_ids)])[0]
 
     @torch.no_grad()
     def add_many(self, seqs: list[tuple[list[int], SamplingParams, tuple[int, ...]]]) -> list[int]:
-        """`add` for several sequences at once, prefilled in one forward (right-padded, each row at its own
-        slots): a wave of k arrivals stalls the running batch for about one prefill instead of k."""
+        """`add` for several sequences at once, prefilled together (one right-padded forward, each row at its
+        own slots): a wave of k arrivals stalls the running batch for about one prefill instead of k."""
         if len(seqs) > self.free:
             raise GptforgeError(f"{len(seqs)} sequences but {self.free} of {self.max_batch} rows free; "
                                 "call step() until enough are retired")
-        prompts, news = [], []
-        for prompt_ids, params, _ in seqs:
+        news = []
+        for prompt_ids, params, stop_ids in seqs:  # every check first: a bad one adds none
             ids = _fit_prompts([prompt_ids], params, self.block_size)[0]
             max_new = min(params.max_new_tokens, self.block_size - len(ids))
             if max_new <= 0:
                 raise GptforgeError(f"nothing to generate: max_new_tokens is {params.max_new_tokens} and the "
                                     f"prompt uses {len(ids)} of the context's {self.block_size} tokens")
-            prompts.append(ids)
-            news.append(max_new)
-        r0, k, T = len(self.rows), len(seqs), max(len(p) for p in prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)  # (k,)
-        idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=self.device)  # (k, T)
-        cols = torch.arange(T, device=self.device).expand(k, T)  # (k, T): slot = position
-        view = self.cache.rows(slice(r0, r0 + k))
-        view.valid.zero_()  # the rows may still hold retired sequences
-        view.prepare(cols, cols < lens[:, None], end=T)  # padding slots stay invalid; decode overwrites them
-        logits = self.model(idx, cols, view)  # (k, T, V)
-        rows = torch.arange(r0, r0 + k, device=self.device)
-        self.logits[rows] = logits[torch.arange(k, device=self.device), lens - 1, : self.vocab].float()
+            news.append(_Seq(next(self._ids), params, tuple(stop_ids), _generator(params, self.device),
+                             _TextRow(self.tokenizer, params.stop), ids, max_new))
+        self.filling.extend(news)
+        if self.max_prefill_tokens is None:
+            self._prefill(None)
+        return [s.id for s in news]
+
+    def _prefill(self, budget: int | None) -> None:
+        """One forward over the first sequences of `filling`, at most `budget` token positions (None: all of
+        them); those whose prompt is then complete join the decoding rows, to be sampled by the next step."""
+        take: list[tuple[_Seq, int]] = []  # (sequence, chunk length)
+        T = 0  # the forward's width: the longest chunk
+        for s in self.filling:
+            rest = len(s.prompt) - s.length
+            if budget is None:
+                c = rest
+            else:
+                # Padding costs as much as a real token: every row of the forward is T wide.
+                widest = budget // (len(take) + 1)
+                if widest < max(T, 1):
+                    break
+                c = min(rest, widest)
+            take.append((s, c))
+            T = max(T, c)
+            if c < rest:  # cut here; the rest of this prompt goes first at the next step
+                break
+        if not take:
+            return
+        n, k, dev = len(self.rows), len(take), self.device
+        starts = torch.tensor([s.length for s, _ in take], device=dev)  # (k,)
+        chunk = torch.tensor([c for _, c in take], device=dev)  # (k,)
+        idx = torch.tensor([s.prompt[s.length: s.length + c] + [0] * (T - c) for s, c in take], device=dev)  # (k, T)
+        # slot = position. A padding slot is clamped to the last one: a prompt never reaches it (at least one
+        # token is always left to generate), so padding never overwrites a real key; it is marked invalid.
+        slots = (starts[:, None] + torch.arange(T, device=dev)).clamp(max=self.block_size - 1)  # (k, T)
+        real = torch.arange(T, device=dev) < chunk[:, None]  # (k, T)
+        view = self.cache.rows(slice(n, n + k))
+        for i, (s, _) in enumerate(take):
+            if s.length == 0:
+                view.valid[i].zero_()  # the row may still hold a retired sequence
+        view.prepare(slots, real, end=int(slots.max()) + 1)
+        logits = self.model(idx, slots, view)  # (k, T, V)
+        for s, c in take:
+            s.length += c
+        done = [i for i, (s, _) in enumerate(take) if s.length == len(s.prompt)]  # a prefix of `take`
+        if not done:
+            return
+        rows = torch.arange(n, n + len(done), device=dev)
+        last = (chunk - 1)[: len(done)]
+        self.logits[rows] = logits[torch.arange(len(done), device=dev), last, : self.vocab].float()
         self.counts[rows] = 0
         self.seen[rows] = False
-        for i, p in enumerate(prompts):
-            self.seen[r0 + i, p] = True
-        out = []
-        for (_, params, stop_ids), ids, max_new in zip(seqs, prompts, news):
-            seq = _Seq(next(self._ids), params, tuple(stop_ids), _generator(params, self.device),
-                       _TextRow(self.tokenizer, params.stop), len(ids), max_new)
-            self.rows.append(seq)
-            out.append(seq.id)
-        return out
+        for i in done:
+            self.seen[n + i, take[i][0].prompt] = True
+        self.rows.extend(self.filling[: len(done)])
+        del self.filling[: len(done)]
 
     def cancel(self, seq: int) -> bool:
         """Free a sequence's row now (its client went away); False if it is not live."""
@@ -635,23 +684,35 @@ class BatchEngine:
             if s.id == seq:
                 self._retire(r)
                 return True
+        for i, s in enumerate(self.filling):
+            if s.id == seq:  # a partly prefilled row is simply overwritten by the next one
+                del self.filling[i]
+                return True
         return False
+
+    def _move(self, src: int, dst: int, n: int) -> None:
+        """Copy cache row `src`'s first n slots, and its per-row state, to row `dst`."""
+        for kv in self.cache.layers:
+            kv.k[dst, :, :n] = kv.k[src, :, :n]
+            kv.v[dst, :, :n] = kv.v[src, :, :n]
+        for t in (self.cache.valid, self.logits, self.counts, self.seen):
+            t[dst] = t[src]
 
     def _retire(self, r: int) -> None:
         last = len(self.rows) - 1
-        if r != last:  # the last row moves into the hole: the live rows stay 0..n-1
-            n = self.rows[last].length
-            for kv in self.cache.layers:
-                kv.k[r, :, :n] = kv.k[last, :, :n]
-                kv.v[r, :, :n] = kv.v[last, :, :n]
-            for t in (self.cache.valid, self.logits, self.counts, self.seen):
-                t[r] = t[last]
+        if r != last:  # the last row moves into the hole: the decoding rows stay 0..n-1
+            self._move(last, r, self.rows[last].length)
             self.rows[r] = self.rows[last]
         self.rows.pop()
+        if self.filling and self.filling[0].length:  # a partly prefilled row follows them down
+            self._move(last + 1, last, self.filling[0].length)
 
     @torch.no_grad()
     def step(self) -> list[SeqEvent]:
-        """One token for every live sequence: sample, retire the finished, feed the rest in one forward."""
+        """One token for every decoding sequence: sample, retire the finished, feed the rest in one forward.
+        First, with max_prefill_tokens, a prefill of at most that many positions of the added sequences."""
+        if self.filling:
+            self._prefill(self.max_prefill_tokens if self.rows else None)
         n = len(self.rows)
         if n == 0:
             return []
@@ -727,16 +788,28 @@ class BatchEngine:
 
 # --- loading -----------------------------------------------------------------------------------------------
 def decode_layout(model: nn.Module) -> nn.Module:
-    """Store every nn.Linear weight transposed in memory: same values, same (out, in) shape, but (in, out)
-    contiguous underneath (the layout of HF GPT-2's Conv1D), so F.linear multiplies by a contiguous matrix.
+    """Route the CPU decode steps of `model` through the few-row kernels of `gemv.py`: each nn.Linear weight,
+    and the tied token table the head multiplies by, becomes a `gemv.DecodeWeight` (same values, same
+    shape), whose F.linear with up to 16 rows runs gemv.linear and with more runs PyTorch's GEMM.
 
-    On the CI CPU that GEMM ran 2.3x faster for 8 rows (no slower for 1), and a batch-8 `gpt2` decode went
-    from ~52 to ~65 tokens/s (docs/BENCHMARKS.md). Applied by `load` on CPU only: it is for inference (the
-    parameters are replaced, so an optimizer built before would no longer see them).
+    The gain is largest where PyTorch's GEMM is weakest, a few rows over a matrix out of cache (`gpt2` at batch
+    8) and bf16 weights; docs/BENCHMARKS.md has the figures. Applied by `load` on CPU only: it is for inference (the parameters are replaced, so an optimizer
+    built before would no longer see them). Without the kernels (no compiler) the model is left as it is.
     """
+    from gptforge import gemv
+
+    if not gemv.available():
+        # PyTorch's GEMM then: a transposed (in, out)-contiguous weight (HF GPT-2's Conv1D layout) ran 8 rows
+        # 2.3x faster than the (out, in) one on the CI CPU, and 1 row no slower.
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
+        return model
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
-            mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
+            mod.weight = gemv.DecodeWeight.wrap(mod.weight)
+    if getattr(model, "lm_head", None) is None and isinstance(getattr(model, "tok_emb", None), nn.Embedding):
+        model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight)
     return model
 
 

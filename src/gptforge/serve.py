@@ -56,6 +56,10 @@ class ServeConfig:
     model_name: str | None = None  # the id clients pass as `model` (default: the checkpoint folder's name)
     api_key: str | None = None  # when set, every /v1 request needs `Authorization: Bearer KEY`
     max_batch: int = 16  # sequences decoded together (KV-cache rows)
+    # Prompt token positions prefilled between two decode steps while sequences decode (chunked prefill): a
+    # wave of new requests then delays each running stream's next token by one such prefill, not by all of
+    # them. None: no limit (each wave is prefilled at once).
+    max_prefill_tokens: int | None = 64
     max_queue: int = 64  # sequences waiting for a row; beyond this, 429
     max_prompt_tokens: int | None = None  # default: the context minus one
     max_tokens: int | None = None  # most completion tokens one choice may ask for (default: the context)
@@ -74,6 +78,8 @@ class ServeConfig:
         for name in ("max_prompt_tokens", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, ">= 1 (or unset: the model's context)")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise bad("max_prefill_tokens", ">= 1 (or None: no limit)")
         if self.request_timeout <= 0:
             raise bad("request_timeout", "> 0 seconds")
         if self.shutdown_timeout < 0:
@@ -305,7 +311,7 @@ class Scheduler:
     def _admit_and_step(self, admit: list[_Job]) -> None:
         m, engine = self.metrics, self.engine
         if admit:
-            try:  # one prefill forward for the whole wave
+            try:  # prefilled by the next steps: at most max_prefill_tokens positions per step
                 for j, seq in zip(admit, engine.add_many([(j.prompt, j.params, j.stop_ids) for j in admit])):
                     j.seq = seq
             except GptforgeError:  # requests are validated before; this is a last line of defence
@@ -323,14 +329,14 @@ class Scheduler:
         if not self.live:
             return
         t0 = time.monotonic()
-        live = engine.live
         events = engine.step()
         now = time.monotonic()
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * (now - t0)
         with m.lock:
             m.steps += 1
             m.completion_tokens += len(events)
-            m.batch.observe(live)
+            if events:
+                m.batch.observe(len(events))  # the rows decoded (the ones still prefilling are not)
             for ev in events:
                 j = self.live[ev.seq]
                 if j.last is None:
@@ -558,7 +564,8 @@ class _Choice:
 def create_app(model, tokenizer: Tokenizer, cfg: ServeConfig, model_name: str):
     """The FastAPI app serving `model` as `model_name`: routes, scheduler lifecycle, error handlers."""
     metrics = Metrics()
-    scheduler = Scheduler(BatchEngine(model, tokenizer, cfg.max_batch), metrics, cfg.max_queue)
+    engine = BatchEngine(model, tokenizer, cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens)
+    scheduler = Scheduler(engine, metrics, cfg.max_queue)
     parser = _Parser(tokenizer, model.config.block_size, cfg, model_name)
     created = int(time.time())
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge import gemv
 from gptforge.errors import GptforgeError
 
 METHODS = ("int8", "int4", "bf16", "fp16")
@@ -92,31 +93,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, dt
 
 
 # --- the matmul ---------------------------------------------------------------------------------------------
-# Three paths, chosen by measurement (KERNEL below): a torch.compile'd GEMV that dequantizes inside its
-# reduction, PyTorch's CPU weight-only kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu),
-# or dequantize then F.linear (any device, any number of rows).
-
-def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (1, K) @ (q * scale)^T for int8 q (N, K): each code is widened in registers, never written back as fp32,
-    so the pass over the matrix reads 1 byte per weight instead of 4."""
-    return (x[:, None, :] * q.float()).sum(-1) * scale  # (1, N, K) -> (1, N)
-
-
-def _int4_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """x (1, K) @ w^T for int4 q (N, K/2) in int4_codes' layout, w = code * scale + lo per group:
-    sum_k x_k w_k = sum_groups (scale_g * sum_{k in g} x_k code_k + lo_g * sum_{k in g} x_k)."""
-    n, groups = scale.shape
-    xg = x.view(1, groups, 2, -1)  # (1, G, 2, g/2): the inputs of each group's high and low nibbles
-    qg = q.view(n, groups, -1)  # (N, G, g/2)
-    dots = ((qg >> 4).float() * xg[:, :, 0] + (qg & 15).float() * xg[:, :, 1]).sum(-1)  # (N, G)
-    return (dots * scale.float() + lo.float() * xg.sum((2, 3))).sum(-1)[None]  # (1, N)
-
-
-# dynamic=False: one kernel specialised to each matrix shape, compiled on first use (a GPT has five or so shapes;
-# symbolic shapes measured 2.5x slower for int4). Dynamo stops recompiling a function after
-# `recompile_limit` (8) shapes and falls back to eager, which a model with many widths would reach.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-_compiled_gemv = {"int8": torch.compile(_int8_gemv, dynamic=False), "int4": torch.compile(_int4_gemv, dynamic=False)}
+# Three paths, chosen by measurement (KERNEL below): the few-row CPU kernels of gptforge/gemv.py (csrc/gemv.cpp),
+# which widen each code in registers; PyTorch's CPU weight-only kernels (torch._weight_int8pack_mm,
+# torch._weight_int4pack_mm_for_cpu); or dequantize then F.linear (any device, any number of rows).
 
 def _int4_kernel_args(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor):
     """Codes in the layout of torch._weight_int4pack_mm_for_cpu, and its (K/g, N, 2) scale/zero table, where
@@ -189,15 +168,12 @@ class _Quantized(nn.Module):
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        one_row = x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
-        if one_row and KERNEL == "compiled" and self.shape.numel() >= COMPILED_MIN_WEIGHTS:
-            flat = x.reshape(1, -1)
+        if KERNEL == "native" and x.dtype == torch.float32 and gemv.usable(x):
             if self.method == "int8":
-                y = _compiled_gemv["int8"](flat, self.weight_q, self.scales)
-            else:
-                y = _compiled_gemv["int4"](flat, self.weight_q, self.scales, self.zeros)
-            y = y.view(*x.shape[:-1], self.shape[0])
-        elif one_row and KERNEL in ("compiled", "aten"):
+                return gemv.linear_int8(x, self.weight_q, self.scales, bias)
+            return gemv.linear_int4(x, self.weight_q, self.scales, self.zeros, bias)
+        one_row = x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
+        if one_row and KERNEL in ("native", "aten"):
             y = self._aten_matmul(x)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
@@ -244,15 +220,13 @@ class QuantEmbedding(_Quantized):
         return self.rows(idx)
 
 
-# Which matmul QuantLinear runs on CPU in fp32 for a single row (batch-1 decode), by measurement on the CI CPU
-# (one thread, docs/compress.md): "compiled" (the torch.compile'd GEMVs above: at d=768 int8 runs 768x3072 in
-# about the fp32 GEMV's time in cache and faster once the model outgrows the cache, where reading 1 byte a
-# weight instead of 4 is what counts), falling back to "aten" (PyTorch's int8/int4 weight-only CPU kernels,
-# 5-10x slower than compiled at d=768) for matrices under COMPILED_MIN_WEIGHTS, where a compiled call's ~45 us
-# of fixed cost loses. Prefill and evaluation (many rows) always dequantize: one pass over the matrix,
-# shared by every row (1024 rows: 0.8 ms vs 64 ms with the aten kernels).
-KERNEL = "compiled"
-COMPILED_MIN_WEIGHTS = 1 << 15
+# Which matmul QuantLinear runs on CPU in fp32 for up to gemv.MAX_ROWS rows (decoding), by measurement on the CI
+# CPU (one thread, docs/compress.md): "native" (gemv.py's kernels, which widen the codes in registers and read
+# 1 or 0.5 bytes a weight), falling back to "aten" for one row when they could not be built (PyTorch's int8/int4 weight-only CPU
+# kernels: 5-10x slower than the fp32 GEMV at d=768, but they read 1 or 0.5 bytes a weight). More rows (prefill,
+# evaluation) always dequantize: one pass over the matrix, shared by every row (1024 rows: 0.8 ms vs 64 ms with
+# the aten kernels).
+KERNEL = "native"
 
 
 # --- the state-dict transform and the module swap ------------------------------------------------------------

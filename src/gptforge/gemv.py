@@ -1,0 +1,145 @@
+"""Few-row CPU matrix products for decoding, over fp32, bf16, fp16, int8 and int4 weights (csrc/gemv.cpp).
+
+A decode step multiplies one row per sequence by every weight matrix, so its speed is the rate at which the
+weights stream from memory. The kernels here read each weight once per call, widen it to fp32 in registers
+and keep several accumulators busy; they are what `generate` (through `decode_layout`) and the quantized
+Linear of `compress/quantize.py` use on CPU for up to MAX_ROWS rows. More rows (a prefill, an evaluation)
+go to PyTorch's GEMM, which is faster there. docs/BENCHMARKS.md has the measurements.
+
+The C++ source is compiled on first use for the CPU it runs on (g++ -O3 -march=native, ~10 s) into a cache
+folder keyed by the source, the torch version and the CPU's flags, then loaded as torch ops
+(`torch.ops.gptforge_gemv.*`). Without a compiler, or with GPTFORGE_NATIVE_KERNELS=0, `available()` is False
+and callers keep PyTorch's kernels: slower, same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 16  # rows per call that csrc/gemv.cpp accepts; from 16 rows on PyTorch's GEMM is as fast
+SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+_loaded: bool | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode()]))
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptforge" / "kernels"
+    return root / f"gemv-{key.hexdigest()[:16]}.so"
+
+
+def _build(dest: Path) -> None:
+    """Compile csrc/gemv.cpp into dest: written under a temporary name, then renamed (two processes building
+    at once each rename a complete file)."""
+    from torch.utils import cpp_extension
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")[1])
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-w",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(tmp),
+           *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def available() -> bool:
+    """Whether the kernels are loaded (building them on the first call); False on failure, with one warning."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        if os.environ.get("GPTFORGE_NATIVE_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+            return False
+        try:
+            path = _library_path()
+            if not path.exists():
+                _build(path)
+            torch.ops.load_library(str(path))
+            _loaded = True
+        except (OSError, RuntimeError, FileNotFoundError) as e:
+            warnings.warn(f"gptforge: the CPU decode kernels (gemv.cpp) could not be built ({e}); decoding uses "
+                          "PyTorch's kernels, which are slower. Install g++ to enable them, or set "
+                          "GPTFORGE_NATIVE_KERNELS=0 to silence this.", stacklevel=2)
+    return _loaded
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a matmul of x (..., K) can run here: on CPU, at most MAX_ROWS rows, outside torch.compile."""
+    return (x.device.type == "cpu" and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
+            and available())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
+
+
+def _bias(b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if b is None else b.float().contiguous()
+
+
+def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) for an fp32 / bf16 / fp16 weight (N, K), in x's dtype, accumulated in fp32."""
+    return _out(torch.ops.gptforge_gemv.gemv(_rows(x), w.contiguous(), _bias(bias)), x)
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (q * scale[:, None])^T (+ bias) for int8 codes q (N, K) and fp32 scales (N,)."""
+    return _out(torch.ops.gptforge_gemv.gemv_int8(_rows(x), q, scale, _bias(bias)), x)
+
+
+def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ bias) for int4 codes packed as quantize.int4_codes packs them (N, K/2), w = code * scale + lo
+    per group, scale and lo fp16 (N, groups)."""
+    return _out(torch.ops.gptforge_gemv.gemv_int4(_rows(x), q, scale, lo, _bias(bias)), x)
+
+
+class DecodeWeight(torch.nn.Parameter):
+    """A (frozen) weight (N, K) whose F.linear with few rows runs `linear` above; every other op sees a plain
+    tensor and returns one.
+
+    `generate.decode_layout` makes each Linear weight (and the tied head, which the model multiplies by with
+    F.linear) one of these, so the model file is unchanged.
+    """
+
+    @staticmethod
+    def wrap(t: torch.Tensor) -> "DecodeWeight":
+        return DecodeWeight(t.detach().contiguous(), requires_grad=False)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and type(args[0]) is torch.Tensor and usable(args[0]):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return linear(args[0], args[1].as_subclass(torch.Tensor), bias)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
