@@ -787,18 +787,27 @@ class BatchEngine:
 
 
 # --- loading -----------------------------------------------------------------------------------------------
+# An fp32 model whose Linear weights are smaller than this keeps PyTorch's GEMM: its weights stay in cache,
+# where MKL's GEMV is as fast or faster than gemv.py's and costs less per call (the 4.2M `shakespeare` model
+# decoded ~25% slower through the kernels; `gpt2`, 500 MB, 1.1x faster at batch 1 and 1.3x at batch 8).
+FP32_NATIVE_MIN_BYTES = 64 << 20
+
+
 def decode_layout(model: nn.Module) -> nn.Module:
     """Route the CPU decode steps of `model` through the few-row kernels of `gemv.py`: each nn.Linear weight,
     and the tied token table the head multiplies by, becomes a `gemv.DecodeWeight` (same values, same
-    shape), whose F.linear with up to 16 rows runs gemv.linear and with more runs PyTorch's GEMM.
+    shape), whose F.linear with up to 16 rows runs gemv.linear and with more runs PyTorch's GEMM; small fp32
+    models keep PyTorch's GEMM (FP32_NATIVE_MIN_BYTES).
 
     The gain is largest where PyTorch's GEMM is weakest, a few rows over a matrix out of cache (`gpt2` at batch
-    8) and bf16 weights; docs/BENCHMARKS.md has the figures. Applied by `load` on CPU only: it is for inference (the parameters are replaced, so an optimizer
-    built before would no longer see them). Without the kernels (no compiler) the model is left as it is.
+    8) and bf16 weights; docs/BENCHMARKS.md has the figures. Applied by `load` on CPU only: it is for
+    inference (the parameters are replaced, so an optimizer built before would no longer see them).
     """
     from gptforge import gemv
 
-    if not gemv.available():
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    fp32_bytes = sum(m.weight.numel() * 4 for m in linears if m.weight.dtype == torch.float32)
+    if not gemv.available() or 0 < fp32_bytes < FP32_NATIVE_MIN_BYTES:
         # PyTorch's GEMM then: a transposed (in, out)-contiguous weight (HF GPT-2's Conv1D layout) ran 8 rows
         # 2.3x faster than the (out, in) one on the CI CPU, and 1 row no slower.
         for mod in model.modules():
