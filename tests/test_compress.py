@@ -348,3 +348,21 @@ def test_head_size_config_is_backward_compatible():
     assert cfg.head_dim == 16 and GPT(cfg).num_params() == cfg.num_params()
     with pytest.raises(GptforgeError, match="divisible"):
         ModelConfig(n_head=3, d_model=64)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_model_dtype_casts_leave_the_codes_format_alone(method):
+    """gptforge.load casts the model to its dtype; the scales and minima keep the dtypes the kernels read, so a
+    quantized model still decodes, with the same logits as before the cast."""
+    model = tiny()
+    q, _, _ = quantize_model(model, method, 32 if method == "int4" else None)
+    x = torch.randint(0, 500, (1, 5))
+    with torch.no_grad():
+        before = q(x)
+        q.float()
+        after = q(x)
+        step = q(x[:, :1])  # one row: the decode kernels
+    ql = q.blocks[0].mlp.up
+    assert ql.scales.dtype == (torch.float32 if method == "int8" else torch.float16)
+    torch.testing.assert_close(after, before)
+    torch.testing.assert_close(step, before[:, :1], rtol=1e-4, atol=1e-4)

@@ -164,6 +164,15 @@ class _Quantized(nn.Module):
     def weight(self) -> QuantizedWeight:
         return QuantizedWeight(self)
 
+    def _apply(self, fn, recurse=True):
+        # Scales (fp32 for int8, fp16 for int4) and minima are part of the format the kernels read: a model-wide
+        # .float() / .bfloat16() (gptforge.load's dtype) must not cast them. A move to another device applies.
+        keep = {k: getattr(self, k) for k in ("scales", "zeros") if getattr(self, k, None) is not None}
+        super()._apply(fn, recurse)
+        for k, v in keep.items():
+            setattr(self, k, v.to(fn(v.new_empty(0)).device))
+        return self
+
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
 
