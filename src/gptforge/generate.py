@@ -810,13 +810,11 @@ def decode_layout(model: nn.Module) -> nn.Module:
     if not gemv.available() or 0 < fp32_bytes < FP32_NATIVE_MIN_BYTES:
         # PyTorch's GEMM then: a transposed (in, out)-contiguous weight (HF GPT-2's Conv1D layout) ran 8 rows
         # 2.3x faster than the (out, in) one on the CI CPU, and 1 row no slower.
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
+        for mod in linears:
+            mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
         return model
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            mod.weight = gemv.DecodeWeight.wrap(mod.weight)
+    for mod in linears:
+        mod.weight = gemv.DecodeWeight.wrap(mod.weight)
     if getattr(model, "lm_head", None) is None and isinstance(getattr(model, "tok_emb", None), nn.Embedding):
         model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight)
     return model
