@@ -506,3 +506,29 @@ def test_engine_prefills_a_wave_of_prompts_in_one_forward(model, byte_tok, one_t
             out[ev.seq].append(ev.token)
     for s, q in zip(seqs, prompts):
         assert out[s] == tokens(generate_steps(model, [q], p, vocab_size=byte_tok.vocab_size))[0]
+
+
+def test_engine_emit_gets_the_step_events_before_its_forward(model, byte_tok, one_thread):
+    engine = G.BatchEngine(model, byte_tok, max_batch=4)
+    p = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    for q in ([1, 2, 3], [4], [5, 6]):
+        engine.add(q, p)
+    forwards = []
+    inner = engine.model.forward
+    engine.model.forward = lambda *a, **k: (forwards.append(1), inner(*a, **k))[1]
+    try:
+        while engine.live:
+            seen = []
+            n_before = len(forwards)
+
+            def emit(evs):
+                seen.append((list(evs), len(forwards)))
+
+            events = engine.step(emit=emit)
+            if events:  # once, with exactly the returned events, before any forward of the step's decode
+                assert len(seen) == 1 and seen[0][0] == events
+                assert seen[0][1] <= n_before + 1  # at most the prefill ran before it, never the decode forward
+            else:
+                assert seen == []
+    finally:
+        engine.model.forward = inner

@@ -120,3 +120,16 @@ def test_invalid_shapes_are_named():
         ModelConfig(d_model=100, n_head=3)
     with pytest.raises(GptforgeError, match="n_kv_head"):
         ModelConfig(n_head=12, n_kv_head=5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_last_position_logits_equal_the_full_forward(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS[variant])).eval()
+    idx = torch.randint(0, model.config.vocab_size, (3, 11))
+    last = torch.tensor([10, 4, 0])
+    with torch.no_grad():
+        full = model(idx)
+        picked = model(idx, last=last)
+    assert picked.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), last], rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.errors import GptforgeError
+from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 
 
@@ -255,6 +256,15 @@ def _decode_step(model: nn.Module, cache: KVCache, ids: torch.Tensor, pos: torch
     return model(ids, pos, cache)[:, -1]
 
 
+def _prefill_logits(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                    last: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) at one position per row: a GPT applies its head there only (`last`); any
+    other model (a test's scripted one) runs whole and is indexed."""
+    if isinstance(model, GPT):
+        return model(idx, pos, cache, last=last)[:, 0]
+    return model(idx, pos, cache)[torch.arange(idx.size(0), device=idx.device), last]
+
+
 _compiled_step = None
 
 
@@ -320,7 +330,7 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
     cache = KVCache(cfg, B, S, device=device, dtype=dtype, static=static)
     cache.prepare(cols, real, end=T)
-    logits = model(idx, pos, cache)[:, -1]  # (B, V)
+    logits = _prefill_logits(model, idx, pos, cache, torch.full((B,), T - 1, device=device))  # (B, V)
 
     counts = torch.zeros(B, vocab_size, device=device)  # generated tokens, for presence/frequency penalties
     # Prompt + generated, for the repetition penalty; padding goes to an extra column that is then dropped.
@@ -662,15 +672,14 @@ class BatchEngine:
             if s.length == 0:
                 view.valid[i].zero_()  # the row may still hold a retired sequence
         view.prepare(slots, real, end=int(slots.max()) + 1)
-        logits = self.model(idx, slots, view)  # (k, T, V)
+        logits = _prefill_logits(self.model, idx, slots, view, chunk - 1)  # (k, V): at each chunk's last token
         for s, c in take:
             s.length += c
         done = [i for i, (s, _) in enumerate(take) if s.length == len(s.prompt)]  # a prefix of `take`
         if not done:
             return
         rows = torch.arange(n, n + len(done), device=dev)
-        last = (chunk - 1)[: len(done)]
-        self.logits[rows] = logits[torch.arange(len(done), device=dev), last, : self.vocab].float()
+        self.logits[rows] = logits[: len(done), : self.vocab].float()
         self.counts[rows] = 0
         self.seen[rows] = False
         for i in done:
@@ -708,9 +717,13 @@ class BatchEngine:
             self._move(last + 1, last, self.filling[0].length)
 
     @torch.no_grad()
-    def step(self) -> list[SeqEvent]:
+    def step(self, emit: Callable[[list[SeqEvent]], None] | None = None) -> list[SeqEvent]:
         """One token for every decoding sequence: sample, retire the finished, feed the rest in one forward.
-        First, with max_prefill_tokens, a prefill of at most that many positions of the added sequences."""
+        First, with max_prefill_tokens, a prefill of at most that many positions of the added sequences.
+
+        emit, if given, gets the events as soon as they are sampled, before the forward: a server hands them
+        to its clients then, so each token goes out one forward earlier and its delivery (another thread's
+        Python work) overlaps the forward instead of following it."""
         if self.filling:
             self._prefill(self.max_prefill_tokens if self.rows else None)
         n = len(self.rows)
@@ -769,6 +782,8 @@ class BatchEngine:
             events.append(ev)
         for r in reversed(done):  # from the end, so that the row moved into a hole is never one retiring
             self._retire(r)
+        if emit is not None and events:
+            emit(events)
         self._feed()
         return events
 

@@ -223,12 +223,14 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache=None,
-                doc: torch.Tensor | None = None) -> torch.Tensor:
+                doc: torch.Tensor | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); pos (T,) or per row (B, T) are their positions, 0..T-1 by
         default. With a KV cache (gptforge.generate.KVCache, for generation) idx are only the new tokens: their
         keys and values join the cached ones, and the cache's mask says which each may attend to. doc (B, T),
         for sequences packed from several documents, is each token's document id: attention stays causal and
-        within a document (finetune/data.py packs chats this way); without it SDPA runs its is_causal path."""
+        within a document (finetune/data.py packs chats this way); without it SDPA runs its is_causal path.
+        last (B,), for a prefill, is the one position per row whose logits are wanted: (B, 1, V) are returned,
+        and the head (a quarter of a small model's prefill FLOPs) skips the other positions."""
         mask = None
         if doc is not None:
             causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()  # (T, T)
@@ -251,6 +253,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             ve = ves[self.ve_layers[i]] if i in self.ve_layers else None
             x = block(x, rope, None if cache is None else cache.layers[i], ve, mask)
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, D)
         x = self.norm_f(x)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return self.softcap(F.linear(x, weight))  # (B, T, V)

@@ -202,6 +202,10 @@ class Scheduler:
         self.draining = self.stopped = False
         self.step_seconds = 0.05  # a running mean, for Retry-After
         self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP side's event loop, set by start()
+        # Hand-overs waiting for the loop, and whether a wake-up of the loop to drain them is already pending.
+        self.outbox: collections.deque[list[tuple[_Job, Any]]] = collections.deque()
+        self.outbox_lock = threading.Lock()
+        self.wake_pending = False
         self.thread = threading.Thread(target=self._run, name="gptforge-scheduler", daemon=True)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -209,9 +213,31 @@ class Scheduler:
         self.thread.start()
 
     def _send(self, items: list[tuple[_Job, Any]]) -> None:
-        """Hand items to their handlers: one wake-up of the event loop per step, not one per sequence."""
-        if items:
-            self.loop.call_soon_threadsafe(_put_all, items)
+        """Hand items to their handlers: at most one wake-up of the event loop per step, not one per sequence,
+        and none while an earlier wake-up is still pending (the loop then drains both hand-overs at once).
+
+        A wake-up is a write to the loop's self-pipe: a system call, across which the GIL is released and the
+        woken loop thread often takes it, so the engine thread then waits for the loop to give it back before
+        its next forward (~0.1-3 ms a step on 2 shared cores, 1-14% of the scheduler's time under 16 streaming
+        clients). Skipping the redundant ones saves that wait whenever the loop falls behind."""
+        if not items:
+            return
+        with self.outbox_lock:
+            self.outbox.append(items)
+            if self.wake_pending:
+                return
+            self.wake_pending = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """On the event loop: put every handed-over item into its handler's queue, in the order sent."""
+        with self.outbox_lock:
+            batches = list(self.outbox)
+            self.outbox.clear()
+            self.wake_pending = False
+        for items in batches:
+            for j, item in items:
+                j.queue.put_nowait((j.index, item))
 
     def stop(self) -> None:
         with self.cond:
@@ -329,14 +355,17 @@ class Scheduler:
         if not self.live:
             return
         t0 = time.monotonic()
-        events = engine.step()
-        now = time.monotonic()
-        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (now - t0)
+        engine.step(emit=self._deliver)  # tokens go out as soon as they are sampled, before the step's forward
+        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.monotonic() - t0)
         with m.lock:
             m.steps += 1
+
+    def _deliver(self, events: list[SeqEvent]) -> None:
+        """Account for one step's events and hand them to their handlers (BatchEngine.step's emit)."""
+        m, now = self.metrics, time.monotonic()
+        with m.lock:
             m.completion_tokens += len(events)
-            if events:
-                m.batch.observe(len(events))  # the rows decoded (the ones still prefilling are not)
+            m.batch.observe(len(events))  # the rows decoded (the ones still prefilling are not)
             for ev in events:
                 j = self.live[ev.seq]
                 if j.last is None:
@@ -354,11 +383,6 @@ class Scheduler:
                 j.done = True
             out.append((j, ev))
         self._send(out)
-
-
-def _put_all(items: list[tuple[_Job, Any]]) -> None:
-    for j, item in items:
-        j.queue.put_nowait((j.index, item))
 
 
 # --- requests: validation into engine jobs ------------------------------------------------------------------

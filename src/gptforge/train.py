@@ -7,7 +7,6 @@ compile and activation checkpointing are applied to the built model from outside
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +34,7 @@ from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_co
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
+from gptforge.precision import autocast, autocast_dtype, resolve_precision
 
 IGNORE_INDEX = -100  # targets with this value (padding, prompt tokens) never count toward the loss
 EVAL_SEED = 0  # validation windows are the same in every evaluation and every run, so losses compare
@@ -76,7 +76,7 @@ class TrainResult:
         return self.stopped_by != "max_steps"
 
 
-# --- device and precision ---------------------------------------------------------------------------------
+# --- device -----------------------------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -88,27 +88,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GptforgeError(f"train.device is {name!r} but no CUDA device is available; use --train.device cpu")
     return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 autocast on CUDA and fp32 elsewhere: on CPUs without AMX, bf16 autocast measured
-    slower than fp32 (docs/BENCHMARKS.md). fp16 needs a GradScaler, which gptforge runs on CUDA only."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise GptforgeError(f"train.precision fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
-    return precision
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision, or None where no autocast runs (fp32, bf16-pure)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # --- one optimizer step's forward and backward ------------------------------------------------------------
