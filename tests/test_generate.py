@@ -225,8 +225,10 @@ class Scripted(nn.Module):
         self.ids = torch.tensor(tok.encode(script))
         self.w = nn.Parameter(torch.zeros(1))
 
-    def forward(self, idx, pos=None, cache=None):
+    def forward(self, idx, pos=None, cache=None, last=None):
         pos = torch.arange(idx.shape[1]).expand_as(idx) if pos is None else pos.expand_as(idx)
+        if last is not None:  # a prefill asks for one position per row, as GPT.forward takes it
+            pos = pos[torch.arange(idx.shape[0]), last][:, None]
         target = self.ids[(pos + 1).clamp(max=len(self.ids) - 1)]  # (B, T): the byte after each position
         return nn.functional.one_hot(target, 320).float() * 10.0  # (B, T, V)
 

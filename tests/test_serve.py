@@ -255,10 +255,10 @@ class PrefillSpy:
         model, prefill = engine.model, engine._prefill
         self.inside = False
 
-        def spy_model(idx, pos, cache):
+        def spy_model(idx, pos, cache, **kw):
             if self.inside:
                 self.forwards.append((self.steps, *idx.shape))
-            return model(idx, pos, cache)
+            return model(idx, pos, cache, **kw)
 
         def spy_prefill(budget):
             self.inside = True

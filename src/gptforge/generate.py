@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 
 
@@ -256,15 +255,6 @@ def _decode_step(model: nn.Module, cache: KVCache, ids: torch.Tensor, pos: torch
     return model(ids, pos, cache)[:, -1]
 
 
-def _prefill_logits(model: nn.Module, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                    last: torch.Tensor) -> torch.Tensor:
-    """Next-token logits (B, V) at one position per row: a GPT applies its head there only (`last`); any
-    other model (a test's scripted one) runs whole and is indexed."""
-    if isinstance(model, GPT):
-        return model(idx, pos, cache, last=last)[:, 0]
-    return model(idx, pos, cache)[torch.arange(idx.size(0), device=idx.device), last]
-
-
 _compiled_step = None
 
 
@@ -330,7 +320,7 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
     cache = KVCache(cfg, B, S, device=device, dtype=dtype, static=static)
     cache.prepare(cols, real, end=T)
-    logits = _prefill_logits(model, idx, pos, cache, torch.full((B,), T - 1, device=device))  # (B, V)
+    logits = model(idx, pos, cache, last=torch.full((B,), T - 1, device=device))[:, 0]  # (B, V)
 
     counts = torch.zeros(B, vocab_size, device=device)  # generated tokens, for presence/frequency penalties
     # Prompt + generated, for the repetition penalty; padding goes to an extra column that is then dropped.
@@ -672,7 +662,7 @@ class BatchEngine:
             if s.length == 0:
                 view.valid[i].zero_()  # the row may still hold a retired sequence
         view.prepare(slots, real, end=int(slots.max()) + 1)
-        logits = _prefill_logits(self.model, idx, slots, view, chunk - 1)  # (k, V): at each chunk's last token
+        logits = self.model(idx, slots, view, last=chunk - 1)[:, 0]  # (k, V): at each chunk's last token
         for s, c in take:
             s.length += c
         done = [i for i, (s, _) in enumerate(take) if s.length == len(s.prompt)]  # a prefix of `take`
