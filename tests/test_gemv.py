@@ -61,6 +61,87 @@ def test_int4_matches_dequantized_matmul(threads, n, k, group):
         torch.testing.assert_close(gemv.linear_int4(x, q, s, lo), x @ dequantize(q, s, lo).t(), rtol=1e-5, atol=_tol(k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_op_matches_f_linear_for_any_rows(threads, dtype):
+    """The one-call op: kernels up to MAX_ROWS rows, PyTorch's GEMM beyond, leading dims and x's dtype kept; bf16
+    inputs with bf16 weights take the AVX512-BF16 dot-product path where the CPU has it."""
+    torch.manual_seed(7)
+    w, b = torch.randn(200, 96).to(dtype), torch.randn(200).to(dtype)
+    for rows in range(1, gemv.MAX_ROWS + 2):
+        x = torch.randn(1, rows, 96).to(dtype)
+        y = gemv.linear(x, w, b)
+        assert y.shape == (1, rows, 200) and y.dtype == dtype
+        ref = x.float() @ w.float().t() + b.float()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the result
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * 10)
+
+
+def test_decode_linear_is_the_same_linear(threads):
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 48)
+    for one_row_gemm in (False, True):
+        dl = gemv.DecodeLinear.of(lin, one_row_gemm=one_row_gemm)
+        assert isinstance(dl, torch.nn.Linear) and not dl.weight.requires_grad
+        for rows in (1, 3, 40):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(dl(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def _eager_attention(q, k, v, kc, vc, slots, mask):
+    """What KVCache does without the op: write the new keys and values, then SDPA over the first E slots."""
+    if slots.dim() == 1:
+        kc.index_copy_(2, slots, k)
+        vc.index_copy_(2, slots, v)
+    else:
+        at = slots[:, None, :, None].expand_as(k)
+        kc.scatter_(2, at, k)
+        vc.scatter_(2, at, v)
+    E = mask.shape[-1]
+    return F.scaled_dot_product_attention(q, kc[:, :, :E], vc[:, :, :E], attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 32), (2, 1, 24)])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-slot", "per-row-slots"])
+def test_decode_attention_matches_cache_write_and_sdpa(threads, dtype, heads, kv_heads, head_dim, per_row):
+    """The decode step's attention op equals index_copy_/scatter_ + SDPA: the same cache contents and outputs,
+    with grouped-query heads, masked (padding) slots, a head size off the vector width, and q/k/v as the model
+    passes them (transposed views)."""
+    torch.manual_seed(heads * head_dim)
+    B, S, E = 3, 40, 23
+    qkv = torch.randn(B, 1, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(B, 1, heads, head_dim).transpose(1, 2)  # (B, H, 1, Hd), strided like the model's
+    k = k.view(B, 1, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(B, 1, kv_heads, head_dim).transpose(1, 2)
+    kc, vc = torch.randn(B, kv_heads, S, head_dim).to(dtype), torch.randn(B, kv_heads, S, head_dim).to(dtype)
+    slots = torch.tensor([[E - 1], [E - 3], [E - 1]]) if per_row else torch.tensor([E - 1])
+    allowed = torch.rand(B, 1, 1, E) > 0.3
+    allowed[torch.arange(B), 0, 0, slots.view(-1).expand(B)] = True  # a query always sees its own slot
+    mask = torch.where(allowed, torch.zeros((), dtype=dtype), float("-inf"))
+    kc2, vc2 = kc.clone(), vc.clone()
+    ours = torch.ops.gptforge_attn.decode_attention(q, k, v, kc, vc, slots, mask)
+    ref = _eager_attention(q, k, v, kc2, vc2, slots, mask)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_decode_attention_refuses_bad_shapes():
+    q, kv = torch.randn(1, 3, 1, 16), torch.randn(1, 2, 1, 16)
+    cache, mask = torch.randn(1, 2, 8, 16), torch.zeros(1, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        torch.ops.gptforge_attn.decode_attention(q, kv, kv, cache, cache.clone(), torch.tensor([3]), mask)
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="slots"):
+        torch.ops.gptforge_attn.decode_attention(q, kv, kv, cache, cache.clone(), torch.tensor([3.0]), mask)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.gptforge_attn.decode_attention(q, kv, kv, cache, cache.clone(), torch.tensor([3]), mask.double())
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.gptforge_attn.decode_attention(q, kv, kv, cache, cache.clone(), torch.tensor([8]), mask)
+
+
 def test_bad_arguments_are_refused_with_the_reason():
     w = torch.randn(8, 32)
     with pytest.raises(RuntimeError, match="1 to 16 rows"):

@@ -409,28 +409,29 @@ def test_greedy_left_padded_batch_equals_hf_gpt2():
     assert tokens(generate_steps(ours, prompts, SamplingParams(max_new_tokens=12, temperature=0), vocab_size=500)) == theirs
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["kernels", "pytorch"])
-def test_decode_layout_keeps_values_and_greedy_output(model, native, monkeypatch):
+@pytest.mark.parametrize("small", [False, True], ids=["kernels", "one-row-gemm"])
+def test_decode_layout_keeps_values_and_greedy_output(model, small, monkeypatch):
     import copy
 
     from gptforge import gemv
 
-    if native and not gemv.available():
+    if not gemv.available():
         pytest.skip("the native kernels could not be built here")
-    # A tiny fp32 model keeps PyTorch's GEMM unless the size threshold is lowered.
-    monkeypatch.setattr(G, "FP32_NATIVE_MIN_BYTES", 0 if native else 1 << 40)
+    # A tiny fp32 model counts as small (one-row products on PyTorch's GEMV) unless the threshold is lowered.
+    monkeypatch.setattr(G, "FP32_NATIVE_MIN_BYTES", 1 << 40 if small else 0)
     moved = G.decode_layout(copy.deepcopy(model))
-    w = moved.blocks[0].mlp.up.weight
-    assert w.shape == model.blocks[0].mlp.up.weight.shape
-    assert torch.equal(w, model.blocks[0].mlp.up.weight)
-    if native:  # decode steps (<= 16 rows) run the native kernels, the tied head included
-        assert isinstance(w, gemv.DecodeWeight) and isinstance(moved.tok_emb.weight, gemv.DecodeWeight)
-    else:  # PyTorch's GEMM on the transposed layout
-        assert w.t().is_contiguous() and not isinstance(w, gemv.DecodeWeight)
+    up = moved.blocks[0].mlp.up
+    assert isinstance(up, gemv.DecodeLinear) and isinstance(moved.tok_emb.weight, gemv.DecodeWeight)
+    assert not any(type(m) is torch.nn.Linear for m in moved.modules())
+    assert up.one_row_gemm == small and moved.tok_emb.weight.one_row_gemm == small
+    assert up.weight.shape == model.blocks[0].mlp.up.weight.shape
+    assert torch.equal(up.weight, model.blocks[0].mlp.up.weight)
     p = SamplingParams(max_new_tokens=10, temperature=0, logprobs=True)
-    a, b = list(generate_steps(model, [[1, 2, 3], [4]], p, vocab_size=500)), list(generate_steps(moved, [[1, 2, 3], [4]], p, vocab_size=500))
-    assert [s.ids for s in a] == [s.ids for s in b]
-    torch.testing.assert_close(torch.tensor([s.logprobs for s in a]), torch.tensor([s.logprobs for s in b]), atol=ATOL, rtol=0)
+    for prompts in ([[1, 2, 3]], [[1, 2, 3], [4]]):  # one row per step, and two
+        a, b = list(generate_steps(model, prompts, p, vocab_size=500)), list(generate_steps(moved, prompts, p, vocab_size=500))
+        assert [s.ids for s in a] == [s.ids for s in b]
+        torch.testing.assert_close(torch.tensor([s.logprobs for s in a]), torch.tensor([s.logprobs for s in b]),
+                                   atol=ATOL, rtol=0)
 
 
 # --- continuous batching (BatchEngine, the server's decoder) ---------------------------------------------------

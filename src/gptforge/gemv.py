@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 16  # rows per call that csrc/gemv.cpp accepts; from 16 rows on PyTorch's GEMM is as fast
-SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+# The matmuls, and the attention of a decode step over the KV cache (generate.KVCache uses it): one library.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp")]
 _loaded: bool | None = None
 
 
@@ -43,26 +44,27 @@ def _cpu_flags() -> str:
 
 
 def _library_path() -> Path:
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), _cpu_flags().encode()]))
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptforge" / "kernels"
     return root / f"gemv-{key.hexdigest()[:16]}.so"
 
 
 def _build(dest: Path) -> None:
-    """Compile csrc/gemv.cpp into dest: written under a temporary name, then renamed (two processes building
+    """Compile csrc/*.cpp into dest: written under a temporary name, then renamed (two processes building
     at once each rename a complete file)."""
     from torch.utils import cpp_extension
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")[1])
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-w",
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++20", "-fopenmp-simd", "-fPIC", "-shared", "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(tmp),
+           *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", str(tmp),
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
-            raise RuntimeError(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
+            errors = [line for line in run.stderr.splitlines() if "error" in line] or run.stderr.strip().splitlines()
+            raise RuntimeError(errors[0] if errors else f"exit {run.returncode}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -107,8 +109,9 @@ def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias) for an fp32 / bf16 / fp16 weight (N, K), in x's dtype, accumulated in fp32."""
-    return _out(torch.ops.gptforge_gemv.gemv(_rows(x), w.contiguous(), _bias(bias)), x)
+    """F.linear(x, w, bias) for an fp32 / bf16 / fp16 weight (N, K), in x's dtype, accumulated in fp32: the
+    kernels for up to MAX_ROWS rows, PyTorch's GEMM for more (both decided in C++, in one call)."""
+    return torch.ops.gptforge_gemv.linear(x, w, bias)
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,23 +126,55 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch
     return _out(torch.ops.gptforge_gemv.gemv_int4(_rows(x), q, scale, lo, _bias(bias)), x)
 
 
-class DecodeWeight(torch.nn.Parameter):
-    """A (frozen) weight (N, K) whose F.linear with few rows runs `linear` above; every other op sees a plain
-    tensor and returns one.
+class DecodeLinear(torch.nn.Linear):
+    """An nn.Linear (frozen, same parameters) whose forward is one call of `linear`: what
+    `generate.decode_layout` swaps in for every Linear of a model decoded on CPU.
 
-    `generate.decode_layout` makes each Linear weight (and the tied head, which the model multiplies by with
-    F.linear) one of these, so the model file is unchanged.
+    A module swap rather than a weight subclass: the subclass's __torch_function__ cost ~6 us of Python per
+    matmul, as much as the product itself for the demo model's in-cache matrices. one_row_gemm: products of a
+    single row go to PyTorch's GEMV instead (MKL's was ~5% faster on in-cache fp32 matrices; from 2 rows on the
+    kernels are faster).
     """
 
+    one_row_gemm = False
+
+    @classmethod
+    def of(cls, m: torch.nn.Linear, one_row_gemm: bool = False) -> "DecodeLinear":
+        new = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        new.weight = torch.nn.Parameter(m.weight.detach().contiguous(), requires_grad=False)
+        if m.bias is not None:
+            new.bias = torch.nn.Parameter(m.bias.detach(), requires_grad=False)
+        new.one_row_gemm = one_row_gemm
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or (self.one_row_gemm and x.numel() == x.shape[-1]):
+            return F.linear(x, self.weight, self.bias)  # inductor traces PyTorch's own ops
+        return torch.ops.gptforge_gemv.linear(x, self.weight, self.bias)
+
+
+class DecodeWeight(torch.nn.Parameter):
+    """A (frozen) weight (N, K) whose F.linear runs `linear` above; every other op sees a plain tensor and
+    returns one. For a matrix that the model multiplies by with F.linear rather than through a Linear module:
+    the tied head (`tok_emb.weight`), which is also looked up as the token table. one_row_gemm as for
+    DecodeLinear.
+    """
+
+    one_row_gemm = False
+
     @staticmethod
-    def wrap(t: torch.Tensor) -> "DecodeWeight":
-        return DecodeWeight(t.detach().contiguous(), requires_grad=False)
+    def wrap(t: torch.Tensor, one_row_gemm: bool = False) -> "DecodeWeight":
+        w = DecodeWeight(t.detach().contiguous(), requires_grad=False)
+        w.one_row_gemm = one_row_gemm
+        return w
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and type(args[0]) is torch.Tensor and usable(args[0]):
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return linear(args[0], args[1].as_subclass(torch.Tensor), bias)
+        if func is F.linear and type(args[0]) is torch.Tensor and not torch.compiler.is_compiling():
+            x, w = args[0], args[1]
+            if not (w.one_row_gemm and x.numel() == x.shape[-1]):
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return linear(x, w.as_subclass(torch.Tensor), bias)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)

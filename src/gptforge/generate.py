@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import Tokenizer
@@ -95,6 +96,7 @@ class KVCache:
                                 torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.length, self.static, self.dtype = length, static, dtype
+        self.native = device.type == "cpu" and not static and _native_attention()
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = self.valid[:, None, None, :]
         self.end = length
@@ -129,18 +131,35 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.layers = [_LayerKV(view, kv.k[r], kv.v[r]) for kv in self.layers]
         view.valid = self.valid[r]
-        view.length, view.static, view.dtype = self.length, self.static, self.dtype
+        view.length, view.static, view.dtype, view.native = self.length, self.static, self.dtype, self.native
         view.slots, view.mask, view.end = self.slots, view.valid[:, None, None, :], self.end
         return view
 
 
+def _native_attention() -> bool:
+    from gptforge import gemv
+
+    return gemv.available()
+
+
 class _LayerKV:
-    """One layer's view of the cache: what CausalSelfAttention calls `kv.update(k, v)` on."""
+    """One layer's view of the cache: what CausalSelfAttention calls `kv.attend(q, k, v)` on."""
 
     def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor):
         self.cache, self.k, self.v = cache, k, v
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this call's k, v (B, K, T, Hd) at the cache's slots; attention of q (B, H, T, Hd) over the
+        cached keys and values up to `cache.end`, under its mask: (B, H, T, Hd)."""
+        c = self.cache
+        if c.native and q.shape[2] == 1 and not torch.compiler.is_compiling():
+            # A CPU decode step: one native op (csrc/attention.cpp) for the cache writes and the attention.
+            return torch.ops.gptforge_attn.decode_attention(q, k, v, self.k, self.v, c.slots, c.mask)
+        k, v = self.update(k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, Hd) at the cache's slots; the cached keys and values up to `cache.end`."""
         c = self.cache
         if c.slots.dim() == 1:
             self.k.index_copy_(2, c.slots, k)  # (B, K, S, Hd) <- (B, K, T, Hd) at slots
@@ -149,7 +168,7 @@ class _LayerKV:
             at = c.slots[:, None, :, None].expand_as(k)  # (B, K, T, Hd)
             self.k.scatter_(2, at, k)
             self.v.scatter_(2, at, v)
-        return self.k[:, :, : c.end], self.v[:, :, : c.end], c.mask
+        return self.k[:, :, : c.end], self.v[:, :, : c.end]
 
 
 # --- sampling ----------------------------------------------------------------------------------------------
@@ -792,17 +811,16 @@ class BatchEngine:
 
 
 # --- loading -----------------------------------------------------------------------------------------------
-# An fp32 model whose Linear weights are smaller than this keeps PyTorch's GEMM: its weights stay in cache,
-# where MKL's GEMV is as fast or faster than gemv.py's and costs less per call (the 4.2M `shakespeare` model
-# decoded ~25% slower through the kernels; `gpt2`, 500 MB, 1.1x faster at batch 1 and 1.3x at batch 8).
+# An fp32 model whose Linear weights are smaller than this sits in cache, where MKL's one-row GEMV was ~5% faster
+# than gemv.py's at batch 1 (the 4.2M demo model); from 2 rows on the kernels are faster (1.17x at batch 8).
 FP32_NATIVE_MIN_BYTES = 64 << 20
 
 
 def decode_layout(model: nn.Module) -> nn.Module:
-    """Route the CPU decode steps of `model` through the few-row kernels of `gemv.py`: each nn.Linear weight,
-    and the tied token table the head multiplies by, becomes a `gemv.DecodeWeight` (same values, same
-    shape), whose F.linear with up to 16 rows runs gemv.linear and with more runs PyTorch's GEMM; small fp32
-    models keep PyTorch's GEMM (FP32_NATIVE_MIN_BYTES).
+    """Route the CPU decode steps of `model` through the few-row kernels of `gemv.py`: each nn.Linear becomes a
+    `gemv.DecodeLinear` (same parameters) and the tied token table the head multiplies by a `gemv.DecodeWeight`
+    (same values, same shape); their products with up to 16 rows run the kernels, with more PyTorch's GEMM.
+    In small fp32 models (FP32_NATIVE_MIN_BYTES) one-row products keep PyTorch's GEMV.
 
     The gain is largest where PyTorch's GEMM is weakest, a few rows over a matrix out of cache (`gpt2` at batch
     8) and bf16 weights; docs/BENCHMARKS.md has the figures. Applied by `load` on CPU only: it is for
@@ -810,18 +828,20 @@ def decode_layout(model: nn.Module) -> nn.Module:
     """
     from gptforge import gemv
 
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    fp32_bytes = sum(m.weight.numel() * 4 for m in linears if m.weight.dtype == torch.float32)
-    if not gemv.available() or 0 < fp32_bytes < FP32_NATIVE_MIN_BYTES:
+    linears = [(parent, name, m) for parent in model.modules() for name, m in parent.named_children()
+               if type(m) is nn.Linear]
+    if not gemv.available():
         # PyTorch's GEMM then: a transposed (in, out)-contiguous weight (HF GPT-2's Conv1D layout) ran 8 rows
         # 2.3x faster than the (out, in) one on the CI CPU, and 1 row no slower.
-        for mod in linears:
+        for _, _, mod in linears:
             mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
         return model
-    for mod in linears:
-        mod.weight = gemv.DecodeWeight.wrap(mod.weight)
+    fp32_bytes = sum(m.weight.numel() * 4 for _, _, m in linears if m.weight.dtype == torch.float32)
+    small = 0 < fp32_bytes < FP32_NATIVE_MIN_BYTES
+    for parent, name, mod in linears:
+        setattr(parent, name, gemv.DecodeLinear.of(mod, one_row_gemm=small))
     if getattr(model, "lm_head", None) is None and isinstance(getattr(model, "tok_emb", None), nn.Embedding):
-        model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight)
+        model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight, one_row_gemm=small)
     return model
 
 

@@ -17,12 +17,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -45,10 +48,16 @@ inline float f16_to_f32(uint16_t h) {  // IEEE half, scalar path only (the AVX-5
 }
 
 // --- widening 16 weights to fp32 --------------------------------------------------------------------------------
-struct F32 { using T = float; };
-struct BF16 { using T = uint16_t; };
-struct F16 { using T = uint16_t; };
-struct I8 { using T = int8_t; };
+// T: the weight's storage; X: the input rows' (fp32, except for BF16Dot); kStep: inputs per step of a tile.
+struct F32 { using T = float; using X = float; static constexpr int kStep = 16; };
+struct BF16 { using T = uint16_t; using X = float; static constexpr int kStep = 16; };
+struct F16 { using T = uint16_t; using X = float; static constexpr int kStep = 16; };
+struct I8 { using T = int8_t; using X = float; static constexpr int kStep = 16; };
+// bf16 weights times bf16 inputs (a bf16 model's activations, already rounded to bf16) with AVX512-BF16's
+// vdpbf16ps: 32 products of bf16 pairs summed into 16 fp32 lanes per instruction, a whole 64-byte line of a weight
+// row per load and no widening: twice the multiply-adds per instruction of the widening path, which bounded a bf16
+// batch of 8 (docs/BENCHMARKS.md).
+struct BF16Dot { using T = uint16_t; using X = uint16_t; static constexpr int kStep = 32; };
 
 #ifdef GF_AVX512
 inline __m512 load16(const float* p, F32) { return _mm512_loadu_ps(p); }
@@ -77,55 +86,116 @@ struct Epilogue {
 };
 
 // --- dense weights: y[m, n] = out(sum_k x[m, k] w[n, k], n) --------------------------------------------------------
-template <class Kind>
-void dense_rows(const float* x, int64_t M, int64_t K, const typename Kind::T* w, Epilogue out,
-                float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
 #ifdef GF_AVX512
-  if (K % 16 == 0) {
-    if (M == 1) {  // 8 rows at a time: 8 independent FMA chains sharing each load of x
-      for (; n + 8 <= n1; n += 8) {
-        // fp32 rows are read a whole line per step, which the hardware prefetcher follows; narrower ones are not.
-        const bool prefetch = sizeof(typename Kind::T) < 4 && n + 16 <= n1;
-        __m512 acc[8];
-        for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-          __m512 xv = _mm512_loadu_ps(x + k);
-          // The same line of the next block's rows, a block ahead.
-          if (prefetch && (k * sizeof(typename Kind::T)) % 64 == 0)
-            for (int r = 0; r < 8; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n + 8 + r) * K + k), _MM_HINT_T0);
-          for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(load16(w + (n + r) * K + k, Kind{}), xv, acc[r]);
-        }
-        for (int r = 0; r < 8; ++r) y[n + r] = out(_mm512_reduce_add_ps(acc[r]), n + r);
+// R weight rows x MB input rows, over the whole of K: each widened weight vector feeds MB FMAs and each input vector
+// R, into R x MB independent accumulators. R and MB are template parameters so that the accumulators are registers:
+// with a run-time input count (the first version's 4 x 4 block) the compiler kept them in memory, and 8 rows ran at
+// ~55 GFLOP/s, a third of this core's FMA rate. `next`, when given, is the next tile's first row: the same line of
+// each of its rows is prefetched a tile ahead, for the formats the hardware prefetcher does not keep up with.
+template <class Kind, int R, int MB>
+inline void tile(const typename Kind::X* x, int64_t K, const typename Kind::T* w, Epilogue out, float* y, int64_t N, int64_t n,
+                 const typename Kind::T* next) {
+  __m512 acc[R][MB];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+  const typename Kind::T* wn = w + n * K;
+  for (int64_t k = 0; k < K; k += Kind::kStep) {
+    if (next && (k * sizeof(typename Kind::T)) % 64 == 0)
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * K + k), _MM_HINT_T0);
+    if constexpr (std::is_same_v<Kind, BF16Dot>) {
+#ifdef __AVX512BF16__
+      __m512bh wv[R];
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wn + r * K + k);
+#pragma GCC unroll 32
+      for (int i = 0; i < MB; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv[r], xv);
       }
-    }
-    // 4 weight rows x up to 4 input rows: each widened weight vector feeds 4 FMAs. The 4 rows (4K elements)
-    // stay in L1/L2 while the next group of input rows passes over them, so memory is read once per call.
-    for (; n + 4 <= n1; n += 4) {
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = static_cast<int>(M - m0 < 4 ? M - m0 : 4);
-        __m512 acc[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
-        const bool prefetch = m0 == 0 && n + 8 <= n1;
-        for (int64_t k = 0; k < K; k += 16) {
-          if (prefetch && (k * sizeof(typename Kind::T)) % 64 == 0)
-            for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n + 4 + r) * K + k), _MM_HINT_T0);
-          __m512 wv[4];
-          for (int r = 0; r < 4; ++r) wv[r] = load16(w + (n + r) * K + k, Kind{});
-          for (int i = 0; i < mb; ++i) {
-            __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
-            for (int r = 0; r < 4; ++r) acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
-          }
-        }
-        for (int i = 0; i < mb; ++i)
-          for (int r = 0; r < 4; ++r)
-            y[(m0 + i) * N + n + r] = out(_mm512_reduce_add_ps(acc[r][i]), n + r);
+#endif
+    } else {
+      __m512 wv[R];
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) wv[r] = load16(wn + r * K + k, Kind{});
+#pragma GCC unroll 32
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x + i * K + k);
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
       }
     }
   }
+#pragma GCC unroll 32
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) y[i * N + n + r] = out(_mm512_reduce_add_ps(acc[r][i]), n + r);
+}
+
+// tile<Kind, R, mb> for a run-time mb in 1..8 (only the shapes that fit the 32 vector registers are built).
+template <class Kind, int R, int MB = 1>
+inline void tile_of(int mb, const typename Kind::X* x, int64_t K, const typename Kind::T* w, Epilogue out, float* y, int64_t N,
+                    int64_t n, const typename Kind::T* next) {
+  if constexpr (MB <= 8) {
+    if constexpr (R * MB <= 24 || R == 1) {
+      if (mb == MB) return tile<Kind, R, MB>(x, K, w, out, y, N, n, next);
+    }
+    tile_of<Kind, R, MB + 1>(mb, x, K, w, out, y, N, n, next);
+  }
+}
+
+// Weight rows per tile for a chunk of mb input rows: as many as keep R x mb accumulators, R weights and an input
+// within the 32 registers.
+constexpr int tile_rows(int mb) { return mb <= 2 ? 8 : mb == 3 ? 6 : mb == 4 ? 5 : mb <= 6 ? 4 : 3; }
+
+// Rows n.. of [n, n1) in tiles of R, each tile over every chunk of input rows while its weights are in L1, so the
+// weights are read from memory once per call. Returns the first row not done (fewer than R were left).
+template <class Kind, int R>
+int64_t tiled_rows(const typename Kind::X* x, int64_t K, const typename Kind::T* w, Epilogue out, float* y, int64_t N,
+                   int64_t n, int64_t n1, int chunks, int hi, int big, bool prefetch) {
+  for (; n + R <= n1; n += R) {
+    const typename Kind::T* next = prefetch && n + 2 * R <= n1 ? w + (n + R) * K : nullptr;
+    int64_t m0 = 0;
+    for (int c = 0; c < chunks; ++c) {
+      const int mb = c < big ? hi : hi - 1;
+      tile_of<Kind, R>(mb, x + m0 * K, K, w, out, y + m0 * N, N, n, c == 0 ? next : nullptr);
+      m0 += mb;
+    }
+  }
+  return n;
+}
 #endif
-  for (; n < n1; ++n) {  // the rows left over (and every row without AVX-512 or with K % 16 != 0)
+
+template <class Kind>
+void dense_rows(const typename Kind::X* x, int64_t M, int64_t K, const typename Kind::T* w, Epilogue out,
+                float* y, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#ifdef GF_AVX512
+  if (K % Kind::kStep == 0) {
+    // Input rows in chunks of at most 8, as even as possible: `big` chunks of hi rows, the others hi - 1.
+    const int chunks = static_cast<int>((M + 7) / 8), hi = static_cast<int>((M + chunks - 1) / chunks);
+    const int big = static_cast<int>(M - chunks * (hi - 1));
+    // fp32 rows of one input row are read a whole line per step, which the hardware prefetcher follows.
+    const bool prefetch = sizeof(typename Kind::T) < 4 || M > 1;
+    auto rows = [&]<int R>() { n = tiled_rows<Kind, R>(x, K, w, out, y, N, n, n1, chunks, hi, big, prefetch); };
+    switch (tile_rows(hi)) {
+      case 8: rows.template operator()<8>(); break;
+      case 6: rows.template operator()<6>(); break;
+      case 5: rows.template operator()<5>(); break;
+      case 4: rows.template operator()<4>(); break;
+      default: rows.template operator()<3>(); break;
+    }
+    n = tiled_rows<Kind, 1>(x, K, w, out, y, N, n, n1, chunks, hi, big, false);  // the last few rows
+  }
+#endif
+  if constexpr (std::is_same_v<Kind, BF16Dot>) {
+    TORCH_CHECK(n == n1, "gemv: the bf16 dot-product path needs AVX512-BF16 and K % 32 == 0");
+    return;
+  } else
+  for (; n < n1; ++n) {  // every row without AVX-512 or with K % 16 != 0
     const typename Kind::T* wr = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * K;
@@ -293,6 +363,37 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   return y;
 }
 
+// F.linear(x, w, bias) for x (..., K) of any float dtype, the result in x's dtype: up to kMaxRows rows through
+// `gemv`, more through at::linear (a prefill, where the GEMM is faster). One call from Python does what was five
+// (reshape, widen, contiguous, gemv, narrow back): at ~10 us of Python and dispatch per op, that was as long as the
+// product itself for the demo model's matrices.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.dim() == 2, "linear: w must be 2-D (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear: x has ", x.size(-1), " columns, the weight ", K);
+  const int64_t M = K ? x.numel() / K : 0;
+  if (M < 1 || M > kMaxRows || !x.device().is_cpu()) return at::linear(x, w, bias);
+  std::optional<at::Tensor> bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+#if defined(GF_AVX512) && defined(__AVX512BF16__)
+  if (M == 1 && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && K % BF16Dot::kStep == 0) {
+    TORCH_CHECK(w.is_contiguous(), "linear: w must be contiguous");
+    at::Tensor xb = x.reshape({M, K}).contiguous();
+    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    const auto* xp = static_cast<const uint16_t*>(xb.data_ptr());
+    const auto* wp = static_cast<const uint16_t*>(w.data_ptr());
+    const Epilogue out{nullptr, bias_of(bf, N)};
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) { dense_rows<BF16Dot>(xp, M, K, wp, out, yp, N, n0, n1); });
+    return y.to(at::kBFloat16).view(shape);
+  }
+#endif
+  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  return gemv(xf, w.contiguous(), bf).to(x.scalar_type()).view(shape);
+}
+
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "gemv_int8: q must be contiguous int8 (N, K)");
   const int64_t M = x.size(0), N = q.size(0), K = q.size(1);
@@ -334,12 +435,14 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 
 TORCH_LIBRARY(gptforge_gemv, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor lo, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptforge_gemv, CPU, m) {
   m.impl("gemv", &gemv);
+  m.impl("linear", &linear);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
 }
