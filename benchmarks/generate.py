@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                      # the full comparison (several minutes on 2 cores)
     python benchmarks/generate.py --worker ours --shape gpt2 --batch 1     # one measurement, one JSON line
+    python benchmarks/generate.py --threads 1 --kernels                    # the few-row kernels alone
 
 Both sides get the same random weights (our fused qkv Linear copied into GPT-2's transposed Conv1D layout,
 built locally from a GPT2Config: no hub access; ours then stored as `gptforge.load` does on CPU, see
@@ -154,6 +155,29 @@ def bandwidth_gb_s(threads: int) -> dict:
     return {"gb_per_s": 2 * src.numel() * 4 / copy / 1e9, "read_gb_per_s": src.numel() * 4 / read / 1e9}
 
 
+def kernel_table(threads: int) -> None:
+    """The few-row kernels alone (gemv.py), on `gpt2`'s block matrices and its head, fp32 inputs: microseconds,
+    weight GB/s and GFLOP/s per call, best of many calls (so a matrix that fits in cache is read from cache)."""
+    from gptforge import gemv
+
+    torch.set_num_threads(threads)
+    assert gemv.available(), "the native kernels could not be built"
+    print("dtype     (N, K)         rows      us     GB/s  GFLOP/s")
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, k in ((2304, 768), (3072, 768), (768, 3072), (50304, 768)):
+            w = torch.randn(n, k).to(dtype)
+            for rows in (1, 2, 4, 8, 16):
+                x = torch.randn(rows, k)
+                torch.ops.gptforge_gemv.gemv(x, w, None)
+                best = float("inf")
+                for _ in range(max(5, int(3e8 / (n * k)))):
+                    t = time.perf_counter()
+                    torch.ops.gptforge_gemv.gemv(x, w, None)
+                    best = min(best, time.perf_counter() - t)
+                print(f"{str(dtype)[6:]:9s} ({n:5d}, {k:4d})  {rows:4d}  {best * 1e6:8.1f}"
+                      f"  {w.nbytes / best / 1e9:6.1f}  {2 * n * k * rows / best / 1e9:7.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", dest="side", choices=["ours", "hf", "bandwidth"], help="run one measurement")
@@ -167,7 +191,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated cases of the full run, e.g. gpt2-b1,gpt2-b8")
     ap.add_argument("--with-compiled", action="store_true", help="full run: also time ours with --compile")
+    ap.add_argument("--kernels", action="store_true", help="time the few-row kernels alone (gemv.py) and stop")
     args = ap.parse_args()
+    if args.kernels:
+        kernel_table(args.threads)
+        return
     if args.side == "bandwidth":
         print(json.dumps(bandwidth_gb_s(args.threads)))
         return
@@ -199,7 +227,8 @@ def main() -> None:
             line += f"; ours compiled {c:.1f} ({runs('ours-compiled')}), {c / hf:.2f}x"
         if batch == 1:
             gb = step_bytes(shape, batch, args.dtype) * ours / 1e9
-            line += f"; ours reads {gb:.1f} GB/s = {gb / bw:.0%} of the copy bandwidth, {gb / read_bw:.0%} of the read one"
+            line += (f"; ours reads {gb:.1f} GB/s = {gb / bw:.0%} of the copy bandwidth, "
+                     f"{gb / read_bw:.0%} of the read one")
         print(line, flush=True)
 
 

@@ -6,10 +6,11 @@ and keep several accumulators busy; they are what `generate` (through `decode_la
 Linear of `compress/quantize.py` use on CPU for up to MAX_ROWS rows. More rows (a prefill, an evaluation)
 go to PyTorch's GEMM, which is faster there. docs/BENCHMARKS.md has the measurements.
 
-The C++ source is compiled on first use for the CPU it runs on (g++ -O3 -march=native, ~10 s) into a cache
-folder keyed by the source, the torch version and the CPU's flags, then loaded as torch ops
-(`torch.ops.gptforge_gemv.*`). Without a compiler, or with GPTFORGE_NATIVE_KERNELS=0, `available()` is False
-and callers keep PyTorch's kernels: slower, same results.
+The library also holds the attention of a decode step over the KV cache (csrc/attention.cpp,
+`torch.ops.gptforge_attn.decode_attention`, used by generate.KVCache). Both sources are compiled on first use
+for the CPU they run on (g++ -O3 -march=native, ~15 s) into a cache folder keyed by the sources, the torch
+version and the CPU's flags, then loaded as torch ops (`torch.ops.gptforge_gemv.*`). Without a compiler, or
+with GPTFORGE_NATIVE_KERNELS=0, `available()` is False and callers keep PyTorch's kernels: slower, same results.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _cpu_flags() -> str:
 
 
 def _library_path() -> Path:
-    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), _cpu_flags().encode()]))
+    parts = [*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts))
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptforge" / "kernels"
     return root / f"gemv-{key.hexdigest()[:16]}.so"
 
@@ -56,7 +58,8 @@ def _build(dest: Path) -> None:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")[1])
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++20", "-fopenmp-simd", "-fPIC", "-shared", "-w",
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++20", "-fopenmp-simd", "-fPIC", "-shared",
+           "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", str(tmp),
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge import gemv
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import Tokenizer
 
@@ -96,7 +97,7 @@ class KVCache:
                                 torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.length, self.static, self.dtype = length, static, dtype
-        self.native = device.type == "cpu" and not static and _native_attention()
+        self.native = device.type == "cpu" and not static and gemv.available()  # csrc/attention.cpp
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = self.valid[:, None, None, :]
         self.end = length
@@ -134,12 +135,6 @@ class KVCache:
         view.length, view.static, view.dtype, view.native = self.length, self.static, self.dtype, self.native
         view.slots, view.mask, view.end = self.slots, view.valid[:, None, None, :], self.end
         return view
-
-
-def _native_attention() -> bool:
-    from gptforge import gemv
-
-    return gemv.available()
 
 
 class _LayerKV:
@@ -826,8 +821,6 @@ def decode_layout(model: nn.Module) -> nn.Module:
     8) and bf16 weights; docs/BENCHMARKS.md has the figures. Applied by `load` on CPU only: it is for
     inference (the parameters are replaced, so an optimizer built before would no longer see them).
     """
-    from gptforge import gemv
-
     linears = [(parent, name, m) for parent in model.modules() for name, m in parent.named_children()
                if type(m) is nn.Linear]
     if not gemv.available():

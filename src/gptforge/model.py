@@ -75,9 +75,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
                 ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask (B, 1, T, T) bool, when given, replaces the plain causal mask (packed documents). kv, when
-        given, is one layer's view of a KV cache (gptforge.generate.KVCache): this call's keys and values
-        are written into it and the queries attend to every cached position its mask allows (`kv.attend`). ve (B, T, K*Hd)
-        is this layer's value-embedding lookup, None for layers without one."""
+        given, is one layer's view of a KV cache (gptforge.generate.KVCache): `kv.attend` writes this call's
+        keys and values into it and the queries attend to every cached position its mask allows. ve
+        (B, T, K*Hd) is this layer's value-embedding lookup, None for layers without one."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1

@@ -6,10 +6,11 @@
 // the weights stream from memory. PyTorch's CPU GEMMs re-pack the weight on every call and its weight-only
 // low-bit kernels run 5-10x below the fp32 GEMV here (docs/compress.md); a torch.compile'd reduction widens the
 // codes in registers but keeps one accumulator chain per row (latency-bound, ~5 G multiply-adds/s/core). Here
-// each weight is read once per call, widened to fp32 in registers, and multiplied into several independent
-// accumulators (8 rows at a time for one input row, 4 rows x 4 inputs otherwise), which keeps the FMA units
-// busy enough to stay at the memory bandwidth. Threads split the output rows through at::parallel_for (torch's
-// own pool and thread count).
+// each weight is read once per call, widened to fp32 in registers, and multiplied into a register tile of
+// independent accumulators (8 weight rows for one input row, down to 3 weight rows x 8 input rows), which keeps
+// the FMA units busy enough to stay at the memory bandwidth. bf16 inputs with bf16 weights may instead use
+// AVX512-BF16 dot products. Threads split the output rows through at::parallel_for (torch's own pool and thread
+// count).
 //
 // Built at first use for the machine it runs on (-march=native), see gptforge/gemv.py. AVX-512 paths where the
 // compiler targets AVX-512F, a plain loop otherwise (which the compiler vectorizes as far as the target allows).
