@@ -3,6 +3,7 @@
     python benchmarks/generate.py                      # the full comparison (several minutes on 2 cores)
     python benchmarks/generate.py --worker ours --shape gpt2 --batch 1     # one measurement, one JSON line
     python benchmarks/generate.py --threads 1 --kernels                    # the few-row kernels alone
+    python benchmarks/generate.py --gpu [--spec-gbs 4800]                  # llama-1b bf16 b1 on CUDA vs spec
 
 Both sides get the same random weights (our fused qkv Linear copied into GPT-2's transposed Conv1D layout,
 built locally from a GPT2Config: no hub access; ours then stored as `gptforge.load` does on CPU, see
@@ -97,6 +98,8 @@ def decode_seconds(run) -> float:
 
 
 def worker(args) -> dict:
+    if args.side == "hf" and args.device != "cpu":
+        sys.exit("the HF worker runs on CPU only (--device cpu)")
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.side == "hf":
@@ -113,18 +116,19 @@ def worker(args) -> dict:
     else:
         from gptforge import generate as G
 
-        model = build_ours(args.shape, dtype)
+        model = build_ours(args.shape, dtype).to(args.device)
         cfg = model.config
         x = prompts(args.batch, cfg.vocab_size).tolist()
-        if not args.plain_layout:  # what gptforge.load does on CPU: same values, (in, out) storage
+        if args.device == "cpu" and not args.plain_layout:  # what gptforge.load does on CPU
             G.decode_layout(model)
-        if args.compile:  # the static-shape step compiled by inductor (CUDA graphs do not apply on CPU)
+        if args.compile and args.device == "cpu":  # the static-shape step compiled by inductor (no CUDA graphs)
             G._compiled_step = torch.compile(G._decode_step, fullgraph=True, dynamic=False)
+        compile = args.compile or None  # None: the engine's default, the CUDA-graph step on CUDA
 
         def run(n):
             p = G.SamplingParams(max_new_tokens=n, temperature=0)
-            steps = sum(1 for _ in G.generate_steps(model, x, p, vocab_size=cfg.vocab_size, compile=args.compile))
-            assert steps == n
+            steps = sum(1 for _ in G.generate_steps(model, x, p, vocab_size=cfg.vocab_size, compile=compile))
+            assert steps == n  # the last step's ids reached the host: every kernel before it has finished
 
     seconds = decode_seconds(run)
     return {"tokens_per_s": args.batch * (NEW_TOKENS - 1) / seconds}
@@ -178,6 +182,27 @@ def kernel_table(threads: int) -> None:
                       f"  {w.nbytes / best / 1e9:6.1f}  {2 * n * k * rows / best / 1e9:7.1f}", flush=True)
 
 
+def gpu_bandwidth(args) -> None:
+    """The issue's GPU row: batch-1 bf16 decode on CUDA (CUDA-graph step), as a fraction of the spec bandwidth
+    and of a measured device copy; 3 processes, median."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from alternate import measure
+
+    if not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA device; none is visible here")
+    shape = "llama-1b" if args.shape == "gpt2" else args.shape
+    me = [sys.executable, __file__, "--device", "cuda"]
+    copy = statistics.median(measure(me + ["--worker", "bandwidth"])["gb_per_s"] for _ in range(3))
+    runs = [measure(me + ["--worker", "ours", "--shape", shape, "--batch", "1", "--dtype", "bfloat16"])["tokens_per_s"]
+            for _ in range(3)]
+    tps = statistics.median(runs)
+    gb = step_bytes(shape, 1, "bfloat16") * tps / 1e9
+    name = torch.cuda.get_device_name()
+    print(f"{name}, {shape} bf16 b1: {tps:.1f} tok/s ({', '.join(f'{r:.1f}' for r in runs)}); reads {gb:.0f} GB/s = "
+          f"{gb / args.spec_gbs:.0%} of the {args.spec_gbs:.0f} GB/s spec, {gb / copy:.0%} of a measured copy "
+          f"({copy:.0f} GB/s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", dest="side", choices=["ours", "hf", "bandwidth"], help="run one measurement")
@@ -192,12 +217,25 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated cases of the full run, e.g. gpt2-b1,gpt2-b8")
     ap.add_argument("--with-compiled", action="store_true", help="full run: also time ours with --compile")
     ap.add_argument("--kernels", action="store_true", help="time the few-row kernels alone (gemv.py) and stop")
+    ap.add_argument("--device", default="cpu", help="worker: cpu or cuda (ours only; HF runs on CPU)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="ours on CUDA only: batch-1 decode of --shape (default llama-1b) in bf16 vs --spec-gbs")
+    ap.add_argument("--spec-gbs", type=float, default=3350.0, help="--gpu: the device's spec bandwidth, GB/s "
+                    "(H100 SXM 3350, H200 4800)")
     args = ap.parse_args()
     if args.kernels:
         kernel_table(args.threads)
         return
     if args.side == "bandwidth":
-        print(json.dumps(bandwidth_gb_s(args.threads)))
+        if args.device != "cpu":
+            from gptforge.hardware import probe_copy_bandwidth
+
+            print(json.dumps({"gb_per_s": probe_copy_bandwidth(1024, device=args.device) / 1e9}))
+        else:
+            print(json.dumps(bandwidth_gb_s(args.threads)))
+        return
+    if args.gpu:
+        gpu_bandwidth(args)
         return
     if args.side:
         print(json.dumps(worker(args)))
