@@ -1,7 +1,7 @@
 // Attention of one decode step over a static KV cache, on CPU: the new keys and values are written into the cache
 // at their slots, then each query attends to the first E slots under an additive mask. One op instead of the eager
-// path's five per layer (two index_copy_, two slices, SDPA), whose fixed costs (~40 us a layer at one thread) were
-// a quarter of the demo model's decode step, for a few thousand multiply-adds per head.
+// path's five per layer (two index_copy_, two slices, SDPA), whose fixed costs (~22 us a layer at one thread, 5.6 us
+// here) were ~15% of the demo model's decode step, for a few thousand multiply-adds per head.
 //
 // Shapes (gptforge.generate.KVCache): q (B, H, T, Hd); k, v (B, Kh, T, Hd) with H a multiple of Kh (grouped-query
 // attention: query head h reads kv head h / (H / Kh)); caches (B, Kh, S, Hd), possibly a view of some rows of a
