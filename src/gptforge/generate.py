@@ -99,6 +99,7 @@ class KVCache:
         self.length, self.static, self.dtype = length, static, dtype
         self.native = device.type == "cpu" and not static and gemv.available()  # csrc/attention.cpp
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
+        self._zero = torch.zeros((), dtype=dtype, device=device)
         self.mask = self.valid[:, None, None, :]
         self.end = length
         if static and device.type == "cuda":
@@ -107,24 +108,31 @@ class KVCache:
             for t in [self.valid] + [b for kv in self.layers for b in (kv.k, kv.v)]:
                 torch._dynamo.mark_static_address(t)
 
-    def prepare(self, slots: torch.Tensor, real: torch.Tensor, end: int | None = None) -> None:
+    def prepare(self, slots: torch.Tensor, real: torch.Tensor | None, end: int | None = None) -> None:
         """This forward writes slots (T,) for every row, or slots (B, T) of its own for each row (continuous
-        batching: rows at different lengths); real (B, T) says which of them hold real tokens (not padding).
-        `end` (eager only) is one past the last slot written."""
+        batching: rows at different lengths); real (B, T) says which of them hold real tokens (not padding),
+        None that all do. `end` (eager only) is one past the last slot written."""
         self.slots = slots
+        self.end = self.length if self.static or end is None else end
+        if real is None and slots.shape == (1,) and not self.static:
+            # An eager decode step: one real token per row at the last slot, which sees every valid slot. Three
+            # ops instead of the general mask's dozen (~40 us a step, 3% of the demo model's).
+            self.valid.index_fill_(1, slots, True)
+            self.mask = torch.where(self.valid[:, None, None, : self.end], self._zero, float("-inf"))
+            return
+        if real is None:
+            real = torch.ones(self.valid.shape[0], slots.shape[-1], dtype=torch.bool, device=slots.device)
         if slots.dim() == 1:
             self.valid.index_copy_(1, slots, real)
         else:
             self.valid.scatter_(1, slots, real)
-        self.end = self.length if self.static or end is None else end
         s = torch.arange(self.end, device=slots.device)
         causal = s <= slots[..., None]  # (T, end) or (B, T, end)
         # A padding query may see only itself: a row of all-masked keys would make SDPA return NaN, and the
         # NaN would reach real tokens through 0 * NaN in the next layer's attention over the cached values.
         allowed = (self.valid[:, None, : self.end] & causal) | (s == slots[..., None])  # (B, T, end)
         # An additive float mask: CPU SDPA measured 2-4x faster with it than with a boolean one at decode shapes.
-        zero = torch.zeros((), dtype=self.dtype, device=slots.device)
-        self.mask = torch.where(allowed, zero, float("-inf"))[:, None]  # (B, 1, T, end): the same for every head
+        self.mask = torch.where(allowed, self._zero, float("-inf"))[:, None]  # (B, 1, T, end): the same for every head
 
     def rows(self, r: slice) -> KVCache:
         """A view of rows `r` sharing this cache's storage: a forward over it reads and writes only those rows
@@ -133,6 +141,7 @@ class KVCache:
         view.layers = [_LayerKV(view, kv.k[r], kv.v[r]) for kv in self.layers]
         view.valid = self.valid[r]
         view.length, view.static, view.dtype, view.native = self.length, self.static, self.dtype, self.native
+        view._zero = self._zero
         view.slots, view.mask, view.end = self.slots, view.valid[:, None, None, :], self.end
         return view
 
@@ -265,7 +274,7 @@ def _fit_prompts(prompts: list[list[int]], p: SamplingParams, block_size: int) -
 def _decode_step(model: nn.Module, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
                  end: int | None = None) -> torch.Tensor:
     """Logits (B, V) of one new token per row: ids, pos (B, 1), written at cache slot (1,)."""
-    cache.prepare(slot, torch.ones_like(ids, dtype=torch.bool), end)
+    cache.prepare(slot, None, end)
     return model(ids, pos, cache)[:, -1]
 
 
@@ -344,12 +353,14 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     slot_table = torch.arange(T, S, device=device)  # (S - T,): the cache slot of each decode step
     step = _static_step(device) if static else _decode_step
     want_top = params.top_logprobs > 0
+    penalized = params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
     pending: list[tuple[torch.Tensor, ...]] = []
     for n in range(max_new):
         logits = logits[:, :vocab_size].float()  # rows above the tokenizer's size are padding: never sampled
         ids = sample(apply_penalties(logits, counts, seen, params), params, gen)  # (B,)
-        counts.scatter_add_(1, ids[:, None], torch.ones_like(counts[:, :1]))
-        seen.scatter_(1, ids[:, None], True)
+        if penalized:
+            counts.scatter_add_(1, ids[:, None], torch.ones_like(counts[:, :1]))
+            seen.scatter_(1, ids[:, None], True)
         out: tuple[torch.Tensor, ...] = (ids,)
         if params.logprobs or want_top:
             logp = logits.log_softmax(dim=-1)  # the model's distribution, before penalties and filters
