@@ -115,8 +115,9 @@ class KVCache:
         self.slots = slots
         self.end = self.length if self.static or end is None else end
         if real is None and slots.shape == (1,) and not self.static:
-            # An eager decode step: one real token per row at the last slot, which sees every valid slot. Three
-            # ops instead of the general mask's dozen (~40 us a step, 3% of the demo model's).
+            # An eager decode step (the caller's slot is end - 1): one real token per row, which sees every valid
+            # slot. Three ops instead of the general mask's dozen; with the penalty bookkeeping skipped when no
+            # penalty is on, the demo model decoded 7% faster.
             self.valid.index_fill_(1, slots, True)
             self.mask = torch.where(self.valid[:, None, None, : self.end], self._zero, float("-inf"))
             return
