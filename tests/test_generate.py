@@ -84,6 +84,22 @@ def test_static_cache_path_equals_eager(model, monkeypatch):
     torch.testing.assert_close(lp(static), lp(eager), atol=ATOL, rtol=0)
 
 
+def test_decode_step_mask_fast_path_equals_the_general_one(model):
+    """prepare(slot, None, end) for an eager one-token step gives the mask and validity of the general path."""
+    cfg = model.config
+    masks = []
+    for real_step in (None, torch.ones(3, 1, dtype=torch.bool)):
+        cache = G.KVCache(cfg, 3, 12, device=torch.device("cpu"), dtype=torch.float32, static=False)
+        cols = torch.arange(5)
+        real = torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 0, 0, 0, 1]], dtype=torch.bool)  # left-padded prompts
+        cache.prepare(cols, real, end=5)
+        for slot in (5, 6):
+            cache.prepare(torch.tensor([slot]), real_step, end=slot + 1)
+            masks.append((cache.mask.clone(), cache.valid.clone()))
+    for (fast, valid_fast), (general, valid_general) in zip(masks[:2], masks[2:]):
+        assert fast.shape == general.shape and torch.equal(fast, general) and torch.equal(valid_fast, valid_general)
+
+
 def test_per_row_positions_match_shared_ones(model):
     idx = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
