@@ -56,8 +56,8 @@ struct F16 { using T = uint16_t; using X = float; static constexpr int kStep = 1
 struct I8 { using T = int8_t; using X = float; static constexpr int kStep = 16; };
 // bf16 weights times bf16 inputs (a bf16 model's activations, already rounded to bf16) with AVX512-BF16's
 // vdpbf16ps: 32 products of bf16 pairs summed into 16 fp32 lanes per instruction, a whole 64-byte line of a weight
-// row per load and no widening: twice the multiply-adds per instruction of the widening path, which bounded a bf16
-// batch of 8 (docs/BENCHMARKS.md).
+// row per load, no widening. `linear` uses it for one row, where it streamed faster (`gpt2` bf16 at batch 1: 39 ->
+// 41-48 tokens/s); from 2 rows it measured slower than widening + FMA (docs/BENCHMARKS.md).
 struct BF16Dot { using T = uint16_t; using X = uint16_t; static constexpr int kStep = 32; };
 
 #ifdef GF_AVX512
