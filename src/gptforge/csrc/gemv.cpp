@@ -366,8 +366,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 
 // F.linear(x, w, bias) for x (..., K) of any float dtype, the result in x's dtype: up to kMaxRows rows through
 // `gemv`, more through at::linear (a prefill, where the GEMM is faster). One call from Python does what was five
-// (reshape, widen, contiguous, gemv, narrow back): at ~10 us of Python and dispatch per op, that was as long as the
-// product itself for the demo model's matrices.
+// (reshape, widen, contiguous, gemv, narrow back) behind a weight subclass's __torch_function__: ~6 us more per
+// matmul, as long as the product itself for the demo model's matrices.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2, "linear: w must be 2-D (N, K)");
   const int64_t N = w.size(0), K = w.size(1);
@@ -380,11 +380,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   shape.back() = N;
 #if defined(GF_AVX512) && defined(__AVX512BF16__)
   if (M == 1 && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && K % BF16Dot::kStep == 0) {
-    TORCH_CHECK(w.is_contiguous(), "linear: w must be contiguous");
-    at::Tensor xb = x.reshape({M, K}).contiguous();
+    at::Tensor wc = w.contiguous(), xb = x.reshape({M, K}).contiguous();
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     const auto* xp = static_cast<const uint16_t*>(xb.data_ptr());
-    const auto* wp = static_cast<const uint16_t*>(w.data_ptr());
+    const auto* wp = static_cast<const uint16_t*>(wc.data_ptr());
     const Epilogue out{nullptr, bias_of(bf, N)};
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) { dense_rows<BF16Dot>(xp, M, K, wp, out, yp, N, n0, n1); });
