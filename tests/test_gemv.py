@@ -188,3 +188,101 @@ def test_without_a_compiler_decoding_falls_back_with_one_warning(tmp_path):
     assert "could not be built" in out.stdout
     out = _run(code, GPTFORGE_NATIVE_KERNELS="0")
     assert out.stdout.split()[:3] == ["False", "0", "Parameter"], out.stdout
+
+
+# --- DecodeBlock: a block's decode step as one op (csrc/block.cpp) ----------------------------------------------
+BLOCK_VARIANTS = {
+    # GPT-2: LayerNorm with biases, GELU, learned positions
+    "gpt2": dict(n_layer=2, n_head=4, d_model=64, vocab_size=300, block_size=48),
+    # Llama / the demo: RMSNorm, SwiGLU, rotary, grouped-query attention, no biases
+    "llama": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_size=300, block_size=48,
+                  pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", bias=False),
+    # modded-nanogpt's: ReLU², QK-norm, value embeddings, LayerNorm without biases
+    "speedrun": dict(n_layer=2, n_head=2, n_kv_head=1, d_model=64, vocab_size=300, block_size=48,
+                     pos_encoding="rotary", mlp="relu2", qk_norm=True, value_embeds=1, bias=False),
+}
+
+
+def _decode_logits(model, prompts: list[list[int]], steps: int, per_row: bool):
+    """Logits of `steps` greedy decode steps after a left-padded prefill, and the caches' final contents; per_row
+    writes each step at slots (B, 1) as BatchEngine does, else at the shared slot (1,)."""
+    from gptforge.generate import KVCache
+
+    B, T = len(prompts), max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    real = torch.tensor([[i >= T - len(p) for i in range(T)] for p in prompts])
+    pos = (torch.arange(T)[None] - (T - real.sum(1))[:, None]).clamp(min=0)
+    cache = KVCache(model.config, B, T + steps, device=torch.device("cpu"), dtype=next(model.parameters()).dtype,
+                    static=False)
+    cache.prepare(torch.arange(T), real, end=T)
+    logits, out = model(idx, pos, cache)[:, -1], []
+    for n in range(steps):
+        ids, slot = logits.argmax(-1)[:, None], torch.tensor([T + n])
+        if per_row:
+            cache.prepare(slot.repeat(B)[:, None], None, T + n + 1)
+        else:
+            cache.prepare(slot, None, T + n + 1)
+        logits = model(ids, pos[:, -1:] + 1 + n, cache)[:, -1]
+        out.append(logits)
+    return torch.stack(out), [t.clone() for kv in cache.layers for t in (kv.k, kv.v)]
+
+
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("one_row_gemm", [False, True], ids=["kernels", "one-row-gemm"])
+def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, one_row_gemm, monkeypatch):
+    """The op issues Block.forward's own ATen ops, so its decode steps (logits and cache writes) equal the Python
+    block's exactly, for every variant, with left padding, for shared and per-row slots; and it is what runs."""
+    from gptforge import generate as G
+    from gptforge.config import ModelConfig
+    from gptforge.model import GPT, Block, CausalSelfAttention
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(G, "FP32_NATIVE_MIN_BYTES", 1 << 40 if one_row_gemm else 0)
+    model = G.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS[variant])).eval().to(dtype))
+    assert all(type(b) is gemv.DecodeBlock for b in model.blocks)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    calls = []
+    real_attn = CausalSelfAttention.forward
+    monkeypatch.setattr(CausalSelfAttention, "forward", lambda self, x, *a: calls.append(x.shape) or real_attn(self, x, *a))
+    with torch.no_grad():
+        for per_row in (False, True):
+            calls.clear()
+            fused, fused_cache = _decode_logits(model, prompts, 4, per_row)
+            assert calls == [(2, 5, 64)] * 2  # the prefill only: no decode step went through the Python attention
+            with monkeypatch.context() as m:
+                m.setattr(gemv.DecodeBlock, "forward", Block.forward)
+                plain, plain_cache = _decode_logits(model, prompts, 4, per_row)
+            assert torch.equal(fused, plain)
+            assert all(torch.equal(a, b) for a, b in zip(fused_cache, plain_cache))
+
+
+def test_decode_block_is_swapped_only_where_the_op_can_run_it():
+    """Quantized Linears (and any other kind) keep the Python block; state dict keys never change."""
+    from gptforge import generate as G
+    from gptforge.compress.quantize import quantize_model
+    from gptforge.config import ModelConfig
+    from gptforge.model import GPT, Block
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval()
+    keys = list(model.state_dict())
+    assert list(G.decode_layout(model).state_dict()) == keys
+    assert all(type(b) is gemv.DecodeBlock for b in model.blocks)
+    quantized = G.decode_layout(quantize_model(GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval(), "int8")[0])
+    assert all(type(b) is Block for b in quantized.blocks)
+    mixed = GPT(ModelConfig(**BLOCK_VARIANTS["speedrun"])).eval()
+    mixed.blocks[0].attn.q_norm.eps = 1e-3  # a QK-norm whose eps differs from the block's norms: one eps per op
+    G.decode_layout(mixed)
+    assert [type(b) for b in mixed.blocks] == [Block, gemv.DecodeBlock]
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info().split("parallel backend:")[-1],
+                    reason="torch's parallel backend here is not OpenMP")
+def test_the_library_is_built_with_openmp():
+    """at::parallel_for is a header template: a library built without -fopenmp runs its loops on one thread
+    whatever torch.set_num_threads says (the kernels did until 2026-12; docs/BENCHMARKS.md has the cost)."""
+    out = subprocess.run(["readelf", "-d", str(gemv._library_path())], capture_output=True, text=True)
+    if out.returncode:
+        pytest.skip("readelf is not available here")
+    assert "libgomp" in out.stdout

@@ -439,6 +439,7 @@ def test_decode_layout_keeps_values_and_greedy_output(model, small, monkeypatch)
     up = moved.blocks[0].mlp.up
     assert isinstance(up, gemv.DecodeLinear) and isinstance(moved.tok_emb.weight, gemv.DecodeWeight)
     assert not any(type(m) is torch.nn.Linear for m in moved.modules())
+    assert all(type(b) is gemv.DecodeBlock for b in moved.blocks)  # each decode step's block is one native op
     assert up.one_row_gemm == small and moved.tok_emb.weight.one_row_gemm == small
     assert up.weight.shape == model.blocks[0].mlp.up.weight.shape
     assert torch.equal(up.weight, model.blocks[0].mlp.up.weight)

@@ -26,9 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptforge.model import Block, GeluMLP, ReLU2MLP, SwiGLUMLP
+
 MAX_ROWS = 16  # rows per call that csrc/gemv.cpp accepts; from 16 rows on PyTorch's GEMM is as fast
-# The matmuls, and the attention of a decode step over the KV cache (generate.KVCache uses it): one library.
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp")]
+# The matmuls, the attention of a decode step over the KV cache (generate.KVCache uses it) and a whole block's
+# decode step (DecodeBlock): one library. HEADERS are hashed with the sources into the library's name.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "attention.cpp", "block.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]
 _loaded: bool | None = None
 
 
@@ -44,33 +48,47 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+# -fopenmp: at::parallel_for is a header template, so without it the kernels' loops over output rows ran on one
+# thread whatever torch.set_num_threads said; libgomp.so.1 is torch's own, already loaded.
+FLAGS = ["-O3", "-march=native", "-std=c++20", "-fopenmp", "-fPIC", "-w",
+         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
 def _library_path() -> Path:
-    parts = [*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), _cpu_flags().encode()]
+    parts = [*(p.read_bytes() for p in SOURCES + HEADERS), *map(str.encode, FLAGS), torch.__version__.encode(),
+             _cpu_flags().encode()]
     key = hashlib.sha256(b"\0".join(parts))
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptforge" / "kernels"
     return root / f"gemv-{key.hexdigest()[:16]}.so"
 
 
 def _build(dest: Path) -> None:
-    """Compile csrc/*.cpp into dest: written under a temporary name, then renamed (two processes building
-    at once each rename a complete file)."""
+    """Compile csrc/*.cpp into dest, the sources in parallel: written under a temporary name, then renamed (two
+    processes building at once each rename a complete file)."""
     from torch.utils import cpp_extension
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=dest.parent, suffix=".so.tmp")[1])
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-std=c++20", "-fopenmp-simd", "-fPIC", "-shared",
-           "-w",
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", str(tmp),
-           *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
-    try:
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode:
-            errors = [line for line in run.stderr.splitlines() if "error" in line] or run.stderr.strip().splitlines()
-            raise RuntimeError(errors[0] if errors else f"exit {run.returncode}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    cxx = os.environ.get("CXX", "g++")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        objects = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        compiles = [subprocess.Popen([cxx, *FLAGS, *includes, "-c", str(src), "-o", str(obj)], stderr=subprocess.PIPE,
+                                     text=True) for src, obj in zip(SOURCES, objects)]
+        for c, stderr in [(c, c.communicate()[1]) for c in compiles]:  # every compiler finishes before a raise
+            _check(c.returncode, stderr)
+        so = Path(tmp) / dest.name
+        link = subprocess.run([cxx, *FLAGS, "-shared", *map(str, objects), "-o", str(so),
+                               *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"],
+                              capture_output=True, text=True)
+        _check(link.returncode, link.stderr)
+        os.replace(so, dest)
+
+
+def _check(returncode: int, stderr: str) -> None:
+    """Raise with the compiler's first error line (the one that names the cause)."""
+    if returncode:
+        errors = [line for line in stderr.splitlines() if "error" in line] or stderr.strip().splitlines()
+        raise RuntimeError(errors[0] if errors else f"exit {returncode}")
 
 
 def available() -> bool:
@@ -181,3 +199,57 @@ class DecodeWeight(torch.nn.Parameter):
                 return linear(x, w.as_subclass(torch.Tensor), bias)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+
+
+class DecodeBlock(Block):
+    """A model.Block (the same submodules) whose one-token CPU decode step over a native KV cache is one C++ call
+    (csrc/block.cpp): the same ATen ops as Block.forward, issued from C++, with the matmuls on the kernels here
+    and the attention on csrc/attention.cpp. Every other call (a prefill, no cache, training, torch.compile)
+    runs Block.forward. `generate.decode_layout` swaps it in where `of` accepts the block.
+
+    Why: the demo model's Python block issues ~25 ops per layer, and at its size their fixed costs, not the
+    weights, bound a decode step (docs/BENCHMARKS.md has the before and after).
+    """
+
+    @classmethod
+    def of(cls, block: Block) -> Block:
+        """A DecodeBlock sharing `block`'s submodules, or `block` itself when the op cannot run it: a Linear that
+        is not a DecodeLinear (quantized, LoRA), a norm or MLP of another kind, or norms of different eps."""
+        attn, mlp = block.attn, block.mlp
+        linears = [attn.qkv, attn.proj, mlp.up, mlp.down] + ([mlp.gate] if isinstance(mlp, SwiGLUMLP) else [])
+        norms = [block.norm1, block.norm2] + [n for n in (attn.q_norm, attn.k_norm) if not isinstance(n, torch.nn.Identity)]
+        eps = {n.eps for n in norms}
+        if (type(block) is not Block or not all(type(m) is DecodeLinear for m in linears) or type(mlp) not in _MLP_KIND
+                or not all(type(n) in (torch.nn.LayerNorm, torch.nn.RMSNorm) for n in norms)
+                or type(block.norm1) is not type(block.norm2) or block.norm1.weight is None or len(eps) != 1 or None in eps
+                or not all(isinstance(d, torch.nn.Identity) for d in (attn.resid_drop, mlp.drop))):
+            return block
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.training = block.training
+        for name, child in block.named_children():
+            new.add_module(name, child)
+        weight = lambda m: None if isinstance(m, torch.nn.Identity) else m.weight
+        gate = mlp.gate if isinstance(mlp, SwiGLUMLP) else None
+        # The order csrc/block.cpp reads them in.
+        new._params = [block.norm1.weight, getattr(block.norm1, "bias", None), attn.qkv.weight, attn.qkv.bias,
+                       attn.proj.weight, attn.proj.bias, weight(attn.q_norm), weight(attn.k_norm), attn.value_gate,
+                       block.norm2.weight, getattr(block.norm2, "bias", None), mlp.up.weight, mlp.up.bias,
+                       mlp.down.weight, mlp.down.bias, None if gate is None else gate.weight,
+                       None if gate is None else gate.bias]
+        new._layout = [attn.n_head, attn.n_kv_head, attn.head_dim, int(isinstance(block.norm1, torch.nn.RMSNorm)),
+                       _MLP_KIND[type(mlp)], int(attn.qkv.one_row_gemm)]
+        new._eps = float(eps.pop())
+        return new
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
+                ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if kv is None or x.shape[1] != 1 or self.training or not kv.cache.native or torch.compiler.is_compiling():
+            return super().forward(x, rope, kv, ve, mask)
+        c = kv.cache
+        cos, sin = rope if rope is not None else (None, None)
+        return torch.ops.gptforge_decode.block(x, self._params, self._layout, self._eps, kv.k, kv.v, c.slots, c.mask,
+                                               cos, sin, ve)
+
+
+_MLP_KIND = {GeluMLP: 0, SwiGLUMLP: 1, ReLU2MLP: 2}

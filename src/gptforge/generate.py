@@ -847,6 +847,8 @@ def decode_layout(model: nn.Module) -> nn.Module:
         setattr(parent, name, gemv.DecodeLinear.of(mod, one_row_gemm=small))
     if getattr(model, "lm_head", None) is None and isinstance(getattr(model, "tok_emb", None), nn.Embedding):
         model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight, one_row_gemm=small)
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        model.blocks[i] = gemv.DecodeBlock.of(block)  # a block's decode step in one native call
     return model
 
 

@@ -22,6 +22,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 #include <optional>
 #include <cstring>
@@ -368,6 +370,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 // `gemv`, more through at::linear (a prefill, where the GEMM is faster). One call from Python does what was five
 // (reshape, widen, contiguous, gemv, narrow back) behind a weight subclass's __torch_function__: ~6 us more per
 // matmul, as long as the product itself for the demo model's matrices.
+}  // namespace
+
+namespace gptforge {
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2, "linear: w must be 2-D (N, K)");
   const int64_t N = w.size(0), K = w.size(1);
@@ -393,6 +399,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   return gemv(xf, w.contiguous(), bf).to(x.scalar_type()).view(shape);
 }
+
+}  // namespace gptforge
+
+namespace {
 
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "gemv_int8: q must be contiguous int8 (N, K)");
@@ -442,7 +452,7 @@ TORCH_LIBRARY(gptforge_gemv, m) {
 
 TORCH_LIBRARY_IMPL(gptforge_gemv, CPU, m) {
   m.impl("gemv", &gemv);
-  m.impl("linear", &linear);
+  m.impl("linear", &gptforge::linear);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
 }
