@@ -315,8 +315,9 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     every row has finished, `max_new_tokens` are out, or the context (block_size) is full.
 
     compile: run the decode step with static shapes through torch.compile (CUDA graphs on CUDA). None: on
-    CUDA only. On CPU it pays off only for long generations: a small model decodes ~2.6x faster compiled, but
-    each new (batch, cache length) costs ~30 s of compilation on 2 cores (docs/BENCHMARKS.md).
+    CUDA only. On CPU the eager step on the native kernels (decode_layout) measured faster than the compiled
+    one (the demo shape: 823 vs 756 tokens/s), and each new (batch, cache length) costs ~30 s of compilation
+    on 2 cores (docs/BENCHMARKS.md).
     """
     cfg = model.config
     prompts = _fit_prompts(prompts, params, cfg.block_size)
