@@ -244,7 +244,8 @@ def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, one
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     calls = []
     real_attn = CausalSelfAttention.forward
-    monkeypatch.setattr(CausalSelfAttention, "forward", lambda self, x, *a: calls.append(x.shape) or real_attn(self, x, *a))
+    monkeypatch.setattr(CausalSelfAttention, "forward",
+                        lambda self, x, *a: calls.append(x.shape) or real_attn(self, x, *a))
     with torch.no_grad():
         for per_row in (False, True):
             calls.clear()

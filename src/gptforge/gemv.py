@@ -7,10 +7,12 @@ Linear of `compress/quantize.py` use on CPU for up to MAX_ROWS rows. More rows (
 go to PyTorch's GEMM, which is faster there. docs/BENCHMARKS.md has the measurements.
 
 The library also holds the attention of a decode step over the KV cache (csrc/attention.cpp,
-`torch.ops.gptforge_attn.decode_attention`, used by generate.KVCache). Both sources are compiled on first use
-for the CPU they run on (g++ -O3 -march=native, ~15 s) into a cache folder keyed by the sources, the torch
-version and the CPU's flags, then loaded as torch ops (`torch.ops.gptforge_gemv.*`). Without a compiler, or
-with GPTFORGE_NATIVE_KERNELS=0, `available()` is False and callers keep PyTorch's kernels: slower, same results.
+`torch.ops.gptforge_attn.decode_attention`, used by generate.KVCache) and a whole block's decode step
+(csrc/block.cpp, `torch.ops.gptforge_decode.block`, used by DecodeBlock below). The sources are compiled on
+first use for the CPU they run on (g++ -O3 -march=native -fopenmp, in parallel, ~20 s on 2 cores) into a cache
+folder keyed by the sources, the flags, the torch version and the CPU's flags, then loaded as torch ops.
+Without a compiler, or with GPTFORGE_NATIVE_KERNELS=0, `available()` is False and callers keep PyTorch's
+kernels: slower, same results.
 """
 
 from __future__ import annotations
@@ -216,13 +218,18 @@ class DecodeBlock(Block):
         """A DecodeBlock sharing `block`'s submodules, or `block` itself when the op cannot run it: a Linear that
         is not a DecodeLinear (quantized, LoRA), a norm or MLP of another kind, or norms of different eps."""
         attn, mlp = block.attn, block.mlp
-        linears = [attn.qkv, attn.proj, mlp.up, mlp.down] + ([mlp.gate] if isinstance(mlp, SwiGLUMLP) else [])
-        norms = [block.norm1, block.norm2] + [n for n in (attn.q_norm, attn.k_norm) if not isinstance(n, torch.nn.Identity)]
+        gate = mlp.gate if isinstance(mlp, SwiGLUMLP) else None
+        linears = [attn.qkv, attn.proj, mlp.up, mlp.down] + ([gate] if gate is not None else [])
+        qk_norms = [n for n in (attn.q_norm, attn.k_norm) if not isinstance(n, torch.nn.Identity)]
+        norms = [block.norm1, block.norm2, *qk_norms]
         eps = {n.eps for n in norms}
-        if (type(block) is not Block or not all(type(m) is DecodeLinear for m in linears) or type(mlp) not in _MLP_KIND
-                or not all(type(n) in (torch.nn.LayerNorm, torch.nn.RMSNorm) for n in norms)
-                or type(block.norm1) is not type(block.norm2) or block.norm1.weight is None or len(eps) != 1 or None in eps
-                or not all(isinstance(d, torch.nn.Identity) for d in (attn.resid_drop, mlp.drop))):
+        runnable = (type(block) is Block and type(mlp) in _MLP_KIND
+                    and all(type(m) is DecodeLinear for m in linears)
+                    and all(type(n) in (torch.nn.LayerNorm, torch.nn.RMSNorm) for n in norms)
+                    and type(block.norm1) is type(block.norm2) and block.norm1.weight is not None
+                    and len(eps) == 1 and None not in eps
+                    and all(isinstance(d, torch.nn.Identity) for d in (attn.resid_drop, mlp.drop)))
+        if not runnable:
             return block
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
@@ -230,7 +237,6 @@ class DecodeBlock(Block):
         for name, child in block.named_children():
             new.add_module(name, child)
         weight = lambda m: None if isinstance(m, torch.nn.Identity) else m.weight
-        gate = mlp.gate if isinstance(mlp, SwiGLUMLP) else None
         # The order csrc/block.cpp reads them in.
         new._params = [block.norm1.weight, getattr(block.norm1, "bias", None), attn.qkv.weight, attn.qkv.bias,
                        attn.proj.weight, attn.proj.bias, weight(attn.q_norm), weight(attn.k_norm), attn.value_gate,
@@ -248,8 +254,8 @@ class DecodeBlock(Block):
             return super().forward(x, rope, kv, ve, mask)
         c = kv.cache
         cos, sin = rope if rope is not None else (None, None)
-        return torch.ops.gptforge_decode.block(x, self._params, self._layout, self._eps, kv.k, kv.v, c.slots, c.mask,
-                                               cos, sin, ve)
+        return torch.ops.gptforge_decode.block(x, self._params, self._layout, self._eps, kv.k, kv.v, c.slots,
+                                               c.mask, cos, sin, ve)
 
 
 _MLP_KIND = {GeluMLP: 0, SwiGLUMLP: 1, ReLU2MLP: 2}

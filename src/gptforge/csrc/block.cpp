@@ -73,7 +73,8 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
                         const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                         const std::optional<at::Tensor>& ve) {
   TORCH_CHECK(p.size() == kParams, "decode block: expected ", kParams, " parameters, got ", p.size());
-  TORCH_CHECK(layout.size() == 6, "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp, one_row_gemm)");
+  TORCH_CHECK(layout.size() == 6,
+              "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp, one_row_gemm)");
   TORCH_CHECK(x.dim() == 3, "decode block: x must be (B, T, D)");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "decode block: rotary cos and sin come together");
   const Block blk{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5] != 0, eps};
