@@ -209,7 +209,7 @@ class DecodeBlock(Block):
     and the attention on csrc/attention.cpp. Every other call (a prefill, no cache, training, torch.compile)
     runs Block.forward. `generate.decode_layout` swaps it in where `of` accepts the block.
 
-    Why: the demo model's Python block issues ~25 ops per layer, and at its size their fixed costs, not the
+    Why: the demo model's Python block issues ~20 ops per layer, and at its size their fixed costs, not the
     weights, bound a decode step (docs/BENCHMARKS.md has the before and after).
     """
 

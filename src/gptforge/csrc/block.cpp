@@ -2,7 +2,7 @@
 // results, bit for bit), with the matmuls on the few-row kernels (gemv.cpp) and the attention on attention.cpp.
 //
 // Why: a decode step of a small model is bound by the cost of issuing ops, not by arithmetic or memory. The demo
-// model's Python block issues ~25 ops per layer, each paying Python's and the dispatcher's fixed cost (~5-10 us at
+// model's Python block issues ~20 ops per layer, each paying Python's and the dispatcher's fixed cost (~5-10 us at
 // one thread against ~40 us of matmul per layer); issued from C++, the same ops cost about 1 us each.
 //
 // Parameters come as one list in a fixed order (see gptforge.gemv.DecodeBlock, which builds it), None where a

@@ -366,14 +366,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   return y;
 }
 
-// F.linear(x, w, bias) for x (..., K) of any float dtype, the result in x's dtype: up to kMaxRows rows through
-// `gemv`, more through at::linear (a prefill, where the GEMM is faster). One call from Python does what was five
-// (reshape, widen, contiguous, gemv, narrow back) behind a weight subclass's __torch_function__: ~6 us more per
-// matmul, as long as the product itself for the demo model's matrices.
 }  // namespace
 
 namespace gptforge {
 
+// F.linear(x, w, bias) for x (..., K) of any float dtype, the result in x's dtype: up to kMaxRows rows through
+// `gemv`, more through at::linear (a prefill, where the GEMM is faster). One call from Python does what was five
+// (reshape, widen, contiguous, gemv, narrow back) behind a weight subclass's __torch_function__: ~6 us more per
+// matmul, as long as the product itself for the demo model's matrices.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2, "linear: w must be 2-D (N, K)");
   const int64_t N = w.size(0), K = w.size(1);
