@@ -97,7 +97,7 @@ class KVCache:
                                 torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.length, self.static, self.dtype = length, static, dtype
-        self.native = device.type == "cpu" and not static and gemv.available()  # csrc/attention.cpp
+        self.native = device.type == "cpu" and not static and gemv.available()  # csrc/attention.cpp, block.cpp
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self._zero = torch.zeros((), dtype=dtype, device=device)
         self.mask = self.valid[:, None, None, :]
