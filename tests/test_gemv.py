@@ -80,12 +80,11 @@ def test_linear_op_matches_f_linear_for_any_rows(threads, dtype):
 def test_decode_linear_is_the_same_linear(threads):
     torch.manual_seed(3)
     lin = torch.nn.Linear(64, 48)
-    for one_row_gemm in (False, True):
-        dl = gemv.DecodeLinear.of(lin, one_row_gemm=one_row_gemm)
-        assert isinstance(dl, torch.nn.Linear) and not dl.weight.requires_grad
-        for rows in (1, 3, 40):
-            x = torch.randn(rows, 64)
-            torch.testing.assert_close(dl(x), lin(x), rtol=1e-5, atol=1e-5)
+    dl = gemv.DecodeLinear.of(lin)
+    assert isinstance(dl, torch.nn.Linear) and not dl.weight.requires_grad
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(dl(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
 def _eager_attention(q, k, v, kc, vc, slots, mask):
@@ -230,8 +229,7 @@ def _decode_logits(model, prompts: list[list[int]], steps: int, per_row: bool):
 
 @pytest.mark.parametrize("variant", BLOCK_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("one_row_gemm", [False, True], ids=["kernels", "one-row-gemm"])
-def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, one_row_gemm, monkeypatch):
+def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, monkeypatch):
     """The op issues Block.forward's own ATen ops, so its decode steps (logits and cache writes) equal the Python
     block's exactly, for every variant, with left padding, for shared and per-row slots; and it is what runs."""
     from gptforge import generate as G
@@ -239,7 +237,6 @@ def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, one
     from gptforge.model import GPT, Block, CausalSelfAttention
 
     torch.manual_seed(0)
-    monkeypatch.setattr(G, "FP32_NATIVE_MIN_BYTES", 1 << 40 if one_row_gemm else 0)
     model = G.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS[variant])).eval().to(dtype))
     assert all(type(b) is gemv.DecodeBlock for b in model.blocks)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]

@@ -154,24 +154,19 @@ class DecodeLinear(torch.nn.Linear):
     `generate.decode_layout` swaps in for every Linear of a model decoded on CPU.
 
     A module swap rather than a weight subclass: the subclass's __torch_function__ cost ~6 us of Python per
-    matmul, as much as the product itself for the demo model's in-cache matrices. one_row_gemm: products of a
-    single row go to PyTorch's GEMV instead (MKL's was ~5% faster on in-cache fp32 matrices; from 2 rows on the
-    kernels are faster).
+    matmul, as much as the product itself for the demo model's in-cache matrices.
     """
 
-    one_row_gemm = False
-
     @classmethod
-    def of(cls, m: torch.nn.Linear, one_row_gemm: bool = False) -> "DecodeLinear":
+    def of(cls, m: torch.nn.Linear) -> "DecodeLinear":
         new = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         new.weight = torch.nn.Parameter(m.weight.detach().contiguous(), requires_grad=False)
         if m.bias is not None:
             new.bias = torch.nn.Parameter(m.bias.detach(), requires_grad=False)
-        new.one_row_gemm = one_row_gemm
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or (self.one_row_gemm and x.numel() == x.shape[-1]):
+        if torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)  # inductor traces PyTorch's own ops
         return torch.ops.gptforge_gemv.linear(x, self.weight, self.bias)
 
@@ -179,26 +174,19 @@ class DecodeLinear(torch.nn.Linear):
 class DecodeWeight(torch.nn.Parameter):
     """A (frozen) weight (N, K) whose F.linear runs `linear` above; every other op sees a plain tensor and
     returns one. For a matrix that the model multiplies by with F.linear rather than through a Linear module:
-    the tied head (`tok_emb.weight`), which is also looked up as the token table. one_row_gemm as for
-    DecodeLinear.
+    the tied head (`tok_emb.weight`), which is also looked up as the token table.
     """
 
-    one_row_gemm = False
-
     @staticmethod
-    def wrap(t: torch.Tensor, one_row_gemm: bool = False) -> "DecodeWeight":
-        w = DecodeWeight(t.detach().contiguous(), requires_grad=False)
-        w.one_row_gemm = one_row_gemm
-        return w
+    def wrap(t: torch.Tensor) -> "DecodeWeight":
+        return DecodeWeight(t.detach().contiguous(), requires_grad=False)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and type(args[0]) is torch.Tensor and not torch.compiler.is_compiling():
-            x, w = args[0], args[1]
-            if not (w.one_row_gemm and x.numel() == x.shape[-1]):
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                return linear(x, w.as_subclass(torch.Tensor), bias)
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return linear(args[0], args[1].as_subclass(torch.Tensor), bias)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -244,7 +232,7 @@ class DecodeBlock(Block):
                        mlp.down.weight, mlp.down.bias, None if gate is None else gate.weight,
                        None if gate is None else gate.bias]
         new._layout = [attn.n_head, attn.n_kv_head, attn.head_dim, int(isinstance(block.norm1, torch.nn.RMSNorm)),
-                       _MLP_KIND[type(mlp)], int(attn.qkv.one_row_gemm)]
+                       _MLP_KIND[type(mlp)]]
         new._eps = float(eps.pop())
         return new
 

@@ -819,16 +819,10 @@ class BatchEngine:
 
 
 # --- loading -----------------------------------------------------------------------------------------------
-# An fp32 model whose Linear weights are smaller than this sits in cache, where MKL's one-row GEMV was ~5% faster
-# than gemv.py's at batch 1 (the 4.2M demo model); from 2 rows on the kernels are faster (1.17x at batch 8).
-FP32_NATIVE_MIN_BYTES = 64 << 20
-
-
 def decode_layout(model: nn.Module) -> nn.Module:
     """Route the CPU decode steps of `model` through the few-row kernels of `gemv.py`: each nn.Linear becomes a
     `gemv.DecodeLinear` (same parameters) and the tied token table the head multiplies by a `gemv.DecodeWeight`
     (same values, same shape); their products with up to 16 rows run the kernels, with more PyTorch's GEMM.
-    In small fp32 models (FP32_NATIVE_MIN_BYTES) one-row products keep PyTorch's GEMV.
 
     The gain is largest where PyTorch's GEMM is weakest, a few rows over a matrix out of cache (`gpt2` at batch
     8) and bf16 weights; docs/BENCHMARKS.md has the figures. Applied by `load` on CPU only: it is for
@@ -842,12 +836,10 @@ def decode_layout(model: nn.Module) -> nn.Module:
         for _, _, mod in linears:
             mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
         return model
-    fp32_bytes = sum(m.weight.numel() * 4 for _, _, m in linears if m.weight.dtype == torch.float32)
-    small = 0 < fp32_bytes < FP32_NATIVE_MIN_BYTES
     for parent, name, mod in linears:
-        setattr(parent, name, gemv.DecodeLinear.of(mod, one_row_gemm=small))
+        setattr(parent, name, gemv.DecodeLinear.of(mod))
     if getattr(model, "lm_head", None) is None and isinstance(getattr(model, "tok_emb", None), nn.Embedding):
-        model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight, one_row_gemm=small)
+        model.tok_emb.weight = gemv.DecodeWeight.wrap(model.tok_emb.weight)
     for i, block in enumerate(getattr(model, "blocks", [])):
         model.blocks[i] = gemv.DecodeBlock.of(block)  # a block's decode step in one native call
     return model
