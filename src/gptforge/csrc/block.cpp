@@ -69,15 +69,16 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
   TORCH_CHECK(layout.size() == 5, "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp)");
   TORCH_CHECK(x.dim() == 3, "decode block: x must be (B, T, D)");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "decode block: rotary cos and sin come together");
-  // The op is for inference (DecodeBlock runs it under no_grad): its ops skip the autograd and view-tracking
-  // layers of the dispatcher, ~9 us a block at one thread for the ~20 ops issued here (the demo model: 4 blocks).
+  // The op is for inference on frozen weights (DecodeBlock calls it for an eval-mode decode step), so the ops it
+  // issues skip the dispatcher's autograd and view-tracking layers: ~9 us less a block at one thread.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Block blk{layout[0], layout[1], layout[2], layout[3], layout[4], eps};
   const int64_t B = x.size(0), T = x.size(1), H = blk.H, Kh = blk.Kh, Hd = blk.Hd;
 
   // Attention: x + proj(attend(rotary(norm(q)), rotary(norm(k)), v)).
   at::Tensor h = blk.normed(x, req(p, 0), opt(p, 1));
-  std::vector<at::Tensor> qkv = gptforge::linear(h, req(p, 2), opt(p, 3)).split_with_sizes({H * Hd, Kh * Hd, Kh * Hd}, -1);
+  at::Tensor fused = gptforge::linear(h, req(p, 2), opt(p, 3));  // (B, T, (H + 2K) * Hd)
+  std::vector<at::Tensor> qkv = fused.split_with_sizes({H * Hd, Kh * Hd, Kh * Hd}, -1);
   at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
   if (ve.has_value()) v = v + req(p, 8) * *ve;  // (B, T, K*Hd)
   q = q.view({B, T, H, Hd});
