@@ -14,7 +14,7 @@ Each (shape, batch) pair runs as separate processes alternating ours and HF (ben
 
 The shapes: `gpt2` (124M) and the `shakespeare` demo dimensions (4 layers, d 256, vocab 4096, context 256)
 built as a GPT-2 (learned positions, LayerNorm), since HF GPT2 has no rotary/RMSNorm variant; our own demo
-variant (rotary, RMSNorm) is measured as well, without a peer.
+variant (rotary, RMSNorm) has no peer here: `--worker ours --shape shakespeare` times it alone.
 
 Bandwidth: a large tensor copy (read + write of 1 GiB) gives the machine's achievable GB/s, and a sum of the
 same GiB its read-only rate; our decode reads (weights + the KV cache so far) per step, so achieved GB/s =
