@@ -262,6 +262,130 @@ class TrainConfig:
         return total
 
 
+# --- the sections a checkpoint's config records about how its weights were made ------------------------------
+# gptforge.load reads them to build the model the weights fit: quantized modules, a pruned shape, LoRA adapters,
+# a class head. Fields left None are not written, so config.yaml holds what the command did and nothing else.
+
+def _section_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = _section_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)  # YAML's safe dumper writes lists, not tuples
+        out[f.name] = value
+    return out
+
+
+@dataclass
+class QuantizationConfig:
+    """What `gptforge quantize` did (compress/quantize.py)."""
+
+    method: Literal["int8", "int4", "bf16", "fp16"]
+    group_size: int | None = None  # int4: input columns per scale and minimum
+    packing: str | None = None  # int4: the layout of the codes, checked on load (a layout change is refused)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _section_dict(self)
+
+
+@dataclass
+class PruningConfig:
+    """What `gptforge prune` did (compress/prune.py); the counts "before->after" are a record, not a recipe:
+    a structured model's smaller shape is in the `model` section."""
+
+    method: Literal["magnitude", "wanda", "structured"]
+    sparsity: float  # the share of block Linear weights asked to be removed
+    measured_sparsity: float | None = None
+    pattern: str | None = None  # N:M, e.g. "2:4"
+    heads: str | None = None  # structured: attention heads per layer, "before->after"
+    mlp_channels: str | None = None  # structured: MLP width, "before->after"
+    params: str | None = None  # structured: parameters, "before->after"
+    recover_steps: int | None = None  # steps of recovery training after pruning
+
+    def to_dict(self) -> dict[str, Any]:
+        return _section_dict(self)
+
+
+@dataclass
+class CompressionConfig:
+    """The `compression` section: pruning, quantization, or both (pruned first)."""
+
+    quantization: QuantizationConfig | None = None
+    pruning: PruningConfig | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Weights stored as integer codes (int8, int4), not floats."""
+        return self.quantization is not None and self.quantization.method in ("int8", "int4")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _section_dict(self)
+
+
+# Linear modules of a GPT by their attribute name; LoRA's target list picks among these.
+LORA_TARGETS = ("qkv", "proj", "gate", "up", "down", "lm_head")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA's rank, scale, dropout and target modules (finetune/lora.py applies it)."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank, so changing the rank keeps its size
+    dropout: float = 0.0
+    # Every Linear of the blocks: adapting all of them matches full fine-tuning more closely than
+    # attention alone (Dettmers et al. 2023, QLoRA, section 4).
+    targets: tuple[str, ...] = ("qkv", "proj", "gate", "up", "down")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise GptforgeError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise GptforgeError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptforgeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise GptforgeError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(LORA_TARGETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _section_dict(self)
+
+
+@dataclass
+class FinetuneConfig:
+    """The `finetune` section: how `gptforge finetune` made the checkpoint (finetune/run.py).
+
+    method lora: model.safetensors holds only the adapters (and a class head), `base` names the base checkpoint.
+    task classify: the output head is a (len(labels), d_model) matrix, read at a text's last token."""
+
+    method: Literal["full", "lora"] = "full"
+    task: Literal["lm", "chat", "classify"] = "lm"
+    labels: list[str] | None = None  # classify: the class names, in the head's row order
+    lora: LoRAConfig | None = None  # method lora
+    base: str | None = None  # method lora: the base checkpoint the adapters were trained on
+
+    def __post_init__(self) -> None:
+        if self.method == "lora" and (self.lora is None or self.base is None):
+            raise GptforgeError("finetune: method lora needs its lora settings and its base checkpoint")
+        if self.task == "classify" and not self.labels:
+            raise GptforgeError("finetune: task classify needs its labels")
+
+    @property
+    def classifier(self) -> bool:
+        return self.task == "classify"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _section_dict(self)
+
+
 @dataclass
 class RunConfig:
     """Everything a `gptforge train` run reads: the model, the loop, and where data and outputs live."""
@@ -270,11 +394,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None  # directory written by `gptforge prepare`
     out: str | None = None  # run directory: checkpoints and logs
-    compression: dict[str, Any] | None = None  # what gptforge quantize/prune did (compress/); None: a plain model
-    finetune: dict[str, Any] | None = None  # how gptforge finetune made it: method, task, LoRA, base, labels (finetune/)
+    compression: CompressionConfig | None = None  # what gptforge quantize/prune did; None: a plain model
+    finetune: FinetuneConfig | None = None  # how gptforge finetune made it; None: not fine-tuned
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name in ("compression", "finetune"):
+            section = getattr(self, name)
+            out[name] = None if section is None else section.to_dict()
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -455,3 +583,65 @@ def build_run_config(
     for section, values in parse_overrides(overrides or []).items():
         cfg = dataclasses.replace(cfg, **{section: update_dataclass(getattr(cfg, section), values, f"{section}.")})
     return cfg
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How `gptforge generate` and gptforge.generate pick each next token, and when they stop; names follow the
+    OpenAI / Hugging Face ones. Each default is set here once: the library functions and the CLI's flags read
+    it (the server keeps OpenAI's documented defaults, docs/serve.md). Torch-free, so that the CLI reads the
+    defaults without importing torch; gptforge.sampling applies them."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 is greedy decoding
+    top_k: int | None = None  # keep the k most likely tokens (None: no limit)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (Holtzman et al. 2019)
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (Nguyen et al. 2024)
+    repetition_penalty: float = 1.0  # CTRL's (Keskar et al. 2019): logits of tokens seen, prompt included
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often the token was generated
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end a sequence (matched on decoded text, left out of it)
+    stop_at_eos: bool = True  # the tokenizer's end-of-text id ends a sequence
+    logprobs: bool = False  # log-probabilities of the chosen tokens...
+    top_logprobs: int = 0  # ...and of this many most likely alternatives at each step
+    truncate_prompt: bool = False  # keep the end of a too-long prompt instead of raising
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> GptforgeError:
+            return GptforgeError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if self.max_new_tokens < 0:
+            raise bad("max_new_tokens", ">= 0")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise bad("top_k", ">= 1 (or None for no limit)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1] (1 keeps every token)")
+        if not 0.0 <= self.min_p < 1.0:
+            raise bad("min_p", "in [0, 1) (0 keeps every token)")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0 (1 is no penalty)")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "in [-2, 2], as in the OpenAI API")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "in [-2, 2], as in the OpenAI API")
+        if isinstance(self.stop, str):  # a bare string would be taken as a tuple of its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not s for s in self.stop):
+            raise GptforgeError("stop strings must not be empty")
+        if self.top_logprobs < 0:
+            raise bad("top_logprobs", ">= 0")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (then the counts of generated tokens are kept)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def policy(self) -> tuple:
+        """The fields that shape the distribution a token is drawn from: rows equal here sample as one batch."""
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                self.presence_penalty, self.frequency_penalty)
