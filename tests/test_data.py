@@ -155,7 +155,10 @@ def test_prepare_with_given_tokenizer_and_rerun(tmp_path, prepared):
     assert TokenData(out).fingerprint == TokenData(prepared).fingerprint
     assert stats.tokens["train"] > 0 and stats.tokens["val"] > 0
     (out / "train_00099.bin").write_bytes(b"stale")
-    prepare([str(src)], out, tokenizer=prepared / "tokenizer.json", progress=False)
+    with pytest.raises(GptforgeError, match="--overwrite"):  # an existing output is replaced only when asked
+        prepare([str(src)], out, tokenizer=prepared / "tokenizer.json", progress=False)
+    assert (out / "train_00099.bin").exists()
+    prepare([str(src)], out, tokenizer=prepared / "tokenizer.json", progress=False, overwrite=True)
     assert not (out / "train_00099.bin").exists()
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from gptforge.config import RunConfig, load_yaml, run_config_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
+from gptforge.outputs import check_out, fsync_tree, publish, temp_path, tree_bytes, write_error
 from gptforge.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -54,23 +55,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")) + [path]:
-        if p.is_file():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(p)
-
-
 def _agree(ok: bool, d) -> bool:
     """True on every rank only if `ok` on every rank (a barrier that carries failure, so no rank waits for a
     rank that gave up)."""
@@ -90,15 +74,15 @@ def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_s
     """
     dest = Path(dest)
     main = d is None or d.is_main
-    tmp = dest.parent / f".tmp-{dest.name}"
+    tmp = temp_path(dest)
     error = None
     try:
         if main:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
+            if tmp.exists():  # left by a process killed mid-write
                 shutil.rmtree(tmp)
             tmp.mkdir()
-    except OSError as e:
+    except Exception as e:
         error = e
     if _agree(error is None, d):
         try:
@@ -112,23 +96,22 @@ def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_s
                 tokenizer.save(tmp / TOKENIZER_FILE)
                 if trainer_state is not None:
                     torch.save(trainer_state, tmp / STATE_FILE)
-                _fsync_tree(tmp)
-        except OSError as e:
+                if model_state is not None:  # safetensors writes 0600; give it the mode (umask) of its siblings
+                    os.chmod(tmp / MODEL_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
+                fsync_tree(tmp)
+        except Exception as e:  # OSError, torch.save's RuntimeError, SafetensorError: all mean "not written"
             error = e
     if not _agree(error is None, d):
+        written = tree_bytes(tmp) if main else 0
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        why = f"{error}" if error is not None else "another rank failed to write its part"
-        raise GptforgeError(f"could not write checkpoint {dest} ({why}); earlier checkpoints in {dest.parent} are intact")
+        if error is None:
+            raise GptforgeError(f"could not write checkpoint {dest} (another rank failed to write its part); "
+                                f"earlier checkpoints in {dest.parent} are intact")
+        raise write_error("checkpoint", dest, error, written=written,
+                          state=f"earlier checkpoints in {dest.parent} are intact") from None
     if main:
-        if dest.exists():  # re-saving the same step: move the old one aside first, drop it once the new one is in
-            old = dest.parent / f".old-{dest.name}"
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        publish(tmp, dest)  # re-saving the same step replaces the old folder only once the new one is in
     if d is not None:
         d.barrier()
     return dest
@@ -136,22 +119,49 @@ def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_s
 
 def _write_pointer(root: Path, name: str, target: Path) -> None:
     tmp = root / f".{name}.tmp"
-    tmp.write_text(target.name + "\n")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, root / name)
+    try:
+        tmp.write_text(target.name + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, root / name)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(f"the {name} pointer", root / name, e, state=f"{target} is written; {root / name} is as before") from None
 
 
 def _read_pointer(root: Path, name: str) -> Path | None:
     f = root / name
-    return root / f.read_text().strip() if f.is_file() else None
+    try:
+        return root / f.read_text().strip() if f.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _prune(root: Path, keep: int, newest: Path, step: int) -> None:
+    """Delete step folders beyond the `keep` most recent of this run, never `newest` (just written) nor the best.
+    Recency is the run's own order: folders numbered above the step just saved are from a timeline this run
+    left (it resumed from an earlier checkpoint), so they go first; the rest go oldest step first."""
+    keep_best = _read_pointer(root, BEST)
+    others = [p for p in root.glob("step-*") if p.is_dir() and p != newest]
+    by_recency = sorted(others, key=lambda p: (_step_of(p) <= step, _step_of(p)), reverse=True)
+    for old in by_recency[max(keep - 1, 0):]:
+        if old != keep_best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(p: Path) -> int:
+    try:
+        return int(p.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def save_checkpoint(run_dir: str | Path, step: int, cfg: RunConfig, tokenizer: Tokenizer, trainer_state: dict[str, Any],
                     keep: int, best: bool = False, *, model_state: dict[str, torch.Tensor] | None = None,
                     write_shards: Callable[[Path], None] | None = None, d=None) -> Path:
     """Save `checkpoints/step-N`, point `latest` (and `best`, if `best`) at it, then delete step folders
-    beyond the newest `keep`, never the best one. Pointers and pruning are rank 0's."""
+    beyond this run's `keep` most recent, never the one just written nor the best one. Pointers and pruning
+    are rank 0's; `latest` is written only once its folder is in place."""
     root = Path(run_dir) / CHECKPOINTS
     dest = write_checkpoint(root / f"step-{step:08d}", cfg, tokenizer, trainer_state,
                             model_state=model_state, write_shards=write_shards, d=d)
@@ -159,10 +169,7 @@ def save_checkpoint(run_dir: str | Path, step: int, cfg: RunConfig, tokenizer: T
         _write_pointer(root, LATEST, dest)
         if best:
             _write_pointer(root, BEST, dest)
-        keep_best = _read_pointer(root, BEST)
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-            if old != keep_best:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep, dest, step)
     return dest
 
 
@@ -209,11 +216,21 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
 
 def find_resumable(run_dir: str | Path, warn=None) -> Path | None:
-    """The newest checkpoint of a run that can be resumed, skipping (and warning about) broken ones; None if
-    the run has no checkpoint at all (so one command can both start and continue a run)."""
+    """The checkpoint `latest` names if it can be resumed; else the newest resumable step folder, warning
+    about the broken ones skipped; None if the run has no checkpoint at all (so one command can both start
+    and continue a run)."""
     root = Path(run_dir) / CHECKPOINTS
-    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    latest = _read_pointer(root, LATEST)
+    if latest is not None and latest.is_dir():
+        problem = checkpoint_problem(latest)
+        if problem is None:
+            return latest
+        if warn is not None:
+            warn(f"skipping checkpoint {latest} (named by {root / LATEST}): {problem}")
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and p != latest), key=_step_of, reverse=True)
     if not candidates:
+        if latest is not None and latest.is_dir():
+            raise GptforgeError(f"no resumable checkpoint in {root}; start without --resume")
         return None
     for ckpt in candidates:
         problem = checkpoint_problem(ckpt)
@@ -300,9 +317,10 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
+def consolidate(path: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Turn a sharded (dcp/) checkpoint into the single-file form: model.safetensors and the optimizer in
-    trainer_state.pt, keyed by parameter name. Written next to it as `consolidated-<name>` unless `out`."""
+    trainer_state.pt, keyed by parameter name. Written next to it as `consolidated-<name>` unless `out`;
+    the output follows outputs.check_out (`overwrite` replaces only an earlier checkpoint)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from gptforge.optim import build_optimizer
@@ -310,6 +328,8 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     ckpt = resolve_checkpoint(path)
     if (ckpt / MODEL_FILE).is_file():
         raise GptforgeError(f"{ckpt} is already a single-file checkpoint")
+    dest = check_out(Path(out) if out is not None else ckpt.parent / f"consolidated-{ckpt.name}", "checkpoint",
+                     overwrite=overwrite, inputs=[ckpt])
     cfg = read_config(ckpt)
     state = load_trainer_state(ckpt)
     model = GPT(cfg.model)
@@ -318,6 +338,5 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     optimizer = build_optimizer(model, cfg.train, "cpu")
     load_sharded(ckpt, model, optimizer)
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    dest = Path(out) if out is not None else ckpt.parent / f"consolidated-{ckpt.name}"
     return write_checkpoint(dest, cfg, Tokenizer.load(ckpt / TOKENIZER_FILE), {**state, "optimizer": optim_state},
                             model_state=model_state)

@@ -24,11 +24,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise GptforgeError("give either --tokenizer (use an existing one) or --vocab-size (train a new one), not both")
     stats = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size or 4096,
                     val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                    shard_tokens=args.shard_tokens, progress=not args.no_progress)
+                    shard_tokens=args.shard_tokens, progress=not args.no_progress, overwrite=args.overwrite)
     console = Console(stderr=True)
-    for w in stats.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    print(f"documents: train {stats.documents['train']:,}, val {stats.documents['val']:,}")
+    for w in stats.warnings:  # soft_wrap: a path in a warning stays on one line in logs (rich wraps at 80 there)
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    empty = f" ({stats.empty_documents:,} empty left out)" if stats.empty_documents else ""
+    print(f"documents: train {stats.documents['train']:,}, val {stats.documents['val']:,}{empty}")
     print(f"tokens:    train {stats.tokens['train']:,}, val {stats.tokens['val']:,}")
     print(f"bytes/token {stats.bytes_per_token:.2f}; tokenized {stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f} s "
           f"({stats.mb_per_s:.2f} MB/s); tokenizer {'loaded' if args.tokenizer else 'trained'} in {stats.tokenizer_seconds:.1f} s")
@@ -159,14 +160,14 @@ def _chat(model, tokenizer, system: str | None, options: dict) -> None:
 def cmd_consolidate(args: argparse.Namespace) -> None:
     from gptforge.checkpoint import consolidate
 
-    dest = consolidate(args.checkpoint, args.out)
+    dest = consolidate(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {dest} (model.safetensors + trainer_state.pt); it loads, generates and resumes like any checkpoint")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from gptforge.demo import run_demo
 
-    r = run_demo(args.out, args.minutes, progress=not args.no_progress)
+    r = run_demo(args.out, args.minutes, progress=not args.no_progress, overwrite=args.overwrite)
     print()
     print(f"trained {r.steps} steps, {r.tokens:,} tokens in {r.train_seconds:.0f} s "
           f"({r.tokens / max(r.train_seconds, 1e-9):,.0f} tokens/s, {r.precision})")
@@ -241,14 +242,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from gptforge.report import report
 
-    page = report(args.runs, args.out)
+    page = report(args.runs, args.out, overwrite=args.overwrite)
     print(f"wrote {page} and its PNG plots")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from gptforge.compress.quantize import quantize_checkpoint
 
-    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size)
+    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size, overwrite=args.overwrite)
     size = (dest / "model.safetensors").stat().st_size
     print(f"wrote {dest} ({section['quantization']}, model.safetensors {size / 1e6:.2f} MB); "
           f"compare: gptforge eval {args.checkpoint} {dest} --data DIR")
@@ -258,7 +259,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from gptforge.compress.prune import prune_checkpoint
 
     dest, section, result = prune_checkpoint(args.checkpoint, args.method, args.out, args.sparsity, args.pattern,
-                                             args.data, args.recover_steps, progress=not args.no_progress)
+                                             args.data, args.recover_steps, progress=not args.no_progress,
+                                             overwrite=args.overwrite)
     print(f"wrote {dest}: {section['pruning']}")
     if result is not None and result.final_val_loss is not None:
         print(f"recovery: {result.steps} steps, val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f}")
@@ -322,14 +324,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from gptforge.hf import import_hf
 
-    dest = import_hf(args.folder, args.out)
+    dest = import_hf(args.folder, args.out, overwrite=args.overwrite)
     print(f"wrote {dest}; try: gptforge generate {dest} --prompt \"Hello\"")
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from gptforge.hf import export_hf
 
-    dest, arch = export_hf(args.checkpoint, args.out)
+    dest, arch = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {dest} ({arch}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json); "
           f"load with transformers.AutoModelForCausalLM.from_pretrained({str(dest)!r})")
 
@@ -374,6 +376,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
         print(format_confusion(out["report"]))
 
 
+def _overwrite_flag(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing --out if it is a {kind} gptforge wrote (never any other folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -395,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
     p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file (default 100M)")
+    _overwrite_flag(p, "prepared-data folder")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", parents=[common], help="train a model on prepared shards",
@@ -483,12 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a trainer_state.pt whose optimizer is keyed by parameter name.")
     p.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or a run directory (its latest)")
     p.add_argument("--out", help="folder to write (default: consolidated-NAME next to the checkpoint)")
+    _overwrite_flag(p, "checkpoint")
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("demo", parents=[common], help="prepare, train and sample on the bundled Shakespeare",
                        description="The whole flow on the bundled corpus in a few minutes on a laptop CPU.")
     p.add_argument("--out", default="runs/demo", help="directory for the data and the run (default runs/demo)")
     p.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes (default 6)")
+    _overwrite_flag(p, "demo folder (data/ and run/)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plan", parents=[common], help="estimate memory, time and cost of a run before starting it",
@@ -548,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Loss and val loss, LR, grad norm, tokens/s (and MFU when logged) over steps from "
                                    "each RUN_DIR/metrics.jsonl; several runs share each plot.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by gptforge train")
-    p.add_argument("--out", help="folder for the PNGs and index.html (default: FIRST_RUN_DIR/report)")
+    p.add_argument("--out", help="folder for the PNGs and index.html (default: FIRST_RUN_DIR/report, replaced on each run)")
+    _overwrite_flag(p, "report folder")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("quantize", parents=[common], help="weight-only int8/int4 quantization or a bf16/fp16 cast",
@@ -559,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
     p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, 32, 64 or 128 (default 32)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _overwrite_flag(p, "checkpoint")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("prune", parents=[common], help="unstructured, N:M or structured pruning",
@@ -573,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-steps", type=int, default=0,
                    help="fine-tune the pruned model for N steps on --data through the training loop (default 0)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _overwrite_flag(p, "checkpoint (and its OUT-recover run)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("distill", parents=[common], help="train a student on a teacher's logits",
@@ -607,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LlamaForCausalLM. See docs/finetune.md.")
     p.add_argument("folder", metavar="DIR", help="a Hugging Face model folder (e.g. from save_pretrained)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _overwrite_flag(p, "checkpoint")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", parents=[common], help="write a checkpoint as a Hugging Face folder",
@@ -615,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refused naming the field. LoRA adapters are merged into their base first.")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
     p.add_argument("--out", required=True, help="folder to write config.json, model.safetensors and the tokenizer into")
+    _overwrite_flag(p, "Hugging Face export")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("finetune", parents=[common], help="fine-tune a checkpoint: full or LoRA; text, chat or classify",
@@ -661,12 +676,23 @@ def main(argv: list[str] | None = None) -> int:
     except GptforgeError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (permissions, a file where a folder should be, ...): the user's to fix
+        if debug:
+            raise
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}:{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(message: str) -> str:
+    """An error message as one line, however its parts were written."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from gptforge.corpora import CORPORA, Document, load_corpus
 from gptforge.errors import GptforgeError
+from gptforge.outputs import check_out, staged
 from gptforge.tokenizer import Tokenizer
 
 FORMAT = "gptforge.tokens"
@@ -73,6 +74,12 @@ def read_sources(sources: list[str], text_field: str = "text") -> tuple[list[Doc
     A text file is one document; a JSONL line is one document (its `text_field`); a bundled corpus names its
     own documents. Returns the documents and warnings (files with invalid UTF-8).
     """
+    docs, warnings, _ = _read_sources(sources, text_field)
+    return docs, warnings
+
+
+def _read_sources(sources: list[str], text_field: str) -> tuple[list[Document], list[str], int]:
+    """read_sources, and how many empty documents it left out (named in a warning, counted in the summary)."""
     if not sources:
         raise GptforgeError("no sources given: name files, folders, globs, JSONL files or a bundled corpus (e.g. shakespeare)")
     docs: list[Document] = []
@@ -98,10 +105,13 @@ def read_sources(sources: list[str], text_field: str = "text") -> tuple[list[Doc
             docs.extend(load_corpus(source))
         else:
             raise GptforgeError(f"source not found: {source!r} is neither a file, a folder, a glob, nor a bundled corpus ({', '.join(CORPORA)})")
+    empty = [d.name for d in docs if not d.text]
     docs = [d for d in docs if d.text]
     if not docs:
         raise GptforgeError(f"empty corpus: the sources {sources} hold no text")
-    return docs, warnings
+    if empty:
+        warnings.append(f"{len(empty)} empty document(s) left out: {', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}")
+    return docs, warnings, len(empty)
 
 
 # --- splitting and tokenizing ---------------------------------------------------------------------------
@@ -242,6 +252,7 @@ class PrepareStats:
     seconds: float  # tokenizing and writing, not reading or tokenizer training
     tokenizer_seconds: float
     warnings: list[str]
+    empty_documents: int = 0  # files (or JSONL lines) with no text, left out
 
     @property
     def bytes_per_token(self) -> float:
@@ -254,24 +265,52 @@ class PrepareStats:
 
 def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None, vocab_size: int = 4096,
             val_fraction: float = 0.05, seed: int = 1337, text_field: str = "text",
-            shard_tokens: int = 100_000_000, progress: bool = True) -> PrepareStats:
-    """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            shard_tokens: int = 100_000_000, progress: bool = True, overwrite: bool = False) -> PrepareStats:
+    """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards.
 
-    out = Path(out)
-    docs, warnings = read_sources(sources, text_field)
+    `out` is checked before any reading (outputs.check_out: not a file, not a source, not a non-empty folder
+    unless `overwrite` and it is an earlier prepare's); everything is written to a temporary sibling that
+    replaces `out` only when complete."""
+    out = check_out(out, "data", overwrite=overwrite,
+                    inputs=[s for s in sources if Path(s).exists()] + ([tokenizer] if tokenizer else []))
+    docs, warnings, empty = _read_sources(sources, text_field)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
 
     t0 = time.perf_counter()
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.train((d.text for d in train_docs), vocab_size)
     tokenizer_seconds = time.perf_counter() - t0
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")) + [out / META_FILE]:
-        stale.unlink(missing_ok=True)  # a re-run must not leave shards of the last one behind
-    tok.save(out / "tokenizer.json")
     dtype = token_dtype(tok.vocab_size)
     total_bytes = sum(len(d.text.encode()) for d in train_docs + val_docs)
+    with staged(out, "prepared data") as tmp:
+        splits, seconds = _write_shards(tmp, tok, dtype, train_docs, val_docs, shard_tokens, total_bytes, progress)
+        tok.save(tmp / "tokenizer.json")
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokenizer": "tokenizer.json",
+            "tokenizer_fingerprint": tok.fingerprint,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "sources": list(sources),
+            "splits": splits,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return PrepareStats(
+        documents={s: splits[s]["documents"] for s in splits},
+        tokens={s: splits[s]["tokens"] for s in splits},
+        bytes=total_bytes, seconds=seconds, tokenizer_seconds=tokenizer_seconds, warnings=warnings,
+        empty_documents=empty,
+    )
+
+
+def _write_shards(out: Path, tok: Tokenizer, dtype: np.dtype, train_docs: list[Document], val_docs: list[Document],
+                  shard_tokens: int, total_bytes: int, progress: bool) -> tuple[dict[str, Any], float]:
+    """Tokenize both splits into shard files in `out`; their meta.json entries and the seconds it took."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     splits: dict[str, Any] = {}
     t1 = time.perf_counter()
@@ -280,38 +319,18 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
         task = bar.add_task("tokenizing", total=total_bytes)
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             writer = ShardWriter(out, split, dtype, shard_tokens)
-            for ids in tokenize_documents(tok, split_docs, on_progress=lambda n: bar.advance(task, n)):
-                writer.write(ids)
-            writer.close()
+            try:
+                for ids in tokenize_documents(tok, split_docs, on_progress=lambda n: bar.advance(task, n)):
+                    writer.write(ids)
+            finally:
+                writer.close()
             splits[split] = {
                 "documents": len(split_docs),
                 "tokens": sum(s["tokens"] for s in writer.shards),
                 "bytes": sum(len(d.text.encode()) for d in split_docs),
                 "shards": writer.shards,
             }
-    seconds = time.perf_counter() - t1
-
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "tokenizer": "tokenizer.json",
-        "tokenizer_fingerprint": tok.fingerprint,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "sources": list(sources),
-        "splits": splits,
-    }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META_FILE)  # meta.json last: a directory without it was never finished
-    return PrepareStats(
-        documents={s: splits[s]["documents"] for s in splits},
-        tokens={s: splits[s]["tokens"] for s in splits},
-        bytes=total_bytes, seconds=seconds, tokenizer_seconds=tokenizer_seconds, warnings=warnings,
-    )
+    return splits, time.perf_counter() - t1
 
 
 # --- reading shards -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,13 @@ import torch
 
 from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import BatchSampler, TokenData, prepare
+from gptforge.generate import generate
+from gptforge.hardware import resolve_device
+from gptforge.load import load_checkpoint
 from gptforge.model import GPT
+from gptforge.outputs import check_out, is_artifact
 from gptforge.optim import build_optimizer
-from gptforge.train import forward_backward, next_token_loss, resolve_device, train
+from gptforge.train import forward_backward, next_token_loss, train
 
 DEMO_TRAIN = TrainConfig(
     micro_batch=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.1,
@@ -52,7 +57,7 @@ def probe_precision(cfg: RunConfig, data: TokenData, rounds: int = 3) -> dict:
     Both are warmed up first, then timed alternately (fp32, bf16, fp32, ...), keeping each one's fastest
     step, so that a slow first step or a noisy neighbour does not decide the choice.
     """
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, flag="--train.device")
     sampler = BatchSampler(data.shards("train"), cfg.train.micro_batch, cfg.train.seq_len, seed=0)
     x, y = (t.to(device) for t in sampler.batch(0))
     candidates = {"fp32": None, "bf16": torch.bfloat16}
@@ -86,14 +91,16 @@ def probe_precision(cfg: RunConfig, data: TokenData, rounds: int = 3) -> dict:
     return {**{name: t * 1000 for name, t in best.items()}, "steady": steady * 1000, "chosen": chosen}
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool = True, say=print) -> DemoResult:
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.generate import generate
-
+def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool = True, say=print,
+             overwrite: bool = False) -> DemoResult:
+    """Prepare, train and sample into `out` (data/ and run/). An earlier demo there is replaced only with
+    `overwrite` (outputs.check_out); any other non-empty folder is refused."""
     t_start = time.perf_counter()
-    out = Path(out)
+    out = check_out(out, "demo", overwrite=overwrite)
+    if overwrite and is_artifact(out / "run", "run"):  # an earlier demo's run: check_out recognised the folder
+        shutil.rmtree(out / "run")
     say(f"[1/4] preparing the bundled Shakespeare corpus into {out / 'data'}")
-    stats = prepare(["shakespeare"], out / "data", vocab_size=4096, progress=progress)
+    stats = prepare(["shakespeare"], out / "data", vocab_size=4096, progress=progress, overwrite=overwrite)
     say(f"      {sum(stats.documents.values())} plays, {sum(stats.tokens.values()):,} tokens "
         f"({stats.bytes_per_token:.2f} bytes/token), tokenized at {stats.mb_per_s:.1f} MB/s")
 

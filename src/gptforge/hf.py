@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from gptforge.config import ModelConfig, RunConfig
 from gptforge.errors import GptforgeError
+from gptforge.outputs import check_out, staged
 from gptforge.tokenizer import EOS, IM_END, IM_START, Tokenizer
 
 T = Callable[[torch.Tensor], torch.Tensor]
@@ -328,12 +330,14 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 # --- import and export ----------------------------------------------------------------------------------------
 
-def import_hf(folder: str | Path, out: str | Path) -> Path:
-    """Convert a local HF folder (config.json, weights, tokenizer) into a gptforge checkpoint folder at `out`."""
+def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert a local HF folder (config.json, weights, tokenizer) into a gptforge checkpoint folder at `out`
+    (outputs.check_out: never the folder read; `overwrite` replaces only an earlier checkpoint)."""
     from gptforge.checkpoint import write_checkpoint
     from gptforge.model import GPT
 
     src = Path(folder)
+    check_out(out, "checkpoint", overwrite=overwrite, inputs=[src])
     if not (src / "config.json").is_file():
         raise GptforgeError(f"{src} is not a Hugging Face model folder (no config.json)")
     try:
@@ -360,28 +364,36 @@ CHATML_TEMPLATE = (
 )
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str]:
+def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str]:
     """Write a checkpoint as an HF folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline.
 
-    Returns (folder, architecture). A LoRA checkpoint is merged into its base first (load_checkpoint does it).
+    Returns (folder, architecture). A LoRA checkpoint is merged into its base first (gptforge.load does it).
+    `out` follows outputs.check_out (`overwrite` replaces only an earlier export); written via a temporary folder.
     """
-    from safetensors.torch import save_file
+    from gptforge.checkpoint import read_config, resolve_checkpoint
+    from gptforge.load import load_checkpoint  # a verb above the key maps' layer (tests/test_layers.py ALLOWED)
 
-    from gptforge.checkpoint import load_checkpoint, read_config, resolve_checkpoint
-
+    dest = check_out(out, "hf", overwrite=overwrite, inputs=[checkpoint])
     ckpt = resolve_checkpoint(checkpoint)
     run = read_config(ckpt)
-    method = (run.compression or {}).get("quantization", {}).get("method")
-    if method in ("int8", "int4"):
+    if run.compression is not None and run.compression.quantized:
+        method = run.compression.quantization.method
         raise GptforgeError(f"{ckpt} is quantized ({method}); export its unquantized parent (HF folders hold float weights)")
     cfg = run.model
     fmt = choose_format(cfg)
     model, tokenizer, _ = load_checkpoint(ckpt)
     state = to_hf_state({k: v.float() for k, v in model.state_dict().items()}, cfg, fmt)
-    dest = Path(out)
-    dest.mkdir(parents=True, exist_ok=True)
+    with staged(dest, "Hugging Face export", need=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
+        _write_hf_folder(tmp, state, cfg, fmt, tokenizer)
+    return dest, fmt.name
+
+
+def _write_hf_folder(dest: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fmt, tokenizer: Tokenizer) -> None:
+    from safetensors.torch import save_file
+
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(hf_config(cfg, fmt, tokenizer), indent=2) + "\n")
+    os.chmod(dest / "model.safetensors", (dest / "config.json").stat().st_mode & 0o777)  # not safetensors' 0600
     tokenizer.save(dest / "tokenizer.json")
     tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
                                "unk_token": EOS, "model_max_length": cfg.block_size, "clean_up_tokenization_spaces": False,
@@ -392,4 +404,3 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str]:
     gen = {"bos_token_id": tokenizer.eos_id, "eos_token_id": ([tokenizer.eos_id, tokenizer.im_end_id]
                                                               if tokenizer.has_chat_template else tokenizer.eos_id)}
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return dest, fmt.name

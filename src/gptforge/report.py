@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.outputs import check_out, staged
 
 # (file stem, title, [(metrics key, line label suffix)]): train.py writes these keys (val_loss on eval records)
 PLOTS = [
@@ -36,8 +37,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
-    """Write one PNG per metric any run has, and index.html, into `out` (default RUN_DIR/report); return the page."""
+def report(run_dirs: list[str | Path], out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write one PNG per metric any run has, and index.html, into `out` (default RUN_DIR/report); return the page.
+
+    `out` follows outputs.check_out; the default folder is gptforge's own, so an earlier report there is replaced
+    without `overwrite`. The folder is written whole, via a temporary one."""
     try:
         import matplotlib
     except ImportError:
@@ -49,10 +53,17 @@ def report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     for r in runs:
         if not r.is_dir():
             raise GptforgeError(f"run directory not found: {r}")
+    default = out is None
+    out = check_out(runs[0] / "report" if default else out, "report", overwrite=overwrite or default, inputs=runs,
+                    inside_input_ok=default)
     metrics = {r: read_metrics(r) for r in runs}
-    out = Path(out) if out is not None else runs[0] / "report"
-    out.mkdir(parents=True, exist_ok=True)
     names = [r.name if [x.name for x in runs].count(r.name) == 1 else str(r) for r in runs]
+    with staged(out, "report") as tmp:
+        _write_report(tmp, runs, names, metrics, plt)
+    return out / "index.html"
+
+
+def _write_report(out: Path, runs: list[Path], names: list[str], metrics: dict[Path, list[dict]], plt) -> None:
     images = []
     for stem, title, series in PLOTS:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -88,6 +99,4 @@ def report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
         last = next((m for m in reversed(metrics[run]) if "loss" in m), {})
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("step", "loss", "tokens_per_s") if k in last)
         parts.append(f"<h2>{html.escape(name)}</h2><p>last: {html.escape(summary)}</p><pre>{html.escape(text)}</pre>")
-    page = out / "index.html"
-    page.write_text("\n".join(parts), encoding="utf-8")
-    return page
+    (out / "index.html").write_text("\n".join(parts), encoding="utf-8")

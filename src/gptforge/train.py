@@ -32,6 +32,7 @@ from gptforge.data import BatchSampler, TokenData
 from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   close_distributed, grad_sync, init_distributed)
 from gptforge.errors import GptforgeError
+from gptforge.outputs import check_not_input, is_artifact
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
 from gptforge.precision import autocast, autocast_dtype, resolve_precision
@@ -280,6 +281,23 @@ class Reporter:
 
 # --- the loop ----------------------------------------------------------------------------------------------
 
+def claim_run_dir(run_dir: Path, resume: str | None, inputs: tuple = ()) -> None:
+    """A run folder belongs to one run: a new run needs a new or empty folder; --resume auto needs that or a
+    run's own folder; it is none of `inputs` (the data, the checkpoint it starts from). Only reads, so every
+    rank checks it before anything is written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptforgeError(f"--out {run_dir} is an existing file; give a folder path for the run")
+    check_not_input(run_dir, inputs)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if resume is None:
+        raise GptforgeError(f"--out {run_dir} already holds files (a run?); continue that run with --resume auto, "
+                            f"or choose a new --out for a new one")
+    if resume == "auto" and not is_artifact(run_dir, "run"):
+        raise GptforgeError(f"--out {run_dir} is not a gptforge run directory (no config.yaml with checkpoints/ or "
+                            f"metrics.jsonl), so --resume auto will not write into it; choose a new --out")
+
+
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +387,7 @@ def restore(ckpt: Path, cfg: RunConfig, data: TokenData, raw_model: nn.Module, o
 
 def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = None,
           loss_fn: LossFn = next_token_loss, progress: bool = True, source=None,
-          prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainResult:
+          prepare_model: Callable[[nn.Module], nn.Module] | None = None, claimed: bool = False) -> TrainResult:
     """Train `cfg.model` on the shards in `cfg.data`, writing checkpoints, metrics and TensorBoard files
     under `cfg.out`. Under torchrun, every rank calls this; rank 0 logs and writes.
 
@@ -382,6 +400,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
                samplers with `batch(k)` -> (x, y); x is anything with `.to(device)` that loss_fn reads.
     prepare_model: applied to the built (and init_from-loaded) model before DDP/compile and the optimizer,
                e.g. a LoRA swap; parameters it freezes are never saved (they are init_from's, unchanged).
+    claimed:   the caller has already checked `cfg.out` (claim_run_dir) and written into it (finetune's base/).
     """
     if cfg.data is None or cfg.out is None:
         raise GptforgeError("train needs --data DIR (from gptforge prepare) and --out DIR (where the run is written)")
@@ -392,15 +411,17 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
     if source is not None and resume is not None:
         raise GptforgeError("resuming a fine-tuning run from JSONL data is not supported; start it again")
     try:
-        return _train(cfg, d, resume, init_from, loss_fn, progress, source, prepare_model)
+        return _train(cfg, d, resume, init_from, loss_fn, progress, source, prepare_model, claimed)
     finally:
         close_distributed()
 
 
 def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, loss_fn: LossFn,
-           progress: bool, source=None, prepare_model=None) -> TrainResult:
+           progress: bool, source=None, prepare_model=None, claimed: bool = False) -> TrainResult:
     tc = cfg.train
     run_dir = Path(cfg.out)
+    if not claimed:
+        claim_run_dir(run_dir, resume, (cfg.data if source is None else None, init_from))
     if d.is_main:
         _check_writable(run_dir)
     data = TokenData(cfg.data) if source is None else source

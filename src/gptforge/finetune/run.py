@@ -226,10 +226,11 @@ def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str,
     """Fine-tune checkpoint `base` on `data` (a prepared directory for lm, a JSONL for chat and classify),
     writing the run to `cfg.out`. `cfg.train` holds the loop's settings; the model comes from `base`."""
     from gptforge.checkpoint import load_checkpoint, resolve_checkpoint, write_checkpoint
-    from gptforge.train import next_token_loss, train
+    from gptforge.train import claim_run_dir, next_token_loss, train
 
     if cfg.out is None:
         raise GptforgeError("finetune needs --out DIR")
+    claim_run_dir(Path(cfg.out), None, (base, data, val_data))  # before base/ is written into it
     base_ckpt = resolve_checkpoint(base)
     base_model, tokenizer, base_cfg = load_checkpoint(base_ckpt)
     if base_cfg.finetune and base_cfg.finetune.get("task") == "classify":
@@ -272,7 +273,7 @@ def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str,
     total = sum(p.numel() for p in counted.parameters())
     del base_model, counted
     result = train(cfg, init_from=str(init_from), loss_fn=loss_fn, progress=progress, source=source,
-                   prepare_model=prepare)
+                   prepare_model=prepare, claimed=True)
     report = None
     if spec.task == "classify" and source.splits["val"]:
         model, tok, _ = load_classifier(result.checkpoint)
