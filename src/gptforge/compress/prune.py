@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.errors import GptforgeError
+from gptforge.outputs import check_out, is_artifact
 
 METHODS = ("magnitude", "wanda", "structured")
 
@@ -301,9 +302,10 @@ def masked_loss(masks: dict[str, torch.Tensor]):
 
 def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = None, pattern: str | None = None,
                      data: str | None = None, recover_steps: int = 0, calib_batches: int = 8,
-                     progress: bool = True) -> tuple[Any, dict, Any]:
+                     progress: bool = True, overwrite: bool = False) -> tuple[Any, dict, Any]:
     """Prune a checkpoint into `out` (a checkpoint folder); with `recover_steps`, fine-tune it first through
-    the one training loop on `data` (the run's logs land in OUT-recover, next to OUT). Returns (dest, section, TrainResult)."""
+    the one training loop on `data` (the run's logs land in OUT-recover, next to OUT). Returns (dest, section, TrainResult).
+    `out` (and OUT-recover) follow outputs.check_out: `overwrite` replaces only earlier outputs of the same kind."""
     import shutil
     from pathlib import Path
 
@@ -313,6 +315,10 @@ def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = N
     check_args(method, sparsity, parse_pattern(pattern))
     if recover_steps < 0:
         raise GptforgeError(f"--recover-steps must be >= 0, got {recover_steps}")
+    check_out(out, "checkpoint", overwrite=overwrite, inputs=[src, data])
+    recover_dir = Path(out).parent / f"{Path(out).name}-recover"
+    if recover_steps:
+        check_out(recover_dir, "run", overwrite=overwrite, inputs=[src, data])
     if (recover_steps or method == "wanda") and data is None:
         raise GptforgeError(f"{'--recover-steps' if recover_steps else 'wanda'} needs --data DIR (a directory from gptforge prepare)")
     model, tokenizer, cfg = load_checkpoint(src)
@@ -335,11 +341,12 @@ def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = N
     from gptforge.train import next_token_loss, train
 
     t = cfg.train
-    rcfg = RunConfig(model=model.config, data=data, out=str(Path(out).parent / f"{Path(out).name}-recover"), train=dataclasses.replace(
+    rcfg = RunConfig(model=model.config, data=data, out=str(recover_dir), train=dataclasses.replace(
         t, max_steps=recover_steps, warmup_steps=max(1, recover_steps // 10), lr=t.lr / 4, min_lr=t.lr / 40,
         eval_every=recover_steps, save_every=recover_steps, keep_last=1, max_time=None, max_tokens=None,
         tensorboard=False, early_stop_patience=None))
-    shutil.rmtree(rcfg.out, ignore_errors=True)
+    if is_artifact(recover_dir, "run"):  # an earlier recovery run, which check_out let --overwrite replace
+        shutil.rmtree(recover_dir)
     result = train(rcfg, init_from=str(dest), loss_fn=next_token_loss if masks is None else masked_loss(masks),
                    progress=progress)
     recovered, _, _ = load_checkpoint(result.checkpoint)

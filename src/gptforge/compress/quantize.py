@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from gptforge import gemv
 from gptforge.errors import GptforgeError
+from gptforge.outputs import check_out
 
 METHODS = ("int8", "int4", "bf16", "fp16")
 GROUP_SIZES = (32, 64, 128)
@@ -314,13 +315,17 @@ def apply_compression(model: nn.Module, section: dict[str, Any] | None) -> nn.Mo
     return swap_modules(model, q)
 
 
-def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None = None) -> tuple[Any, dict]:
-    """Read a checkpoint, quantize it, write the same directory format (no trainer state: it is for inference)."""
+def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None = None,
+                        overwrite: bool = False) -> tuple[Any, dict]:
+    """Read a checkpoint, quantize it, write the same directory format (no trainer state: it is for inference).
+    `out` follows outputs.check_out: refused if it is `src` or any non-empty folder but an earlier checkpoint
+    with `overwrite`."""
     import dataclasses
 
     from gptforge.checkpoint import load_checkpoint, write_checkpoint
 
     check_method(method, group_size)
+    check_out(out, "checkpoint", overwrite=overwrite, inputs=[src])
     model, tokenizer, cfg = load_checkpoint(src)
     if cfg.compression and "quantization" in cfg.compression:
         raise GptforgeError(f"{src} is already quantized ({cfg.compression['quantization']}); quantize its fp32 parent")
