@@ -24,9 +24,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gptforge.checkpoint import write_checkpoint
 from gptforge.config import ModelConfig, RunConfig
+from gptforge.engine import BatchEngine
 from gptforge.errors import GptforgeError
-from gptforge.generate import BatchEngine, SamplingParams, complete, load
+from gptforge.generate import complete, load
 from gptforge.model import GPT
+from gptforge.sampling import SamplingParams
 from gptforge.serve import ServeConfig
 from gptforge.tokenizer import EOS, Tokenizer
 
@@ -414,12 +416,12 @@ def test_prefill_budget_must_be_positive(engine_ref):
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 0}, KEY, 400, "n", "invalid_value"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"1": 5}}, KEY, 400, "logit_bias", "unsupported"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, KEY, 400,
-     "messages", None),
-    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, KEY, 400, "messages", None),
+     "messages", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, KEY, 400, "messages", "invalid_type"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, KEY, 404, "model", "model_not_found"),
     ("/v1/completions", {"model": "tiny", "prompt": "x"}, "wrong", 401, None, "invalid_api_key"),
     ("/v1/completions", {"model": "tiny", "prompt": "x"}, None, 401, None, "invalid_api_key"),
-    ("/v1/nowhere", {}, KEY, 404, None, None),
+    ("/v1/nowhere", {}, KEY, 404, None, "not_found"),  # issue 19: no error answer has a null code
 ])
 def test_bad_requests_get_the_right_status_and_error_body(server, path, body, key, status, param, code):
     r = server.post(path, body, key)
