@@ -7,8 +7,9 @@ import torch.nn as nn
 from gptforge import generate as G
 from gptforge.config import ModelConfig, model_preset
 from gptforge.errors import GptforgeError
-from gptforge.generate import (SamplingParams, apply_penalties, complete, generate, generate_steps, generate_tokens,
-                               min_p_filter, sample, stream, stream_batch, top_k_filter, top_p_filter)
+from gptforge.engine import BatchEngine
+from gptforge.generate import complete, generate, generate_steps, generate_tokens, stream, stream_batch
+from gptforge.sampling import SamplingParams, apply_penalties, min_p_filter, sample, top_k_filter, top_p_filter
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 
@@ -74,7 +75,7 @@ def test_cached_logprobs_equal_recomputation(model, prompts):
 
 def test_static_cache_path_equals_eager(model, monkeypatch):
     # The CUDA path's cache (attention over all S slots, unwritten ones masked), run uncompiled on the CPU.
-    monkeypatch.setattr(G, "_compiled_step", G._decode_step)
+    monkeypatch.setattr(G, "compiled_step", lambda device_type: G._decode_step)
     prompts = [list(range(1, 20)), [7, 8], [42]]
     p = SamplingParams(max_new_tokens=10, temperature=0, logprobs=True)
     eager = list(generate_steps(model, prompts, p, vocab_size=500, compile=False))
@@ -480,7 +481,7 @@ def test_engine_with_staggered_joins_equals_complete(model, byte_tok, one_thread
             dict(temperature=1.0, top_k=50, top_p=0.9, seed=7, presence_penalty=0.5, max_new_tokens=9,
                  top_logprobs=2, stop=("ab",))]
     jobs = [(p, o) for p in prompts for o in opts]
-    engine = G.BatchEngine(model, byte_tok, max_batch=8)
+    engine = BatchEngine(model, byte_tok, max_batch=8)
     toks, texts = run_engine(engine, [(byte_tok.encode(p), SamplingParams(stop_at_eos=False, **o)) for p, o in jobs])
     for (p, o), t, text in zip(jobs, toks, texts):
         ref = complete(model, byte_tok, [p], stop_at_eos=False, **o)[0]
@@ -489,7 +490,7 @@ def test_engine_with_staggered_joins_equals_complete(model, byte_tok, one_thread
 
 
 def test_engine_cancel_and_limits(model, byte_tok, one_thread):
-    engine = G.BatchEngine(model, byte_tok, max_batch=2)
+    engine = BatchEngine(model, byte_tok, max_batch=2)
     p = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)
     a, b = engine.add([1, 2, 3], p), engine.add([4, 5], p)
     with pytest.raises(GptforgeError, match="0 of 2 rows free"):
@@ -512,7 +513,7 @@ def test_engine_prefills_a_wave_of_prompts_in_one_forward(model, byte_tok, one_t
     # Right-padded prompts of different lengths, prefilled together into a batch already running.
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3], [5, 8, 9, 7, 9], [1]]
     p = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False, logprobs=True)
-    engine = G.BatchEngine(model, byte_tok, max_batch=6)
+    engine = BatchEngine(model, byte_tok, max_batch=6)
     first = engine.add([7, 7, 7], p)
     engine.step()
     seqs = engine.add_many([(q, p, ()) for q in prompts])
@@ -525,7 +526,7 @@ def test_engine_prefills_a_wave_of_prompts_in_one_forward(model, byte_tok, one_t
 
 
 def test_engine_emit_gets_the_step_events_before_its_forward(model, byte_tok, one_thread):
-    engine = G.BatchEngine(model, byte_tok, max_batch=4)
+    engine = BatchEngine(model, byte_tok, max_batch=4)
     p = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False)
     for q in ([1, 2, 3], [4], [5, 6]):
         engine.add(q, p)
