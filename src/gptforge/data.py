@@ -47,18 +47,28 @@ def _read_text(path: Path, warnings: list[str]) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
-    for lineno, line in enumerate(_read_text(path, warnings).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise GptforgeError(f"{path}:{lineno}: no {text_field!r} field; choose the field with --text-field")
-        if not isinstance(record[text_field], str):
-            raise GptforgeError(f"{path}:{lineno}: field {text_field!r} is not a string")
-        yield Document(f"{path}:{lineno}", record[text_field])
+    """One document per line, read a line at a time (a JSONL file may be larger than memory)."""
+    bad = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                bad += line.count("\ufffd") - raw.count("\ufffd".encode())
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise GptforgeError(f"{path}:{lineno}: no {text_field!r} field; choose the field with --text-field")
+            if not isinstance(record[text_field], str):
+                raise GptforgeError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            yield Document(f"{path}:{lineno}", record[text_field])
+    if bad:
+        warnings.append(f"{path}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
 
 
 def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
@@ -66,6 +76,28 @@ def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Doc
         yield from _read_jsonl(path, text_field, warnings)
     else:
         yield Document(str(path), _read_text(path, warnings))
+
+
+def iter_source(source: str, text_field: str, warnings: list[str]) -> Iterator[Document]:
+    """The documents of one source (a file, folder, glob, JSONL file or bundled corpus name), read lazily, one
+    file at a time. A source that does not exist (or matches no files) is an error here, before any reading."""
+    path = Path(source)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise GptforgeError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+    elif any(c in source for c in "*?["):
+        files = sorted(Path(m) for m in globlib.glob(source, recursive=True) if Path(m).is_file())
+        if not files:
+            raise GptforgeError(f"glob {source!r} matches no files")
+    elif source in CORPORA:
+        return iter(load_corpus(source))
+    else:
+        raise GptforgeError(f"source not found: {source!r} is neither a file, a folder, a glob, nor a bundled corpus ({', '.join(CORPORA)})")
+    return (doc for f in files for doc in _read_file(f, text_field, warnings))
 
 
 def read_sources(sources: list[str], text_field: str = "text") -> tuple[list[Document], list[str]]:
@@ -85,26 +117,7 @@ def _read_sources(sources: list[str], text_field: str) -> tuple[list[Document], 
     docs: list[Document] = []
     warnings: list[str] = []
     for source in sources:
-        path = Path(source)
-        if path.is_file():
-            docs.extend(_read_file(path, text_field, warnings))
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not files:
-                raise GptforgeError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
-            for f in files:
-                docs.extend(_read_file(f, text_field, warnings))
-        elif any(c in source for c in "*?["):
-            matches = sorted(Path(m) for m in globlib.glob(source, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise GptforgeError(f"glob {source!r} matches no files")
-            for f in matches:
-                docs.extend(_read_file(f, text_field, warnings))
-        elif source in CORPORA:
-            docs.extend(load_corpus(source))
-        else:
-            raise GptforgeError(f"source not found: {source!r} is neither a file, a folder, a glob, nor a bundled corpus ({', '.join(CORPORA)})")
+        docs.extend(iter_source(source, text_field, warnings))
     empty = [d.name for d in docs if not d.text]
     docs = [d for d in docs if d.text]
     if not docs:
