@@ -547,3 +547,37 @@ def test_sigterm_finishes_in_flight_streams_then_exits_cleanly(ckpt, tmp_path):
         if s.proc.poll() is None:
             s.proc.kill()
         s.log.close()
+
+
+def test_sigterm_answers_requests_on_open_keep_alive_connections(ckpt, tmp_path):
+    # Issue 19: a request on a keep-alive connection opened before SIGTERM gets its answer or the documented
+    # 503 JSON (with Connection: close), never a connection closed without a response.
+    s = Server(ckpt, tmp_path / "log", "--shutdown-timeout", "20")
+    held = [httpx.Client(base_url=s.url, timeout=30, limits=httpx.Limits(max_connections=1)) for _ in range(4)]
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 2}
+    try:
+        assert all(c.get("/health").status_code == 200 for c in held)  # each holds an idle open connection
+        stream = s.client().completions.create(model="tiny", prompt="the", max_tokens=300, stream=True,
+                                               extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        s.proc.send_signal(signal.SIGTERM)
+        answers = [held[0].post("/v1/completions", json=body)]  # at once: served or refused, either is fine
+        time.sleep(0.3)  # past uvicorn's 0.1 s tick: the server drains now
+        answers += [c.post("/v1/completions", json=body) for c in held[1:]]
+        for r in answers:
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "shutting_down" and r.headers["connection"] == "close"
+        assert [r.status_code for r in answers[1:]] == [503] * 3
+        finish = None
+        for chunk in it:  # the stream in flight still runs to its end
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "length"
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        for c in held:
+            c.close()
+        if s.proc.poll() is None:
+            s.proc.kill()
+        s.log.close()
