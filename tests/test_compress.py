@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.checkpoint import load_checkpoint, write_checkpoint
+from gptforge.checkpoint import write_checkpoint
 from gptforge.compress.distill import DistillConfig, DistillLoss, distill
 from gptforge.compress.evaluate import eval_checkpoints
 from gptforge.compress.prune import (block_linears, prune_checkpoint, prune_model, shrink, structured_plan,
@@ -19,6 +19,7 @@ from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize,
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
 from gptforge.data import TokenData, prepare
 from gptforge.errors import GptforgeError
+from gptforge.load import load_checkpoint
 from gptforge.model import GPT
 
 SMALL_TRAIN = TrainConfig(micro_batch=4, seq_len=32, eval_batches=2, log_every=1, tensorboard=False, warmup_steps=1)
@@ -48,7 +49,7 @@ def test_quantized_checkpoint_round_trips(ckpt, tmp_path, method, group):
     expected = before(x)
     dest, section = quantize_checkpoint(str(ckpt), method, str(tmp_path / "q"), group)
     loaded, _, cfg = load_checkpoint(dest)
-    assert cfg.compression == section and section["quantization"]["method"] == method
+    assert cfg.compression.to_dict() == section and section["quantization"]["method"] == method
     torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     fp32 = (ckpt / "model.safetensors").stat().st_size
     ratio = (dest / "model.safetensors").stat().st_size / fp32
@@ -264,7 +265,7 @@ def test_recovery_keeps_the_sparsity(ckpt, prepared, tmp_path):
     after, _, cfg = load_checkpoint(dest)
     for name, m in block_linears(after).items():
         assert int((m.weight == 0).sum()) == m.weight.numel() // 2, name
-    assert cfg.compression["pruning"]["method"] == "magnitude"
+    assert cfg.compression.pruning.method == "magnitude"
     changed = [not torch.equal(m.weight, before.get_submodule(n).weight) for n, m in block_linears(after).items()]
     assert all(changed)
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.checkpoint import checkpoint_problem, consolidate, load_checkpoint, resolve_checkpoint
+from gptforge.checkpoint import checkpoint_problem, consolidate, resolve_checkpoint
 from gptforge.config import TrainConfig
 from gptforge.errors import GptforgeError
+from gptforge.load import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

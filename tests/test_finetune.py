@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from gptforge.checkpoint import load_checkpoint, write_checkpoint
+from gptforge.checkpoint import write_checkpoint
 from gptforge.cli import main
 from gptforge.config import ModelConfig, RunConfig, TrainConfig
 from gptforge.errors import GptforgeError
 from gptforge.finetune.data import ChatData, ClassifyData, chat_example, pack
 from gptforge.finetune.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from gptforge.finetune.run import FinetuneSpec, classify_texts, finetune
+from gptforge.load import load_checkpoint
 from gptforge.model import GPT
 from gptforge.tokenizer import EOS, Tokenizer
 
@@ -176,7 +177,7 @@ def test_chat_sft_full_and_lora_through_the_loop(tmp_path, tok, base):
     assert set(saved) and all(k.endswith((".lora_a", ".lora_b")) for k in saved)
     assert sum(v.numel() for v in saved.values()) == lora.trainable_params
     merged, _, cfg = load_checkpoint(lora.train.checkpoint)
-    assert cfg.finetune["method"] == "lora" and cfg.finetune["base"] == str(base.resolve())
+    assert cfg.finetune.method == "lora" and cfg.finetune.base == str(base.resolve())
     unmerged, _, _ = load_checkpoint(base)
     apply_lora(unmerged, LoRAConfig(rank=4))
     unmerged.load_state_dict(saved, strict=False)

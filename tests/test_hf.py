@@ -11,11 +11,12 @@ transformers = pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,  # noqa: E402
                           LlamaConfig, LlamaForCausalLM)
 
-from gptforge.checkpoint import load_checkpoint, write_checkpoint  # noqa: E402
+from gptforge.checkpoint import write_checkpoint  # noqa: E402
 from gptforge.config import ModelConfig, RunConfig, model_preset  # noqa: E402
 from gptforge.errors import GptforgeError  # noqa: E402
 from gptforge.generate import complete  # noqa: E402
 from gptforge.hf import choose_format, export_hf, import_hf  # noqa: E402
+from gptforge.load import load_checkpoint  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
 from gptforge.tokenizer import Tokenizer  # noqa: E402
 

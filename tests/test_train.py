@@ -5,11 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint
+from gptforge.checkpoint import load_trainer_state, resolve_checkpoint
 from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import prepare
 from gptforge.errors import GptforgeError
 from gptforge.generate import generate
+from gptforge.load import load_checkpoint
 from gptforge.optim import lr_at
 from gptforge.train import train
 

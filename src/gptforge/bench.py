@@ -14,14 +14,9 @@ import torch.nn.functional as F
 
 from gptforge.config import ModelConfig, TrainConfig
 from gptforge.errors import GptforgeError
-from gptforge.hardware import PRESETS, Hardware, cpu_hardware, get_hardware, probe_copy_bandwidth, probe_matmul_flops
+from gptforge.hardware import (device_hardware, get_hardware, probe_copy_bandwidth, probe_matmul_flops,
+                               resolve_device)
 from gptforge.plan import PlanConfig, make_plan, matmul_weights
-
-# torch.cuda.get_device_name() substrings -> preset, most specific first
-CUDA_NAMES = [("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("H200", "h200"), ("A100-SXM4-40GB", "a100-40gb"),
-              ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"), ("L4", "l4"), ("A10G", "a10g"),
-              ("4090", "rtx-4090"), ("3090", "rtx-3090")]
-
 
 @dataclass
 class Row:
@@ -35,19 +30,6 @@ class Row:
         if self.predicted is None or not self.measured:
             return None
         return (self.predicted - self.measured) / self.measured
-
-
-def device_hardware(device: torch.device, name: str | None) -> Hardware:
-    """The planner's hardware for this device: given by name, recognised from the CUDA name, or this CPU."""
-    if name is not None:
-        return get_hardware(name)
-    if device.type == "cpu":
-        return cpu_hardware()
-    gpu = torch.cuda.get_device_name(device)
-    for part, preset in CUDA_NAMES:
-        if part in gpu:
-            return PRESETS[preset]
-    raise GptforgeError(f"no hardware preset for {gpu!r}; give --hardware custom:memory=...,bf16=...,bandwidth=...")
 
 
 def _sync(device: torch.device) -> None:
@@ -79,9 +61,7 @@ def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", mic
     from gptforge.model import GPT
     from gptforge.optim import build_optimizer
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptforgeError("--device cuda but no CUDA device is available; use --device cpu")
+    dev = resolve_device(device)
     if precision not in ("fp32", "bf16", "bf16-pure"):
         raise GptforgeError(f"bench --precision {precision!r}: choose fp32, bf16 or bf16-pure")
     hw = device_hardware(dev, hardware)
@@ -183,9 +163,7 @@ def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> l
     from gptforge.optim import build_optimizer
     from gptforge.train import autocast, autocast_dtype, forward_backward, next_token_loss
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptforgeError("--device cuda but no CUDA device is available; use --device cpu")
+    dev = resolve_device(device)
     if pc.world_size > 1:
         raise GptforgeError("--measure runs on this one device; give --world-size 1 (and --nodes 1) to check the "
                             "per-device plan, then scale out")

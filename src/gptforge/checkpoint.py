@@ -1,4 +1,5 @@
-"""Checkpoint directories: save unwrapped state atomically, find the latest valid one, load for inference.
+"""Checkpoint directories, the file format: save unwrapped state atomically, find the latest valid one, read its
+config and trainer state. Building a model from one is gptforge.load's.
 
 A run directory keeps `checkpoints/step-00000500/` folders, each holding
     model.safetensors   weights, unwrapped (no `_orig_mod.` / `module.` prefixes: nanoGPT issue #325)
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gptforge.config import RunConfig, load_yaml, run_config_from_dict
 from gptforge.errors import GptforgeError
@@ -242,6 +243,7 @@ def find_resumable(run_dir: str | Path, warn=None) -> Path | None:
 
 
 def read_config(ckpt: Path) -> RunConfig:
+    """The typed run config a checkpoint folder records (gptforge.load builds its model from it)."""
     if not (ckpt / CONFIG_FILE).is_file():
         raise GptforgeError(f"checkpoint {ckpt} is incomplete: {CONFIG_FILE} is missing")
     return run_config_from_dict(load_yaml(ckpt / CONFIG_FILE), source=str(ckpt / CONFIG_FILE))
@@ -267,47 +269,6 @@ def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(ckpt / SHARDS_DIR), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
-    """Model (eval mode), tokenizer and run config of a checkpoint; weights go straight to `device`.
-
-    The model is built on the meta device (no memory, no init) and the tensors are assigned in place. A
-    sharded (dcp/) checkpoint is consolidated in memory.
-    """
-    ckpt = resolve_checkpoint(path)
-    cfg = read_config(ckpt)
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        raise GptforgeError(f"checkpoint {ckpt} is incomplete: {TOKENIZER_FILE} is missing")
-    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    if tokenizer.vocab_size > cfg.model.padded_vocab_size:
-        raise GptforgeError(f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.padded_vocab_size} rows")
-    if cfg.finetune:  # a LoRA adapter (merged onto its base here) or a classifier (not a language model)
-        from gptforge.finetune.run import load_finetuned, needs_special_load
-
-        if cfg.finetune.get("task") == "classify":
-            raise GptforgeError(f"{ckpt} is a classifier, not a language model; use gptforge classify {ckpt}")
-        if needs_special_load(cfg):
-            return load_finetuned(ckpt, cfg, device), tokenizer, cfg
-    if not (ckpt / MODEL_FILE).is_file():
-        model = GPT(cfg.model)
-        load_sharded(ckpt, model)
-        return model.to(device).eval(), tokenizer, cfg
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    if cfg.compression:  # a quantized checkpoint: swap in the modules whose buffers its state dict holds
-        from gptforge.compress.quantize import apply_compression
-
-        apply_compression(model, cfg.compression)
-    try:
-        state = load_file(str(ckpt / MODEL_FILE), device=str(device))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise GptforgeError(f"{ckpt / MODEL_FILE}: cannot read weights ({e})") from None
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise GptforgeError(f"{ckpt / MODEL_FILE} does not match its config.yaml: {e}") from None
-    return model.eval(), tokenizer, cfg
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -191,9 +191,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     hardware = args.hardware
     if hardware is None:  # --measure compares with the device it runs on; a plan alone defaults to an H100
         if args.measure:
-            from gptforge.bench import device_hardware
+            from gptforge.hardware import device_hardware, resolve_device
 
-            hardware = device_hardware(torch_device(args.device), None).name
+            hardware = device_hardware(resolve_device(args.device)).name
         else:
             hardware = "h100-sxm"
     pc = PlanConfig(load_model_config(args.model), seq_len=args.seq_len, micro_batch=args.micro_batch,
@@ -216,12 +216,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if rows:
         print_rows(rows, f"{args.model} on {args.device or 'this device'}: plan vs {args.steps} measured steps "
                          "(error = (plan - measured) / measured)")
-
-
-def torch_device(name: str | None):
-    import torch
-
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

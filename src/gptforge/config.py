@@ -430,6 +430,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except GptforgeError as e:
                 errors.append(str(e))
         raise GptforgeError(errors[0] if errors else f"{key}: cannot be null")
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else section_from_dict(tp, value, key)
+    if origin in (list, tuple):
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise GptforgeError(f"{key}: expected a list, got {value!r}")
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -486,6 +493,26 @@ def update_dataclass(obj: Any, values: dict[str, Any], where: str) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def section_from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Dataclass `cls` from a mapping, each value checked against its field's type; a missing required field, an
+    unknown key or a wrong type is an error naming `where`.key."""
+    if not isinstance(raw, dict):
+        raise GptforgeError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    valid = [f.name for f in fields]
+    values = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise _unknown_key(key, valid, f"{where}.")
+        values[key] = _coerce(value, hints[key], f"{where}.{key}")
+    missing = [f.name for f in fields if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise GptforgeError(f"{where}: {', '.join(missing)} missing")
+    return cls(**values)
+
+
 def run_config_from_dict(raw: dict[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:
     """Apply a nested mapping ({"model": {...}, "train": {...}, "data": ..., "out": ...}) onto `base`.
 
@@ -513,14 +540,13 @@ def run_config_from_dict(raw: dict[str, Any], base: RunConfig | None = None, sou
         if not isinstance(train_raw, dict):
             raise GptforgeError(f"{source}: 'train' must be a mapping")
         cfg = dataclasses.replace(cfg, train=update_dataclass(cfg.train, train_raw, "train."))
-    if raw.get("compression") is not None:
-        if not isinstance(raw["compression"], dict):
-            raise GptforgeError(f"{source}: 'compression' must be a mapping (written by gptforge quantize / prune)")
-        cfg = dataclasses.replace(cfg, compression=dict(raw["compression"]))
-    if raw.get("finetune") is not None:
-        if not isinstance(raw["finetune"], dict):
-            raise GptforgeError(f"{source}: 'finetune' must be a mapping (written by gptforge finetune)")
-        cfg = dataclasses.replace(cfg, finetune=dict(raw["finetune"]))
+    for key, cls, writer in (("compression", CompressionConfig, "gptforge quantize / prune"),
+                             ("finetune", FinetuneConfig, "gptforge finetune")):
+        if raw.get(key) is not None:
+            try:
+                cfg = dataclasses.replace(cfg, **{key: section_from_dict(cls, raw[key], key)})
+            except GptforgeError as e:
+                raise GptforgeError(f"{source}: {e} (the section {writer} writes)") from None
     for key in ("data", "out"):
         if key in raw:
             cfg = dataclasses.replace(cfg, **{key: _coerce(raw[key], str | None, key)})

@@ -164,3 +164,70 @@ def cpu_hardware() -> Hardware:
         tf32_tflops=0.0, bandwidth_gbs=probe_copy_bandwidth() / 1e9, usd_per_hour=0.0, interconnect_gbs=0.0,
         context_gib=0.0, source="measured by gptforge.hardware.cpu_hardware()",
     )
+
+
+# --- the device this process runs on ------------------------------------------------------------------------
+# torch is imported inside these functions, as in the probes above, so that `gptforge plan` (which reads only the
+# presets) starts without it.
+
+def resolve_device(name: str | None = "auto", flag: str = "--device"):
+    """The torch.device a device setting names: `auto` (or None) picks CUDA, then Apple's MPS, then the CPU.
+
+    Asking for CUDA where there is none is an error naming `flag`, the setting the user gave."""
+    import torch
+
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GptforgeError(f"{flag} is {name!r} but no CUDA device is available; use {flag} cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise GptforgeError(f"{flag}: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+# Substrings of torch.cuda.get_device_name() -> preset, most specific first.
+CUDA_NAMES = [("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("H200", "h200"), ("A100-SXM4-40GB", "a100-40gb"),
+              ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"), ("L4", "l4"), ("A10G", "a10g"),
+              ("4090", "rtx-4090"), ("3090", "rtx-3090")]
+
+
+def cuda_preset(device) -> Hardware | None:
+    """The datasheet preset of a CUDA device, recognised from its name; None if it is not one of PRESETS."""
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((PRESETS[p] for key, p in CUDA_NAMES if key in name), None)
+
+
+def device_hardware(device, name: str | None = None) -> Hardware:
+    """The planner's hardware for a torch device: given by name, recognised from the CUDA name, or this CPU."""
+    if name is not None:
+        return get_hardware(name)
+    if device.type == "cpu":
+        return cpu_hardware()
+    hw = cuda_preset(device) if device.type == "cuda" else None
+    if hw is None:
+        import torch
+
+        what = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        raise GptforgeError(f"no hardware preset for {what!r}; give --hardware custom:memory=...,bf16=...,bandwidth=...")
+    return hw
+
+
+def device_peak_flops(device, precision: str) -> float | None:
+    """Dense peak FLOP/s of a device for a run's matmuls, the denominator of MFU; None when unknown (MFU is then
+    omitted rather than guessed). CUDA devices are looked up in the datasheet presets (fp32 runs there use TF32,
+    which train() turns on); a CPU's peak is measured by a short matmul probe (cpu_hardware), so its MFU is
+    relative to what this CPU's matmul achieves."""
+    if device.type == "cpu":
+        hw = cpu_hardware()
+        return (hw.fp32_tflops if precision == "fp32" else hw.bf16_tflops) * 1e12
+    hw = cuda_preset(device) if device.type == "cuda" else None
+    if hw is None:
+        return None
+    return (hw.tf32_tflops if precision == "fp32" else hw.bf16_tflops) * 1e12

@@ -192,8 +192,11 @@ def _get(hf: dict, key: str, where: str) -> Any:
     return hf[key]
 
 
-def model_config_from_hf(hf: dict[str, Any], where: str) -> tuple[ModelConfig, Format]:
-    """Our ModelConfig from an HF config.json mapping; refuses architectures and options we cannot reproduce."""
+def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> tuple[ModelConfig, Format]:
+    """Our ModelConfig (and the format whose key map carries it) from an HF config.json mapping; refuses
+    architectures and options we cannot reproduce. The one reading of HF config keys: import-hf and plan use it."""
+    if not isinstance(hf, dict):
+        raise GptforgeError(f"{where}: config.json holds {type(hf).__name__}, not a mapping of HF config keys")
     arch = (hf.get("architectures") or [None])[0]
     fmt = FORMATS.get(arch) or next((f for f in FORMATS.values() if f.model_type == hf.get("model_type")), None)
     if fmt is None:

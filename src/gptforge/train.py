@@ -25,13 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.checkpoint import (MODEL_FILE, checkpoint_problem, find_resumable, load_checkpoint,
-                                 load_sharded, load_trainer_state, read_config, resolve_checkpoint, save_checkpoint)
+from gptforge.checkpoint import (MODEL_FILE, checkpoint_problem, find_resumable, load_sharded, load_trainer_state,
+                                 read_config, resolve_checkpoint, save_checkpoint)
 from gptforge.config import RunConfig
 from gptforge.data import BatchSampler, TokenData
 from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   close_distributed, grad_sync, init_distributed)
 from gptforge.errors import GptforgeError
+from gptforge.hardware import device_peak_flops, resolve_device
+from gptforge.load import load_checkpoint
 from gptforge.outputs import check_not_input, is_artifact
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
@@ -75,20 +77,6 @@ class TrainResult:
     @property
     def stopped_early(self) -> bool:
         return self.stopped_by != "max_steps"
-
-
-# --- device -----------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GptforgeError(f"train.device is {name!r} but no CUDA device is available; use --train.device cpu")
-    return torch.device(name)
 
 
 # --- one optimizer step's forward and backward ------------------------------------------------------------
@@ -407,7 +395,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
     if resume is not None and init_from is not None:
         raise GptforgeError("give either --resume (continue a run) or --init-from (start from its weights), not both")
     tc = cfg.train
-    d = init_distributed(resolve_device(tc.device), tc.dist_timeout)
+    d = init_distributed(resolve_device(tc.device, flag="--train.device"), tc.dist_timeout)
     if source is not None and resume is not None:
         raise GptforgeError("resuming a fine-tuning run from JSONL data is not supported; start it again")
     try:
@@ -433,9 +421,9 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
     init_state = None
     if init_from is not None:
         init_ckpt = resolve_checkpoint(init_from)
-        quantized = (read_config(init_ckpt).compression or {}).get("quantization", {}).get("method")
-        if quantized in ("int8", "int4"):  # packed integer weights do not train; pruned or cast weights do
-            raise GptforgeError(f"{init_ckpt} is quantized ({quantized}); fine-tune its unquantized parent instead")
+        compression = read_config(init_ckpt).compression
+        if compression is not None and compression.quantized:  # packed integer weights do not train; pruned or cast ones do
+            raise GptforgeError(f"{init_ckpt} is quantized ({compression.quantization.method}); fine-tune its unquantized parent instead")
         init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
         if init_tok.fingerprint != data.fingerprint:
             raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
@@ -669,29 +657,3 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
     ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
     return TrainResult(run_dir, ckpt, step, run_tokens, seconds, first_val, last_val,
                        None if math.isinf(best_val) else best_val, stopped_by, skipped)
-
-
-# Substrings of torch.cuda.get_device_name() -> hardware preset, most specific first.
-CUDA_NAMES = [("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("H200", "h200"), ("A100-SXM4-40GB", "a100-40gb"),
-              ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"), ("L4", "l4"), ("A10G", "a10g"),
-              ("RTX 4090", "rtx-4090"), ("RTX 3090", "rtx-3090")]
-
-
-def device_peak_flops(device: torch.device, precision: str) -> float | None:
-    """Dense peak FLOP/s of this device for the run's matmuls, the denominator of MFU; None when unknown
-    (MFU is then omitted rather than guessed). CUDA devices are looked up in the datasheet presets of
-    hardware.py (fp32 runs there use TF32, which train() turns on); a CPU's peak is measured by a short
-    matmul probe (hardware.cpu_hardware), so its MFU is relative to what this CPU's matmul achieves."""
-    from gptforge import hardware
-
-    if device.type == "cpu":
-        hw = hardware.cpu_hardware()
-        return (hw.fp32_tflops if precision == "fp32" else hw.bf16_tflops) * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        preset = next((p for key, p in CUDA_NAMES if key in name), None)
-        if preset is None:
-            return None
-        hw = hardware.PRESETS[preset]
-        return (hw.tf32_tflops if precision == "fp32" else hw.bf16_tflops) * 1e12
-    return None

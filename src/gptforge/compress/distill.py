@@ -16,8 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
-from gptforge.train import next_token_loss
+from gptforge.hardware import resolve_device
+from gptforge.load import load_checkpoint
+from gptforge.train import next_token_loss, train
 
 IGNORE_INDEX = -100  # as in train.py: targets with this value never count
 
@@ -71,13 +74,10 @@ def check_same_tokenizer(teacher_fp: str, student_fp: str, where: str) -> None:
 
 def distill(cfg, teacher_path: str, dcfg: DistillConfig = DistillConfig(), progress: bool = True):
     """Train `cfg.model` on `cfg.data` through the one loop, against the teacher checkpoint's logits."""
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.data import TokenData
-    from gptforge.train import resolve_device, train
 
     if cfg.data is None or cfg.out is None:
         raise GptforgeError("distill needs --data DIR (from gptforge prepare) and --out DIR")
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, flag="--train.device")
     teacher, tok, tcfg = load_checkpoint(teacher_path, device=device)
     check_same_tokenizer(tok.fingerprint, TokenData(cfg.data).fingerprint, f"data {cfg.data}")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptforge.checkpoint import MODEL_FILE, resolve_checkpoint
 from gptforge.errors import GptforgeError
+from gptforge.load import load_checkpoint
 
 
 def logical_params(model: torch.nn.Module) -> int:
@@ -53,7 +55,6 @@ def decode_speed(model, vocab_size: int, tokens: int, prompt_len: int = 16) -> f
 def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch_size: int = 8,
                      seq_len: int | None = None, decode_tokens: int = 64) -> list[dict]:
     """Rows of the comparison table, the first checkpoint being the reference."""
-    from gptforge.checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint
     from gptforge.data import BatchSampler, TokenData
     from gptforge.train import EVAL_SEED
 
@@ -97,7 +98,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
         ppl = math.exp(val)
         row = {
             "checkpoint": str(ckpt),
-            "compression": cfg.compression,
+            "compression": cfg.compression.to_dict() if cfg.compression else None,
             "params": logical_params(model),
             "file_bytes": (Path(ckpt) / MODEL_FILE).stat().st_size,
             "val_loss": val,

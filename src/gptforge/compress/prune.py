@@ -309,8 +309,9 @@ def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = N
     import shutil
     from pathlib import Path
 
-    from gptforge.checkpoint import load_checkpoint, write_checkpoint
-    from gptforge.config import RunConfig
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.config import CompressionConfig, RunConfig, section_from_dict
+    from gptforge.load import load_checkpoint
 
     check_args(method, sparsity, parse_pattern(pattern))
     if recover_steps < 0:
@@ -322,7 +323,7 @@ def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = N
     if (recover_steps or method == "wanda") and data is None:
         raise GptforgeError(f"{'--recover-steps' if recover_steps else 'wanda'} needs --data DIR (a directory from gptforge prepare)")
     model, tokenizer, cfg = load_checkpoint(src)
-    if cfg.compression and "quantization" in cfg.compression:
+    if cfg.compression is not None and cfg.compression.quantization is not None:
         raise GptforgeError(f"{src} is quantized; prune its fp32 parent, then quantize")
     model = model.float()
     batches = None
@@ -334,7 +335,9 @@ def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = N
         seq = min(cfg.train.seq_len or cfg.model.block_size, cfg.model.block_size)
         batches = calibration_batches(data, calib_batches, 8, seq)
     model, section, masks = prune_model(model, method, sparsity, pattern, batches)
-    out_cfg = dataclasses.replace(cfg, model=model.config, compression={**(cfg.compression or {}), **section})
+    before = cfg.compression.to_dict() if cfg.compression else {}
+    out_cfg = dataclasses.replace(cfg, model=model.config,
+                                  compression=section_from_dict(CompressionConfig, {**before, **section}, "compression"))
     dest = write_checkpoint(Path(out), out_cfg, tokenizer, model_state=model.state_dict())
     if not recover_steps:
         return dest, section, None
@@ -353,6 +356,7 @@ def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = N
     if masks is not None:
         apply_masks(recovered, masks)  # the last optimizer step moved masked weights; zero them for good
     section["pruning"]["recover_steps"] = recover_steps
-    out_cfg = dataclasses.replace(out_cfg, compression={**(cfg.compression or {}), **section})
+    out_cfg = dataclasses.replace(out_cfg, compression=section_from_dict(CompressionConfig, {**before, **section},
+                                                                         "compression"))
     dest = write_checkpoint(Path(out), out_cfg, tokenizer, model_state=recovered.state_dict())
     return dest, section, result

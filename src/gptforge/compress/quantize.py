@@ -4,7 +4,7 @@ Compression is a state-dict transform plus a module swap (gpt-fast's `quantize.p
 `quantize_state_dict` turns fp32 matrices into integer codes and scales; `swap_modules` replaces each
 nn.Linear / nn.Embedding of a (meta-device) GPT with a module whose buffers have exactly those names, so the
 quantized file loads with `load_state_dict(assign=True)`. The checkpoint records what was done in the run
-config's `compression` section, and `load_checkpoint` swaps before it loads: `generate` and `eval` need no change.
+config's `compression` section, and `gptforge.load` swaps before it loads: `generate` and `eval` need no change.
 
 The output head is quantized too: it is the largest matrix of a small-vocabulary-heavy model (V x D). With
 tied embeddings the head *is* the token table, so the shared table is quantized once (rows are both the
@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge import gemv
+from gptforge.config import CompressionConfig, section_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.outputs import check_out
 
@@ -298,21 +299,21 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None)
     section = {"quantization": {"method": method, **int4}}
     with torch.device("meta"):
         new = GPT(model.config)
-    apply_compression(new, section)
+    apply_compression(new, section_from_dict(CompressionConfig, section, "compression"))
     new.load_state_dict(state, assign=True)
     return new.eval(), section, state
 
 
-def apply_compression(model: nn.Module, section: dict[str, Any] | None) -> nn.Module:
-    """Prepare a freshly built (meta) GPT for a compressed checkpoint's state dict: the hook load_checkpoint calls."""
-    if not section or "quantization" not in section:
+def apply_compression(model: nn.Module, section: CompressionConfig | None) -> nn.Module:
+    """Prepare a freshly built (meta) GPT for a compressed checkpoint's state dict: the swap gptforge.load applies."""
+    q = None if section is None else section.quantization
+    if q is None:
         return model
-    q = section["quantization"]
-    check_method(q.get("method", "?"), q.get("group_size"))
-    if q["method"] == "int4" and q.get("packing") != INT4_PACKING:
-        raise GptforgeError(f"this int4 checkpoint packs its codes as {q.get('packing', 'neighbour pairs')!r}, which "
+    check_method(q.method, q.group_size)
+    if q.method == "int4" and q.packing != INT4_PACKING:
+        raise GptforgeError(f"this int4 checkpoint packs its codes as {q.packing or 'neighbour pairs'!r}, which "
                             f"this gptforge no longer reads ({INT4_PACKING!r}); quantize its fp32 parent again")
-    return swap_modules(model, q)
+    return swap_modules(model, q.to_dict())
 
 
 def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None = None,
@@ -322,15 +323,17 @@ def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None 
     with `overwrite`."""
     import dataclasses
 
-    from gptforge.checkpoint import load_checkpoint, write_checkpoint
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.load import load_checkpoint
 
     check_method(method, group_size)
     check_out(out, "checkpoint", overwrite=overwrite, inputs=[src])
     model, tokenizer, cfg = load_checkpoint(src)
-    if cfg.compression and "quantization" in cfg.compression:
-        raise GptforgeError(f"{src} is already quantized ({cfg.compression['quantization']}); quantize its fp32 parent")
+    if cfg.compression is not None and cfg.compression.quantization is not None:
+        raise GptforgeError(f"{src} is already quantized ({cfg.compression.quantization.to_dict()}); quantize its fp32 parent")
     model = model.float()
     _, section, state = quantize_model(model, method, group_size)
-    section = {**(cfg.compression or {}), **section}
-    dest = write_checkpoint(Path(out), dataclasses.replace(cfg, compression=section), tokenizer, model_state=state)
+    section = {**(cfg.compression.to_dict() if cfg.compression else {}), **section}
+    compression = section_from_dict(CompressionConfig, section, "compression")
+    dest = write_checkpoint(Path(out), dataclasses.replace(cfg, compression=compression), tokenizer, model_state=state)
     return dest, section

@@ -11,43 +11,13 @@ only them. `merge_lora` folds B A into W and swaps plain nn.Linear back in, for 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge.config import LoRAConfig
 from gptforge.errors import GptforgeError
-
-# Linear modules of a GPT by their attribute name; a target list picks among these.
-TARGETS = ("qkv", "proj", "gate", "up", "down", "lm_head")
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0  # the update is scaled by alpha / rank, so changing the rank keeps its size
-    dropout: float = 0.0
-    # Every Linear of the blocks: adapting all of them matches full fine-tuning more closely than
-    # attention alone (Dettmers et al. 2023, QLoRA, section 4).
-    targets: tuple[str, ...] = ("qkv", "proj", "gate", "up", "down")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets = tuple(self.targets)
-        if self.rank < 1:
-            raise GptforgeError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise GptforgeError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GptforgeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            raise GptforgeError(f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TARGETS)}")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets)}
 
 
 class LoRALinear(nn.Linear):

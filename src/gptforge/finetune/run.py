@@ -4,9 +4,9 @@ the one training loop, `gptforge.train.train`, with the task's data source, loss
 What a fine-tuned checkpoint records in config.yaml's `finetune:` section, and how it loads:
   method full, task lm/chat   a plain checkpoint (every weight), loads anywhere.
   method lora                 model.safetensors holds only the adapter (lora_a/lora_b, and the class head);
-                              `finetune.base` names the base checkpoint; load_checkpoint merges them.
+                              `finetune.base` names the base checkpoint; gptforge.load merges them.
   task classify               the GPT's output head is a (classes, d_model) matrix read at the text's last
-                              token; `finetune.labels` names the classes. Loaded by `load_classifier`.
+                              token; `finetune.labels` names the classes. Loaded by `gptforge.load.load_classifier`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.config import RunConfig
-from gptforge.errors import GptforgeError
+from gptforge.checkpoint import resolve_checkpoint, write_checkpoint
+from gptforge.config import FinetuneConfig, LoRAConfig, RunConfig
+from gptforge.errors import GptforgeError, not_one_string
 from gptforge.finetune.data import (IGNORE_INDEX, ChatData, ClassifyBatch, ClassifyData, PackedBatch, collate,
                                     encode_text, eval_batches_for, read_labelled)
-from gptforge.finetune.lora import LoRAConfig, apply_lora, is_lora_key, merge_lora
+from gptforge.load import apply_finetune, load_checkpoint, load_classifier
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
+from gptforge.train import claim_run_dir, next_token_loss, train
 
 METHODS = ("full", "lora")
 TASKS = ("lm", "chat", "classify")
@@ -52,16 +54,6 @@ def classify_loss(model: nn.Module, x: ClassifyBatch, y: torch.Tensor) -> tuple[
 
 
 # --- model transforms -----------------------------------------------------------------------------------------
-
-def attach_class_head(model: GPT, n_classes: int) -> GPT:
-    """Swap the GPT's output head for a (n_classes, d_model) one (in place): forward then returns class
-    scores at every position, and the loss reads the last. The tied embedding stays as the input table."""
-    w = model.tok_emb.weight
-    head = nn.Linear(model.config.d_model, n_classes, bias=False, device=w.device, dtype=w.dtype)
-    nn.init.normal_(head.weight, std=0.02)
-    model.lm_head = head
-    return model
-
 
 def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
     """A copy of `model` whose token table (and untied head) has room for `vocab_size` tokens.
@@ -101,74 +93,9 @@ class FinetuneSpec:
             raise GptforgeError(f"unknown --task {self.task!r}; use one of {', '.join(TASKS)}")
 
 
-def model_transform(section: dict[str, Any]):
-    """The function build_model applies to the loaded base: LoRA and/or a class head, per the section."""
-    def prepare(model: GPT) -> nn.Module:
-        if section["method"] == "lora":
-            apply_lora(model, LoRAConfig(**section["lora"]))
-        if section["task"] == "classify":
-            attach_class_head(model, len(section["labels"]))  # after apply_lora: the new head trains
-        return model
-    return prepare
-
-
-# --- loading fine-tuned checkpoints -----------------------------------------------------------------------------
-
-def needs_special_load(cfg: RunConfig) -> bool:
-    s = cfg.finetune or {}
-    return s.get("method") == "lora" or s.get("task") == "classify"
-
-
-def _base_path(ckpt: Path, section: dict) -> Path:
-    from gptforge.checkpoint import resolve_checkpoint
-
-    base = Path(section["base"])
-    for cand in (base, ckpt / base):
-        if cand.exists():
-            return resolve_checkpoint(cand)
-    raise GptforgeError(f"{ckpt} is a LoRA adapter whose base checkpoint {base} is not there; "
-                        "put the base back (or fine-tune with --method full for a self-contained checkpoint)")
-
-
-def load_finetuned(ckpt: Path, cfg: RunConfig, device: str | torch.device = "cpu", merge: bool = True) -> nn.Module:
-    """The model of a LoRA and/or classification checkpoint: base weights, then the transform, then the saved
-    (trainable) state; LoRA merged into plain Linears when `merge`."""
-    from safetensors.torch import load_file
-
-    from gptforge.checkpoint import MODEL_FILE, load_checkpoint
-
-    section = cfg.finetune
-    state = load_file(str(ckpt / MODEL_FILE), device=str(device))
-    if section["method"] == "lora":
-        model, _, base_cfg = load_checkpoint(_base_path(ckpt, section), device=device)
-        if base_cfg.model != cfg.model:
-            raise GptforgeError(f"{ckpt}: its base checkpoint's model config differs from the adapter's; was the base replaced?")
-    else:
-        with torch.device("meta"):
-            model = GPT(cfg.model)
-    model = model_transform(section)(model)
-    try:
-        model.load_state_dict(state, strict=section["method"] != "lora", assign=section["method"] != "lora")
-    except RuntimeError as e:
-        raise GptforgeError(f"{ckpt / MODEL_FILE} does not match its config.yaml: {e}") from None
-    if section["method"] == "lora":
-        expected = {k for k in model.state_dict() if is_lora_key(k) or k == "lm_head.weight" and section["task"] == "classify"}
-        if expected != set(state):
-            raise GptforgeError(f"{ckpt / MODEL_FILE}: adapter keys do not match the LoRA config "
-                                f"(missing {sorted(expected - set(state))[:3]}, extra {sorted(set(state) - expected)[:3]})")
-        if merge:
-            merge_lora(model)
-    return model.to(device).eval()
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, RunConfig]:
-    from gptforge.checkpoint import TOKENIZER_FILE, read_config, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    cfg = read_config(ckpt)
-    if (cfg.finetune or {}).get("task") != "classify":
-        raise GptforgeError(f"{ckpt} is not a classifier; train one with gptforge finetune --task classify")
-    return load_finetuned(ckpt, cfg, device), Tokenizer.load(ckpt / TOKENIZER_FILE), cfg
+def model_transform(section: FinetuneConfig):
+    """The function train() applies to the loaded base (prepare_model): the transforms the section names."""
+    return lambda model: apply_finetune(model, section)
 
 
 # --- classification reports -------------------------------------------------------------------------------------
@@ -176,6 +103,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
     """Class probabilities (N, C) for texts."""
+    texts = not_one_string(texts, "predict's texts")
     seq_len = model.config.block_size
     out = []
     for i in range(0, len(texts), batch_size):
@@ -225,20 +153,16 @@ def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune checkpoint `base` on `data` (a prepared directory for lm, a JSONL for chat and classify),
     writing the run to `cfg.out`. `cfg.train` holds the loop's settings; the model comes from `base`."""
-    from gptforge.checkpoint import load_checkpoint, resolve_checkpoint, write_checkpoint
-    from gptforge.train import claim_run_dir, next_token_loss, train
-
     if cfg.out is None:
         raise GptforgeError("finetune needs --out DIR")
     claim_run_dir(Path(cfg.out), None, (base, data, val_data))  # before base/ is written into it
     base_ckpt = resolve_checkpoint(base)
     base_model, tokenizer, base_cfg = load_checkpoint(base_ckpt)
-    if base_cfg.finetune and base_cfg.finetune.get("task") == "classify":
+    if base_cfg.finetune is not None and base_cfg.finetune.classifier:
         raise GptforgeError(f"{base_ckpt} is a classifier; fine-tune its base language model instead")
     init_from = base_ckpt
     seq_len = min(cfg.train.seq_len or base_cfg.model.block_size, base_cfg.model.block_size)
-    section: dict[str, Any] = {"method": spec.method, "task": spec.task}
-    source, loss_fn = None, next_token_loss
+    source, loss_fn, labels = None, next_token_loss, None
     if spec.task == "chat" and not tokenizer.has_chat_template:
         # The ChatML markers join the vocabulary; the model's table grows to match, saved as a new base.
         tokenizer.add_chat_tokens()
@@ -255,15 +179,15 @@ def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str,
     else:
         source = ClassifyData(data, tokenizer, val_path=val_data, val_fraction=spec.val_fraction, seed=cfg.train.seed)
         loss_fn = classify_loss
-        section["labels"] = source.labels
+        labels = source.labels
         n_val = len(source.splits["val"])
         cfg = dataclasses.replace(cfg, data=str(data))
     if source is not None and n_val:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, eval_batches=eval_batches_for(n_val, cfg.train.micro_batch)))
-    if spec.method == "lora":
-        section["lora"] = spec.lora.to_dict()
-        section["base"] = str(Path(init_from).resolve())
+    lora = spec.method == "lora"
+    section = FinetuneConfig(spec.method, spec.task, labels=labels, lora=spec.lora if lora else None,
+                             base=str(Path(init_from).resolve()) if lora else None)
     cfg = dataclasses.replace(cfg, finetune=section, compression=base_cfg.compression)
     prepare = model_transform(section) if spec.method == "lora" or spec.task == "classify" else None
 
@@ -284,8 +208,9 @@ def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str,
 
 def classify_texts(path: str | Path, texts: list[str] | None = None, input_file: str | None = None) -> dict[str, Any]:
     """Predictions of a classifier checkpoint for texts or a JSONL file (with labels: accuracy + confusion)."""
+    not_one_string(texts, "classify_texts' texts")
     model, tokenizer, cfg = load_classifier(path)
-    labels = cfg.finetune["labels"]
+    labels = cfg.finetune.labels
     gold = None
     if input_file is not None:
         recs, _ = read_labelled(input_file, labels)
