@@ -31,7 +31,7 @@ EXPECTED = {
     "quantize": {"--method", "--group-size", "--out", "--overwrite"},
     "prune": {"--method", "--sparsity", "--pattern", "--data", "--recover-steps", "--out", "--overwrite"},
     "distill": {"--teacher", "--student", "--data", "--out", "--temperature", "--kl-weight", "--ce-weight"},
-    "eval": {"--data", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},
+    "eval": {"--data", "--task", "--limit", "--shots", "--seed", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},
     "import-hf": {"--out", "--overwrite"},
     "export-hf": {"--out", "--overwrite"},
     "finetune": {"--data", "--out", "--method", "--task", "--val-data", "--val-fraction", "--lora-rank", "--lora-alpha",

@@ -307,12 +307,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
-                            seq_len=args.seq_len, decode_tokens=args.decode_tokens)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print_table(rows)
+    if args.data is None and not args.task:
+        raise GptforgeError("give --data DIR (the validation table) or --task NAME|FILE (benchmark tasks), or both")
+    if args.data is not None:
+        rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
+                                seq_len=args.seq_len, decode_tokens=args.decode_tokens)
+        print(json.dumps(rows, indent=2)) if args.json else print_table(rows)
+    if args.task:
+        from gptforge.eval import evaluate_tasks, print_task_table
+
+        for ckpt in args.checkpoints:
+            result = evaluate_tasks(ckpt, args.task, limit=args.limit, shots=args.shots, seed=args.seed)
+            print(json.dumps(result, indent=2)) if args.json else print_task_table(result)
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
@@ -594,12 +600,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on the data (default 0.5)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("eval", parents=[common], help="compare checkpoints: size, perplexity, KL, agreement, speed",
-                       description="One table over the same validation windows: parameters, file size, val loss, "
-                                   "perplexity, and vs the first checkpoint Δ perplexity, mean KL and top-1 "
-                                   "agreement; then batch-1 greedy decode tokens/s and the loaded weights' bytes.")
+    p = sub.add_parser("eval", parents=[common], help="compare checkpoints (perplexity, bits/byte, KL, speed); score tasks",
+                       description="With --data, one table over the same validation windows: parameters, file size, "
+                                   "val loss, perplexity, bits per byte, and vs the first checkpoint Δ perplexity, "
+                                   "mean KL and top-1 agreement; then batch-1 greedy decode tokens/s and the loaded "
+                                   "weights' bytes. With --task, benchmark accuracy (acc, acc_norm as lm-eval defines "
+                                   "them) and the mean centered accuracy; see docs/eval.md.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints; the first is the reference")
-    p.add_argument("--data", required=True, help="directory written by gptforge prepare (its val split is used)")
+    p.add_argument("--data", help="directory written by gptforge prepare (its val split is used)")
+    p.add_argument("--task", action="append", metavar="NAME|FILE",
+                   help="a benchmark task (repeatable): shakespeare-next-line, hellaswag, arc-easy, arc-challenge, "
+                        "piqa, lambada (local files; see docs/eval.md) or a jsonl file")
+    p.add_argument("--limit", type=int, help="score only each task's first N examples")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question (default 0)")
+    p.add_argument("--seed", type=int, default=1234, help="draws the few-shot examples and the built task (default 1234)")
     p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the smallest block_size)")

