@@ -19,6 +19,7 @@ import numpy as np
 from gptforge.engine import SeqEvent
 from gptforge.errors import GptforgeError
 from gptforge.sampling import SamplingParams
+from gptforge.text import prompt_ids
 from gptforge.tokenizer import CHAT_ROLES, Tokenizer
 
 from .config import ServeConfig
@@ -271,15 +272,11 @@ class RequestParser:
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
         vocab = self.tok.vocab_size
-
-        def ids(text: str) -> list[int]:  # as generate does: an empty prompt starts a new document (EOS)
-            return self.tok.encode(text) if text else [self.tok.eos_id]
-
         if isinstance(prompt, str):
-            return [ids(prompt)]
+            return [prompt_ids(self.tok, prompt)]
         if isinstance(prompt, list) and prompt:
             if all(isinstance(p, str) for p in prompt):
-                return [ids(p) for p in prompt]
+                return [prompt_ids(self.tok, p) for p in prompt]
             if all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt):
                 return [list(prompt)]
             if all(isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
