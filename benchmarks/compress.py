@@ -79,7 +79,7 @@ def worker(ckpt: str, tokens: int, threads: int = 1) -> None:
         from gptforge.compress.prune import shrink, structured_plan
         from gptforge.compress.quantize import quantize_model
         from gptforge.config import model_preset
-        from gptforge.generate import decode_layout
+        from gptforge.native import decode_layout
         from gptforge.model import GPT
 
         shape, method = ckpt.split(":")
@@ -207,7 +207,7 @@ def _trained_gpt2(work: Path, out: dict, mark, speed_only: bool, threads: int) -
     """The #7 rows on a bandwidth-bound parent trained here: `gpt2` blocks, 1024-token BPE, 86M parameters
     (344 MB fp32, above this CPU's caches). Every checkpoint already in WORK/gpt2-* is reused, so a second
     run only re-times (and, without --speed-only, re-evaluates)."""
-    from gptforge import gemv
+    from gptforge import native
     from gptforge.checkpoint import MODEL_FILE, read_config, resolve_checkpoint
     from gptforge.compress.evaluate import eval_checkpoints
     from gptforge.compress.prune import prune_checkpoint
@@ -241,7 +241,7 @@ def _trained_gpt2(work: Path, out: dict, mark, speed_only: bool, threads: int) -
     rec = ckpts["structured-30-recovered"]
     # prune_checkpoint writes the pruned model to OUT before recovering into it: only a recovered config counts.
     if not ((rec / MODEL_FILE).is_file()
-            and (read_config(rec).compression or {}).get("pruning", {}).get("recover_steps") == GPT2_RECOVER_STEPS):
+            and read_config(rec).compression.pruning.recover_steps == GPT2_RECOVER_STEPS):
         t0 = time.time()
         prune_checkpoint(str(parent), "structured", str(rec), 0.3, data=str(data), recover_steps=GPT2_RECOVER_STEPS,
                          progress=False)
@@ -252,7 +252,7 @@ def _trained_gpt2(work: Path, out: dict, mark, speed_only: bool, threads: int) -
     # The worker's load path must give the fp32 parent the native fp32 GEMV; otherwise "vs fp32" would compare
     # against PyTorch's GEMM.
     model, _ = load(str(resolve_checkpoint(parent)), device="cpu")
-    res["fp32_native_kernel"] = all(isinstance(m, gemv.DecodeLinear)
+    res["fp32_native_kernel"] = all(isinstance(m, native.DecodeLinear)
                                     for m in model.modules() if isinstance(m, torch.nn.Linear))
     del model
 

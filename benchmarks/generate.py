@@ -160,12 +160,12 @@ def bandwidth_gb_s(threads: int) -> dict:
 
 
 def kernel_table(threads: int) -> None:
-    """The few-row kernels alone (gemv.py), on `gpt2`'s block matrices and its head, fp32 inputs: microseconds,
+    """The few-row kernels alone (gptforge.native), on `gpt2`'s block matrices and its head, fp32 inputs: microseconds,
     weight GB/s and GFLOP/s per call, best of many calls (so a matrix that fits in cache is read from cache)."""
-    from gptforge import gemv
+    from gptforge import native
 
     torch.set_num_threads(threads)
-    assert gemv.available(), "the native kernels could not be built"
+    assert native.available(), "the native kernels could not be built"
     print("dtype     (N, K)         rows      us     GB/s  GFLOP/s")
     for dtype in (torch.float32, torch.bfloat16):
         for n, k in ((2304, 768), (3072, 768), (768, 3072), (50304, 768)):
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated cases of the full run, e.g. gpt2-b1,gpt2-b8")
     ap.add_argument("--with-compiled", action="store_true", help="full run: also time ours with --compile")
-    ap.add_argument("--kernels", action="store_true", help="time the few-row kernels alone (gemv.py) and stop")
+    ap.add_argument("--kernels", action="store_true", help="time the few-row kernels alone (gptforge.native) and stop")
     ap.add_argument("--device", default="cpu", help="worker: cpu or cuda (ours only; HF runs on CPU)")
     ap.add_argument("--gpu", action="store_true",
                     help="ours on CUDA only: batch-1 decode of --shape (default llama-1b) in bf16 vs --spec-gbs")

@@ -73,11 +73,11 @@ def test_per_layer_error_is_within_half_a_step():
 
 
 @pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 128)])
-def test_one_row_kernels_equal_the_dequantized_matmul(monkeypatch, method, group):
-    """Decode's kernels (gemv.py's native ones for 1 and 8 rows, PyTorch's aten weight-only kernels for one) and
+def test_one_row_kernels_equal_the_dequantized_matmul(method, group):
+    """Decode's kernels (gptforge.native's ones for 1 and 8 rows, PyTorch's aten weight-only kernels for one) and
     the many-row dequantize path compute the same product; int4 codes unpack to exactly what was packed."""
     import gptforge.compress.quantize as Q
-    from gptforge import gemv
+    from gptforge import native
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384, bias=True)
@@ -94,12 +94,12 @@ def test_one_row_kernels_equal_the_dequantized_matmul(monkeypatch, method, group
         expected = F.linear(x, ql.dequantized(), lin.bias)
         kernels = ("native", "aten", "dequant") if rows == 1 else ("native", "dequant")
         for kernel in kernels:
-            monkeypatch.setattr(Q, "KERNEL", kernel)
+            ql.kernel = kernel
             with torch.no_grad():
                 torch.testing.assert_close(ql(x), expected, rtol=1e-5, atol=1e-5)
-    assert gemv.available()  # so the "native" rows above did run the native kernels
+    assert native.available()  # so the "native" rows above did run the native kernels
     with torch.no_grad():  # more rows than the native kernels take: the dequantize path
-        x = torch.randn(1, gemv.MAX_ROWS + 1, 256)
+        x = torch.randn(1, native.MAX_ROWS + 1, 256)
         torch.testing.assert_close(ql(x), F.linear(x, ql.dequantized(), lin.bias))
 
 

@@ -1,4 +1,4 @@
-"""The few-row CPU kernels (gemv.py / csrc/gemv.cpp) against PyTorch's matmul on the same weights."""
+"""The native CPU kernels (gptforge/native, csrc/*.cpp) against PyTorch's ops on the same weights."""
 
 import os
 import shutil
@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge import gemv
+from gptforge import native
 from gptforge.compress.quantize import dequantize, int4_codes, int8_codes
+from gptforge.config import ModelConfig
+from gptforge.model import GPT, Block, CausalSelfAttention
 
-pytestmark = pytest.mark.skipif(not gemv.available(), reason="the native kernels could not be built here")
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels could not be built here")
 
 # (N, K): tails of every blocking (8 and 4 output rows, 16 inputs), and K not a multiple of 16 (the plain loop)
 SHAPES = [(384, 256), (37, 64), (13, 96), (5, 40), (1, 16)]
@@ -39,7 +41,7 @@ def test_dense_weights_match_matmul(threads, n, k, dtype):
     for m in (1, 2, 3, 8, 16):
         x = torch.randn(m, k)
         expected = x @ w.float().t() + b
-        torch.testing.assert_close(gemv.linear(x, w, b), expected, rtol=1e-5, atol=_tol(k))
+        torch.testing.assert_close(native.linear(x, w, b), expected, rtol=1e-5, atol=_tol(k))
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -48,7 +50,7 @@ def test_int8_matches_dequantized_matmul(threads, n, k):
     q, s = int8_codes(torch.randn(n, k))
     for m in (1, 5, 16):
         x = torch.randn(1, m, k)  # leading dims are kept
-        y = gemv.linear_int8(x, q, s)
+        y = native.linear_int8(x, q, s)
         assert y.shape == (1, m, n)
         torch.testing.assert_close(y, x @ dequantize(q, s, None).t(), rtol=1e-5, atol=_tol(k))
 
@@ -59,7 +61,7 @@ def test_int4_matches_dequantized_matmul(threads, n, k, group):
     q, s, lo = int4_codes(torch.randn(n, k), group)
     for m in (1, 4, 7, 16):
         x = torch.randn(m, k)
-        torch.testing.assert_close(gemv.linear_int4(x, q, s, lo), x @ dequantize(q, s, lo).t(), rtol=1e-5, atol=_tol(k))
+        torch.testing.assert_close(native.linear_int4(x, q, s, lo), x @ dequantize(q, s, lo).t(), rtol=1e-5, atol=_tol(k))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,9 +70,9 @@ def test_linear_op_matches_f_linear_for_any_rows(threads, dtype):
     inputs with bf16 weights take the AVX512-BF16 dot-product path where the CPU has it."""
     torch.manual_seed(7)
     w, b = torch.randn(200, 96).to(dtype), torch.randn(200).to(dtype)
-    for rows in range(1, gemv.MAX_ROWS + 2):
+    for rows in range(1, native.MAX_ROWS + 2):
         x = torch.randn(1, rows, 96).to(dtype)
-        y = gemv.linear(x, w, b)
+        y = native.linear(x, w, b)
         assert y.shape == (1, rows, 200) and y.dtype == dtype
         ref = x.float() @ w.float().t() + b.float()
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the result
@@ -80,7 +82,7 @@ def test_linear_op_matches_f_linear_for_any_rows(threads, dtype):
 def test_decode_linear_is_the_same_linear(threads):
     torch.manual_seed(3)
     lin = torch.nn.Linear(64, 48)
-    dl = gemv.DecodeLinear.of(lin)
+    dl = native.DecodeLinear.of(lin)
     assert isinstance(dl, torch.nn.Linear) and not dl.weight.requires_grad
     for rows in (1, 3, 40):
         x = torch.randn(rows, 64)
@@ -152,18 +154,20 @@ def test_bad_arguments_are_refused_with_the_reason():
         torch.ops.gptforge_gemv.gemv(torch.randn(1, 32), w.double())
 
 
-def test_decode_weight_routes_few_rows_and_stays_a_plain_tensor_elsewhere():
+def test_decode_tied_head_routes_few_rows_and_the_table_stays_a_plain_tensor():
     torch.manual_seed(0)
-    w = torch.randn(64, 48)
-    dw = gemv.DecodeWeight.wrap(w)
-    for rows in (1, gemv.MAX_ROWS, gemv.MAX_ROWS + 1):  # the last one goes to PyTorch's GEMM
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=48, vocab_size=64, block_size=16)).eval()
+    w = model.tok_emb.weight.detach().clone()
+    native.decode_layout(model)
+    assert type(model.lm_head) is native.DecodeTiedHead and model.lm_head.table is model.tok_emb
+    for rows in (1, native.MAX_ROWS, native.MAX_ROWS + 1):  # the last one goes to PyTorch's GEMM
         x = torch.randn(rows, 48)
-        y = F.linear(x, dw)
+        y = model.lm_head(x)
         assert type(y) is torch.Tensor
         torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
-    emb = F.embedding(torch.tensor([3, 5]), dw)  # the tied token table is also looked up
+    emb = model.tok_emb(torch.tensor([3, 5]))  # the tied token table is also looked up
     assert type(emb) is torch.Tensor and torch.equal(emb, w[[3, 5]])
-    assert not dw.requires_grad
+    assert type(model.tok_emb.weight) is torch.nn.Parameter and not model.tok_emb.weight.requires_grad
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -174,11 +178,11 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_without_a_compiler_decoding_falls_back_with_one_warning(tmp_path):
     """A failed build is a warning, not an error: available() is False and decode_layout keeps PyTorch's path."""
     code = ("import warnings, torch\n"
-            "from gptforge import gemv\n"
-            "from gptforge.generate import decode_layout\n"
+            "from gptforge import native\n"
+            "from gptforge.native import decode_layout\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
-            "    ok = gemv.available(); gemv.available()\n"
+            "    ok = native.available(); native.available()\n"
             "lin = torch.nn.Linear(8, 4)\n"
             "decode_layout(torch.nn.Sequential(lin))\n"
             "print(ok, len(w), type(lin.weight).__name__, str(w[0].message)[:90] if w else '')\n")
@@ -232,13 +236,9 @@ def _decode_logits(model, prompts: list[list[int]], steps: int, per_row: bool):
 def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, monkeypatch):
     """The op issues Block.forward's own ATen ops, so its decode steps (logits and cache writes) equal the Python
     block's exactly, for every variant, with left padding, for shared and per-row slots; and it is what runs."""
-    from gptforge import generate as G
-    from gptforge.config import ModelConfig
-    from gptforge.model import GPT, Block, CausalSelfAttention
-
     torch.manual_seed(0)
-    model = G.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS[variant])).eval().to(dtype))
-    assert all(type(b) is gemv.DecodeBlock for b in model.blocks)
+    model = native.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS[variant])).eval().to(dtype))
+    assert all(type(b) is native.DecodeBlock for b in model.blocks)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     calls = []
     real_attn = CausalSelfAttention.forward
@@ -250,7 +250,7 @@ def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, mon
             fused, fused_cache = _decode_logits(model, prompts, 4, per_row)
             assert calls == [(2, 5, 64)] * 2  # the prefill only: no decode step went through the Python attention
             with monkeypatch.context() as m:
-                m.setattr(gemv.DecodeBlock, "forward", Block.forward)
+                m.setattr(native.DecodeBlock, "forward", Block.forward)
                 plain, plain_cache = _decode_logits(model, prompts, 4, per_row)
             assert torch.equal(fused, plain)
             assert all(torch.equal(a, b) for a, b in zip(fused_cache, plain_cache))
@@ -258,22 +258,19 @@ def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, mon
 
 def test_decode_block_is_swapped_only_where_the_op_can_run_it():
     """Quantized Linears (and any other kind) keep the Python block; state dict keys never change."""
-    from gptforge import generate as G
     from gptforge.compress.quantize import quantize_model
-    from gptforge.config import ModelConfig
-    from gptforge.model import GPT, Block
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval()
     keys = list(model.state_dict())
-    assert list(G.decode_layout(model).state_dict()) == keys
-    assert all(type(b) is gemv.DecodeBlock for b in model.blocks)
-    quantized = G.decode_layout(quantize_model(GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval(), "int8")[0])
+    assert list(native.decode_layout(model).state_dict()) == keys
+    assert all(type(b) is native.DecodeBlock for b in model.blocks)
+    quantized = native.decode_layout(quantize_model(GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval(), "int8")[0])
     assert all(type(b) is Block for b in quantized.blocks)
     mixed = GPT(ModelConfig(**BLOCK_VARIANTS["speedrun"])).eval()
     mixed.blocks[0].attn.q_norm.eps = 1e-3  # a QK-norm whose eps differs from the block's norms: one eps per op
-    G.decode_layout(mixed)
-    assert [type(b) for b in mixed.blocks] == [Block, gemv.DecodeBlock]
+    native.decode_layout(mixed)
+    assert [type(b) for b in mixed.blocks] == [Block, native.DecodeBlock]
 
 
 @pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info().split("parallel backend:")[-1],
@@ -283,5 +280,5 @@ def test_the_library_is_built_with_openmp():
     whatever torch.set_num_threads says (the kernels did until 2026-12; docs/BENCHMARKS.md has the cost)."""
     if shutil.which("readelf") is None:
         pytest.skip("readelf is not available here")
-    out = subprocess.run(["readelf", "-d", str(gemv._library_path())], capture_output=True, text=True, check=True)
+    out = subprocess.run(["readelf", "-d", str(native.library_path())], capture_output=True, text=True, check=True)
     assert "libgomp" in out.stdout

@@ -429,15 +429,15 @@ def test_greedy_left_padded_batch_equals_hf_gpt2():
 def test_decode_layout_keeps_values_and_greedy_output(model):
     import copy
 
-    from gptforge import gemv
+    from gptforge import native
 
-    if not gemv.available():
+    if not native.available():
         pytest.skip("the native kernels could not be built here")
-    moved = G.decode_layout(copy.deepcopy(model))
+    moved = native.decode_layout(copy.deepcopy(model))
     up = moved.blocks[0].mlp.up
-    assert isinstance(up, gemv.DecodeLinear) and isinstance(moved.tok_emb.weight, gemv.DecodeWeight)
+    assert isinstance(up, native.DecodeLinear) and isinstance(moved.lm_head, native.DecodeTiedHead)
     assert not any(type(m) is torch.nn.Linear for m in moved.modules())
-    assert all(type(b) is gemv.DecodeBlock for b in moved.blocks)  # each decode step's block is one native op
+    assert all(type(b) is native.DecodeBlock for b in moved.blocks)  # each decode step's block is one native op
     assert up.weight.shape == model.blocks[0].mlp.up.weight.shape
     assert torch.equal(up.weight, model.blocks[0].mlp.up.weight)
     p = SamplingParams(max_new_tokens=10, temperature=0, logprobs=True)

@@ -133,3 +133,44 @@ def test_last_position_logits_equal_the_full_forward(variant):
         picked = model(idx, last=last)
     assert picked.shape == (3, 1, full.shape[-1])
     torch.testing.assert_close(picked[:, 0], full[torch.arange(3), last], rtol=1e-5, atol=1e-5)
+
+
+# The state-dict keys of the `tiny` preset as checkpoints wrote them before the head became a module (commit
+# 218c5f9): a tied model has no lm_head.weight, an untied one has it.
+TINY_KEYS_BEFORE_HEAD_MODULE = ["tok_emb.weight", "pos_emb.weight"] + [
+    f"blocks.{i}.{k}" for i in range(2) for k in (
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "norm2.weight", "norm2.bias", "mlp.up.weight", "mlp.up.bias", "mlp.down.weight", "mlp.down.bias")
+] + ["norm_f.weight", "norm_f.bias"]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_head_module_keeps_checkpoint_keys_and_logits(tmp_path, tied):
+    """The head is a module (a TiedHead sharing tok_emb's parameter, or a Linear): state dict keys are those of
+    checkpoints written before, a safetensors file round-trips onto a meta-device model, the tie survives
+    load_state_dict(assign=True), and the logits are the final norm's output times the table (or lm_head)."""
+    from safetensors.torch import load_file, save_file
+
+    from gptforge.model import TiedHead
+
+    torch.manual_seed(0)
+    cfg = tiny(tie_embeddings=tied)
+    model = GPT(cfg).eval()
+    assert list(model.state_dict()) == TINY_KEYS_BEFORE_HEAD_MODULE + ([] if tied else ["lm_head.weight"])
+    assert isinstance(model.lm_head, TiedHead) == tied
+    save_file(model.state_dict(), tmp_path / "model.safetensors")  # refuses a tensor stored twice
+    with torch.device("meta"):
+        loaded = GPT(cfg)
+    loaded.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True)
+    loaded.eval()
+    if tied:
+        assert loaded.lm_head.table is loaded.tok_emb and not list(loaded.lm_head.parameters())
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    normed = []
+    loaded.norm_f.register_forward_hook(lambda m, i, out: normed.append(out))
+    with torch.no_grad():
+        logits = loaded(idx)
+    head = loaded.tok_emb.weight if tied else loaded.lm_head.weight
+    assert torch.equal(logits, F.linear(normed[0], head))
+    with torch.no_grad():
+        assert torch.equal(logits, model(idx))

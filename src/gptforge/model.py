@@ -185,6 +185,24 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class TiedHead(nn.Module):
+    """The output head of a model with tied embeddings: logits = x @ table.weight^T, the token table's own
+    parameter (Press & Wolf 2017).
+
+    The table is held by reference, not as a child module, so its parameter appears once in a state dict (as
+    `tok_emb.weight`: safetensors refuses a tensor stored twice) and a later `load_state_dict(assign=True)` or
+    `.to()` of the table is seen here. Transforms that replace the table (quantization) or the matmul (the CPU
+    decode layout, widened bf16) swap this module for a subclass of their own.
+    """
+
+    def __init__(self, table: nn.Embedding):
+        super().__init__()
+        self.__dict__["table"] = table  # not registered: the table is the model's tok_emb, saved there
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.table.weight)  # (..., D) -> (..., V)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -197,9 +215,8 @@ class GPT(nn.Module):
             nn.Embedding(cfg.padded_vocab_size, cfg.kv_heads * cfg.head_dim) for _ in range(cfg.value_embeds))
         self.blocks = nn.ModuleList(Block(cfg, i in self.ve_layers) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        # A tied head has no module of its own: forward multiplies by tok_emb.weight, so a state dict never
-        # holds the same tensor twice (which safetensors refuses).
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head = (TiedHead(self.tok_emb) if cfg.tie_embeddings
+                        else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False))
         self.softcap = SoftCap(cfg.logit_softcap) if cfg.logit_softcap is not None else nn.Identity()
         self.reset_parameters()
 
@@ -261,20 +278,15 @@ class GPT(nn.Module):
         if last is not None:
             x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, D)
         x = self.norm_f(x)
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return self.softcap(F.linear(x, weight))  # (B, T, V)
+        return self.softcap(self.lm_head(x))  # (B, T, V)
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameters actually allocated; `embeddings=False` leaves out token/position/value tables and the head."""
         total = sum(p.numel() for p in self.parameters())
         if embeddings:
             return total
-        emb = self.tok_emb.weight.numel() + sum(t.weight.numel() for t in self.value_embeds)
-        if self.pos_emb is not None:
-            emb += self.pos_emb.weight.numel()
-        if self.lm_head is not None:
-            emb += self.lm_head.weight.numel()
-        return total - emb
+        tables = [self.tok_emb, *self.value_embeds, self.pos_emb, self.lm_head]  # a tied head owns none
+        return total - sum(p.numel() for m in tables if m is not None for p in m.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token, 6N + 12*L*d*T: see ModelConfig.flops_per_token."""

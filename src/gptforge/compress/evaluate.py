@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.checkpoint import MODEL_FILE, resolve_checkpoint
+from gptforge.compress.quantize import QuantizedMatrix
 from gptforge.errors import GptforgeError
+from gptforge.native import decode_layout
 from gptforge.load import load_checkpoint
 
 
 def logical_params(model: torch.nn.Module) -> int:
     """Weights the model represents: a quantized matrix counts its N x K entries, not its bytes."""
-    from gptforge.compress.quantize import _Quantized
-
     n = sum(p.numel() for p in model.parameters())
-    return n + sum(m.shape.numel() for m in model.modules() if isinstance(m, _Quantized))
+    return n + sum(m.shape.numel() for m in model.modules() if isinstance(m, QuantizedMatrix))
 
 
 def memory_bytes(model: torch.nn.Module) -> int:
@@ -65,10 +65,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
     for p in paths:
         ckpt = resolve_checkpoint(p)
         model, tok, cfg = load_checkpoint(ckpt)
-        from gptforge import generate
-
-        if hasattr(generate, "decode_layout"):  # as `gptforge generate` stores weights on CPU, so speeds match it
-            model = generate.decode_layout(model)
+        model = decode_layout(model)  # as `gptforge generate` lays weights out on CPU, so speeds match it
         if tok.fingerprint != data.fingerprint:
             raise GptforgeError(f"{ckpt} uses tokenizer {tok.fingerprint} but {data_dir} was prepared with {data.fingerprint}; "
                                 f"evaluate on data prepared with --tokenizer {ckpt}/tokenizer.json")

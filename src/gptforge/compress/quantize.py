@@ -9,8 +9,8 @@ config's `compression` section, and `gptforge.load` swaps before it loads: `gene
 The output head is quantized too: it is the largest matrix of a small-vocabulary-heavy model (V x D). With
 tied embeddings the head *is* the token table, so the shared table is quantized once (rows are both the
 lookup and the head's output channels) rather than stored twice: a second copy would cost more file than
-quantizing saves. The model's forward multiplies by `tok_emb.weight` / `lm_head.weight` with F.linear;
-those attributes are a `QuantizedWeight`, whose `__torch_function__` routes F.linear to the int matmul.
+quantizing saves. The head is a module swap like the others: an untied head is a Linear (a QuantLinear), a
+tied one (model.TiedHead) becomes a QuantTiedHead that multiplies by the quantized table's codes.
 The learned position table (block_size x D, one row read per token) stays fp32: it is small and pays nothing.
 """
 
@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge import gemv
 from gptforge.config import CompressionConfig, section_from_dict
 from gptforge.errors import GptforgeError
+from gptforge.model import TiedHead
+from gptforge.native import ops as native
 from gptforge.outputs import check_out
 
 METHODS = ("int8", "int4", "bf16", "fp16")
@@ -95,9 +96,18 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, dt
 
 
 # --- the matmul ---------------------------------------------------------------------------------------------
-# Three paths, chosen by measurement (KERNEL below): the few-row CPU kernels of gptforge/gemv.py (csrc/gemv.cpp),
-# which widen each code in registers; PyTorch's CPU weight-only kernels (torch._weight_int8pack_mm,
-# torch._weight_int4pack_mm_for_cpu); or dequantize then F.linear (any device, any number of rows).
+# Three paths, chosen when the modules are built (`kernel`, KERNELS below): the few-row CPU kernels of
+# gptforge/native (csrc/gemv.cpp), which widen each code in registers; PyTorch's CPU weight-only kernels
+# (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu); or dequantize then F.linear (any device, any
+# number of rows).
+#
+# Which one a QuantLinear runs on CPU in fp32 for up to native.MAX_ROWS rows (decoding), by measurement on the CI
+# CPU (one thread, docs/compress.md): "native" (the kernels, which widen the codes in registers and read 1 or 0.5
+# bytes a weight; the default), falling back to "aten" for one row when they could not be built (PyTorch's int8/int4
+# weight-only CPU kernels: 5-10x slower than the fp32 GEMV at d=768, but they read 1 or 0.5 bytes a weight); "aten"
+# skips the native kernels, "dequant" both. More rows (prefill, evaluation) always dequantize: one pass over the
+# matrix, shared by every row (1024 rows: 0.8 ms vs 64 ms with the aten kernels).
+KERNELS = ("native", "aten", "dequant")
 
 def _int4_kernel_args(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor):
     """Codes in the layout of torch._weight_int4pack_mm_for_cpu, and its (K/g, N, 2) scale/zero table, where
@@ -108,49 +118,16 @@ def _int4_kernel_args(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor):
     return packed, sz
 
 
-class QuantizedWeight:
-    """A quantized matrix standing in for an fp weight where the model calls F.linear / F.embedding on it.
-
-    Not a tensor: F.linear(x, w) reaches `__torch_function__` (PyTorch's protocol for tensor-like types),
-    which runs the quantized matmul. `module` is the QuantLinear / QuantEmbedding that owns the buffers, so
-    a later `.to()` of the model is seen here.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.module.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.scales.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.module.weight_q.device
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return w.module.matmul(x, bias)
-        if func is F.embedding:
-            idx, w = args[0], args[1]
-            return w.module.rows(idx)
-        raise TypeError(f"a quantized weight supports F.linear and F.embedding only, not {getattr(func, '__name__', func)}")
-
-
-class _Quantized(nn.Module):
+class QuantizedMatrix(nn.Module):
     """Shared by the Linear and Embedding replacements: the codes, their dequantization, the matmul."""
 
-    def __init__(self, out_features: int, in_features: int, method: str, group_size: int | None, device=None):
+    def __init__(self, out_features: int, in_features: int, method: str, group_size: int | None, device=None,
+                 kernel: str = "native"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise GptforgeError(f"unknown quantized matmul kernel {kernel!r}; use one of {', '.join(KERNELS)}")
         self.shape = torch.Size((out_features, in_features))
-        self.method, self.group_size = method, group_size
+        self.method, self.group_size, self.kernel = method, group_size, kernel
         if method == "int8":
             self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(out_features, device=device))
@@ -161,10 +138,6 @@ class _Quantized(nn.Module):
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
             self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self._kernel_cache = None
-
-    @property
-    def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self)
 
     def _apply(self, fn, recurse=True):
         # Scales (fp32 for int8, fp16 for int4) and minima are part of the format the kernels read: a model-wide
@@ -179,12 +152,12 @@ class _Quantized(nn.Module):
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if KERNEL == "native" and x.dtype == torch.float32 and gemv.usable(x):
+        if self.kernel == "native" and x.dtype == torch.float32 and native.usable(x):
             if self.method == "int8":
-                return gemv.linear_int8(x, self.weight_q, self.scales, bias)
-            return gemv.linear_int4(x, self.weight_q, self.scales, self.zeros, bias)
+                return native.linear_int8(x, self.weight_q, self.scales, bias)
+            return native.linear_int4(x, self.weight_q, self.scales, self.zeros, bias)
         one_row = x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
-        if one_row and KERNEL in ("native", "aten"):
+        if one_row and self.kernel in ("native", "aten"):
             y = self._aten_matmul(x)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
@@ -214,30 +187,31 @@ class _Quantized(nn.Module):
         return f"out={self.shape[0]}, in={self.shape[1]}, {self.method}{g}"
 
 
-class QuantLinear(_Quantized):
-    def __init__(self, linear: nn.Linear, method: str, group_size: int | None):
-        super().__init__(linear.out_features, linear.in_features, method, group_size, linear.weight.device)
+class QuantLinear(QuantizedMatrix):
+    def __init__(self, linear: nn.Linear, method: str, group_size: int | None, kernel: str = "native"):
+        super().__init__(linear.out_features, linear.in_features, method, group_size, linear.weight.device, kernel)
         self.bias = linear.bias  # fp32, as are norms: they are a rounding error of the size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
 
-class QuantEmbedding(_Quantized):
-    def __init__(self, emb: nn.Embedding, method: str, group_size: int | None):
-        super().__init__(emb.num_embeddings, emb.embedding_dim, method, group_size, emb.weight.device)
+class QuantEmbedding(QuantizedMatrix):
+    def __init__(self, emb: nn.Embedding, method: str, group_size: int | None, kernel: str = "native"):
+        super().__init__(emb.num_embeddings, emb.embedding_dim, method, group_size, emb.weight.device, kernel)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.rows(idx)
 
 
-# Which matmul QuantLinear runs on CPU in fp32 for up to gemv.MAX_ROWS rows (decoding), by measurement on the CI
-# CPU (one thread, docs/compress.md): "native" (gemv.py's kernels, which widen the codes in registers and read
-# 1 or 0.5 bytes a weight), falling back to "aten" for one row when they could not be built (PyTorch's int8/int4 weight-only CPU
-# kernels: 5-10x slower than the fp32 GEMV at d=768, but they read 1 or 0.5 bytes a weight). More rows (prefill,
-# evaluation) always dequantize: one pass over the matrix, shared by every row (1024 rows: 0.8 ms vs 64 ms with
-# the aten kernels).
-KERNEL = "native"
+class QuantTiedHead(TiedHead):
+    """The tied head of a quantized model: logits from the quantized token table's codes (its rows are the
+    head's output channels), with the table's kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.matmul(x)
+
+
 
 
 # --- the state-dict transform and the module swap ------------------------------------------------------------
@@ -275,17 +249,20 @@ def quantize_state_dict(model: nn.Module, method: str, group_size: int | None = 
     return state
 
 
-def swap_modules(model: nn.Module, section: dict[str, Any]) -> nn.Module:
-    """Replace the modules of `model` that a quantized state dict (as recorded in `section`) has codes for.
-    In place; works on a meta-device model, whose new buffers are then assigned by load_state_dict."""
+def swap_modules(model: nn.Module, section: dict[str, Any], kernel: str = "native") -> nn.Module:
+    """Replace the modules of `model` that a quantized state dict (as recorded in `section`) has codes for, their
+    matmuls on `kernel` (KERNELS); a tied head follows its table. In place; works on a meta-device model, whose new
+    buffers are then assigned by load_state_dict."""
     method, group = section["method"], section.get("group_size")
     if method in CASTS:
         return model
     for name, m in _targets(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = QuantLinear(m, method, group) if isinstance(m, nn.Linear) else QuantEmbedding(m, method, group)
-        setattr(parent, attr, new)
+        quant = QuantLinear if isinstance(m, nn.Linear) else QuantEmbedding
+        setattr(parent, attr, quant(m, method, group, kernel))
+    if type(getattr(model, "lm_head", None)) is TiedHead:
+        model.lm_head = QuantTiedHead(model.tok_emb)
     return model
 
 

@@ -12,7 +12,7 @@
 // AVX512-BF16 dot products. Threads split the output rows through at::parallel_for (torch's own pool and thread
 // count).
 //
-// Built at first use for the machine it runs on (-march=native), see gptforge/gemv.py. AVX-512 paths where the
+// Built at first use for the machine it runs on (-march=native), see gptforge/native/build.py. AVX-512 paths where the
 // compiler targets AVX-512F, a plain loop otherwise (which the compiler vectorizes as far as the target allows).
 
 #include <ATen/Parallel.h>

@@ -5,12 +5,11 @@
 // model's Python block issues ~20 ops per layer, each paying Python's and the dispatcher's fixed cost (~5-10 us at
 // one thread against ~40 us of matmul per layer); issued from C++, the same ops cost about 1 us each.
 //
-// Parameters come as one list in a fixed order (see gptforge.gemv.DecodeBlock, which builds it), None where a
-// variant has none:
-//   0 norm1.weight  1 norm1.bias  2 qkv.weight  3 qkv.bias  4 proj.weight  5 proj.bias  6 q_norm.weight
-//   7 k_norm.weight  8 value_gate  9 norm2.weight  10 norm2.bias  11 up.weight  12 up.bias  13 down.weight
-//   14 down.bias  15 gate.weight  16 gate.bias
-// layout: n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²).
+// The parameter schema is named, and written in two places that are checked against each other: `Param` below
+// (the order of the `params` list) and gptforge/native/schema.py's BlockParams (the fields, in the same order),
+// which builds the list. `param_fields()` and `layout_fields()` return the names here; schema.py compares them with
+// its own when the library is loaded, so a change on one side only is an error, not a silent misreading.
+// A parameter a variant does not have is None.
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -25,7 +24,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <iterator>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -33,13 +34,29 @@
 namespace {
 
 using Params = c10::List<std::optional<at::Tensor>>;
-constexpr int64_t kParams = 17;
 
-std::optional<at::Tensor> opt(const Params& p, int64_t i) { return p.get(i); }
+// The params list, in order (schema.py's BlockParams).
+enum Param : int64_t {
+  kNorm1Weight, kNorm1Bias, kQkvWeight, kQkvBias, kProjWeight, kProjBias, kQNormWeight, kKNormWeight, kValueGate,
+  kNorm2Weight, kNorm2Bias, kUpWeight, kUpBias, kDownWeight, kDownBias, kGateWeight, kGateBias, kParams
+};
+const char* const kParamFields[kParams] = {
+    "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "q_norm_weight",
+    "k_norm_weight", "value_gate", "norm2_weight", "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias",
+    "gate_weight", "gate_bias"};
 
-at::Tensor req(const Params& p, int64_t i) {
+// The layout list, in order (schema.py's BlockLayout): norm 0 LayerNorm, 1 RMSNorm; mlp 0 GELU, 1 SwiGLU, 2 ReLU².
+enum Layout : int64_t { kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kLayout };
+const char* const kLayoutFields[kLayout] = {"n_head", "n_kv_head", "head_dim", "norm", "mlp"};
+
+std::vector<std::string> param_fields() { return {std::begin(kParamFields), std::end(kParamFields)}; }
+std::vector<std::string> layout_fields() { return {std::begin(kLayoutFields), std::end(kLayoutFields)}; }
+
+std::optional<at::Tensor> opt(const Params& p, Param i) { return p.get(i); }
+
+at::Tensor req(const Params& p, Param i) {
   std::optional<at::Tensor> t = p.get(i);
-  TORCH_CHECK(t.has_value(), "decode block: parameter ", i, " is required");
+  TORCH_CHECK(t.has_value(), "decode block: parameter ", kParamFields[i], " is required");
   return *t;
 }
 
@@ -66,25 +83,25 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
                         const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                         const std::optional<at::Tensor>& ve) {
   TORCH_CHECK(p.size() == kParams, "decode block: expected ", kParams, " parameters, got ", p.size());
-  TORCH_CHECK(layout.size() == 5, "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp)");
+  TORCH_CHECK(layout.size() == kLayout, "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp)");
   TORCH_CHECK(x.dim() == 3, "decode block: x must be (B, T, D)");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "decode block: rotary cos and sin come together");
-  // The op is for inference on frozen weights (DecodeBlock calls it for an eval-mode decode step), so the ops it
+  // The op is for inference on frozen weights (native.DecodeBlock calls it for an eval-mode decode step), so the ops it
   // issues skip the dispatcher's autograd and view-tracking layers: ~9 us less a block at one thread.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Block blk{layout[0], layout[1], layout[2], layout[3], layout[4], eps};
+  const Block blk{layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kNorm], layout[kMlp], eps};
   const int64_t B = x.size(0), T = x.size(1), H = blk.H, Kh = blk.Kh, Hd = blk.Hd;
 
   // Attention: x + proj(attend(rotary(norm(q)), rotary(norm(k)), v)).
-  at::Tensor h = blk.normed(x, req(p, 0), opt(p, 1));
-  at::Tensor fused = gptforge::linear(h, req(p, 2), opt(p, 3));  // (B, T, (H + 2K) * Hd)
+  at::Tensor h = blk.normed(x, req(p, kNorm1Weight), opt(p, kNorm1Bias));
+  at::Tensor fused = gptforge::linear(h, req(p, kQkvWeight), opt(p, kQkvBias));  // (B, T, (H + 2K) * Hd)
   std::vector<at::Tensor> qkv = fused.split_with_sizes({H * Hd, Kh * Hd, Kh * Hd}, -1);
   at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
-  if (ve.has_value()) v = v + req(p, 8) * *ve;  // (B, T, K*Hd)
+  if (ve.has_value()) v = v + req(p, kValueGate) * *ve;  // (B, T, K*Hd)
   q = q.view({B, T, H, Hd});
   k = k.view({B, T, Kh, Hd});
-  if (auto w = opt(p, 6)) q = at::rms_norm(q, {Hd}, *w, eps);
-  if (auto w = opt(p, 7)) k = at::rms_norm(k, {Hd}, *w, eps);
+  if (auto w = opt(p, kQNormWeight)) q = at::rms_norm(q, {Hd}, *w, eps);
+  if (auto w = opt(p, kKNormWeight)) k = at::rms_norm(k, {Hd}, *w, eps);
   q = q.transpose(1, 2);  // (B, H, T, Hd)
   k = k.transpose(1, 2);  // (B, K, T, Hd)
   v = v.view({B, T, Kh, Hd}).transpose(1, 2);
@@ -94,19 +111,19 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
   }
   at::Tensor y = gptforge::decode_attention(q, k, v, kc, vc, slots, mask);  // (B, H, T, Hd)
   y = y.transpose(1, 2).reshape({B, T, H * Hd});
-  at::Tensor out = x + gptforge::linear(y, req(p, 4), opt(p, 5));
+  at::Tensor out = x + gptforge::linear(y, req(p, kProjWeight), opt(p, kProjBias));
 
   // MLP: out + down(act(up(norm(out)))).
-  h = blk.normed(out, req(p, 9), opt(p, 10));
+  h = blk.normed(out, req(p, kNorm2Weight), opt(p, kNorm2Bias));
   at::Tensor a;
   if (blk.mlp == 0) {
-    a = at::gelu(gptforge::linear(h, req(p, 11), opt(p, 12)), "tanh");
+    a = at::gelu(gptforge::linear(h, req(p, kUpWeight), opt(p, kUpBias)), "tanh");
   } else if (blk.mlp == 1) {
-    a = at::silu(gptforge::linear(h, req(p, 15), opt(p, 16))) * gptforge::linear(h, req(p, 11), opt(p, 12));
+    a = at::silu(gptforge::linear(h, req(p, kGateWeight), opt(p, kGateBias))) * gptforge::linear(h, req(p, kUpWeight), opt(p, kUpBias));
   } else {
-    a = at::square(at::relu(gptforge::linear(h, req(p, 11), opt(p, 12))));
+    a = at::square(at::relu(gptforge::linear(h, req(p, kUpWeight), opt(p, kUpBias))));
   }
-  return out + gptforge::linear(a, req(p, 13), opt(p, 14));
+  return out + gptforge::linear(a, req(p, kDownWeight), opt(p, kDownBias));
 }
 
 }  // namespace
@@ -114,6 +131,8 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
 TORCH_LIBRARY(gptforge_decode, m) {
   m.def("block(Tensor x, Tensor?[] params, int[] layout, float eps, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slots, Tensor mask, Tensor? cos, Tensor? sin, Tensor? ve) -> Tensor");
+  m.def("param_fields() -> str[]", &param_fields);
+  m.def("layout_fields() -> str[]", &layout_fields);
 }
 
 TORCH_LIBRARY_IMPL(gptforge_decode, CPU, m) { m.impl("block", &decode_block); }
