@@ -395,6 +395,29 @@ def test_cli_generate_reads_stdin_and_a_file_and_stops(checkpoint, tmp_path, mon
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_each_default_is_set_once_and_cli_equals_library(checkpoint, capsys):
+    """The CLI's sampling flags default to SamplingParams' fields, and `gptforge generate` prints exactly what
+    gptforge.generate's functions return with the same seed and no options (issue 20: four defaults)."""
+    import dataclasses
+
+    from gptforge.cli import build_parser, main
+
+    args = build_parser().parse_args(["generate", str(checkpoint)])
+    d = SamplingParams()
+    flags = [f.name for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name) and f.name != "stop"]
+    assert len(flags) == 10 and all(getattr(args, f) == getattr(d, f) for f in flags)
+    assert (not args.ignore_eos, tuple(args.stop or ())) == (d.stop_at_eos, d.stop)
+    model, tok = G.load(checkpoint)
+    text = generate(model, tok, "KING", seed=3)
+    assert main(["generate", str(checkpoint), "--prompt", "KING", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == "KING" + text + "\n"
+    assert "".join(stream(model, tok, "KING", seed=3)) == text == complete(model, tok, "KING", seed=3).text
+    ids = tok.encode("KING")
+    c = complete(model, tok, "KING", seed=3, stop_at_eos=False)
+    assert list(generate_tokens(model, ids, vocab_size=tok.vocab_size, seed=3)) == c.token_ids
+    assert text == generate(model, tok, "KING", **{f: getattr(d, f) for f in flags} | {"seed": 3})
+
+
 # --- parity with Hugging Face GPT-2 ------------------------------------------------------------------------
 def test_greedy_left_padded_batch_equals_hf_gpt2():
     """Same weights in HF GPT2 (Conv1D stores the transpose of our Linear): the same greedy tokens for a batch

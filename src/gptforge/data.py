@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gptforge.corpora import CORPORA, Document, load_corpus
-from gptforge.errors import GptforgeError
+from gptforge.errors import GptforgeError, not_one_string
 from gptforge.outputs import check_out, staged
 from gptforge.tokenizer import Tokenizer
 
@@ -112,6 +112,7 @@ def read_sources(sources: list[str], text_field: str = "text") -> tuple[list[Doc
 
 def _read_sources(sources: list[str], text_field: str) -> tuple[list[Document], list[str], int]:
     """read_sources, and how many empty documents it left out (named in a warning, counted in the summary)."""
+    not_one_string(sources, "sources")
     if not sources:
         raise GptforgeError("no sources given: name files, folders, globs, JSONL files or a bundled corpus (e.g. shakespeare)")
     docs: list[Document] = []
@@ -284,6 +285,7 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
     `out` is checked before any reading (outputs.check_out: not a file, not a source, not a non-empty folder
     unless `overwrite` and it is an earlier prepare's); everything is written to a temporary sibling that
     replaces `out` only when complete."""
+    not_one_string(sources, "sources")
     out = check_out(out, "data", overwrite=overwrite,
                     inputs=[s for s in sources if Path(s).exists()] + ([tokenizer] if tokenizer else []))
     docs, warnings, empty = _read_sources(sources, text_field)

@@ -154,16 +154,8 @@ def generate_tokens(model: nn.Module, prompt_ids: Sequence[int], *, vocab_size: 
                     **options) -> Iterator[int]:
     """Yield the ids continuing one prompt (a list of token ids), the stop id included when one ends it.
     options are SamplingParams' fields, with its defaults (max_new_tokens, temperature, ...)."""
-    ids = _one_prompt_ids(prompt_ids)
-    for s in generate_steps(model, [ids], _params(options), vocab_size=vocab_size, stop_ids=stop_ids):
+    for s in generate_steps(model, [prompt_ids], _params(options), vocab_size=vocab_size, stop_ids=stop_ids):
         yield s.ids[0]
-
-
-def _one_prompt_ids(ids: Sequence[int]) -> list[int]:
-    if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise GptforgeError("generate_tokens continues one prompt given as token ids (a list of ints); "
-                            "encode text first (tokenizer.encode), or use generate/stream for text")
-    return list(ids)
 
 
 # --- text ----------------------------------------------------------------------------------------------------

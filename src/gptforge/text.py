@@ -5,6 +5,7 @@ ending a sequence, a stop string never handed out, not even in part).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 from gptforge.config import SamplingParams
@@ -18,9 +19,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     before every document in training."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+    if isinstance(prompt, (list, tuple)) and _token_ids(prompt):
         return list(prompt)
     raise GptforgeError(f"a prompt is a string or a list of token ids (ints), got {_kind(prompt)}")
+
+
+def _token_ids(ids: Sequence) -> bool:
+    return all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids)
 
 
 def _kind(value: object) -> str:
@@ -37,15 +42,19 @@ def prompt_list(prompts: Sequence, what: str = "prompts") -> list:
         raise GptforgeError(f"{what} is a list of prompts, got a single string; pass [{prompts[:20]!r}...] "
                             "or use the one-prompt function (generate, stream)")
     prompts = list(prompts)
-    if prompts and all(isinstance(i, int) and not isinstance(i, bool) for i in prompts):
+    if prompts and _token_ids(prompts):
         raise GptforgeError(f"{what} is a list of prompts, got one list of token ids; wrap it: [ids]")
     return prompts
 
 
 def fit_prompts(prompts: list[list[int]], p: SamplingParams, block_size: int) -> list[list[int]]:
-    """The prompts as they fit the context: a too-long one is an error, or with truncate_prompt keeps its end."""
+    """The prompts (token-id lists) as they fit the context: a too-long one is an error, or with truncate_prompt
+    keeps its end."""
     out = []
     for i, ids in enumerate(prompts):
+        if isinstance(ids, (str, bytes)) or not _token_ids(ids):
+            raise GptforgeError(f"prompt {i} must be token ids (a list of ints), got {_kind(ids)}; encode text "
+                                "first (Tokenizer.encode), or use generate/stream/complete, which take text")
         if not ids:
             raise GptforgeError(f"prompt {i} encodes to no tokens")
         if len(ids) > block_size:

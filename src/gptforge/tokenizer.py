@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from gptforge.errors import GptforgeError
+from gptforge.errors import GptforgeError, not_one_string
 
 EOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -52,7 +52,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
             show_progress=False,
         )
-        hf.train_from_iterator(texts, trainer=trainer)
+        hf.train_from_iterator(not_one_string(texts, "Tokenizer.train's texts"), trainer=trainer)
         return cls(hf)
 
     @classmethod
@@ -103,17 +103,25 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise GptforgeError(f"Tokenizer.encode takes one string, got a {type(text).__name__}; "
+                                "for a list of texts use encode_batch")
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; HF tokenizers spreads the batch over all cores."""
+        texts = list(not_one_string(texts, "Tokenizer.encode_batch's texts"))
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
+        if isinstance(ids, (str, bytes)):
+            raise GptforgeError("Tokenizer.decode takes token ids (a list of ints), got a string")
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Yield text as ids arrive, holding back bytes until they complete a UTF-8 character."""
+        if isinstance(ids, (str, bytes)):
+            raise GptforgeError("Tokenizer.decode_stream takes token ids (ints), got a string")
         seen: list[int] = []
         emitted = ""
         for i in ids:
