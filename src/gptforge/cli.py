@@ -6,12 +6,13 @@ Bad input raises GptforgeError, printed here as one line without a traceback (ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import MODEL_PRESETS
+from gptforge.config import MODEL_PRESETS, SamplingParams
 from gptforge.errors import GptforgeError
 
 
@@ -112,11 +113,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                   stop=tuple(args.stop or ()), stop_at_eos=not args.ignore_eos, truncate_prompt=args.truncate_prompt,
-                   seed=args.seed, compile=True if args.compile else None)
+    # Every SamplingParams field that has a flag of the same name; the others keep the dataclass's defaults.
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)}
+    options |= dict(stop=tuple(args.stop or ()), stop_at_eos=not args.ignore_eos, compile=True if args.compile else None)
     if args.chat:
         return _chat(model, tokenizer, args.system, options)
     sys.stdout.write(prompt)
@@ -381,6 +380,55 @@ def _overwrite_flag(p: argparse.ArgumentParser, kind: str) -> None:
                    help=f"replace an existing --out if it is a {kind} gptforge wrote (never any other folder)")
 
 
+def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """`gptforge generate`'s flags. The sampling flags take their defaults from SamplingParams, where each is set
+    once for the library and the CLI alike."""
+    d = SamplingParams()
+    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
+                       description="Continue a prompt with a trained model, printing text as it is generated.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    p.add_argument("--prompt", help="prompt text (else --prompt-file, else standard input, else empty)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="tokens to generate at most (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature; 0 is greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help="sample among the K most likely tokens (default %(default)s; unset: every token)")
+    p.add_argument("--top-p", type=float, default=d.top_p,
+                   help="nucleus sampling: keep the most likely tokens until their probability reaches P "
+                        "(default %(default)s; 1 keeps all)")
+    p.add_argument("--min-p", type=float, default=d.min_p,
+                   help="drop tokens less likely than MIN_P x the most likely one (default %(default)s; 0 drops none)")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="CTRL-style penalty > 1 on every token already in the prompt or output "
+                        "(default %(default)s; 1 is none)")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="OpenAI-style: subtract this from the logit of every token generated so far, -2..2 "
+                        "(default %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="OpenAI-style: subtract this times each token's count so far, -2..2 (default %(default)s)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (left out of it); repeat for several")
+    p.add_argument("--ignore-eos", action="store_true", default=not d.stop_at_eos,
+                   help="keep going past <|endoftext|>")
+    p.add_argument("--truncate-prompt", action="store_true", default=d.truncate_prompt,
+                   help="keep the end of a prompt longer than the context instead of failing")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for reproducible sampling")
+    p.add_argument("--chat", action="store_true",
+                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
+                        "checkpoint's chat template (from gptforge finetune --task chat)")
+    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
+    p.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -421,42 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from a checkpoint's weights and model config, with a fresh optimizer (fine-tuning)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
-                       description="Continue a prompt with a trained model, printing text as it is generated.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--prompt", help="prompt text (else --prompt-file, else standard input, else empty)")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default 200)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: keep the most likely tokens until their probability reaches P (default 1: all)")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens less likely than MIN_P x the most likely one (default 0: none)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="CTRL-style penalty > 1 on every token already in the prompt or output (default 1: none)")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="OpenAI-style: subtract this from the logit of every token generated so far, -2..2 (default 0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="OpenAI-style: subtract this times each token's count so far, -2..2 (default 0)")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop when the output contains TEXT (left out of it); repeat for several")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--truncate-prompt", action="store_true",
-                   help="keep the end of a prompt longer than the context instead of failing")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--chat", action="store_true",
-                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
-                        "checkpoint's chat template (from gptforge finetune --task chat)")
-    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
-    p.add_argument("--threads", type=int,
-                   help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
-    p.set_defaults(func=cmd_generate)
+    _generate_parser(sub, common)
 
     p = sub.add_parser("serve", parents=[common], help="serve a checkpoint over the OpenAI HTTP API",
                        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
