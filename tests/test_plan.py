@@ -1,6 +1,7 @@
 """The planner against measurement: exact parameter counts, model-state bytes within 1% of the tensors held after
 an optimizer step, activation bytes within 10% of what autograd saves, and the errors for impossible settings."""
 
+import dataclasses
 import json
 import math
 
@@ -8,13 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.config import MODEL_PRESETS, ModelConfig, TrainConfig, model_preset
+from gptforge.config import MODEL_PRESETS, ModelConfig, RunConfig, TrainConfig, build_run_config, model_preset
 from gptforge.errors import GptforgeError
 from gptforge.hardware import PRESETS, get_hardware
+from gptforge.hf import model_config_from_hf
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer
-from gptforge.plan import (PlanConfig, activation_bytes, load_model_config, make_plan, max_micro_batch,
-                           model_from_hf_config, model_state_bytes, param_tensors, parse_tokens, recommend)
+from gptforge.plan import (PlanConfig, activation_bytes, load_model_config, load_run_config, make_plan,
+                           max_micro_batch, model_state_bytes, param_shapes, param_tensors, parse_tokens,
+                           plan_config_from_run, recommend)
+
+
+def model_from_hf_config(raw):  # the one HF key map, hf.py's, as import-hf reads it
+    return model_config_from_hf(raw)[0]
 
 # GPT-2 small's config.json as published on the Hugging Face hub (the keys the importer reads, plus some it ignores).
 GPT2_HF = {"model_type": "gpt2", "activation_function": "gelu_new", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
@@ -37,6 +44,7 @@ def test_param_count_is_exact_for_presets(name):
     assert plan.params == sum(p.numel() for p in model.parameters())
     n_tensors, sizes = param_tensors(cfg)  # AdamW keeps a step counter per tensor
     assert n_tensors == len(list(model.parameters())) and sum(sizes) == plan.params
+    assert param_shapes(cfg) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]  # Muon picks by name
 
 
 def test_param_count_of_hf_configs():
@@ -66,12 +74,12 @@ SMALL_LLAMA = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_si
                           pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
 
-def held_state_bytes(cfg, precision):
+def held_state_bytes(cfg, precision, optimizer="adamw"):
     torch.manual_seed(0)
     model = GPT(cfg)
     if precision == "bf16-pure":
         model = model.to(torch.bfloat16)
-    opt = build_optimizer(model, TrainConfig(), "cpu")
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer), "cpu")
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
@@ -95,12 +103,19 @@ def test_model_state_bytes_within_1_percent(cfg, precision):
     assert predicted / cfg.num_params() == pytest.approx({"fp32": 16, "bf16": 16, "bf16-pure": 8}[precision], rel=0.01)
 
 
-def test_optimizer_variants():
-    cfg = model_preset("gpt2")
-    n = cfg.num_params()
-    assert model_state_bytes(cfg, "fp32", "sgd").optimizer == 4 * n
-    eight = model_state_bytes(cfg, "bf16", "adamw-8bit").optimizer
-    assert 2 * n < eight < 2.01 * n  # 2 bytes/param + an fp32 absmax per 2048 block; small tensors stay 32-bit
+# (sgd and adamw-8bit, which train cannot run, were dropped from plan; test_optimizer_variants checked their bytes.)
+
+def test_muon_state_bytes_by_hand_and_measured():
+    """configs/speedrun.yaml's Muon run: a momentum per block matrix, AdamW's two states (+ a step) for the rest."""
+    cfg = model_preset("speedrun")  # 4 layers, d 256, relu2 MLP 1024 wide, no biases, qk-norm, untied head
+    muon = 4 * (256 * 768 + 256 * 256 + 256 * 1024 + 1024 * 256)  # qkv, proj, up, down per block
+    adamw = 2 * 4096 * 256 + 4 * (256 + 256 + 64 + 64) + 256  # tok_emb, lm_head; norm1/2, q/k norms; norm_f
+    assert muon + adamw == cfg.num_params()
+    for precision, w in (("fp32", 4), ("bf16", 4), ("bf16-pure", 2)):
+        s = model_state_bytes(cfg, precision, "muon")
+        assert s.optimizer == w * muon + 2 * w * adamw + 4 * (2 + 4 * 4 + 1)  # 19 AdamW tensors keep a step
+        measured = held_state_bytes(cfg, precision, "muon")
+        assert abs(s.weights + s.gradients + s.optimizer - measured) / measured < 0.01
 
 
 # --- activations: what autograd saves for backward, counted as distinct storages ------------------------------
@@ -255,13 +270,14 @@ def test_cpu_hardware_is_measured():
     (lambda: PlanConfig(model_preset("tiny"), micro_batch=3, world_size=2, global_batch=8), "--global-batch 6"),
     (lambda: PlanConfig(model_preset("tiny"), world_size=3, nodes=2), "multiple of nodes"),
     (lambda: PlanConfig(model_preset("tiny"), seq_len=100), "exceeds the model's block_size"),
-    (lambda: PlanConfig(model_preset("tiny"), precision="fp8"), "choose one of fp32"),
+    (lambda: PlanConfig(model_preset("tiny"), precision="fp8"), "is not one of auto, fp32, bf16, fp16, bf16-pure"),
     (lambda: ModelConfig(d_model=100, n_head=12), "divisible by model.n_head"),
     (lambda: load_model_config("gpt3"), "valid presets"),
     (lambda: model_from_hf_config({"model_type": "bert"}), "not supported"),
+    (lambda: model_from_hf_config([1, 2]), "not a mapping"),
     (lambda: parse_tokens("lots"), "like 3e9"),
     (lambda: recommend(PlanConfig(model_preset("llama-1b"), world_size=1, hardware="rtx-3090"),
-                       get_hardware("rtx-3090")), "smallest change: --optimizer adamw-8bit"),
+                       get_hardware("rtx-3090")), "smallest change: --precision bf16-pure"),
     (lambda: recommend(PlanConfig(model_preset("gpt2-xl"), micro_batch=1, world_size=1, hardware="l4"),
                        get_hardware("l4")), "fits on a100-40gb, a100-80gb, h100-sxm"),
 ])
@@ -327,7 +343,7 @@ def test_report_plots_several_runs(tmp_path):
 
 
 @pytest.mark.parametrize("precision, ckpt, optimizer", [("fp32", False, "adamw"), ("bf16", True, "adamw"),
-                                                        ("bf16-pure", False, "sgd")])
+                                                        ("bf16-pure", False, "muon")])
 def test_plan_measure_runs_the_planned_steps(precision, ckpt, optimizer):
     """plan --measure: the planned memory (states + saved activations) within 10% of the tensors the real
     training step holds, for three numerics/checkpointing/optimizer settings; throughput measured and compared."""
@@ -341,8 +357,6 @@ def test_plan_measure_runs_the_planned_steps(precision, ckpt, optimizer):
     assert rows["train tokens/s"].measured > 0 and rows["MFU"].measured > 0
     with pytest.raises(GptforgeError, match="--world-size 1"):
         measure_plan(PlanConfig(SMALL, seq_len=32, micro_batch=2, world_size=2, hardware="cpu"), "cpu")
-    with pytest.raises(GptforgeError, match="bitsandbytes"):
-        measure_plan(PlanConfig(SMALL, seq_len=32, micro_batch=2, optimizer="adamw-8bit", hardware="cpu"), "cpu")
 
 
 def test_plan_measure_cli_json(capsys):
@@ -352,3 +366,75 @@ def test_plan_measure_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["hardware"]["name"] == "cpu"  # --measure compares with the device it runs on
     assert {r["quantity"].split(" (")[0] for r in out["measured"]} >= {"train memory", "train tokens/s", "MFU"}
+
+
+# --- one vocabulary with train; planning a run config; one HF key map -------------------------------------------
+
+def test_plan_takes_exactly_trains_names():
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    for name in ("precision", "optimizer", "parallel", "fsdp_strategy"):
+        for value in typing.get_args(hints[name]):
+            sharded = name == "fsdp_strategy" or (name == "parallel" and value != "none")  # over two devices
+            kw = {"world_size": 2 if sharded else 1, **({"parallel": "fsdp"} if name == "fsdp_strategy" else {})}
+            pc = PlanConfig(model_preset("tiny"), micro_batch=1, **kw, **{name: value})
+            assert make_plan(pc).memory.total > 0
+    for name, dropped in (("optimizer", "sgd"), ("optimizer", "adamw-8bit"), ("parallel", "fsdp-grad-op")):
+        allowed = ", ".join(typing.get_args(hints[name]))
+        with pytest.raises(GptforgeError, match=f"{name}: '{dropped}' is not one of {allowed}$"):
+            PlanConfig(model_preset("tiny"), **{name: dropped})
+    with pytest.raises(GptforgeError, match="muon needs whole weight matrices"):  # train refuses it too
+        PlanConfig(model_preset("tiny"), optimizer="muon", parallel="fsdp", world_size=2, micro_batch=1)
+    # auto resolves as train resolves it; shard_grad_op keeps whole weights, full_shard shards them
+    assert PlanConfig(model_preset("tiny"), hardware="cpu").precision == "fp32"
+    assert PlanConfig(model_preset("tiny"), world_size=2).parallel == "ddp"
+    full, grad_op = (make_plan(PlanConfig(model_preset("gpt2"), micro_batch=1, world_size=8, parallel="fsdp",
+                                          fsdp_strategy=s)).memory for s in ("full_shard", "shard_grad_op"))
+    assert grad_op.weights == 8 * full.weights == 4 * model_preset("gpt2").num_params()
+
+
+def test_plan_of_the_speedrun_config_is_the_run_train_runs():
+    run = build_run_config("configs/speedrun.yaml")
+    pc = plan_config_from_run(load_run_config("configs/speedrun.yaml"))
+    assert (pc.model, pc.optimizer, pc.micro_batch, pc.seq_len) == (run.model, "muon", 16, 256)
+    assert (pc.precision, pc.parallel, pc.global_batch, pc.accum_steps) == ("bf16", "none", 16, 1)  # auto on an H100
+    assert make_plan(pc).memory.optimizer == model_state_bytes(run.model, "bf16", "muon").optimizer
+    # flags override the run; train.batch_tokens sets the global batch as the loop splits it
+    tokens = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_tokens=64 * 256))
+    pc = plan_config_from_run(tokens, micro_batch=8, world_size=2, optimizer="adamw")
+    assert (pc.global_batch, pc.accum_steps, pc.optimizer, pc.parallel) == (64, 4, "adamw", "ddp")
+    with pytest.raises(GptforgeError, match="train.batch_tokens"):
+        plan_config_from_run(tokens, micro_batch=48)
+
+
+def test_plan_cli_reads_a_run_config(capsys):
+    from gptforge.cli import main
+
+    assert main(["plan", "configs/speedrun.yaml", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["optimizer"] == "muon" and out["config"]["micro_batch"] == 16
+    assert out["memory"]["optimizer"] == model_state_bytes(model_preset("speedrun"), "bf16", "muon").optimizer
+    assert main(["plan", "configs/speedrun.yaml", "--optimizer", "adamw", "--micro-batch", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["config"]["optimizer"], out["config"]["micro_batch"]) == ("adamw", 4)
+    assert main(["plan", "gpt2", "--optimizer", "sgd"]) == 2
+    assert "train.optimizer: 'sgd' is not one of adamw, muon" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_LLAMA], ids=["gpt2-like", "llama-like"])
+def test_planning_an_hf_config_equals_planning_its_import(tmp_path, cfg):
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.hf import export_hf, import_hf
+    from gptforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], 300)
+    cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+    ckpt = write_checkpoint(tmp_path / "ckpt", RunConfig(model=cfg), tok, model_state=GPT(cfg).state_dict())
+    hf_dir, _ = export_hf(ckpt, tmp_path / "hf")
+    imported = import_hf(hf_dir, tmp_path / "imported")
+    planned = load_model_config(str(hf_dir / "config.json"))
+    assert planned == load_model_config(str(imported)) and planned.num_params() == cfg.num_params()
+    plans = [make_plan(plan_config_from_run(load_run_config(str(p)), micro_batch=2)).to_dict()
+             for p in (hf_dir / "config.json", hf_dir, imported)]
+    assert plans[0] == plans[1] == plans[2]

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from gptforge.config import ModelConfig, TrainConfig
+from gptforge.config import ModelConfig, PlanConfig, TrainConfig
 from gptforge.errors import GptforgeError
 from gptforge.hardware import (device_hardware, get_hardware, probe_copy_bandwidth, probe_matmul_flops,
                                resolve_device)
-from gptforge.plan import PlanConfig, make_plan, matmul_weights
+from gptforge.plan import make_plan, matmul_weights
+from gptforge.precision import autocast_dtype, resolve_bf16_gemm, resolve_precision, widen_bf16
 
 @dataclass
 class Row:
@@ -53,23 +54,23 @@ def _median_step_s(step, dev: torch.device, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", micro_batch: int = 4,
+def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = TrainConfig.precision, micro_batch: int = 4,
           seq_len: int | None = None, steps: int = 3, decode_tokens: int = 32, hardware: str | None = None,
-          mfu: float = 0.4) -> list[Row]:
-    """Measure and compare; `precision` is fp32, bf16 (autocast) or bf16-pure."""
+          mfu: float = PlanConfig.mfu) -> list[Row]:
+    """Measure and compare; `precision` takes train.precision's names (auto as train resolves it)."""
     from gptforge.generate import generate_tokens
     from gptforge.model import GPT
     from gptforge.optim import build_optimizer
 
     dev = resolve_device(device)
-    if precision not in ("fp32", "bf16", "bf16-pure"):
-        raise GptforgeError(f"bench --precision {precision!r}: choose fp32, bf16 or bf16-pure")
+    precision = resolve_precision(precision, dev)  # an unknown name is refused by PlanConfig below
+    amp = autocast_dtype(precision, dev)
     hw = device_hardware(dev, hardware)
     seq_len = seq_len or cfg.block_size
     plan = make_plan(PlanConfig(cfg, seq_len=seq_len, micro_batch=micro_batch, precision=precision, mfu=mfu,
                                 hardware=hw.name), hw)
     rows: list[Row] = []
-    dtype = "fp32" if precision == "fp32" else "bf16"
+    dtype = {"fp32": "fp32", "fp16": "fp16"}.get(precision, "bf16")
     n = 4096 if dev.type == "cuda" else 1024
     rows.append(Row(f"peak matmul ({dtype})", hw.peak_flops(precision) / 1e12,
                     probe_matmul_flops(dtype, n=n, device=device) / 1e12, "TFLOP/s"))
@@ -84,7 +85,7 @@ def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", mic
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device=dev)
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
         loss.backward()
         opt.step()
@@ -100,8 +101,8 @@ def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = "fp32", mic
     model.eval()
     c = 4 if precision == "fp32" else 2
     prompt = list(range(1, 9))
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
+    if amp is not None:  # decode in the autocast dtype
+        model = model.to(amp)
     for _ in generate_tokens(model, prompt, max_new_tokens=2, vocab_size=cfg.vocab_size, seed=0):
         pass  # warm-up
     _sync(dev)
@@ -167,9 +168,6 @@ def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> l
     if pc.world_size > 1:
         raise GptforgeError("--measure runs on this one device; give --world-size 1 (and --nodes 1) to check the "
                             "per-device plan, then scale out")
-    if pc.optimizer == "adamw-8bit":
-        raise GptforgeError("--measure cannot run adamw-8bit (bitsandbytes is not a gptforge dependency); "
-                            "measure --optimizer adamw or sgd")
     if pc.attention != "sdpa":
         raise GptforgeError("--measure runs gptforge's model, which always uses SDPA attention; give --attention sdpa")
     if pc.precision == "fp16" and dev.type != "cuda":
@@ -181,11 +179,10 @@ def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> l
     model = GPT(pc.model).to(dev, dtype=torch.bfloat16 if pc.precision == "bf16-pure" else None)
     if pc.checkpointing:
         apply_activation_checkpointing(model)
-    if pc.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    else:
-        opt = build_optimizer(model, TrainConfig(), dev.type)
+    opt = build_optimizer(model, TrainConfig(optimizer=pc.optimizer), dev.type)  # as train builds it
     amp = autocast_dtype(pc.precision, dev)
+    if amp == torch.bfloat16 and resolve_bf16_gemm("auto", pc.precision, dev) == "widened":
+        widen_bf16(model)  # as train builds it with train.bf16_gemm auto
     b, t, k = pc.micro_batch, pc.seq_len, pc.accum_steps
     gen = torch.Generator().manual_seed(0)
     batches = [(x[:, :-1], x[:, 1:]) for x in

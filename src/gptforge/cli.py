@@ -9,10 +9,11 @@ import argparse
 import dataclasses
 import math
 import sys
+import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import MODEL_PRESETS, SamplingParams
+from gptforge.config import MODEL_PRESETS, PlanConfig, TrainConfig
 from gptforge.errors import GptforgeError
 
 
@@ -113,9 +114,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    # Every SamplingParams field that has a flag of the same name; the others keep the dataclass's defaults.
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)}
-    options |= dict(stop=tuple(args.stop or ()), stop_at_eos=not args.ignore_eos, compile=True if args.compile else None)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                   stop=tuple(args.stop or ()), stop_at_eos=not args.ignore_eos, truncate_prompt=args.truncate_prompt,
+                   seed=args.seed, compile=True if args.compile else None)
     if args.chat:
         return _chat(model, tokenizer, args.system, options)
     sys.stdout.write(prompt)
@@ -183,23 +186,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     import json
 
-    from gptforge.plan import PlanConfig, load_model_config, make_plan, parse_tokens, print_plan, recommend
+    from gptforge.plan import load_run_config, make_plan, parse_tokens, plan_config_from_run, print_plan, recommend
 
     if args.deadline is not None and not args.recommend:
         raise GptforgeError("--deadline is read by --recommend; add --recommend")
-    hardware = args.hardware
-    if hardware is None:  # --measure compares with the device it runs on; a plan alone defaults to an H100
-        if args.measure:
-            from gptforge.hardware import device_hardware, resolve_device
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanConfig)
+             if "help" in f.metadata and getattr(args, f.name) is not None}
+    if args.measure and "hardware" not in given:  # --measure compares with the device it runs on
+        from gptforge.hardware import device_hardware, resolve_device
 
-            hardware = device_hardware(resolve_device(args.device)).name
-        else:
-            hardware = "h100-sxm"
-    pc = PlanConfig(load_model_config(args.model), seq_len=args.seq_len, micro_batch=args.micro_batch,
-                    global_batch=args.global_batch, precision=args.precision, optimizer=args.optimizer,
-                    checkpointing=args.checkpointing, attention=args.attention, parallel=args.parallel,
-                    world_size=args.world_size, nodes=args.nodes, hardware=hardware,
-                    tokens=parse_tokens(args.tokens), mfu=args.mfu)
+        given["hardware"] = device_hardware(resolve_device(args.device)).name
+    pc = plan_config_from_run(load_run_config(args.model), tokens=parse_tokens(args.tokens), **given)
     plan = make_plan(pc)
     if args.recommend:
         plan.recommendation = recommend(pc, plan.hardware, args.deadline)
@@ -380,53 +377,21 @@ def _overwrite_flag(p: argparse.ArgumentParser, kind: str) -> None:
                    help=f"replace an existing --out if it is a {kind} gptforge wrote (never any other folder)")
 
 
-def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
-    """`gptforge generate`'s flags. The sampling flags take their defaults from SamplingParams, where each is set
-    once for the library and the CLI alike."""
-    d = SamplingParams()
-    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
-                       description="Continue a prompt with a trained model, printing text as it is generated.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--prompt", help="prompt text (else --prompt-file, else standard input, else empty)")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help="tokens to generate at most (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=d.temperature,
-                   help="sampling temperature; 0 is greedy (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=d.top_k,
-                   help="sample among the K most likely tokens (default %(default)s; unset: every token)")
-    p.add_argument("--top-p", type=float, default=d.top_p,
-                   help="nucleus sampling: keep the most likely tokens until their probability reaches P "
-                        "(default %(default)s; 1 keeps all)")
-    p.add_argument("--min-p", type=float, default=d.min_p,
-                   help="drop tokens less likely than MIN_P x the most likely one (default %(default)s; 0 drops none)")
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="CTRL-style penalty > 1 on every token already in the prompt or output "
-                        "(default %(default)s; 1 is none)")
-    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
-                   help="OpenAI-style: subtract this from the logit of every token generated so far, -2..2 "
-                        "(default %(default)s)")
-    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
-                   help="OpenAI-style: subtract this times each token's count so far, -2..2 (default %(default)s)")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop when the output contains TEXT (left out of it); repeat for several")
-    p.add_argument("--ignore-eos", action="store_true", default=not d.stop_at_eos,
-                   help="keep going past <|endoftext|>")
-    p.add_argument("--truncate-prompt", action="store_true", default=d.truncate_prompt,
-                   help="keep the end of a prompt longer than the context instead of failing")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for reproducible sampling")
-    p.add_argument("--chat", action="store_true",
-                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
-                        "checkpoint's chat template (from gptforge finetune --task chat)")
-    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
-    p.add_argument("--threads", type=int,
-                   help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
-    p.set_defaults(func=cmd_generate)
+def add_field_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """A --flag for each field of dataclass `cls` that carries help metadata, typed from its annotation. The
+    default stays in the dataclass: a flag not given reads None, and the dataclass (or the run) decides."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        tp, kw = hints[f.name], {"default": None, "help": f.metadata["help"]}
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(tp) is typing.Literal:  # checked by the dataclass, which names the choices
+            kw["metavar"] = "{" + ",".join(typing.get_args(tp)) + "}"
+        else:
+            kw["type"] = next(t for t in typing.get_args(tp) or (tp,) if t is not type(None))  # int | None -> int
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,7 +434,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from a checkpoint's weights and model config, with a fresh optimizer (fine-tuning)")
     p.set_defaults(func=cmd_train)
 
-    _generate_parser(sub, common)
+    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
+                       description="Continue a prompt with a trained model, printing text as it is generated.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    p.add_argument("--prompt", help="prompt text (else --prompt-file, else standard input, else empty)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default 200)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens until their probability reaches P (default 1: all)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the most likely one (default 0: none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL-style penalty > 1 on every token already in the prompt or output (default 1: none)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI-style: subtract this from the logit of every token generated so far, -2..2 (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI-style: subtract this times each token's count so far, -2..2 (default 0)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (left out of it); repeat for several")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="keep the end of a prompt longer than the context instead of failing")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--chat", action="store_true",
+                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
+                        "checkpoint's chat template (from gptforge finetune --task chat)")
+    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", parents=[common], help="serve a checkpoint over the OpenAI HTTP API",
                        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
@@ -519,26 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens/s, time and cost of a token budget, and KV-cache/decode figures, from "
                                    "arithmetic alone (no GPU needed). See docs/plan.md.")
     p.add_argument("model", metavar="MODEL",
-                   help="a model preset name, a YAML run config, a checkpoint or run directory, or a Hugging Face config.json")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per device per forward/backward (default 8)")
-    p.add_argument("--global-batch", type=int,
-                   help="sequences per optimizer step over all devices (default: micro-batch x world size)")
-    p.add_argument("--precision", default="bf16",
-                   help="fp32, bf16 or fp16 (autocast over fp32 weights), or bf16-pure (default bf16)")
-    p.add_argument("--optimizer", default="adamw", help="adamw, sgd (with momentum) or adamw-8bit (default adamw)")
-    p.add_argument("--checkpointing", action="store_true", help="recompute each block's activations in backward")
-    p.add_argument("--attention", default="sdpa", help="sdpa (flash / memory-efficient) or eager (default sdpa)")
-    p.add_argument("--parallel", default="ddp", help="ddp, fsdp (full shard) or fsdp-grad-op (default ddp)")
-    p.add_argument("--world-size", type=int, default=1, help="devices in all (default 1)")
-    p.add_argument("--nodes", type=int, default=1, help="machines the devices are spread over (default 1)")
-    p.add_argument("--hardware",
-                   help="a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, l4, a10g, rtx-4090, rtx-3090, cpu (this "
-                        "machine, measured), or custom:memory=GIB,bf16=TFLOPS,bandwidth=GBS,cost=USD (default "
-                        "h100-sxm; with --measure, the device measured on)")
+                   help="a run to plan as train would run it: a YAML run config, a checkpoint or run directory, a "
+                        "model preset (train's defaults) or a Hugging Face config.json; the flags below override it")
+    add_field_flags(p, PlanConfig)  # --seq-len ... --mfu: PlanConfig's fields, spelled as TrainConfig's
     p.add_argument("--tokens", default="chinchilla",
                    help="training budget: a count like 300B or 2e9, or chinchilla = 20 per parameter (default)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--recommend", action="store_true",
                    help="also recommend micro-batch, accumulation, checkpointing/FSDP and the cheapest hardware")
     p.add_argument("--deadline", type=float, metavar="HOURS",
@@ -557,13 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", nargs="?", default="shakespeare",
                    help="preset, YAML run config, checkpoint or HF config.json to build (default shakespeare)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", default="fp32", help="fp32, bf16 (autocast) or bf16-pure (default fp32)")
+    p.add_argument("--precision", default=TrainConfig.precision,
+                   help="train.precision: auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16 (autocast), "
+                        f"bf16-pure (default {TrainConfig.precision})")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per training step (default 4)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps, after one warm-up (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens to decode for the decode figure (default 32)")
     p.add_argument("--hardware", help="the planner's hardware to compare with (default: recognised from the device)")
-    p.add_argument("--mfu", type=float, default=0.4, help="the MFU prior the plan's tokens/s uses (default 0.4)")
+    p.add_argument("--mfu", type=float, default=PlanConfig.mfu,
+                   help=f"the MFU prior the plan's tokens/s uses (default {PlanConfig.mfu})")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench)
 

@@ -169,21 +169,42 @@ def model_preset(name: str) -> ModelConfig:
     return ModelConfig(**MODEL_PRESETS[name])
 
 
+# The names of a run's numerics, optimizer and sharding, spelled once: `gptforge train` (TrainConfig) and
+# `gptforge plan` (plan.PlanConfig) take exactly these. fp32; bf16 / fp16: autocast over fp32 weights (fp16 with
+# a GradScaler, CUDA only); bf16-pure: bf16 weights, gradients and optimizer states; auto: bf16 on CUDA, fp32
+# elsewhere. adamw; muon: Muon for the blocks' matrices, AdamW for the rest (optim.build_optimizer). Under
+# torchrun: ddp (a replica per rank), fsdp (FSDP2, sharded as fsdp_strategy says); none: one process; auto: ddp
+# when there are several processes. full_shard regathers weights in backward (ZeRO-3-like); shard_grad_op keeps
+# them from forward to backward (ZeRO-2-like).
+Precision = Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"]
+Optimizer = Literal["adamw", "muon"]
+Parallel = Literal["auto", "none", "ddp", "fsdp"]
+FsdpStrategy = Literal["full_shard", "shard_grad_op"]
+
+
+def check_optimizer_parallel(optimizer: str, parallel: str, world: int) -> None:
+    """Muon orthogonalises whole matrices, and FSDP gives each of several ranks a shard of them."""
+    if optimizer == "muon" and parallel == "fsdp" and world > 1:
+        raise GptforgeError("train.optimizer muon needs whole weight matrices on every rank; use --train.parallel "
+                            "ddp, or adamw with fsdp")
+
+
 @dataclass
 class TrainConfig:
     """One training run: precision, batch, schedule, optimizer, budgets, evaluation, checkpoints."""
 
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    # fp32; bf16 / fp16: autocast over fp32 weights (fp16 with a GradScaler, CUDA only); bf16-pure: bf16
-    # weights, gradients and optimizer states. auto: bf16 on CUDA, fp32 elsewhere (see autocast_dtype).
-    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = "auto"
+    precision: Precision = "auto"  # the names are explained above Precision
+    # CPU bf16 autocast's matmuls: native (oneDNN's bf16 GEMM) or widened (fp32 GEMMs on the bf16-rounded operands:
+    # the same numbers up to summation order, faster on CPUs without AMX; precision.py); auto times both once at the
+    # start, and the run's saved config records the choice, so a rerun takes the same numerics.
+    bf16_gemm: Literal["auto", "native", "widened"] = "auto"
     compile: bool = False  # torch.compile the model and loss
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
-    # Under torchrun: ddp (a replica per rank) or fsdp (FSDP2, sharded); auto is ddp when WORLD_SIZE > 1.
-    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    fsdp_strategy: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    parallel: Parallel = "auto"
+    fsdp_strategy: FsdpStrategy = "full_shard"
     dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before the job fails
     micro_batch: int = 16  # sequences per forward/backward (per rank)
     seq_len: int | None = None  # tokens per sequence; None: model.block_size
@@ -201,7 +222,7 @@ class TrainConfig:
     beta2: float = 0.95
     # muon: torch.optim.Muon for the blocks' 2-D weight matrices, AdamW (lr, betas, weight_decay above) for
     # embeddings, the head and vectors. The schedule scales muon_lr by the same factor as lr.
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    optimizer: Optimizer = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95  # Nesterov momentum of the Muon matrices
     muon_weight_decay: float = 0.0  # decoupled, as lr * muon_weight_decay per step
@@ -260,6 +281,92 @@ class TrainConfig:
                 f"seq_len {seq_len}) cannot be split over {world} ranks; use a world size in {valid}, or change "
                 f"batch_tokens to a multiple of {per_micro * world}")
         return total
+
+
+def _flag(default: Any, help: str) -> Any:
+    """A field that `gptforge plan` offers as --NAME (cli builds the flag from the field's type and this help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PlanConfig:
+    """What `gptforge plan` estimates: the model, the batch, numerics, parallelism, the device and the budget.
+
+    The settings a training run also has take TrainConfig's names, types and defaults (plan.plan_config_from_run
+    fills them from a run); precision and parallel `auto` resolve as train resolves them, for the planned
+    hardware and world size.
+    """
+
+    model: ModelConfig
+    seq_len: int | None = _flag(None, "tokens per sequence (default: the run's train.seq_len, else the model's block_size)")
+    micro_batch: int = _flag(TrainConfig.micro_batch, "sequences per device per forward/backward (default: the "
+                                                       f"run's train.micro_batch, {TrainConfig.micro_batch} unless set)")
+    global_batch: int | None = _flag(None, "sequences per optimizer step over all devices (default: the run's "
+                                           "train.batch_tokens / seq-len, else micro-batch x world size)")
+    precision: Precision = _flag(TrainConfig.precision, "train.precision: fp32, bf16 or fp16 (autocast over fp32 "
+                                 "weights), bf16-pure, or auto (bf16 on a GPU, fp32 on --hardware cpu) (default: the run's)")
+    optimizer: Optimizer = _flag(TrainConfig.optimizer, "train.optimizer: adamw, or muon (Muon for the blocks' "
+                                 "matrices, AdamW for the rest) (default: the run's)")
+    checkpointing: bool = _flag(TrainConfig.activation_checkpointing,
+                                "recompute each block's activations in backward (train.activation_checkpointing)")
+    attention: Literal["sdpa", "eager"] = _flag("sdpa", "sdpa (flash / memory-efficient: what gptforge runs) or "
+                                                "eager, to plan other code (default sdpa)")
+    parallel: Parallel = _flag(TrainConfig.parallel, "train.parallel: auto (ddp when --world-size > 1), none, ddp "
+                               "or fsdp (default: the run's)")
+    fsdp_strategy: FsdpStrategy = _flag(TrainConfig.fsdp_strategy, "train.fsdp_strategy, with fsdp: full_shard "
+                                        "(ZeRO-3-like) or shard_grad_op (ZeRO-2-like) (default: the run's)")
+    world_size: int = _flag(1, "devices in all, as torchrun's --nproc x nodes (default 1)")
+    nodes: int = _flag(1, "machines the devices are spread over (default 1)")
+    hardware: str = _flag("h100-sxm", "a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, l4, a10g, rtx-4090, "
+                          "rtx-3090, cpu (this machine, measured), or custom:memory=GIB,bf16=TFLOPS,bandwidth=GBS,"
+                          "cost=USD (default h100-sxm; with --measure, the device measured on)")
+    tokens: int | None = None  # training budget; None: Chinchilla, 20 tokens per parameter
+    # prior: PaLM reached 46% MFU (Chowdhery et al. 2022, table 3), Megatron 54% with selective recompute on 1T
+    # models (Korthikanti et al. 2022, table 5); smaller models on one GPU reach less, so 40%.
+    mfu: float = _flag(0.40, "model FLOPs utilisation to assume (default 0.4)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.seq_len is None:
+            self.seq_len = self.model.block_size
+        for name in ("seq_len", "micro_batch", "world_size", "nodes"):
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len > self.model.block_size:
+            raise GptforgeError(f"seq-len ({self.seq_len}) exceeds the model's block_size ({self.model.block_size}); "
+                                f"give --seq-len {self.model.block_size} or less")
+        self._resolve_like_train()
+        if self.world_size % self.nodes:
+            raise GptforgeError(f"world size ({self.world_size}) must be a multiple of nodes ({self.nodes}), "
+                                f"e.g. --world-size {self.nodes * max(1, self.world_size // self.nodes)}")
+        if self.global_batch is None:
+            self.global_batch = self.micro_batch * self.world_size
+        per_step = self.micro_batch * self.world_size
+        if self.global_batch % per_step:
+            fix = per_step * max(1, round(self.global_batch / per_step))
+            raise GptforgeError(f"global batch ({self.global_batch}) must be a multiple of micro-batch x world size "
+                                f"({self.micro_batch} x {self.world_size} = {per_step}); e.g. --global-batch {fix}")
+        if not 0 < self.mfu <= 1:
+            raise GptforgeError(f"mfu must be in (0, 1], got {self.mfu}")
+        if self.tokens is not None and self.tokens < 1:
+            raise GptforgeError(f"tokens must be >= 1, got {self.tokens}")
+
+    def _resolve_like_train(self) -> None:
+        """precision and parallel `auto` as precision.resolve_precision and train resolve them; the combinations
+        train refuses are refused here with its words."""
+        if self.precision == "auto":  # bf16 autocast on a GPU, fp32 on a CPU
+            self.precision = "fp32" if self.hardware == "cpu" else "bf16"
+        if self.precision == "fp16" and self.hardware == "cpu":
+            raise GptforgeError("precision fp16 needs a CUDA device (gptforge's GradScaler path); use bf16 or fp32")
+        if self.parallel == "auto":
+            self.parallel = "ddp" if self.world_size > 1 else "none"
+        if self.parallel == "none" and self.world_size > 1:
+            raise GptforgeError(f"parallel none runs one process but world size is {self.world_size}; use ddp or fsdp")
+        check_optimizer_parallel(self.optimizer, self.parallel, self.world_size)
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
 
 
 # --- the sections a checkpoint's config records about how its weights were made ------------------------------
@@ -473,6 +580,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise GptforgeError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def check_choices(obj: Any, where: str = "") -> None:
+    """Raise, naming the field and its allowed values, if a Literal-typed field of dataclass `obj` holds another
+    value (what `--section.field` overrides are checked with, for dataclasses built directly)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if typing.get_origin(hints[f.name]) is Literal:
+            _coerce(getattr(obj, f.name), hints[f.name], f"{where}{f.name}")
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> GptforgeError:

@@ -95,11 +95,17 @@ class MuonAdamW(torch.optim.Optimizer):
         self._link()
 
 
+def trained_by_muon(name: str, ndim: int) -> bool:
+    """Whether Muon trains the parameter of this name and rank: the blocks' 2-D weight matrices. Embeddings and
+    the head are lookups and a classifier rather than hidden linear maps, and vectors cannot be orthogonalised,
+    so AdamW keeps those (Jordan et al. 2024, "Muon: an optimizer for hidden layers"). plan.py counts Muon's
+    state with this rule too."""
+    return ndim == 2 and name.startswith("blocks.")
+
+
 def muon_params(model: nn.Module) -> list[str]:
-    """Names of the parameters Muon trains: the blocks' 2-D weight matrices. Embeddings and the head are
-    lookups and a classifier rather than hidden linear maps, and vectors cannot be orthogonalised, so AdamW
-    keeps those (Jordan et al. 2024, "Muon: an optimizer for hidden layers")."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and n.startswith("blocks.")]
+    """Names of the trainable parameters Muon trains (see trained_by_muon)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and trained_by_muon(n, p.dim())]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:

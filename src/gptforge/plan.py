@@ -15,79 +15,20 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from gptforge.config import ModelConfig, model_preset
+from gptforge.checkpoint import CONFIG_FILE, resolve_checkpoint
+from gptforge.config import (PlanConfig, RunConfig, ModelConfig, TrainConfig, load_yaml, model_preset,
+                             run_config_from_dict, update_dataclass)
 from gptforge.errors import GptforgeError
 from gptforge.hardware import GIB, PRESETS, Hardware, get_hardware
-
-Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
-Optimizer = Literal["adamw", "sgd", "adamw-8bit"]
-Parallel = Literal["ddp", "fsdp", "fsdp-grad-op"]
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16-pure")  # train.precision's names: bf16/fp16 are autocast
-OPTIMIZERS = ("adamw", "sgd", "adamw-8bit")
-PARALLELS = ("ddp", "fsdp", "fsdp-grad-op")
-ATTENTIONS = ("sdpa", "eager")
+from gptforge.hf import model_config_from_hf
+from gptforge.model import value_embed_layers
+from gptforge.optim import trained_by_muon
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, "Training Compute-Optimal LLMs": ~20 tokens/parameter
-DEFAULT_MFU = 0.40  # prior: PaLM reached 46% MFU (Chowdhery et al. 2022, table 3), Megatron 54% with selective
-# recompute on 1T models (Korthikanti et al. 2022, table 5); smaller models on one GPU reach less, so 40%.
 FRAGMENTATION = 0.05  # caching-allocator slack (reserved - allocated): an assumption, not a measured constant
 INTER_NODE_GBS = 50.0  # per-GPU network bandwidth between nodes: 400 Gb/s InfiniBand NDR per GPU (DGX H100)
-BNB_BLOCK = 2048  # bitsandbytes 8-bit optimizers quantize states in blocks of 2048 with one fp32 absmax each
-BNB_MIN_SIZE = 4096  # ...and keep 32-bit states for tensors smaller than this (bnb min_8bit_size default)
-
-
-@dataclass
-class PlanConfig:
-    """What to plan: the model, the batch, numerics, parallelism, the device and the token budget."""
-
-    model: ModelConfig
-    seq_len: int | None = None  # tokens per sequence; None: model.block_size
-    micro_batch: int = 8  # sequences per device per forward/backward
-    global_batch: int | None = None  # sequences per optimizer step over all devices; None: micro_batch * world
-    precision: Precision = "bf16"
-    optimizer: Optimizer = "adamw"
-    checkpointing: bool = False  # activation checkpointing of every block
-    attention: Literal["sdpa", "eager"] = "sdpa"
-    parallel: Parallel = "ddp"
-    world_size: int = 1  # devices in all
-    nodes: int = 1
-    hardware: str = "h100-sxm"
-    tokens: int | None = None  # training budget; None: Chinchilla, 20 tokens per parameter
-    mfu: float = DEFAULT_MFU
-
-    def __post_init__(self) -> None:
-        if self.seq_len is None:
-            self.seq_len = self.model.block_size
-        for name in ("seq_len", "micro_batch", "world_size", "nodes"):
-            if getattr(self, name) < 1:
-                raise GptforgeError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len > self.model.block_size:
-            raise GptforgeError(f"seq-len ({self.seq_len}) exceeds the model's block_size ({self.model.block_size}); "
-                                f"give --seq-len {self.model.block_size} or less")
-        for name, choices in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLELS),
-                              ("attention", ATTENTIONS)):
-            if getattr(self, name) not in choices:
-                raise GptforgeError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
-        if self.world_size % self.nodes:
-            raise GptforgeError(f"world size ({self.world_size}) must be a multiple of nodes ({self.nodes}), "
-                                f"e.g. --world-size {self.nodes * max(1, self.world_size // self.nodes)}")
-        if self.global_batch is None:
-            self.global_batch = self.micro_batch * self.world_size
-        per_step = self.micro_batch * self.world_size
-        if self.global_batch % per_step:
-            fix = per_step * max(1, round(self.global_batch / per_step))
-            raise GptforgeError(f"global batch ({self.global_batch}) must be a multiple of micro-batch x world size "
-                                f"({self.micro_batch} x {self.world_size} = {per_step}); e.g. --global-batch {fix}")
-        if not 0 < self.mfu <= 1:
-            raise GptforgeError(f"mfu must be in (0, 1], got {self.mfu}")
-        if self.tokens is not None and self.tokens < 1:
-            raise GptforgeError(f"tokens must be >= 1, got {self.tokens}")
-
-    @property
-    def accum_steps(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
 
 
 # --- memory ------------------------------------------------------------------------------------------------
@@ -113,21 +54,41 @@ def matmul_weights(cfg: ModelConfig) -> int:
     return cfg.n_layer * per_layer + cfg.padded_vocab_size * d
 
 
-def param_tensors(cfg: ModelConfig) -> tuple[int, list[int]]:
-    """Number of parameter tensors and their sizes, in the order GPT builds them (optimizer state is per tensor)."""
-    d, hd, f, bias = cfg.d_model, cfg.head_dim, cfg.mlp_width, cfg.bias
+def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter GPT(cfg) holds, as named_parameters() names them (optimizer state is
+    per tensor, and Muon takes a tensor by its name and rank)."""
+    d, hd, f, bias, v = cfg.d_model, cfg.head_dim, cfg.mlp_width, cfg.bias, cfg.padded_vocab_size
     qkv = (cfg.n_head + 2 * cfg.kv_heads) * hd
-    norm = [d, d] if cfg.norm == "layernorm" and bias else [d]
-    sizes = [cfg.padded_vocab_size * d] + ([cfg.block_size * d] if cfg.pos_encoding == "learned" else [])
-    mlp = ([d * f, d * f, f * d] + ([f, f, d] if bias else [])) if cfg.mlp == "swiglu" else \
-        ([d * f, f * d] + ([f, d] if bias else []))
-    sizes += [cfg.padded_vocab_size * cfg.kv_heads * hd] * cfg.value_embeds  # value-embedding tables
-    attn = [d * qkv] + ([qkv] if bias else []) + [cfg.n_head * hd * d] + ([d] if bias else [])
-    attn += [hd, hd] if cfg.qk_norm else []  # query and key norm gains
-    block = norm + attn + norm + mlp
-    sizes += block * cfg.n_layer + [1] * (2 * cfg.value_embeds) + norm  # + a gate per layer reading a value table
+
+    def norm(name: str, width: int = d) -> list[tuple[str, tuple[int, ...]]]:
+        both = cfg.norm == "layernorm" and bias
+        return [(f"{name}.weight", (width,))] + ([(f"{name}.bias", (width,))] if both else [])
+
+    def linear(name: str, out: int, inp: int) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{name}.weight", (out, inp))] + ([(f"{name}.bias", (out,))] if bias else [])
+
+    shapes = [("tok_emb.weight", (v, d))] + ([("pos_emb.weight", (cfg.block_size, d))]
+                                            if cfg.pos_encoding == "learned" else [])
+    shapes += [(f"value_embeds.{k}.weight", (v, cfg.kv_heads * hd)) for k in range(cfg.value_embeds)]
+    gated = value_embed_layers(cfg)
+    for i in range(cfg.n_layer):
+        at = f"blocks.{i}.attn"
+        shapes += norm(f"blocks.{i}.norm1") + ([(f"{at}.value_gate", (1,))] if i in gated else [])
+        shapes += linear(f"{at}.qkv", qkv, d) + linear(f"{at}.proj", d, cfg.n_head * hd)
+        if cfg.qk_norm:  # gains only, whatever the norm type (RMSNorm per head dim)
+            shapes += [(f"{at}.q_norm.weight", (hd,)), (f"{at}.k_norm.weight", (hd,))]
+        shapes += norm(f"blocks.{i}.norm2")
+        mlp = ["gate", "up"] if cfg.mlp == "swiglu" else ["up"]
+        shapes += [row for m in mlp for row in linear(f"blocks.{i}.mlp.{m}", f, d)] + linear(f"blocks.{i}.mlp.down", d, f)
+    shapes += norm("norm_f")
     if not cfg.tie_embeddings:
-        sizes.append(cfg.padded_vocab_size * d)
+        shapes.append(("lm_head.weight", (v, d)))
+    return shapes
+
+
+def param_tensors(cfg: ModelConfig) -> tuple[int, list[int]]:
+    """Number of parameter tensors and their sizes, in the order GPT builds them."""
+    sizes = [math.prod(shape) for _, shape in param_shapes(cfg)]
     return len(sizes), sizes
 
 
@@ -143,20 +104,19 @@ class ModelStates:
 def model_state_bytes(cfg: ModelConfig, precision: str, optimizer: str) -> ModelStates:
     """Weights, gradients and optimizer states (Rajbhandari et al. 2020, ZeRO, sec. 3.1: 2+2+K bytes/parameter
     for fp16 mixed precision with K=12; here the stored weights are fp32 under AMP (torch.autocast keeps fp32
-    parameters and casts per op), so AMP is 4+4+8, and pure bf16 is 2+2+4 (AdamW's states take the parameter's
-    dtype). AdamW keeps exp_avg and exp_avg_sq per parameter and a 4-byte `step` per tensor (torch.optim.AdamW)."""
+    parameters and casts per op), so AMP is 4+4+8, and pure bf16 is 2+2+4 (the states take the parameter's
+    dtype). AdamW keeps exp_avg and exp_avg_sq per parameter and a 4-byte `step` per tensor (torch.optim.AdamW);
+    with optimizer muon, the tensors Muon trains (optim.trained_by_muon) keep one momentum_buffer each
+    (torch.optim.Muon, no step) and AdamW keeps the rest, as optim.build_optimizer splits them."""
     n = cfg.num_params()
     _, _, w = _bytes(precision)
-    n_tensors, sizes = param_tensors(cfg)
-    if optimizer == "adamw":
-        opt = 2 * w * n + 4 * n_tensors
-    elif optimizer == "sgd":  # one momentum buffer (torch.optim.SGD with momentum > 0)
-        opt = w * n
-    else:  # 8-bit AdamW (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), bitsandbytes
-        opt = 0
-        for s in sizes:
-            opt += 2 * (s + 4 * math.ceil(s / BNB_BLOCK)) if s >= BNB_MIN_SIZE else 8 * s
-    return ModelStates(weights=w * n, gradients=w * n, optimizer=opt)
+    muon = adamw = adamw_tensors = 0
+    for name, shape in param_shapes(cfg):
+        if optimizer == "muon" and trained_by_muon(name, len(shape)):
+            muon += math.prod(shape)
+        else:
+            adamw, adamw_tensors = adamw + math.prod(shape), adamw_tensors + 1
+    return ModelStates(weights=w * n, gradients=w * n, optimizer=w * muon + 2 * w * adamw + 4 * adamw_tensors)
 
 
 @dataclass
@@ -295,15 +255,16 @@ def memory(pc: PlanConfig, hw: Hardware) -> Memory:
         # DDP copies gradients into flat all-reduce buckets (gradient_as_bucket_view=False, the default):
         # a second gradient-sized buffer (Li et al. 2020, "PyTorch Distributed", sec. 3.2.3; DDP docs).
         buffers = g
-    elif n > 1 and pc.parallel == "fsdp":
+    elif n > 1 and pc.parallel == "fsdp" and pc.fsdp_strategy == "full_shard":
         # ZeRO-3 / FSDP FULL_SHARD: every state is 1/n per device (Rajbhandari et al. 2020, (2+2+K)Psi/Nd); the
         # unit being computed and the prefetched one are gathered whole, and a unit's full gradient exists
         # before its reduce-scatter (Zhao et al. 2023, "PyTorch FSDP", sec. 3.2-3.3): ~3 units.
         w, g, o = math.ceil(w / n), math.ceil(g / n), math.ceil(o / n)
         buffers = 3 * unit
-    elif n > 1 and pc.parallel == "fsdp-grad-op":
-        # ZeRO-2 / SHARD_GRAD_OP: weights stay whole, gradients and optimizer states are 1/n; a unit's full
-        # gradient exists before its reduce-scatter.
+    elif n > 1 and pc.parallel == "fsdp":
+        # shard_grad_op (FSDP2 reshard_after_forward=False, ZeRO-2-like): the gathered weights stay whole from
+        # forward to backward, gradients and optimizer states are 1/n; a unit's full gradient exists before its
+        # reduce-scatter.
         g, o = math.ceil(g / n), math.ceil(o / n)
         buffers = unit
     peak = w + g + o + act.saved + act.transient + buffers
@@ -330,15 +291,15 @@ def comm_bytes_per_step(pc: PlanConfig) -> float:
     """Bytes each device sends per optimizer step for data parallelism.
 
     Ring all-reduce moves 2(n-1)/n of the buffer per device (Patarasuk & Yuan 2009; NCCL's bus-bandwidth
-    convention); FSDP full-shard all-gathers the weights in forward and backward and reduce-scatters the
-    gradients, 3(n-1)/n, i.e. 1.5x DDP (Rajbhandari et al. 2020, sec. 7); SHARD_GRAD_OP gathers once: 2(n-1)/n.
+    convention); FSDP full_shard all-gathers the weights in forward and backward and reduce-scatters the
+    gradients, 3(n-1)/n, i.e. 1.5x DDP (Rajbhandari et al. 2020, sec. 7); shard_grad_op gathers once: 2(n-1)/n.
     """
     n = pc.world_size
     if n == 1:
         return 0.0
     _, _, w = _bytes(pc.precision)
     grad = pc.model.num_params() * w
-    factor = 3 if pc.parallel == "fsdp" else 2
+    factor = 3 if pc.parallel == "fsdp" and pc.fsdp_strategy == "full_shard" else 2
     return factor * (n - 1) / n * grad
 
 
@@ -462,8 +423,8 @@ def smallest_fitting_change(pc: PlanConfig, hw: Hardware) -> str:
             if _fits(pc, hw, micro_batch=1, checkpointing=ckpt, parallel="fsdp"):
                 b = max_micro_batch(pc, hw, checkpointing=ckpt, parallel="fsdp")
                 return f"--parallel fsdp{' --checkpointing' if ckpt else ''} --micro-batch {b}"
-    if pc.optimizer != "adamw-8bit" and _fits(pc, hw, micro_batch=1, checkpointing=True, optimizer="adamw-8bit"):
-        return "--optimizer adamw-8bit --checkpointing --micro-batch 1"
+    if pc.precision != "bf16-pure" and _fits(pc, hw, micro_batch=1, checkpointing=True, precision="bf16-pure"):
+        return "--precision bf16-pure --checkpointing --micro-batch 1"  # half the bytes of every model state
     for n in (2, 4, 8, 16, 32, 64):
         if n > pc.world_size and _fits(pc, hw, micro_batch=1, checkpointing=True, parallel="fsdp", world_size=n,
                                        nodes=max(1, n // 8)):
@@ -541,58 +502,51 @@ def cheapest_hardware(pc: PlanConfig, deadline_hours: float) -> dict[str, Any] |
     return best
 
 
-# --- reading a model from what the user has ------------------------------------------------------------------
+# --- reading the run from what the user has -----------------------------------------------------------------
 
-def model_from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json of a GPT-2 or Llama model (the key names of each)."""
-    kind = raw.get("model_type")
-    try:
-        if kind == "gpt2":
-            act = raw.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise GptforgeError(f"{source}: activation {act!r} is not GPT-2's tanh GELU, which gptforge builds")
-            return ModelConfig(n_layer=raw["n_layer"], n_head=raw["n_head"], d_model=raw["n_embd"],
-                               d_mlp=raw.get("n_inner"), vocab_size=raw["vocab_size"], block_size=raw["n_positions"],
-                               norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-                               tie_embeddings=raw.get("tie_word_embeddings", True))
-        if kind in ("llama", "mistral", "qwen2"):
-            if raw.get("mlp_bias") or (raw.get("attention_bias") and kind != "qwen2"):
-                raise GptforgeError(f"{source}: biases in Llama layers are not supported by ModelConfig")
-            if kind == "qwen2":  # Qwen2 has biases on q, k, v only, which ModelConfig cannot express
-                raise GptforgeError(f"{source}: Qwen2's q/k/v-only biases are not expressible in ModelConfig")
-            return ModelConfig(n_layer=raw["num_hidden_layers"], n_head=raw["num_attention_heads"],
-                               n_kv_head=raw.get("num_key_value_heads"), d_model=raw["hidden_size"],
-                               d_mlp=raw["intermediate_size"], vocab_size=raw["vocab_size"],
-                               block_size=raw["max_position_embeddings"], pos_encoding="rotary",
-                               rope_theta=raw.get("rope_theta", 10000.0), norm="rmsnorm",
-                               norm_eps=raw.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=False,
-                               tie_embeddings=raw.get("tie_word_embeddings", False))
-    except KeyError as e:
-        raise GptforgeError(f"{source}: missing key {e.args[0]!r} for model_type {kind!r}") from None
-    raise GptforgeError(f"{source}: model_type {kind!r} is not supported; supported: gpt2, llama, mistral")
-
-
-def load_model_config(spec: str) -> ModelConfig:
-    """A model from a preset name, a YAML run config, a checkpoint or run directory, or an HF config.json."""
+def load_run_config(spec: str) -> RunConfig:
+    """The run `spec` names: a model preset (trained with TrainConfig's defaults), a YAML run config, a checkpoint
+    or run directory (the config.yaml it was trained with), or a Hugging Face config.json or a folder holding one
+    (its model, mapped by hf.model_config_from_hf as import-hf maps it)."""
     p = Path(spec)
     if not p.exists():
-        return model_preset(spec)  # names the valid presets when spec is none
+        return RunConfig(model=model_preset(spec))  # names the valid presets when spec is none
     if p.is_dir():
-        if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        if (p / "config.json").is_file() and not (p / CONFIG_FILE).is_file():
             p = p / "config.json"
         else:
-            from gptforge.checkpoint import CONFIG_FILE, resolve_checkpoint
-
             p = resolve_checkpoint(p) / CONFIG_FILE
     if p.suffix == ".json":
         try:
             raw = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise GptforgeError(f"{p}: not valid JSON: {e}") from None
-        return model_from_hf_config(raw, str(p))
-    from gptforge.config import load_yaml, run_config_from_dict
+        return RunConfig(model=model_config_from_hf(raw, str(p))[0])
+    return run_config_from_dict(load_yaml(p), source=str(p))
 
-    return run_config_from_dict(load_yaml(p), source=str(p)).model
+
+def load_model_config(spec: str) -> ModelConfig:
+    """The model of the run `spec` names (see load_run_config)."""
+    return load_run_config(spec).model
+
+
+# PlanConfig field -> TrainConfig field, for the settings a plan shares with a training run
+TRAIN_FIELDS = {"seq_len": "seq_len", "micro_batch": "micro_batch", "precision": "precision", "optimizer": "optimizer",
+                "parallel": "parallel", "fsdp_strategy": "fsdp_strategy", "checkpointing": "activation_checkpointing"}
+
+
+def plan_config_from_run(run: RunConfig, **fields: Any) -> PlanConfig:
+    """Plan `run` as `gptforge train` would run it on `world_size` devices. `fields` (PlanConfig's) override the
+    run's settings, checked as --train.FIELD overrides are. Without global_batch, the step is train.batch_tokens
+    split as the loop splits it (TrainConfig.micro_batches_per_step), or one micro-batch per device."""
+    shared = {TRAIN_FIELDS[k]: fields.pop(k) for k in list(fields) if k in TRAIN_FIELDS}
+    tc: TrainConfig = update_dataclass(run.train, shared, "train.")
+    seq_len = tc.seq_len or run.model.block_size
+    if fields.get("global_batch") is None:
+        fields["global_batch"] = tc.micro_batch * tc.micro_batches_per_step(seq_len, fields.get("world_size", 1))
+    return PlanConfig(run.model, seq_len=seq_len, micro_batch=tc.micro_batch, precision=tc.precision,
+                      optimizer=tc.optimizer, checkpointing=tc.activation_checkpointing, parallel=tc.parallel,
+                      fsdp_strategy=tc.fsdp_strategy, **fields)
 
 
 def parse_tokens(text: str) -> int | None:
@@ -624,25 +578,43 @@ def _duration(hours: float) -> str:
 def print_plan(plan: Plan) -> None:
     """The plan as rich tables on standard output."""
     from rich.console import Console
-    from rich.table import Table
 
-    pc, hw, mem, tp, inf = plan.config, plan.hardware, plan.memory, plan.throughput, plan.inference
+    pc, hw = plan.config, plan.hardware
     console = Console(highlight=False)
     ckpt = ", activation checkpointing" if pc.checkpointing else ""
     par = f"{pc.world_size} x {hw.name}" + (f" over {pc.nodes} nodes" if pc.nodes > 1 else "")
     par += f", {pc.parallel}" if pc.world_size > 1 else ""
+    par += f" {pc.fsdp_strategy}" if pc.world_size > 1 and pc.parallel == "fsdp" else ""
     console.print(f"[bold]{plan.params:,} parameters[/] ({plan.params / 1e6:,.1f}M); {par}; {pc.precision}, "
                   f"{pc.optimizer}, {pc.attention}{ckpt}; micro-batch {pc.micro_batch} x {pc.seq_len} tokens, "
                   f"global batch {pc.global_batch} ({pc.accum_steps} accumulation step(s))")
+    console.print(_memory_table(plan))
+    if plan.suggestion:
+        console.print(f"[yellow]smallest change that fits:[/] {plan.suggestion}")
+    console.print(_training_table(plan))
+    console.print(_inference_table(plan))
+    if plan.recommendation:
+        _print_recommendation(console, plan.recommendation)
 
-    t = Table(title="memory per device (training step peak)", title_justify="left")
-    t.add_column("term")
-    t.add_column("bytes", justify="right")
-    t.add_column("how")
+
+def _table(title: str, *columns: tuple[str, str]):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for name, justify in columns:
+        t.add_column(name, justify=justify)
+    return t
+
+
+def _memory_table(plan: Plan):
+    pc, hw, mem = plan.config, plan.hardware, plan.memory
+    t = _table("memory per device (training step peak)", ("term", "left"), ("bytes", "right"), ("how", "left"))
     t.add_row("weights", _gib(mem.weights), "parameters x bytes (fp32 master weights under autocast)")
     t.add_row("gradients", _gib(mem.gradients), "same dtype as the weights")
-    t.add_row("optimizer states", _gib(mem.optimizer), f"{pc.optimizer}" + (f", sharded 1/{pc.world_size}"
-                                                                            if pc.parallel != "ddp" and pc.world_size > 1 else ""))
+    how = ("muon: a momentum per block matrix; adamw: 2 states per other parameter" if pc.optimizer == "muon"
+           else "adamw: 2 states per parameter")
+    sharded = pc.world_size > 1 and pc.parallel == "fsdp"
+    t.add_row("optimizer states", _gib(mem.optimizer), how + (f", sharded 1/{pc.world_size}" if sharded else ""))
     t.add_row("activations", _gib(mem.activations),
               f"saved for backward; {_gib(mem.activations_per_layer)} per layer x {pc.model.n_layer}, + head/loss")
     t.add_row("loss / recompute transients", _gib(mem.transient), "fp32 log-softmax gradients (+ one recomputed block)")
@@ -654,13 +626,12 @@ def print_plan(plan: Plan) -> None:
     verdict = "[green]fits[/]" if mem.fits else "[red]does not fit[/]"
     t.add_row("[bold]total[/]", f"[bold]{_gib(mem.total)}[/]", f"{verdict} in {_gib(mem.capacity)} "
               f"({mem.total / mem.capacity:.0%})")
-    console.print(t)
-    if plan.suggestion:
-        console.print(f"[yellow]smallest change that fits:[/] {plan.suggestion}")
+    return t
 
-    t = Table(title=f"training at {pc.mfu:.0%} MFU", title_justify="left")
-    t.add_column("quantity")
-    t.add_column("value", justify="right")
+
+def _training_table(plan: Plan):
+    pc, hw, tp = plan.config, plan.hardware, plan.throughput
+    t = _table(f"training at {pc.mfu:.0%} MFU", ("quantity", "left"), ("value", "right"))
     t.add_row("FLOPs per token (6N + 12 L d T)", f"{tp.flops_per_token / 1e9:,.3f} GFLOP")
     t.add_row("peak per device", f"{hw.peak_flops(pc.precision) / 1e12:,.4g} TFLOP/s ({pc.precision})")
     t.add_row("tokens/s (all devices)", f"{tp.tokens_per_s:,.0f}")
@@ -669,29 +640,30 @@ def print_plan(plan: Plan) -> None:
     t.add_row("token budget", f"{tp.train_tokens:,.0f} ({budget})")
     t.add_row("time to train", _duration(tp.train_hours))
     t.add_row("cost", f"${tp.cost_usd:,.0f} at ${hw.usd_per_hour:g}/device-hour")
-    console.print(t)
+    return t
 
-    t = Table(title="inference", title_justify="left")
-    t.add_column("quantity")
-    t.add_column("value", justify="right")
+
+def _inference_table(plan: Plan):
+    pc, inf = plan.config, plan.inference
+    t = _table("inference", ("quantity", "left"), ("value", "right"))
     t.add_row("weights", _gib(inf.weight_bytes))
     t.add_row("KV cache per token", f"{inf.kv_bytes_per_token / 1024:,.1f} KiB")
     t.add_row("tokens the cache can hold", f"{inf.max_cached_tokens:,}")
     t.add_row(f"largest batch at {pc.seq_len} tokens", f"{inf.max_batch_at_seq_len:,}")
     t.add_row("longest context at batch 1", f"{inf.max_context_batch1:,} (block_size {pc.model.block_size:,})")
     t.add_row(f"batch-1 decode at {pc.seq_len} context (bandwidth bound)", f"{inf.decode_tokens_per_s:,.0f} tokens/s")
-    console.print(t)
+    return t
 
-    rec = plan.recommendation
-    if rec:
-        console.print(f"[bold]recommended:[/] --micro-batch {rec['micro_batch']} (largest that fits "
-                      f"{rec['max_micro_batch']}), {rec['accum_steps']} accumulation step(s), parallel {rec['parallel']}, "
-                      f"checkpointing {'on' if rec['checkpointing'] else 'off'} ({rec['checkpointing_why']})")
-        if "cheapest" in rec:
-            c = rec["cheapest"]
-            if c is None:
-                console.print("[yellow]no listed hardware (up to 64 devices) finishes the budget by the deadline[/]")
-            else:
-                console.print(f"[bold]cheapest by the deadline:[/] {c['world_size']} x {c['hardware']} ({c['parallel']}"
-                              f"{', checkpointing' if c['checkpointing'] else ''}, micro-batch {c['micro_batch']}): "
-                              f"{_duration(c['hours'])}, ${c['cost_usd']:,.0f}")
+
+def _print_recommendation(console, rec: dict[str, Any]) -> None:
+    console.print(f"[bold]recommended:[/] --micro-batch {rec['micro_batch']} (largest that fits "
+                  f"{rec['max_micro_batch']}), {rec['accum_steps']} accumulation step(s), parallel {rec['parallel']}, "
+                  f"checkpointing {'on' if rec['checkpointing'] else 'off'} ({rec['checkpointing_why']})")
+    if "cheapest" in rec:
+        c = rec["cheapest"]
+        if c is None:
+            console.print("[yellow]no listed hardware (up to 64 devices) finishes the budget by the deadline[/]")
+        else:
+            console.print(f"[bold]cheapest by the deadline:[/] {c['world_size']} x {c['hardware']} ({c['parallel']}"
+                          f"{', checkpointing' if c['checkpointing'] else ''}, micro-batch {c['micro_batch']}): "
+                          f"{_duration(c['hours'])}, ${c['cost_usd']:,.0f}")
