@@ -132,8 +132,7 @@ def _data(work: Path) -> Path:
 def _small_parent(work: Path, out: dict, mark, speed_only: bool, threads: int, only: tuple[str, ...]) -> dict:
     from gptforge.compress.distill import DistillConfig, distill
     from gptforge.compress.evaluate import eval_checkpoints
-    from gptforge.compress.prune import prune_checkpoint
-    from gptforge.compress.quantize import quantize_checkpoint
+    from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
     from gptforge.config import ModelConfig, RunConfig, TrainConfig
     from gptforge.train import train
 
@@ -210,8 +209,7 @@ def _trained_gpt2(work: Path, out: dict, mark, speed_only: bool, threads: int) -
     from gptforge import native
     from gptforge.checkpoint import MODEL_FILE, read_config, resolve_checkpoint
     from gptforge.compress.evaluate import eval_checkpoints
-    from gptforge.compress.prune import prune_checkpoint
-    from gptforge.compress.quantize import quantize_checkpoint
+    from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
     from gptforge.config import RunConfig, TrainConfig, model_preset
     from gptforge.generate import load
     from gptforge.train import train

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from gptforge.checkpoint import write_checkpoint
 from gptforge.compress.distill import DistillConfig, DistillLoss, distill
 from gptforge.compress.evaluate import eval_checkpoints
-from gptforge.compress.prune import (block_linears, prune_checkpoint, prune_model, shrink, structured_plan,
-                                     structured_widths, unstructured_masks)
-from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize, quantize_checkpoint, quantize_model,
-                                        quantize_state_dict)
+from gptforge.compress.prune import block_linears, prune_model, shrink, structured_plan, structured_widths, unstructured_masks
+from gptforge.compress.quantize import QuantEmbedding, QuantLinear, dequantize, quantize_model, quantize_state_dict
+from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
 from gptforge.data import TokenData, prepare
 from gptforge.errors import GptforgeError

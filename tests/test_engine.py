@@ -312,7 +312,7 @@ def test_resume_auto_without_checkpoints_starts_a_new_run(prepared, tmp_path):
 
 
 def test_init_from_a_quantized_checkpoint_is_refused(prepared, tmp_path):
-    from gptforge.compress.quantize import quantize_checkpoint
+    from gptforge.compress.run import quantize_checkpoint
 
     base = train(run_cfg(prepared, tmp_path / "base", max_steps=2), progress=False)
     quantized, _ = quantize_checkpoint(str(base.checkpoint), "int8", str(tmp_path / "q"))

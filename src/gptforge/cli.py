@@ -237,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from gptforge.compress.quantize import quantize_checkpoint
+    from gptforge.compress.run import quantize_checkpoint
 
     dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size, overwrite=args.overwrite)
     size = (dest / "model.safetensors").stat().st_size
@@ -246,7 +246,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from gptforge.compress.prune import prune_checkpoint
+    from gptforge.compress.run import prune_checkpoint
 
     dest, section, result = prune_checkpoint(args.checkpoint, args.method, args.out, args.sparsity, args.pattern,
                                              args.data, args.recover_steps, progress=not args.no_progress,

@@ -16,7 +16,6 @@ The learned position table (block_size x D, one row read per token) stays fp32: 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from gptforge.config import CompressionConfig, section_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.model import TiedHead
 from gptforge.native import ops as native
-from gptforge.outputs import check_out
 
 METHODS = ("int8", "int4", "bf16", "fp16")
 GROUP_SIZES = (32, 64, 128)
@@ -291,26 +289,3 @@ def apply_compression(model: nn.Module, section: CompressionConfig | None) -> nn
         raise GptforgeError(f"this int4 checkpoint packs its codes as {q.packing or 'neighbour pairs'!r}, which "
                             f"this gptforge no longer reads ({INT4_PACKING!r}); quantize its fp32 parent again")
     return swap_modules(model, q.to_dict())
-
-
-def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None = None,
-                        overwrite: bool = False) -> tuple[Any, dict]:
-    """Read a checkpoint, quantize it, write the same directory format (no trainer state: it is for inference).
-    `out` follows outputs.check_out: refused if it is `src` or any non-empty folder but an earlier checkpoint
-    with `overwrite`."""
-    import dataclasses
-
-    from gptforge.checkpoint import write_checkpoint
-    from gptforge.load import load_checkpoint
-
-    check_method(method, group_size)
-    check_out(out, "checkpoint", overwrite=overwrite, inputs=[src])
-    model, tokenizer, cfg = load_checkpoint(src)
-    if cfg.compression is not None and cfg.compression.quantization is not None:
-        raise GptforgeError(f"{src} is already quantized ({cfg.compression.quantization.to_dict()}); quantize its fp32 parent")
-    model = model.float()
-    _, section, state = quantize_model(model, method, group_size)
-    section = {**(cfg.compression.to_dict() if cfg.compression else {}), **section}
-    compression = section_from_dict(CompressionConfig, section, "compression")
-    dest = write_checkpoint(Path(out), dataclasses.replace(cfg, compression=compression), tokenizer, model_state=state)
-    return dest, section
