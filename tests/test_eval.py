@@ -175,7 +175,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_targets(prepared):
     sampler = BatchSampler(data.shards("val"), 2, 32, seed=0)
     _, y = sampler.batch(0)
     expect = sum(len(tok.decode([t for t in row if t != tok.eos_id]).encode()) for row in y.tolist())
-    assert ev.window_bytes(sampler, 1, lengths) == expect
+    assert ev.window_bytes(sampler, 1, lengths) == (y.numel(), expect)
     assert ev.bits_per_byte(2.0, 100, 300) == pytest.approx(200 / math.log(2) / 300)
 
 
@@ -186,3 +186,38 @@ def test_evaluate_tasks_on_a_checkpoint(tiny, tmp_path):
     out = ev.evaluate_tasks(str(ckpt), [str(f), str(f)], limit=3)
     assert [r["examples"] for r in out["tasks"]] == [3, 3]
     assert out["core"] == pytest.approx(out["tasks"][0]["centered"])
+
+
+def test_eval_table_reports_bits_per_byte_of_the_val_windows(prepared, tmp_path):
+    from gptforge.compress.evaluate import eval_checkpoints
+    from gptforge.train import EVAL_SEED
+
+    data = TokenData(prepared)
+    tok = data.tokenizer()
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, vocab_size=tok.vocab_size, block_size=32)
+    ckpt = write_checkpoint(tmp_path / "ck", RunConfig(model=cfg), tok, model_state=GPT(cfg).state_dict())
+    (row,) = eval_checkpoints([str(ckpt)], str(prepared), batches=2, batch_size=2, decode_tokens=0)
+    _, n_bytes = ev.window_bytes(BatchSampler(data.shards("val"), 2, 32, seed=EVAL_SEED), 2, ev.token_byte_lengths(tok))
+    assert row["val_bpb"] == pytest.approx(row["val_loss"] * row["eval_tokens"] / math.log(2) / n_bytes)
+    assert 0 < row["val_bpb"] < 20
+
+
+def test_training_logs_val_bits_per_byte(prepared, tmp_path):
+    import dataclasses
+
+    from gptforge.config import TrainConfig, model_preset
+    from gptforge.train import EVAL_SEED, train
+
+    tc = TrainConfig(micro_batch=2, seq_len=32, max_steps=2, warmup_steps=1, eval_every=2, eval_batches=2,
+                     log_every=1, save_every=100)
+    cfg = RunConfig(model=dataclasses.replace(model_preset("tiny"), block_size=32), train=tc, data=str(prepared),
+                    out=str(tmp_path / "run"))
+    result = train(cfg, progress=False)
+    evals = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "val_bpb" in e]
+    data = TokenData(prepared)
+    n, n_bytes = ev.window_bytes(BatchSampler(data.shards("val"), 2, 32, seed=EVAL_SEED), 2,
+                                 ev.token_byte_lengths(data.tokenizer()))
+    assert len(evals) == 2 and n == 2 * 2 * 32
+    for e in evals:
+        assert e["val_bpb"] == pytest.approx(e["val_loss"] * n / math.log(2) / n_bytes)

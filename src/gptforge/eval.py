@@ -71,9 +71,16 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     return out
 
 
-def window_bytes(sampler: BatchSampler, n_batches: int, byte_lengths: torch.Tensor) -> int:
-    """UTF-8 bytes of the targets of batches 0..n_batches-1 (the fixed validation windows)."""
-    return sum(int(byte_lengths[sampler.batch(k)[1]].sum()) for k in range(n_batches))
+def window_bytes(sampler: BatchSampler, n_batches: int, byte_lengths: torch.Tensor) -> tuple[int, int]:
+    """(targets, UTF-8 bytes they stand for) of batches 0..n_batches-1, the fixed validation windows; ignored
+    targets (-100, as in fine-tuning's masks) count for neither."""
+    targets = n_bytes = 0
+    for k in range(n_batches):
+        y = sampler.batch(k)[1]
+        keep = y >= 0
+        targets += int(keep.sum())
+        n_bytes += int(byte_lengths[y.clamp(min=0)][keep].sum())
+    return targets, n_bytes
 
 
 def bits_per_byte(loss_per_token: float, n_tokens: int, n_bytes: int) -> float:

@@ -32,6 +32,7 @@ from gptforge.data import BatchSampler, TokenData
 from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   close_distributed, grad_sync, init_distributed)
 from gptforge.errors import GptforgeError
+from gptforge.eval import bits_per_byte, token_byte_lengths, window_bytes
 from gptforge.hardware import device_peak_flops, resolve_device
 from gptforge.load import load_checkpoint
 from gptforge.outputs import check_not_input, is_artifact
@@ -460,6 +461,8 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
         val_sampler = None
         if data.meta["splits"]["val"]["tokens"] > 0:
             val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
+    # bits per byte: the fixed validation windows' targets and the bytes they stand for, counted once
+    val_bytes = window_bytes(val_sampler, tc.eval_batches, token_byte_lengths(tokenizer)) if val_sampler is not None else None
     frozen = {name for name, p in raw_model.named_parameters() if not p.requires_grad}
     step, tokens_seen, best_val, skipped, stale_evals = 0, 0, math.inf, 0, 0
 
@@ -528,8 +531,9 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
             return None
         val = evaluate(model, val_sampler, tc.eval_batches, device, amp, loss_fn, d if d.enabled else None)
         if metrics is not None:
-            metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50)))
-        reporter.note(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.1f})")
+            metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50)), val_bpb=bits_per_byte(val, *val_bytes))
+        reporter.note(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.1f}, "
+                      f"{bits_per_byte(val, *val_bytes):.3f} bits/byte)")
         if val < best_val:
             best_val, stale_evals = val, 0
             if tc.save_best and step > 0:

@@ -56,6 +56,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
                      seq_len: int | None = None, decode_tokens: int = 64) -> list[dict]:
     """Rows of the comparison table, the first checkpoint being the reference."""
     from gptforge.data import BatchSampler, TokenData
+    from gptforge.eval import bits_per_byte, token_byte_lengths
     from gptforge.train import EVAL_SEED
 
     if not paths:
@@ -73,7 +74,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
     vocab = loaded[0][2].vocab_size
     t = seq_len or min(c.model.block_size for *_, c in loaded)
     sampler = BatchSampler(data.shards("val"), batch_size, t, seed=EVAL_SEED)
-    n_tok = 0
+    n_tok, n_bytes, byte_lengths = 0, 0, token_byte_lengths(loaded[0][2])
     loss = [0.0] * len(loaded)
     kl = [0.0] * len(loaded)
     agree = [0] * len(loaded)
@@ -89,6 +90,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
             kl[i] += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
             agree[i] += int((logp.argmax(-1) == ref_top).sum())
         n_tok += y.numel()
+        n_bytes += int(byte_lengths[y].sum())
     rows = []
     for i, (ckpt, model, tok, cfg) in enumerate(loaded):
         val = loss[i] / n_tok
@@ -100,6 +102,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
             "file_bytes": (Path(ckpt) / MODEL_FILE).stat().st_size,
             "val_loss": val,
             "perplexity": ppl,
+            "val_bpb": bits_per_byte(val, n_tok, n_bytes),
             "delta_ppl_pct": 100 * (ppl / math.exp(loss[0] / n_tok) - 1),
             "mean_kl": kl[i] / n_tok,
             "top1_agreement_pct": 100 * agree[i] / n_tok,
@@ -117,7 +120,7 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"vs {rows[0]['checkpoint']} on {rows[0]['eval_tokens']:,} val tokens")
-    for col in ("checkpoint", "method", "params", "file MB", "val loss", "ppl", "Δppl", "mean KL", "top-1 agree",
+    for col in ("checkpoint", "method", "params", "file MB", "val loss", "ppl", "bits/byte", "Δppl", "mean KL", "top-1 agree",
                 "decode tok/s", "weights MB"):
         table.add_column(col, justify="left" if col in ("checkpoint", "method") else "right")
     for r in rows:
@@ -127,6 +130,7 @@ def print_table(rows: list[dict]) -> None:
         table.add_row(
             "/".join(Path(r["checkpoint"]).parts[-2:]), method,
             f"{r['params'] / 1e6:.2f}M", f"{r['file_bytes'] / 1e6:.2f}", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}",
+            f"{r['val_bpb']:.4f}",
             f"{r['delta_ppl_pct']:+.2f}%", f"{r['mean_kl']:.4f}", f"{r['top1_agreement_pct']:.1f}%",
             f"{r['decode_tokens_per_s']:.0f}" if "decode_tokens_per_s" in r else "-",
             f"{r['weights_memory_bytes'] / 1e6:.2f}")
