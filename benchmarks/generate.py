@@ -7,7 +7,7 @@
 
 Both sides get the same random weights (our fused qkv Linear copied into GPT-2's transposed Conv1D layout,
 built locally from a GPT2Config: no hub access; ours then stored as `gptforge.load` does on CPU, see
-`generate.decode_layout`), the same prompts (random ids, 64 tokens per row), greedy
+`native.decode_layout`), the same prompts (random ids, 64 tokens per row), greedy
 decoding of 64 new tokens with no EOS, and the same thread count. Decode time is measured the same way on
 both: time(generate N tokens) - time(generate 1 token), so prefill is left out, median of 3 in a process.
 Each (shape, batch) pair runs as separate processes alternating ours and HF (benchmarks/alternate.py).
@@ -32,6 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+
+from gptforge.generate import generate_steps
+from gptforge.native import decode_layout
+from gptforge.sampling import SamplingParams
 
 PROMPT_LEN, NEW_TOKENS, REPEATS = 64, 64, 3
 
@@ -114,20 +118,18 @@ def worker(args) -> dict:
                                  use_cache=True, pad_token_id=0)
             assert out.shape == (args.batch, PROMPT_LEN + n)
     else:
-        from gptforge import generate as G
-
         model = build_ours(args.shape, dtype).to(args.device)
         cfg = model.config
         x = prompts(args.batch, cfg.vocab_size).tolist()
         if args.device == "cpu" and not args.plain_layout:  # what gptforge.load does on CPU
-            G.decode_layout(model)
-        if args.compile and args.device == "cpu":  # the static-shape step compiled by inductor (no CUDA graphs)
-            G._compiled_step = torch.compile(G._decode_step, fullgraph=True, dynamic=False)
-        compile = args.compile or None  # None: the engine's default, the CUDA-graph step on CUDA
+            decode_layout(model)
+        # True: generate.compiled_step, inductor's static-shape step on CPU (no CUDA graphs there), CUDA graphs on
+        # CUDA; None: the engine's default, the CUDA-graph step on CUDA only.
+        compile = args.compile or None
 
         def run(n):
-            p = G.SamplingParams(max_new_tokens=n, temperature=0)
-            steps = sum(1 for _ in G.generate_steps(model, x, p, vocab_size=cfg.vocab_size, compile=compile))
+            p = SamplingParams(max_new_tokens=n, temperature=0)
+            steps = sum(1 for _ in generate_steps(model, x, p, vocab_size=cfg.vocab_size, compile=compile))
             assert steps == n  # the last step's ids reached the host: every kernel before it has finished
 
     seconds = decode_seconds(run)
