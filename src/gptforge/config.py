@@ -298,7 +298,8 @@ class PlanConfig:
     """
 
     model: ModelConfig
-    seq_len: int | None = _flag(None, "tokens per sequence (default: the run's train.seq_len, else the model's block_size)")
+    seq_len: int | None = _flag(None, "tokens per sequence (default: the run's train.seq_len, else the model's "
+                                      "block_size)")
     micro_batch: int = _flag(TrainConfig.micro_batch, "sequences per device per forward/backward (default: the "
                                                        f"run's train.micro_batch, {TrainConfig.micro_batch} unless set)")
     global_batch: int | None = _flag(None, "sequences per optimizer step over all devices (default: the run's "

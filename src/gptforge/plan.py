@@ -79,7 +79,8 @@ def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
             shapes += [(f"{at}.q_norm.weight", (hd,)), (f"{at}.k_norm.weight", (hd,))]
         shapes += norm(f"blocks.{i}.norm2")
         mlp = ["gate", "up"] if cfg.mlp == "swiglu" else ["up"]
-        shapes += [row for m in mlp for row in linear(f"blocks.{i}.mlp.{m}", f, d)] + linear(f"blocks.{i}.mlp.down", d, f)
+        shapes += [row for m in mlp for row in linear(f"blocks.{i}.mlp.{m}", f, d)]
+        shapes += linear(f"blocks.{i}.mlp.down", d, f)
     shapes += norm("norm_f")
     if not cfg.tie_embeddings:
         shapes.append(("lm_head.weight", (v, d)))
@@ -611,8 +612,8 @@ def _memory_table(plan: Plan):
     t = _table("memory per device (training step peak)", ("term", "left"), ("bytes", "right"), ("how", "left"))
     t.add_row("weights", _gib(mem.weights), "parameters x bytes (fp32 master weights under autocast)")
     t.add_row("gradients", _gib(mem.gradients), "same dtype as the weights")
-    how = ("muon: a momentum per block matrix; adamw: 2 states per other parameter" if pc.optimizer == "muon"
-           else "adamw: 2 states per parameter")
+    how = ("muon: 1 state per block-matrix weight, adamw: 2 per other" if pc.optimizer == "muon"
+           else "adamw: 2 states per weight")
     sharded = pc.world_size > 1 and pc.parallel == "fsdp"
     t.add_row("optimizer states", _gib(mem.optimizer), how + (f", sharded 1/{pc.world_size}" if sharded else ""))
     t.add_row("activations", _gib(mem.activations),
