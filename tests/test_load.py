@@ -1,0 +1,159 @@
+"""gptforge.load, the one loading path: checkpoints whose config.yaml was written before the `compression` and
+`finetune` sections were typed still load (quantized, pruned, LoRA, classifier), today's files write those sections
+exactly as before, a bad section is one clear error naming the key, and devices and dtypes resolve in one place."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
+from gptforge.checkpoint import read_config, write_checkpoint
+from gptforge.config import CompressionConfig, FinetuneConfig, LoRAConfig, ModelConfig, RunConfig, TrainConfig
+from gptforge.errors import GptforgeError
+from gptforge.finetune.run import FinetuneSpec, finetune
+from gptforge.hardware import resolve_device
+from gptforge.load import load_checkpoint, load_classifier
+from gptforge.model import GPT
+from gptforge.tokenizer import Tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog; good bad one two three "
+
+# The sections as gptforge wrote them before they were typed (commit 218c5f9, the same commands as below).
+OLD_SECTIONS = {
+    "int4": {"compression": {"quantization": {"method": "int4", "group_size": 32, "packing": "group-halves"}}},
+    "int8": {"compression": {"quantization": {"method": "int8"}}},
+    "structured": {"compression": {"pruning": {"method": "structured", "sparsity": 0.5, "heads": "4->2",
+                                               "mlp_channels": "256->128", "params": "124672->75072",
+                                               "measured_sparsity": 0.5}}},
+    "nm": {"compression": {"pruning": {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4",
+                                       "measured_sparsity": 0.5}}},
+    "structured-int8": {"compression": {"pruning": {"method": "structured", "sparsity": 0.5, "heads": "4->2",
+                                                    "mlp_channels": "256->128", "params": "124672->75072",
+                                                    "measured_sparsity": 0.5},
+                                        "quantization": {"method": "int8"}}},
+    "lora-classify": {"finetune": {"method": "lora", "task": "classify", "labels": ["bad", "good"],
+                                   "lora": {"rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["qkv", "up"]},
+                                   "base": "BASE"}},
+    "full-classify": {"finetune": {"method": "full", "task": "classify", "labels": ["bad", "good"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Checkpoints written by today's code with the commands that wrote OLD_SECTIONS."""
+    out = tmp_path_factory.mktemp("made")
+    tok = Tokenizer.train([TEXT * 40], 320)
+    cfg = RunConfig(model=ModelConfig(n_layer=2, n_head=4, d_model=64, vocab_size=tok.vocab_size, block_size=64))
+    torch.manual_seed(0)
+    base = write_checkpoint(out / "base", cfg, tok, model_state=GPT(cfg.model).state_dict())
+    ckpts = {"base": base}
+    ckpts["int4"], _ = quantize_checkpoint(str(base), "int4", str(out / "int4"), 32)
+    ckpts["int8"], _ = quantize_checkpoint(str(base), "int8", str(out / "int8"))
+    ckpts["structured"], _, _ = prune_checkpoint(str(base), "structured", str(out / "structured"), 0.5, progress=False)
+    ckpts["nm"], _, _ = prune_checkpoint(str(base), "magnitude", str(out / "nm"), pattern="2:4", progress=False)
+    ckpts["structured-int8"], _ = quantize_checkpoint(str(ckpts["structured"]), "int8", str(out / "structured-int8"))
+    rng = random.Random(0)
+    with open(out / "cls.jsonl", "w") as f:
+        for _ in range(40):
+            lab = rng.choice(["good", "bad"])
+            f.write(json.dumps({"text": f"{lab} {lab} one", "label": lab}) + "\n")
+    tc = TrainConfig(max_steps=2, micro_batch=4, seq_len=64, warmup_steps=1, eval_every=2, save_every=2,
+                     tensorboard=False, device="cpu", log_every=1)
+    lora = LoRAConfig(rank=4, targets=("qkv", "up"))
+    for name, spec in (("lora-classify", FinetuneSpec("lora", "classify", lora)), ("full-classify", FinetuneSpec("full", "classify"))):
+        r = finetune(RunConfig(out=str(out / name), train=tc), base, spec, data=str(out / "cls.jsonl"), progress=False)
+        ckpts[name] = r.train.checkpoint
+    return ckpts
+
+
+def old_section(name: str, ckpts) -> dict:
+    raw = json.loads(json.dumps(OLD_SECTIONS[name]))
+    if "finetune" in raw and "base" in raw["finetune"]:
+        raw["finetune"]["base"] = str(ckpts["base"].resolve())
+    return raw
+
+
+@pytest.mark.parametrize("name", list(OLD_SECTIONS))
+def test_sections_are_written_as_before(made, name):
+    written = yaml.safe_load((made[name] / "config.yaml").read_text())
+    key = next(iter(OLD_SECTIONS[name]))
+    assert written[key] == old_section(name, made)[key]
+
+
+@pytest.mark.parametrize("name", list(OLD_SECTIONS))
+def test_checkpoints_with_config_files_written_before_load(made, tmp_path, name):
+    """The checkpoint's config.yaml replaced by one whose section is the pre-typed text: same model, same logits."""
+    old = tmp_path / name
+    shutil.copytree(made[name], old)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump({**raw, **old_section(name, made)}, sort_keys=False))
+    load = load_classifier if name.endswith("classify") else load_checkpoint
+    new_model, _, new_cfg = load(made[name])
+    old_model, _, old_cfg = load(old)
+    assert (old_cfg.compression, old_cfg.finetune) == (new_cfg.compression, new_cfg.finetune)
+    x = torch.randint(0, 300, (2, 16))
+    torch.testing.assert_close(old_model(x), new_model(x), rtol=0, atol=0)
+
+
+def test_typed_sections_read_what_the_commands_did(made):
+    q = read_config(made["int4"]).compression
+    assert isinstance(q, CompressionConfig) and q.quantized and q.pruning is None
+    assert (q.quantization.method, q.quantization.group_size, q.quantization.packing) == ("int4", 32, "group-halves")
+    both = read_config(made["structured-int8"]).compression
+    assert both.pruning.heads == "4->2" and both.quantization.method == "int8"
+    ft = read_config(made["lora-classify"]).finetune
+    assert isinstance(ft, FinetuneConfig) and ft.lora.targets == ("qkv", "up") and ft.labels == ["bad", "good"]
+    assert read_config(made["base"]).compression is None and read_config(made["base"]).finetune is None
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"compression": {"quantization": {"mehtod": "int8"}}}, "unknown key compression.quantization.'mehtod'"),
+    ({"compression": {"quantization": {"method": "int3"}}}, "compression.quantization.method: 'int3' is not one of"),
+    ({"compression": {"pruning": {"method": "wanda"}}}, "compression.pruning: sparsity missing"),
+    ({"compression": {"pruning": {"method": "wanda", "sparsity": "half"}}}, "compression.pruning.sparsity: expected a number"),
+    ({"finetune": {"method": "lora", "task": "lm", "base": "b", "lora": {"rank": "x"}}}, "finetune.lora.rank: expected an integer"),
+    ({"finetune": {"method": "full", "task": "classify", "labels": "good,bad"}}, "finetune.labels: expected a list"),
+    ({"finetune": {"method": "lora", "task": "lm"}}, "method lora needs its lora settings and its base"),
+    ({"compression": ["int8"]}, "compression: expected a mapping"),
+])
+def test_a_bad_section_is_one_error_naming_the_key(made, tmp_path, section, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(made["base"], bad)
+    raw = yaml.safe_load((bad / "config.yaml").read_text())
+    (bad / "config.yaml").write_text(yaml.safe_dump({**raw, **section}, sort_keys=False))
+    with pytest.raises(GptforgeError, match=str(bad / "config.yaml")) as e:
+        load_checkpoint(bad)
+    assert message in str(e.value)
+
+
+def test_load_casts_to_a_dtype_and_refuses_an_unknown_one(made):
+    model, _, _ = load_checkpoint(made["base"], dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    auto, _, _ = load_checkpoint(made["base"], device="cpu", dtype="auto")
+    assert {p.dtype for p in auto.parameters()} == {torch.float32}  # auto is bf16 only on CUDA
+    with pytest.raises(GptforgeError, match="unknown dtype 'float8'; use auto, float32, bfloat16, float16"):
+        load_checkpoint(made["base"], dtype="float8")
+
+
+def test_load_refuses_the_wrong_kind_of_checkpoint(made):
+    with pytest.raises(GptforgeError, match="is a classifier, not a language model"):
+        load_checkpoint(made["full-classify"])
+    with pytest.raises(GptforgeError, match="is not a classifier"):
+        load_classifier(made["int8"])
+
+
+def test_one_device_function():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_device(None) == resolve_device("auto")
+    with pytest.raises(GptforgeError, match="--device: unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GptforgeError, match="--train.device is 'cuda' but no CUDA device is available; use --train.device cpu"):
+            resolve_device("cuda", flag="--train.device")
