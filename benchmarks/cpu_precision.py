@@ -22,6 +22,7 @@ def one_run(dtype: str) -> None:
     from gptforge.config import TrainConfig, model_preset
     from gptforge.model import GPT
     from gptforge.optim import build_optimizer
+    from gptforge.precision import resolve_bf16_gemm, widen_bf16
     from gptforge.train import autocast, next_token_loss
 
     torch.manual_seed(0)
@@ -31,6 +32,8 @@ def one_run(dtype: str) -> None:
     x = torch.randint(0, cfg.vocab_size, (16, 256))
     y = torch.randint(0, cfg.vocab_size, (16, 256))
     amp = torch.bfloat16 if dtype == "bf16" else None
+    if amp is not None and resolve_bf16_gemm("auto", "bf16", torch.device("cpu")) == "widened":
+        widen_bf16(model)  # as train builds it with train.bf16_gemm auto
     times = []
     for i in range(7):
         t0 = time.perf_counter()

@@ -38,13 +38,14 @@ def batches(data_dir: str, n: int):
     return [sampler.batch(k) for k in range(n)]
 
 
-def run_ours(precision: str, data_dir: str, compile_: bool) -> dict:
+def run_ours(precision: str, data_dir: str, compile_: bool, gemm: str = "auto") -> dict:
     import torch
 
     from gptforge.config import ModelConfig, TrainConfig
     from gptforge.distributed import apply_compile
     from gptforge.model import GPT
     from gptforge.optim import build_optimizer
+    from gptforge.precision import resolve_bf16_gemm, widen_bf16
     from gptforge.train import autocast_dtype, forward_backward, next_token_loss
 
     torch.manual_seed(0)
@@ -55,6 +56,8 @@ def run_ours(precision: str, data_dir: str, compile_: bool) -> dict:
     opt = build_optimizer(model, TrainConfig(), "cpu")
     device = torch.device("cpu")
     amp = autocast_dtype(precision, device)
+    if amp == torch.bfloat16 and resolve_bf16_gemm(gemm, precision, device) == "widened":
+        widen_bf16(model)  # as train builds it (train.bf16_gemm)
     fwd, loss_fn = model, next_token_loss
     t_compile = 0.0
     if compile_:
@@ -107,8 +110,8 @@ def _accepts_attn(cls) -> bool:
     return "attn_implementation" in inspect.signature(cls.__init__).parameters
 
 
-def one(which: str, precision: str, data_dir: str, compile_: bool) -> None:
-    res = run_ours(precision, data_dir, compile_) if which == "ours" else run_hf(precision, data_dir)
+def one(which: str, precision: str, data_dir: str, compile_: bool, gemm: str) -> None:
+    res = run_ours(precision, data_dir, compile_, gemm) if which == "ours" else run_hf(precision, data_dir)
     res["tokens_per_s"] = MICRO_BATCH * SEQ / res["step_s"]
     print(json.dumps(res))
 
@@ -122,7 +125,7 @@ def main() -> None:
 
     from gptforge.data import prepare
     from gptforge.hardware import probe_matmul_flops
-    from gptforge.precision import widen_bf16_gemm
+    from gptforge.precision import measure_bf16_gemm
 
     with tempfile.TemporaryDirectory() as d:
         prepare(["shakespeare"], d, vocab_size=SHAPE["vocab_size"], progress=False)
@@ -131,7 +134,7 @@ def main() -> None:
             "ours fp32": me + ["ours", "fp32", d], "hf fp32": me + ["hf", "fp32", d],
             "ours bf16": me + ["ours", "bf16", d], "hf bf16": me + ["hf", "bf16", d],
             # the same bf16 autocast step with oneDNN's bf16 GEMMs forced (see gptforge/precision.py)
-            "ours bf16 native-gemm": ["env", "GPTFORGE_BF16_GEMM=native"] + me + ["ours", "bf16", d],
+            "ours bf16 native-gemm": me + ["ours", "bf16", d, "gemm=native"],
             "ours bf16-pure": me + ["ours", "bf16-pure", d],
         }
         if args.compile:
@@ -141,7 +144,7 @@ def main() -> None:
 
     flops_per_token = ModelConfig(**SHAPE).flops_per_token(SEQ)
     peaks = {"fp32": probe_matmul_flops("fp32"), "bf16": probe_matmul_flops("bf16")}
-    widened = widen_bf16_gemm()  # what "ours bf16" chose on this CPU (the same probe as in its process)
+    widened = measure_bf16_gemm() == "widened"  # what "ours bf16" chose on this CPU (the same probe as in its process)
     for name, r in res.items():
         # bf16 autocast with widened GEMMs runs on the fp32 kernels: its share is of the fp32 peak
         dtype = "fp32" if "fp32" in name or (name == "ours bf16" and widened) else "bf16"
@@ -160,6 +163,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        one(sys.argv[2], sys.argv[3], sys.argv[4], len(sys.argv) > 5 and sys.argv[5] == "compile")
+        extra = sys.argv[5:]  # "compile", "gemm=native|widened" (train.bf16_gemm)
+        one(sys.argv[2], sys.argv[3], sys.argv[4], "compile" in extra,
+            next((a[len("gemm="):] for a in extra if a.startswith("gemm=")), "auto"))
     else:
         main()

@@ -18,7 +18,6 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from gptforge.errors import GptforgeError
-from gptforge.precision import WidenedBF16, widened_active
 
 
 @dataclass(frozen=True)
@@ -92,20 +91,10 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
         def forward(*args, _inner=inner, **kwargs):
             if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
                 return _inner(*args, **kwargs)
-            # Compiled, the recomputation is the traced graph itself, and torch.compile accepts no context_fn.
-            if widened_active() and not torch.compiler.is_compiling():
-                return checkpoint(_inner, *args, use_reentrant=False, context_fn=_recompute_widened, **kwargs)
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
     return model
-
-
-def _recompute_widened():
-    """Checkpoint contexts (forward, recomputation) for a block run under CPU bf16's widened matmuls
-    (precision.WidenedBF16): torch restores autocast for the recomputation but not torch-function modes, and
-    without the mode the recomputation would save other tensors than the forward did, which torch refuses."""
-    return contextlib.nullcontext(), WidenedBF16()
 
 
 def apply_ddp(model: nn.Module, d: Dist) -> nn.Module:

@@ -71,6 +71,9 @@ class CausalSelfAttention(nn.Module):
         self.value_gate = nn.Parameter(torch.empty(1)) if value_gate else None
         self.dropout = cfg.dropout
         self.resid_drop = make_dropout(cfg.dropout)
+        # The attention function, chosen once: PyTorch's SDPA, or precision.widened_sdpa for CPU bf16 runs whose
+        # bf16 GEMM is the slow one (precision.widen_bf16 sets it).
+        self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
                 ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv is None:
-            y = F.scaled_dot_product_attention(
+            y = self.sdpa(
                 q, k, v,
                 attn_mask=mask,
                 dropout_p=self.dropout if self.training else 0.0,

@@ -5,32 +5,34 @@ forward (training and evaluation) runs under.
 
 On a CPU without AMX, oneDNN's bf16 GEMM can run at half the rate of the fp32 one (measured here: 148 vs 290
 GFLOP/s, docs/BENCHMARKS.md), although the two compute the same thing: a product of two bf16 numbers is exact
-in fp32 (8-bit significands, 16-bit product), and oneDNN accumulates bf16 products in fp32. So under bf16
-autocast on such a CPU, `autocast` also enters `WidenedBF16`, a torch-function mode that runs each `F.linear`
-and `F.scaled_dot_product_attention` as autocast would (operands rounded to bf16, result rounded to bf16, and
-in backward the gradients rounded where autocast rounds them) but with the bf16 operands widened to fp32 for
-the fp32 kernels. The results equal native bf16 autocast up to the order of the fp32 additions (a bf16 ulp at
-most, tested), activations saved for backward stay bf16 for the linears, and the model file knows nothing of
-it. Whether to widen is decided by measuring both once per process (`widen_bf16_gemm`);
-GPTFORGE_BF16_GEMM=native|widened overrides the measurement.
+in fp32 (8-bit significands, 16-bit product), and oneDNN accumulates bf16 products in fp32. So `widen_bf16`
+swaps a model's Linears, tied head and attention for versions that, under CPU bf16 autocast, run as autocast
+would (operands rounded to bf16, result rounded to bf16, and in backward the gradients rounded where autocast
+rounds them) but with the bf16 operands widened to fp32 for the fp32 kernels. The results equal native bf16
+autocast up to the order of the fp32 additions (a bf16 ulp at most, tested), activations saved for backward stay
+bf16 for the linears, and the state dict is unchanged. Outside CPU bf16 autocast the swapped modules compute
+exactly what the plain ones do.
+
+Whether to widen is the run's `train.bf16_gemm` (native | widened | auto); `resolve_bf16_gemm` turns auto into
+a choice by timing both once per process (`measure_bf16_gemm`), and train records that choice in the run's saved
+config, so a rerun of that config takes the same numerics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import os
-import threading
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from gptforge.errors import GptforgeError
+from gptforge.model import CausalSelfAttention, TiedHead
 
 BF16 = torch.bfloat16
+BF16_GEMMS = ("auto", "native", "widened")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -49,26 +51,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to `dtype` on `device` (nothing for None), with bf16 matmuls widened where that is faster."""
+    """Autocast to `dtype` on `device`, or nothing for None. (Widened bf16 matmuls are the model's own modules,
+    swapped in by `widen_bf16`, not part of this context.)"""
     if dtype is None:
         return contextlib.nullcontext()
-    if device.type == "cpu" and dtype == BF16 and widen_bf16_gemm():
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast("cpu", dtype=BF16))
-        stack.enter_context(WidenedBF16())
-        return stack
     return torch.autocast(device.type, dtype=dtype)
 
 
+def resolve_bf16_gemm(choice: str, precision: str, device: torch.device) -> str:
+    """`train.bf16_gemm` as a run uses it: native or widened for bf16 autocast on CPU (auto measured here, once per
+    process), and `choice` unchanged where it does not apply (other precisions, other devices)."""
+    if choice not in BF16_GEMMS:
+        raise GptforgeError(f"train.bf16_gemm {choice!r}; use auto, native or widened")
+    if choice != "auto" or device.type != "cpu" or resolve_precision(precision, device) != "bf16":
+        return choice
+    return measure_bf16_gemm()
+
+
 @functools.cache
-def widen_bf16_gemm() -> bool:
-    """True if this CPU multiplies bf16 matrices faster through fp32 GEMMs on widened operands than through its
-    own bf16 GEMM: GPTFORGE_BF16_GEMM=widened|native decides, otherwise one measurement of each (~0.2 s)."""
-    choice = os.environ.get("GPTFORGE_BF16_GEMM", "auto")
-    if choice not in ("auto", "native", "widened"):
-        raise GptforgeError(f"GPTFORGE_BF16_GEMM={choice!r}; use auto, native or widened")
-    if choice != "auto":
-        return choice == "widened"
+def measure_bf16_gemm() -> str:
+    """"widened" if this CPU multiplies bf16 matrices faster through fp32 GEMMs on widened operands than through
+    its own bf16 GEMM, else "native": one measurement of each (~0.2 s)."""
     # A training-sized product (a micro-batch of 1024 positions through a 1024-wide layer), with the widening
     # and the rounding of the result counted against the widened path.
     gen = torch.Generator().manual_seed(0)
@@ -83,7 +86,7 @@ def widen_bf16_gemm() -> bool:
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return best["widened"] < best["native"]
+    return "widened" if best["widened"] < best["native"] else "native"
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -125,49 +128,63 @@ def _rounded(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(BF16).float()
 
 
-def widened_active() -> int:
-    """Non-zero while a WidenedBF16 mode is entered in this thread. A block recomputed by activation
-    checkpointing must take the same path as its forward did (same saved tensors), and the recomputation runs
-    in backward, outside the forward's context: distributed.apply_activation_checkpointing re-enters it."""
-    return getattr(WidenedBF16._active, "depth", 0)
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16
 
 
-_SDPA_SIGNATURE = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                    scale=None, enable_gqa=False: None)
+def widened_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b); under CPU bf16 autocast, as autocast computes it but on fp32 kernels."""
+    if x.device.type == "cpu" and x.is_floating_point() and _bf16_autocast():
+        return _WidenedLinear.apply(x, w, b)
+    return F.linear(x, w, b)
 
 
-class WidenedBF16(TorchFunctionMode):
-    """Under CPU bf16 autocast: F.linear and scaled-dot-product attention on fp32 kernels with bf16 operands
-    (see the module docstring). Every other function runs untouched."""
+def widened_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None, dropout_p=0.0,
+                 is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
+    """F.scaled_dot_product_attention; under CPU bf16 autocast, on fp32 kernels with bf16-rounded operands."""
+    kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if query.device.type != "cpu" or not _bf16_autocast():
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kw)
+    with torch.autocast("cpu", enabled=False):
+        # Attention saves its inputs for backward: these are fp32 copies (autograd owns the casts), twice what
+        # native bf16 attention keeps, for ~1.6x the speed on such CPUs.
+        y = F.scaled_dot_product_attention(_rounded(query), _rounded(key), _rounded(value),
+                                           attn_mask=_rounded(attn_mask), **kw)
+    return y.to(BF16)
 
-    _active = threading.local()  # how many are entered in this thread: activation checkpointing asks
 
-    def __enter__(self):
-        WidenedBF16._active.depth = widened_active() + 1
-        return super().__enter__()
+class WidenedLinear(nn.Linear):
+    """An nn.Linear (the same parameters) whose product runs `widened_linear`."""
 
-    def __exit__(self, *exc):
-        WidenedBF16._active.depth = widened_active() - 1
-        return super().__exit__(*exc)
+    @classmethod
+    def of(cls, m: nn.Linear) -> "WidenedLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.weight, new.bias = m.in_features, m.out_features, m.weight, m.bias
+        new.training = m.training
+        return new
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != BF16:
-            return func(*args, **kwargs)
-        if func is F.linear:
-            x, w, *rest = args
-            b = rest[0] if rest else kwargs.get("bias")
-            if x.device.type == "cpu" and x.is_floating_point():
-                return _WidenedLinear.apply(x, w, b)
-        elif func is F.scaled_dot_product_attention:
-            bound = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
-            q, k, v = (bound.pop(n) for n in ("query", "key", "value"))
-            if q.device.type == "cpu":
-                mask = bound.pop("attn_mask", None)
-                with torch.autocast("cpu", enabled=False):
-                    # Attention saves its inputs for backward: these are fp32 copies (autograd owns the
-                    # casts), twice what native bf16 attention keeps, for ~1.6x the speed on such CPUs.
-                    y = F.scaled_dot_product_attention(_rounded(q), _rounded(k), _rounded(v),
-                                                       attn_mask=_rounded(mask), **bound)
-                return y.to(BF16)
-        return func(*args, **kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return widened_linear(x, self.weight, self.bias)
+
+
+class WidenedTiedHead(TiedHead):
+    """A tied head whose product with the token table runs `widened_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return widened_linear(x, self.table.weight)
+
+
+def widen_bf16(model: nn.Module) -> nn.Module:
+    """Swap (in place) every plain nn.Linear for a WidenedLinear, a tied head for a WidenedTiedHead and each
+    attention's SDPA for `widened_sdpa`: for a run whose `train.bf16_gemm` resolved to widened. Parameters and
+    state dict keys are unchanged; other Linear kinds (LoRA's) keep autocast's native bf16 GEMM."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, WidenedLinear.of(child))
+            elif type(child) is TiedHead:
+                setattr(parent, name, WidenedTiedHead(child.table))
+            elif isinstance(child, CausalSelfAttention):
+                child.sdpa = widened_sdpa
+    return model

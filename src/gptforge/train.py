@@ -38,7 +38,7 @@ from gptforge.load import load_checkpoint
 from gptforge.outputs import check_not_input, is_artifact
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
-from gptforge.precision import autocast, autocast_dtype, resolve_precision
+from gptforge.precision import autocast, autocast_dtype, resolve_bf16_gemm, resolve_precision, widen_bf16
 
 IGNORE_INDEX = -100  # targets with this value (padding, prompt tokens) never count toward the loss
 EVAL_SEED = 0  # validation windows are the same in every evaluation and every run, so losses compare
@@ -330,6 +330,8 @@ def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_sta
         apply_activation_checkpointing(raw)
     if prepare_model is not None:
         raw = prepare_model(raw)
+    if amp == torch.bfloat16 and resolve_bf16_gemm(tc.bf16_gemm, precision, d.device) == "widened":
+        widen_bf16(raw)  # CPU bf16 autocast on fp32 GEMMs (precision.py); after LoRA, which swaps plain Linears
     model = raw
     if parallel == "ddp":
         model = apply_ddp(raw, d)
@@ -444,6 +446,7 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
         torch.set_num_threads(tc.threads)
     device = d.device
     precision = resolve_precision(tc.precision, device)
+    bf16_gemm = resolve_bf16_gemm(tc.bf16_gemm, precision, device)  # auto is timed here and recorded below
     parallel = _parallel(tc, d)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere and later)
@@ -476,7 +479,7 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
             "step", "tokens_seen", "skipped_steps", "best_val_loss", "stale_evals"))
         reporter.note(f"resumed from {ckpt} at step {step}")
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision, bf16_gemm=bf16_gemm))
     if d.is_main:
         cfg.save(run_dir / "config.yaml")
     metrics = Metrics(run_dir, step, tc.tensorboard, reporter.note) if d.is_main else None
