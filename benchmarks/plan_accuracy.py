@@ -1,7 +1,7 @@
 """How close `gptforge plan` is to measurement, configuration by configuration.
 
 On any machine: activation bytes predicted vs the distinct storages autograd saves (saved_tensors_hooks) and
-model-state bytes vs the tensors held after one AdamW step. On CUDA, in addition: the predicted peak vs
+model-state bytes vs the tensors held after one AdamW (and one Muon+AdamW) step. On CUDA, in addition: the predicted peak vs
 torch.cuda.max_memory_allocated over a real training step (second micro-batch of an accumulated step), and
 whether the "fits" verdict would have been wrong on the unsafe side.
 
@@ -67,9 +67,9 @@ def hooks_bytes(cfg, b, t, precision, ckpt, device):
     return sum(seen.values())
 
 
-def state_bytes(cfg, precision, device):
+def state_bytes(cfg, precision, device, optimizer="adamw"):
     model = build(cfg, precision, False, device)
-    opt = build_optimizer(model, TrainConfig(), device.type)
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer), device.type)
     loss_of(model, torch.randint(0, cfg.vocab_size, (2, 16), device=device), precision).backward()
     opt.step()
     tensors = [t for p in model.parameters() for t in (p, p.grad)]
@@ -118,14 +118,15 @@ def main() -> None:
         print(f"| {name} | {b} x {t} | {prec} | {attn} | {'yes' if ckpt else 'no'} | {predicted / 2**20:.2f} | "
               f"{measured / 2**20:.2f} | {err:+.1%} |")
     print(f"\nactivations: worst |error| {worst:.1%} over {len(cases)} configurations\n")
-    print("| model | precision | predicted MiB | measured MiB | error |")
-    print("|---|---|---|---|---|")
+    print("| model | optimizer | precision | predicted MiB | measured MiB | error |")
+    print("|---|---|---|---|---|---|")
     for cfg, name in ((GPT2ISH, "gpt2-like"), (LLAMAISH, "llama-like")):
-        for prec in ("fp32", "bf16", "bf16-pure"):
-            s = model_state_bytes(cfg, prec, "adamw")
-            predicted, measured = s.weights + s.gradients + s.optimizer, state_bytes(cfg, prec, cpu)
-            print(f"| {name} | {prec} | {predicted / 2**20:.3f} | {measured / 2**20:.3f} | "
-                  f"{(predicted - measured) / measured:+.2%} |")
+        for opt in ("adamw", "muon"):
+            for prec in ("fp32", "bf16", "bf16-pure"):
+                s = model_state_bytes(cfg, prec, opt)
+                predicted, measured = s.weights + s.gradients + s.optimizer, state_bytes(cfg, prec, cpu, opt)
+                print(f"| {name} | {opt} | {prec} | {predicted / 2**20:.3f} | {measured / 2**20:.3f} | "
+                      f"{(predicted - measured) / measured:+.2%} |")
     if args.cuda:
         dev = torch.device("cuda")
         hw = get_hardware("h100-sxm")
