@@ -42,6 +42,10 @@ def _is_report(p: Path) -> bool:
     return (p / "index.html").is_file() and any(p.glob("*.png"))
 
 
+def _is_curated(p: Path) -> bool:
+    return (p / "meta.json").is_file() and (p / "report.json").is_file()
+
+
 def _is_demo(p: Path) -> bool:
     return _is_data(p / "data") or _is_run(p / "run")
 
@@ -54,6 +58,7 @@ KINDS: dict[str, tuple[str, str, Callable[[Path], bool]]] = {
     "run": ("a run directory", "config.yaml with checkpoints/ or metrics.jsonl", _is_run),
     "report": ("a report folder", "index.html and PNG plots", _is_report),
     "demo": ("a demo folder", "data/meta.json or run/checkpoints", _is_demo),
+    "curated": ("a curated-corpus folder", "meta.json and report.json", _is_curated),
 }
 
 
