@@ -13,11 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.config import ModelConfig, PlanConfig, TrainConfig
+from gptforge.distributed import apply_activation_checkpointing
 from gptforge.errors import GptforgeError
+from gptforge.generate import generate_tokens
 from gptforge.hardware import (device_hardware, get_hardware, probe_copy_bandwidth, probe_matmul_flops,
                                resolve_device)
+from gptforge.model import GPT
+from gptforge.optim import build_optimizer
 from gptforge.plan import make_plan, matmul_weights
-from gptforge.precision import autocast_dtype, resolve_bf16_gemm, resolve_precision, widen_bf16
+from gptforge.precision import autocast, autocast_dtype, resolve_bf16_gemm, resolve_precision, widen_bf16
+from gptforge.train import forward_backward, next_token_loss
+
 
 @dataclass
 class Row:
@@ -58,10 +64,6 @@ def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = TrainConfig
           seq_len: int | None = None, steps: int = 3, decode_tokens: int = 32, hardware: str | None = None,
           mfu: float = PlanConfig.mfu) -> list[Row]:
     """Measure and compare; `precision` takes train.precision's names (auto as train resolves it)."""
-    from gptforge.generate import generate_tokens
-    from gptforge.model import GPT
-    from gptforge.optim import build_optimizer
-
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)  # an unknown name is refused by PlanConfig below
     amp = autocast_dtype(precision, dev)
@@ -159,11 +161,6 @@ def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> l
     gradients and optimizer states held after a step, plus the storages autograd saves for backward in one
     micro-batch (`saved_tensors_hooks`); the plan's transient term is left out of that comparison.
     """
-    from gptforge.distributed import apply_activation_checkpointing
-    from gptforge.model import GPT
-    from gptforge.optim import build_optimizer
-    from gptforge.train import autocast, autocast_dtype, forward_backward, next_token_loss
-
     dev = resolve_device(device)
     if pc.world_size > 1:
         raise GptforgeError("--measure runs on this one device; give --world-size 1 (and --nodes 1) to check the "
