@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,8 +279,12 @@ class PrepareStats:
 
 def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None, vocab_size: int = 4096,
             val_fraction: float = 0.05, seed: int = 1337, text_field: str = "text",
-            shard_tokens: int = 100_000_000, progress: bool = True, overwrite: bool = False) -> PrepareStats:
+            shard_tokens: int = 100_000_000, progress: bool = True, overwrite: bool = False,
+            curate: Callable[[list[Document]], tuple[list[Document], dict]] | None = None) -> PrepareStats:
     """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards.
+
+    `curate`, when given, maps the documents read to the documents kept and a summary stored in meta.json
+    (`gptforge prepare --curate` passes gptforge.curate's steps; they sit above this module, so they come in).
 
     `out` is checked before any reading (outputs.check_out: not a file, not a source, not a non-empty folder
     unless `overwrite` and it is an earlier prepare's); everything is written to a temporary sibling that
@@ -289,6 +293,11 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
     out = check_out(out, "data", overwrite=overwrite,
                     inputs=[s for s in sources if Path(s).exists()] + ([tokenizer] if tokenizer else []))
     docs, warnings, empty = _read_sources(sources, text_field)
+    curated = None
+    if curate is not None:
+        docs, curated = curate(docs)
+        if not docs:
+            raise GptforgeError("curation removed every document; see `gptforge curate SOURCE --dry-run` for why")
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
 
     t0 = time.perf_counter()
@@ -312,6 +321,7 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
             "val_fraction": val_fraction,
             "sources": list(sources),
             "splits": splits,
+            **({"curate": curated} if curated is not None else {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return PrepareStats(
