@@ -418,6 +418,8 @@ def test_plan_cli_reads_a_run_config(capsys):
     assert main(["plan", "configs/speedrun.yaml", "--optimizer", "adamw", "--micro-batch", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["config"]["optimizer"], out["config"]["micro_batch"]) == ("adamw", 4)
+    assert main(["plan", "configs/speedrun.yaml", "--tokens", "run", "--json"]) == 0  # its 150 steps of 16 x 256
+    assert json.loads(capsys.readouterr().out)["throughput"]["train_tokens"] == 150 * 16 * 256
     assert main(["plan", "gpt2", "--optimizer", "sgd"]) == 2
     assert "train.optimizer: 'sgd' is not one of adamw, muon" in capsys.readouterr().err
 

@@ -196,7 +196,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         from gptforge.hardware import device_hardware, resolve_device
 
         given["hardware"] = device_hardware(resolve_device(args.device)).name
-    pc = plan_config_from_run(load_run_config(args.model), tokens=parse_tokens(args.tokens), **given)
+    run_budget = args.tokens.lower() == "run"  # the run's max_steps / max_tokens
+    pc = plan_config_from_run(load_run_config(args.model), run_budget,
+                              tokens=None if run_budget else parse_tokens(args.tokens), **given)
     plan = make_plan(pc)
     if args.recommend:
         plan.recommendation = recommend(pc, plan.hardware, args.deadline)
@@ -523,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model preset (train's defaults) or a Hugging Face config.json; the flags below override it")
     add_field_flags(p, PlanConfig)  # --seq-len ... --mfu: PlanConfig's fields, spelled as TrainConfig's
     p.add_argument("--tokens", default="chinchilla",
-                   help="training budget: a count like 300B or 2e9, or chinchilla = 20 per parameter (default)")
+                   help="training budget: a count like 300B or 2e9, run = the run's own (train.max_steps or "
+                        "max_tokens, whichever stops it first), or chinchilla = 20 per parameter (default)")
     p.add_argument("--recommend", action="store_true",
                    help="also recommend micro-batch, accumulation, checkpointing/FSDP and the cheapest hardware")
     p.add_argument("--deadline", type=float, metavar="HOURS",

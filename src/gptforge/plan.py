@@ -536,15 +536,19 @@ TRAIN_FIELDS = {"seq_len": "seq_len", "micro_batch": "micro_batch", "precision":
                 "parallel": "parallel", "fsdp_strategy": "fsdp_strategy", "checkpointing": "activation_checkpointing"}
 
 
-def plan_config_from_run(run: RunConfig, **fields: Any) -> PlanConfig:
+def plan_config_from_run(run: RunConfig, run_budget: bool = False, **fields: Any) -> PlanConfig:
     """Plan `run` as `gptforge train` would run it on `world_size` devices. `fields` (PlanConfig's) override the
     run's settings, checked as --train.FIELD overrides are. Without global_batch, the step is train.batch_tokens
-    split as the loop splits it (TrainConfig.micro_batches_per_step), or one micro-batch per device."""
+    split as the loop splits it (TrainConfig.micro_batches_per_step), or one micro-batch per device.
+    run_budget: the token budget is the run's own, where train stops first: max_steps steps or max_tokens."""
     shared = {TRAIN_FIELDS[k]: fields.pop(k) for k in list(fields) if k in TRAIN_FIELDS}
     tc: TrainConfig = update_dataclass(run.train, shared, "train.")
     seq_len = tc.seq_len or run.model.block_size
     if fields.get("global_batch") is None:
         fields["global_batch"] = tc.micro_batch * tc.micro_batches_per_step(seq_len, fields.get("world_size", 1))
+    if run_budget:
+        steps = tc.max_steps * fields["global_batch"] * seq_len
+        fields["tokens"] = min(steps, tc.max_tokens) if tc.max_tokens else steps
     return PlanConfig(run.model, seq_len=seq_len, micro_batch=tc.micro_batch, precision=tc.precision,
                       optimizer=tc.optimizer, checkpointing=tc.activation_checkpointing, parallel=tc.parallel,
                       fsdp_strategy=tc.fsdp_strategy, **fields)
