@@ -18,7 +18,7 @@ from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
 from gptforge.data import TokenData, prepare
 from gptforge.errors import GptforgeError
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.model import GPT
 
 SMALL_TRAIN = TrainConfig(micro_batch=4, seq_len=32, eval_batches=2, log_every=1, tensorboard=False, warmup_steps=1)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from gptforge.checkpoint import checkpoint_problem, consolidate, resolve_checkpoint
 from gptforge.config import TrainConfig
 from gptforge.errors import GptforgeError
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

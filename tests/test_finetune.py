@@ -18,7 +18,7 @@ from gptforge.errors import GptforgeError
 from gptforge.finetune.data import ChatData, ClassifyData, chat_example, pack
 from gptforge.finetune.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from gptforge.finetune.run import FinetuneSpec, classify_texts, finetune
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.model import GPT
 from gptforge.tokenizer import EOS, Tokenizer
 

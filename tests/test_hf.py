@@ -16,7 +16,7 @@ from gptforge.config import ModelConfig, RunConfig, model_preset  # noqa: E402
 from gptforge.errors import GptforgeError  # noqa: E402
 from gptforge.generate import complete  # noqa: E402
 from gptforge.hf import choose_format, export_hf, import_hf  # noqa: E402
-from gptforge.load import load_checkpoint  # noqa: E402
+from gptforge.loader import load_checkpoint  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
 from gptforge.tokenizer import Tokenizer  # noqa: E402
 

@@ -23,7 +23,7 @@ LAYERS = {
     "compress": 4, "compress.quantize": 4, "compress.prune": 4, "finetune": 4, "finetune.lora": 4,
     "finetune.head": 4, "finetune.data": 4,
     # 5: checkpoint -> ready model
-    "load": 5,
+    "loader": 5,  # not "load": that name is the package's own gptforge.load(), which a submodule would shadow
     # 6: what runs a model: the loop, decoding, planning, evaluation, and the verbs built on them
     "train": 6, "sampling": 6, "kvcache": 6, "text": 6, "generate": 6, "engine": 6, "plan": 6, "eval": 6,
     "compress.evaluate": 6, "compress.distill": 6, "compress.run": 6, "finetune.run": 6, "curate": 6,
@@ -37,9 +37,9 @@ LAYERS = {
 # when an edge here is gone, so that its line goes too.
 ALLOWED = {
     # export_hf (read a checkpoint, write an HF folder) is a verb beside the declarative key maps, and loads its
-    # input through gptforge.load: moving it into a verb module above load (as compress/run.py holds quantize's
+    # input through gptforge.loader: moving it into a verb module above it (as compress/run.py holds quantize's
     # and prune's) removes this line.
-    ("hf", "load"): "export_hf loads the checkpoint it converts",
+    ("hf", "loader"): "export_hf loads the checkpoint it converts",
 }
 
 
@@ -97,6 +97,12 @@ def graph() -> dict[str, set[str]]:
 def test_every_module_has_a_layer():
     unplaced = [m for m in modules() if m and not any(m == k or m.startswith(k + ".") for k in LAYERS if k)]
     assert not unplaced, f"add these modules to LAYERS (and to DESIGN.md's layer list): {unplaced}"
+
+
+def test_no_module_shadows_the_package_api():
+    """Importing a submodule sets the package's attribute of that name: a `gptforge/load.py` would replace
+    `gptforge.load()` as soon as anything imported it."""
+    assert not [name for name in gptforge.__all__ if name in modules()]
 
 
 def test_no_import_goes_up_a_layer():

@@ -1,4 +1,4 @@
-"""gptforge.load, the one loading path: checkpoints whose config.yaml was written before the `compression` and
+"""gptforge.loader, the one loading path: checkpoints whose config.yaml was written before the `compression` and
 `finetune` sections were typed still load (quantized, pruned, LoRA, classifier), today's files write those sections
 exactly as before, a bad section is one clear error naming the key, and devices and dtypes resolve in one place."""
 
@@ -18,7 +18,7 @@ from gptforge.config import CompressionConfig, FinetuneConfig, LoRAConfig, Model
 from gptforge.errors import GptforgeError
 from gptforge.finetune.run import FinetuneSpec, finetune
 from gptforge.hardware import resolve_device
-from gptforge.load import load_checkpoint, load_classifier
+from gptforge.loader import load_checkpoint, load_classifier
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 

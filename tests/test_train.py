@@ -10,7 +10,7 @@ from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import prepare
 from gptforge.errors import GptforgeError
 from gptforge.generate import generate
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.optim import lr_at
 from gptforge.train import train
 

@@ -1,5 +1,5 @@
 """Checkpoint directories, the file format: save unwrapped state atomically, find the latest valid one, read its
-config and trainer state. Building a model from one is gptforge.load's.
+config and trainer state. Building a model from one is gptforge.loader's.
 
 A run directory keeps `checkpoints/step-00000500/` folders, each holding
     model.safetensors   weights, unwrapped (no `_orig_mod.` / `module.` prefixes: nanoGPT issue #325)
@@ -243,7 +243,7 @@ def find_resumable(run_dir: str | Path, warn=None) -> Path | None:
 
 
 def read_config(ckpt: Path) -> RunConfig:
-    """The typed run config a checkpoint folder records (gptforge.load builds its model from it)."""
+    """The typed run config a checkpoint folder records (gptforge.loader builds its model from it)."""
     if not (ckpt / CONFIG_FILE).is_file():
         raise GptforgeError(f"checkpoint {ckpt} is incomplete: {CONFIG_FILE} is missing")
     return run_config_from_dict(load_yaml(ckpt / CONFIG_FILE), source=str(ckpt / CONFIG_FILE))

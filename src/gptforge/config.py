@@ -371,7 +371,7 @@ class PlanConfig:
 
 
 # --- the sections a checkpoint's config records about how its weights were made ------------------------------
-# gptforge.load reads them to build the model the weights fit: quantized modules, a pruned shape, LoRA adapters,
+# gptforge.loader reads them to build the model the weights fit: quantized modules, a pruned shape, LoRA adapters,
 # a class head. Fields left None are not written, so config.yaml holds what the command did and nothing else.
 
 def _section_dict(obj: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import BatchSampler, TokenData, prepare
 from gptforge.generate import generate
 from gptforge.hardware import resolve_device
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.model import GPT
 from gptforge.outputs import check_out, is_artifact
 from gptforge.optim import build_optimizer

@@ -39,7 +39,7 @@ from gptforge.corpora import shakespeare
 from gptforge.data import BatchSampler, split_documents
 from gptforge.errors import GptforgeError
 from gptforge.generate import complete
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.tokenizer import Tokenizer
 
 KINDS = ("choice", "cloze", "generate")

@@ -26,7 +26,7 @@ import torch.nn as nn
 from gptforge.errors import GptforgeError
 from gptforge.hardware import resolve_device
 from gptforge.kvcache import KVCache
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
 from gptforge.sampling import SamplingParams, TokenPicker, exp_noise, generator, policy_groups, token_logprobs
 from gptforge.text import TextRow, fit_prompts, prompt_ids, prompt_list, stop_ids
@@ -255,7 +255,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[str 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, Tokenizer]:
     """Model (eval mode) and tokenizer of a checkpoint folder or run directory, ready to generate.
 
-    dtype auto: bf16 on CUDA (decoding is bound by the bytes read per token), fp32 elsewhere (gptforge.load).
+    dtype auto: bf16 on CUDA (decoding is bound by the bytes read per token), fp32 elsewhere (gptforge.loader).
     """
     dev = resolve_device(device)
     model, tokenizer, _ = load_checkpoint(path, device=dev, dtype=dtype)

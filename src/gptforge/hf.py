@@ -370,11 +370,11 @@ CHATML_TEMPLATE = (
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str]:
     """Write a checkpoint as an HF folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline.
 
-    Returns (folder, architecture). A LoRA checkpoint is merged into its base first (gptforge.load does it).
+    Returns (folder, architecture). A LoRA checkpoint is merged into its base first (gptforge.loader does it).
     `out` follows outputs.check_out (`overwrite` replaces only an earlier export); written via a temporary folder.
     """
     from gptforge.checkpoint import read_config, resolve_checkpoint
-    from gptforge.load import load_checkpoint  # a verb above the key maps' layer (tests/test_layers.py ALLOWED)
+    from gptforge.loader import load_checkpoint  # a verb above the key maps' layer (tests/test_layers.py ALLOWED)
 
     dest = check_out(out, "hf", overwrite=overwrite, inputs=[checkpoint])
     ckpt = resolve_checkpoint(checkpoint)

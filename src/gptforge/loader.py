@@ -11,6 +11,8 @@ checkpoint.py owns the folder's format; this module turns one into a model, in f
      then the dtype, if one is asked for.
 A LoRA checkpoint holds only its adapters (and a class head): its base is loaded first through this same path,
 the adapters are swapped in and loaded on top, then merged into plain Linears.
+
+(Named `loader`, not `load`: importing a submodule `gptforge.load` would replace the package's `gptforge.load()`.)
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_co
 from gptforge.errors import GptforgeError
 from gptforge.eval import bits_per_byte, token_byte_lengths, window_bytes
 from gptforge.hardware import device_peak_flops, resolve_device
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.outputs import check_not_input, is_artifact
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at

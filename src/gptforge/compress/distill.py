@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
 from gptforge.hardware import resolve_device
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.train import next_token_loss, train
 
 IGNORE_INDEX = -100  # as in train.py: targets with this value never count

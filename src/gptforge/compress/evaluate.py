@@ -19,7 +19,7 @@ from gptforge.checkpoint import MODEL_FILE, resolve_checkpoint
 from gptforge.compress.quantize import QuantizedMatrix
 from gptforge.errors import GptforgeError
 from gptforge.native import decode_layout
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 
 
 def logical_params(model: torch.nn.Module) -> int:

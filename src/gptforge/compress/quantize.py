@@ -4,7 +4,7 @@ Compression is a state-dict transform plus a module swap (gpt-fast's `quantize.p
 `quantize_state_dict` turns fp32 matrices into integer codes and scales; `swap_modules` replaces each
 nn.Linear / nn.Embedding of a (meta-device) GPT with a module whose buffers have exactly those names, so the
 quantized file loads with `load_state_dict(assign=True)`. The checkpoint records what was done in the run
-config's `compression` section, and `gptforge.load` swaps before it loads: `generate` and `eval` need no change.
+config's `compression` section, and `gptforge.loader` swaps before it loads: `generate` and `eval` need no change.
 
 The output head is quantized too: it is the largest matrix of a small-vocabulary-heavy model (V x D). With
 tied embeddings the head *is* the token table, so the shared table is quantized once (rows are both the
@@ -280,7 +280,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None)
 
 
 def apply_compression(model: nn.Module, section: CompressionConfig | None) -> nn.Module:
-    """Prepare a freshly built (meta) GPT for a compressed checkpoint's state dict: the swap gptforge.load applies."""
+    """Prepare a freshly built (meta) GPT for a compressed checkpoint's state dict: the swap gptforge.loader applies."""
     q = None if section is None else section.quantization
     if q is None:
         return model

@@ -1,4 +1,4 @@
-"""`gptforge quantize` and `gptforge prune`: read a checkpoint through gptforge.load, transform it (quantize.py,
+"""`gptforge quantize` and `gptforge prune`: read a checkpoint through gptforge.loader, transform it (quantize.py,
 prune.py), write the same directory format with the `compression` section saying what was done.
 
 These verbs sit a layer above the transforms they run: they load checkpoints, and pruning's recovery trains
@@ -20,7 +20,7 @@ from gptforge.compress.quantize import check_method, quantize_model
 from gptforge.config import CompressionConfig, RunConfig, section_from_dict
 from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
-from gptforge.load import load_checkpoint
+from gptforge.loader import load_checkpoint
 from gptforge.outputs import check_out, is_artifact
 from gptforge.train import next_token_loss, train
 

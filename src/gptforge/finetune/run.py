@@ -4,9 +4,9 @@ the one training loop, `gptforge.train.train`, with the task's data source, loss
 What a fine-tuned checkpoint records in config.yaml's `finetune:` section, and how it loads:
   method full, task lm/chat   a plain checkpoint (every weight), loads anywhere.
   method lora                 model.safetensors holds only the adapter (lora_a/lora_b, and the class head);
-                              `finetune.base` names the base checkpoint; gptforge.load merges them.
+                              `finetune.base` names the base checkpoint; gptforge.loader merges them.
   task classify               the GPT's output head is a (classes, d_model) matrix read at the text's last
-                              token; `finetune.labels` names the classes. Loaded by `gptforge.load.load_classifier`.
+                              token; `finetune.labels` names the classes. Loaded by `gptforge.loader.load_classifier`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from gptforge.config import FinetuneConfig, LoRAConfig, RunConfig
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.finetune.data import (IGNORE_INDEX, ChatData, ClassifyBatch, ClassifyData, PackedBatch, collate,
                                     encode_text, eval_batches_for, read_labelled)
-from gptforge.load import apply_finetune, load_checkpoint, load_classifier
+from gptforge.loader import apply_finetune, load_checkpoint, load_classifier
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 from gptforge.train import claim_run_dir, next_token_loss, train
