@@ -116,7 +116,8 @@ def policy_groups(params: Sequence[SamplingParams]) -> list[tuple[SamplingParams
     return list(groups.values())
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, ...]:
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor,
+                   params: Sequence[SamplingParams]) -> tuple[torch.Tensor, ...]:
     """What the rows asked to see of the model's own distribution (before penalties and filters): () if no row
     asks; else the logprob of each chosen id (B,), and, if a row asks for alternatives, the top values and ids
     (B, k) for the largest k asked (each row keeps its own first k)."""
