@@ -282,3 +282,19 @@ def test_the_library_is_built_with_openmp():
         pytest.skip("readelf is not available here")
     out = subprocess.run(["readelf", "-d", str(native.library_path())], capture_output=True, text=True, check=True)
     assert "libgomp" in out.stdout
+
+
+def test_block_op_schema_is_named_and_the_same_on_both_sides():
+    """The block op's inputs are named once per side (schema.py's dataclasses, csrc/block.cpp's enums): the names
+    agree, in order, and a DecodeBlock's fields are its block's own tensors."""
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(native.BlockParams)] == list(torch.ops.gptforge_decode.param_fields())
+    assert [f.name for f in dataclasses.fields(native.BlockLayout)] == list(torch.ops.gptforge_decode.layout_fields())
+    model = native.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS["speedrun"])).eval())
+    block = model.blocks[0]
+    assert type(block) is native.DecodeBlock
+    p, layout = block.params, block.layout
+    assert p.qkv_weight is block.attn.qkv.weight and p.value_gate is block.attn.value_gate
+    assert p.q_norm_weight is block.attn.q_norm.weight and p.gate_weight is None and p.norm1_bias is None
+    assert (layout.n_head, layout.n_kv_head, layout.head_dim, layout.norm, layout.mlp) == (2, 1, 32, 0, 2)
