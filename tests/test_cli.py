@@ -12,7 +12,15 @@ from gptforge.cli import build_parser, main
 COMMON = {"--debug", "--no-progress", "-h", "--help"}
 EXPECTED = {
     "prepare": {"--out", "--tokenizer", "--vocab-size", "--val-fraction", "--seed", "--text-field", "--shard-tokens",
-                "--overwrite"},
+                "--overwrite", "--curate", "--dedup"},
+    "curate": {"--out", "--overwrite", "--dry-run", "--json", "--mix", "--seed", "--keep", "--rules", "--dedup", "--pii",
+               "--text-field", "--workers", "--jaccard", "--num-perm", "--shingle-words", "--boilerplate-min-chars",
+               "--boilerplate-min-docs", "--min-words", "--max-words", "--min-mean-word-length", "--max-mean-word-length",
+               "--max-symbol-ratio", "--min-alnum-ratio", "--max-bullet-lines", "--max-ellipsis-lines",
+               "--min-alpha-words", "--min-stop-words", "--max-dup-line-fraction", "--max-dup-line-chars",
+               "--max-dup-para-fraction", "--max-dup-para-chars", "--max-top-ngram", "--max-dup-ngram",
+               "--c4-min-line-words", "--c4-min-sentences", "--languages", "--min-language-score",
+               "--perplexity-model", "--max-perplexity"},
     "train": {"--config", "--model", "--data", "--out", "--resume", "--init-from", "--nproc"},
     "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device",
                  "--top-p", "--min-p", "--repetition-penalty", "--presence-penalty", "--frequency-penalty", "--stop",

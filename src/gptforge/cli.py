@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gptforge import __version__
 from gptforge.config import MODEL_PRESETS, PlanConfig, TrainConfig
+from gptforge.curate.config import DEDUP_STEPS, RULES, threshold_fields
 from gptforge.errors import GptforgeError
 
 
@@ -26,7 +27,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise GptforgeError("give either --tokenizer (use an existing one) or --vocab-size (train a new one), not both")
     stats = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size or 4096,
                     val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                    shard_tokens=args.shard_tokens, progress=not args.no_progress, overwrite=args.overwrite)
+                    shard_tokens=args.shard_tokens, progress=not args.no_progress, overwrite=args.overwrite,
+                    curate=_prepare_curate(args))
     console = Console(stderr=True)
     for w in stats.warnings:  # soft_wrap: a path in a warning stays on one line in logs (rich wraps at 80 there)
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -36,6 +38,50 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"bytes/token {stats.bytes_per_token:.2f}; tokenized {stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f} s "
           f"({stats.mb_per_s:.2f} MB/s); tokenizer {'loaded' if args.tokenizer else 'trained'} in {stats.tokenizer_seconds:.1f} s")
     print(f"wrote {args.out}/meta.json, tokenizer.json and the shards; next: gptforge train --data {args.out} --out runs/NAME")
+
+
+def _prepare_curate(args: argparse.Namespace):
+    """prepare's --curate (every default step) or --dedup (only the duplicates), as data.prepare's hook."""
+    from gptforge.curate import CurateConfig, curate_documents
+
+    if args.curate and args.dedup:
+        raise GptforgeError("give either --curate (filters, dedup and PII) or --dedup (duplicates only), not both")
+    if not (args.curate or args.dedup):
+        return None
+    cfg = CurateConfig() if args.curate else CurateConfig(rules=(), pii=())
+
+    def hook(docs):
+        kept, report = curate_documents(docs, cfg, seed=args.seed)
+        summary = {k: v for k, v in report.to_dict().items() if k not in ("samples", "histograms")}
+        print(report.format(), file=sys.stderr)
+        return kept, summary
+    return hook
+
+
+def cmd_curate(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.curate import CurateConfig, curate, parse_rules
+
+    if args.dry_run == (args.out is not None):
+        raise GptforgeError("give --out DIR to write the curated corpus, or --dry-run to only measure (not both)")
+    thresholds = {f.name: getattr(args, f.name) for f in threshold_fields() if getattr(args, f.name) is not None}
+    cfg = CurateConfig(rules=parse_rules(args.rules), dedup=parse_rules(args.dedup, DEDUP_STEPS, "dedup step", DEDUP_STEPS),
+                       pii=parse_rules(args.pii, ("email", "phone", "ip", "key"), "PII kind", ("email", "phone", "ip", "key")),
+                       keep=tuple(k for item in args.keep or () for k in item.split(",") if k), **thresholds)
+    report = curate(args.sources, args.out, cfg, mix=args.mix, seed=args.seed, text_field=args.text_field,
+                    workers=args.workers, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(report.format())
+    t = report.seconds["total"]
+    mb = sum(s["bytes_in"] for s in report.sources.values()) / 1e6
+    print(f"{mb:.1f} MB in {t:.1f} s ({mb / max(t, 1e-9):.1f} MB/s)")
+    if args.out:
+        print(f"wrote {args.out}/curated_*.jsonl, meta.json, report.json and signals.png; next: gptforge prepare {args.out} --out data/NAME")
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -396,6 +442,47 @@ def add_field_flags(p: argparse.ArgumentParser, cls: type) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
+def _number_list(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _curate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """`gptforge curate`'s flags: one per threshold of CurateConfig (its defaults and help live there)."""
+    p = sub.add_parser("curate", parents=[common], help="deduplicate, filter, redact and mix a corpus, with a report",
+                       description="Read the sources prepare reads; drop exact and near duplicates, boilerplate lines "
+                                   "and documents failing the quality rules; redact PII; mix sources by weight; write "
+                                   "JSONL shards that gptforge prepare reads, meta.json, report.json and signals.png.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="as for prepare (files, folders, globs, .jsonl, shakespeare); NAME=PATH names a source for --mix")
+    p.add_argument("--out", help="folder to write the curated corpus and its report into")
+    _overwrite_flag(p, "curated-corpus folder")
+    p.add_argument("--dry-run", action="store_true", help="measure and report, write nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--mix", help="source weights: NAME=W,NAME=W or a YAML file of name: weight (up/down-sampling whole documents)")
+    p.add_argument("--seed", type=int, default=0, help="seed of mixing and of the removed-document samples (default 0)")
+    p.add_argument("--keep", action="append", metavar="TEXT[,TEXT]", help="strings never redacted (repeatable)")
+    p.add_argument("--rules", help=f"quality rules: a list replaces the default set, +name/-name edit it; rules: {', '.join(RULES)}")
+    p.add_argument("--dedup", help=f"dedup steps (default all: {', '.join(DEDUP_STEPS)}; 'none' for none)")
+    p.add_argument("--pii", help="PII kinds to redact (default all: email, phone, ip, key; 'none' for none)")
+    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    for f in threshold_fields():
+        default = f.default
+        if isinstance(default, tuple):
+            kw = {"type": _number_list(type(default[0]) if default else str), "metavar": "A,B,..."}
+        else:
+            kw = {"type": type(default) if default is not None else str}
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{f.metadata['help']} (default {shown})", **kw)
+    p.set_defaults(func=cmd_curate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -418,7 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file (default 100M)")
     _overwrite_flag(p, "prepared-data folder")
+    p.add_argument("--curate", action="store_true",
+                   help="first run gptforge curate's default steps (quality rules, dedup, PII redaction) on the documents")
+    p.add_argument("--dedup", action="store_true", help="first drop exact and near-duplicate documents and boilerplate lines")
     p.set_defaults(func=cmd_prepare)
+    _curate_parser(sub, common)
 
     p = sub.add_parser("train", parents=[common], help="train a model on prepared shards",
                        description="Train a GPT. Settings come from a preset, then --config, then overrides of "

@@ -101,7 +101,7 @@ def parse_rules(spec: str | None, default: tuple[str, ...] = DEFAULT_RULES, what
         return ()
     signed = [s[0] in "+-" for s in items]
     if any(signed) and not all(signed):
-        raise GptforgeError(f"--{what}s {spec!r}: give either names (the whole set) or +name/-name edits, not both")
+        raise GptforgeError(f"{spec!r}: give either {what}s by name (the whole set) or +name/-name edits, not both")
     for s in items:
         name = s.lstrip("+-")
         if name not in known:
