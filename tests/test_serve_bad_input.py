@@ -173,7 +173,7 @@ CASES = [
     # --- unknown and unsupported fields ------------------------------------------------------------------
     ("unsupported", "a typo", "POST", C, done(temprature=0.5), AUTH, 400, "unsupported", "temprature"),
     ("unsupported", "logit_bias", "POST", C, done(logit_bias={"1": 5}), AUTH, 400, "unsupported", "logit_bias"),
-    ("unsupported", "echo", "POST", C, done(echo=True), AUTH, 400, "unsupported", "'echo'"),
+    ("unsupported", "echo with stream", "POST", C, done(echo=True, stream=True), AUTH, 400, "unsupported", "'echo'"),
     ("unsupported", "suffix", "POST", C, done(suffix="end"), AUTH, 400, "unsupported", "'suffix'"),
     ("unsupported", "tools in chat", "POST", CH, chat(tools=[{"type": "function"}]), AUTH, 400, "unsupported",
      "tools"),
