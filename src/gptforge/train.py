@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import (MODEL_FILE, checkpoint_problem, find_resumable, load_sharded, load_trainer_state,
                                  read_config, resolve_checkpoint, save_checkpoint)
-from gptforge.config import RunConfig
+from gptforge.config import RunConfig, check_optimizer_parallel
 from gptforge.data import BatchSampler, TokenData
 from gptforge.distributed import (Dist, apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   close_distributed, grad_sync, init_distributed)
@@ -336,8 +336,7 @@ def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_sta
     if parallel == "ddp":
         model = apply_ddp(raw, d)
     elif parallel == "fsdp":
-        if tc.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP gives a rank a shard of it
-            raise GptforgeError("train.optimizer muon needs whole weight matrices on every rank; use --train.parallel ddp, or adamw with fsdp")
+        check_optimizer_parallel(tc.optimizer, parallel, d.world)  # the rule plan applies too
         # FSDP's mixed-precision policy replaces autocast: bf16 compute, fp32 master weights and reductions.
         apply_fsdp(raw, tc.fsdp_strategy, torch.bfloat16 if precision == "bf16" else None)
         amp = None
