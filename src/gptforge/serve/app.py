@@ -129,6 +129,8 @@ class _Service:
                 "max_model_len": self.block_size}
 
     async def run(self, request: Request, req: Parsed) -> dict | Response:
+        if req.echo:
+            return await self.run_echo(request, req)
         call = _Call(self, req)
         self.scheduler.submit(call.jobs)  # 429 / 503 raise here, before any response is started
         if req.stream:
@@ -137,6 +139,33 @@ class _Service:
         out = await call.collect(request)
         self.metrics.request(_endpoint(request), 200)
         return out
+
+
+    async def run_echo(self, request: Request, req: Parsed) -> dict:
+        """`echo`: the prompts scored in one batched forward (Scheduler.score), then what is to be generated:
+        nothing (max_tokens 0), the greedy next token read off that same forward (lm-eval's requests: max_tokens 1
+        at temperature 0, no penalties), or the engine's run of the request."""
+        scores = await self.scheduler.score(req.prompts, req.logprobs or 0)
+        call = _Call(self, req)
+        call.shape.echo = [s for s in scores for _ in range(req.n)]
+        p = req.params[0]
+        if p.max_new_tokens == 0 or (p.max_new_tokens == 1 and p.temperature == 0 and p.repetition_penalty == 1
+                                     and p.presence_penalty == 0 and p.frequency_penalty == 0):
+            events = [[] if p.max_new_tokens == 0 else [self._greedy_event(s.next, req)] for s in call.shape.echo]
+            texts = [ev[0].text if ev else "" for ev in events]
+            finish = [ev[0].finish_reason if ev else "length" for ev in events]
+            out = call.shape.response(texts, finish, events, sum(len(ev) for ev in events))
+        else:
+            self.scheduler.submit(call.jobs)
+            out = await call.collect(request)
+        self.metrics.request(_endpoint(request), 200)
+        return out
+
+    def _greedy_event(self, best: list[tuple[int, float]], req: Parsed) -> SeqEvent:
+        token, logprob = best[0]
+        stop = token in req.stop_ids  # reported with its logprob all the same: lm-eval reads one token past the prompt
+        return SeqEvent(-1, token, "" if stop else self.tok.decode([token]), logprob, best[:req.logprobs or 0],
+                        "stop" if stop else "length")
 
 
 class _Choice:

@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -171,6 +171,7 @@ class Parsed:
     include_usage: bool
     logprobs: int | None  # completions: top alternatives per token; chat: top_logprobs (None: no logprobs)
     user: str | None = None
+    echo: bool = False  # completions: the prompt comes back first, with its tokens' logprobs (the first null)
 
 
 class RequestParser:
@@ -196,8 +197,11 @@ class RequestParser:
         if prompt is _MISSING or prompt is None:
             raise APIError(400, "'prompt' is required", param="prompt", code="missing_field")
         prompts = self._prompts(prompt)
-        if _field(body, "echo", (bool,), False):
-            raise APIError(400, "'echo' is not supported", param="echo", code="unsupported")
+        echo = _field(body, "echo", (bool,), False)
+        if echo and _field(body, "stream", (bool,), False):
+            raise APIError(400, "'echo' with 'stream' is not supported; ask without 'stream'", param="echo",
+                           code="unsupported")
+        score_only = echo and body.get("max_tokens") == 0  # the legacy API's way to score a prompt
         if _field(body, "suffix", (str,)) is not None:
             raise APIError(400, "'suffix' is not supported (no fill-in-the-middle)", param="suffix", code="unsupported")
         logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"in 0..{MAX_LOGPROBS}")
@@ -205,7 +209,12 @@ class RequestParser:
         if _field(body, "best_of", (int,), n) != n:
             raise APIError(400, "'best_of' other than n is not supported", param="best_of", code="unsupported")
         stop_ids = () if _field(body, "ignore_eos", (bool,), False) else (self.tok.eos_id,)
-        return self._finish(body, False, prompts, n, stop_ids, logprobs, OPENAI_DEFAULTS["completion_max_tokens"])
+        parsed = self._finish({**body, "max_tokens": None} if score_only else body, False, prompts, n, stop_ids,
+                              logprobs, OPENAI_DEFAULTS["completion_max_tokens"])
+        parsed.echo = echo
+        if score_only:
+            parsed.params = [replace(p, max_new_tokens=0) for p in parsed.params]
+        return parsed
 
     def chat(self, body: dict) -> Parsed:
         self._known(body, _CHAT_FIELDS)
@@ -340,6 +349,7 @@ class Shaper:
         self.head = {"id": ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24],
                      "created": int(time.time()), "model": model_name}
         self.object = "chat.completion" if req.chat else "text_completion"
+        self.echo: list | None = None  # per choice, its prompt's eval.PromptScores when the request echoes
         self.chunk_object = "chat.completion.chunk" if req.chat else "text_completion"
 
     def _logprob_entry(self, ev: SeqEvent) -> dict:
@@ -369,12 +379,33 @@ class Shaper:
         return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
                 "total_tokens": prompt + completion_tokens}
 
+    def _echoed(self, i: int, text: str, lp: dict | None) -> tuple[str, dict | None]:
+        """Choice i's prompt before its text and, with logprobs, its tokens before the generated ones: the first
+        token's logprob and alternatives are null, as in OpenAI's legacy API."""
+        prompt, scores = self.req.prompts[i // self.req.n], self.echo[i]
+        pieces = [self.tok.decode([t]) for t in prompt]
+        head = self.tok.decode(prompt)
+        if lp is None:
+            return head + text, None
+        offsets = [sum(len(p) for p in pieces[:k]) for k in range(len(pieces))]
+        tops: list[dict | None] = [None]
+        for alts in scores.top:  # ids that decode alike (partial UTF-8) share a key: the most likely keeps it
+            tops.append({})
+            for t, v in alts:
+                tops[-1].setdefault(self.tok.decode([t]), v)
+        return head + text, {"tokens": pieces + lp["tokens"],
+                             "token_logprobs": [None, *scores.logprobs, *lp["token_logprobs"]],
+                             "top_logprobs": tops + lp["top_logprobs"],
+                             "text_offset": offsets + [len(head) + o for o in lp["text_offset"]]}
+
     def response(self, texts: list[str], finish: list[str | None], events: list[list[SeqEvent]],
                  completion_tokens: int) -> dict:
         """The whole answer: `events` per choice are the tokens whose logprobs are reported (no stop ids)."""
         choices = []
         for i, (text, reason, evs) in enumerate(zip(texts, finish, events)):
             lp = None if self.req.logprobs is None else self._logprobs(evs, 0)
+            if self.echo is not None:
+                text, lp = self._echoed(i, text, lp)
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                                 "finish_reason": reason})

@@ -18,6 +18,7 @@ from typing import Any
 
 from gptforge.engine import BatchEngine, SeqEvent
 from gptforge.errors import GptforgeError
+from gptforge.eval import PromptScores, prompt_logprobs
 from gptforge.sampling import SamplingParams
 
 from .metrics import Metrics
@@ -40,6 +41,17 @@ class Job:
     last: float | None = None  # when its previous token came out
 
 
+@dataclass
+class ScoreJob:
+    """Prompts to score (a request with `echo`): one forward over them, no decoding."""
+
+    prompts: list[list[int]]
+    top: int  # alternatives per position
+    queue: asyncio.Queue
+    index: int = 0
+    done: bool = False
+
+
 class Scheduler:
     """Admit -> step -> deliver, in a loop on its own thread: the engine's only caller.
 
@@ -52,6 +64,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.waiting: collections.deque[Job] = collections.deque()
         self.cancels: list[Job] = []
+        self.scoring: list[ScoreJob] = []  # taken all at once, between two steps, into one batched forward
         self.live: dict[int, Job] = {}  # engine seq id -> job
         self.draining = self.stopped = False
         self.step_seconds = 0.05  # a running mean, for Retry-After
@@ -140,7 +153,7 @@ class Scheduler:
         while True:
             admit: list[Job] = []
             with self.cond:
-                while not (self.waiting or self.cancels or self.stopped or self.live):
+                while not (self.waiting or self.cancels or self.stopped or self.live or self.scoring):
                     self.cond.wait(timeout=1.0)
                 if self.stopped:
                     break
@@ -150,6 +163,7 @@ class Scheduler:
                     self.waiting.remove(j)
                     self._expire(j)
             try:
+                self._score()
                 self._retire(cancels)
                 with self.cond:  # rows freed above are filled now, at the step boundary
                     admit = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.engine.free))]
@@ -163,11 +177,47 @@ class Scheduler:
                 for seq in list(self.live):
                     self.engine.cancel(seq)
                 self.live.clear()
-        left = [j for j in list(self.live.values()) + list(self.waiting) if not j.done]  # stopped: cancel the rest
+        left = [j for j in list(self.live.values()) + list(self.waiting) + self.scoring if not j.done]  # stopped: cancel the rest
         for j in left:
             j.done = True
         self._send([(j, APIError(503, "the server shut down before this request finished", code="shutting_down"))
                     for j in left])
+
+    async def score(self, prompts: list[list[int]], top: int) -> list[PromptScores]:
+        """Each prompt's token logprobs (eval.prompt_logprobs), computed on the scheduler's thread between steps
+        together with every other scoring request then waiting."""
+        job = ScoreJob(prompts, top, asyncio.Queue())
+        with self.cond:
+            if self.draining or self.stopped:
+                raise APIError(503, "the server is shutting down; retry against another instance", code="shutting_down")
+            self.scoring.append(job)
+            self.cond.notify()
+        _, item = await job.queue.get()
+        if isinstance(item, APIError):
+            raise item
+        return item
+
+    def _score(self) -> None:
+        with self.cond:
+            jobs, self.scoring = self.scoring, []
+        if not jobs:
+            return
+        try:
+            flat = prompt_logprobs(self.engine.model, [p for j in jobs for p in j.prompts],
+                                   vocab_size=self.engine.vocab, top=max(j.top for j in jobs))
+        except Exception as e:  # a bug: fail these requests, keep serving
+            traceback.print_exc()
+            self._send([(j, APIError(500, f"internal error while scoring: {e!r}")) for j in jobs])
+            return
+        out, k = [], 0
+        for j in jobs:
+            mine = [PromptScores(s.logprobs, [t[:j.top] for t in s.top], s.next) for s in flat[k:k + len(j.prompts)]]
+            k += len(j.prompts)
+            j.done = True
+            out.append((j, mine))
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += sum(len(p) for j in jobs for p in j.prompts)
+        self._send(out)
 
     def _expire(self, j: Job) -> None:
         j.done = True

@@ -1,0 +1,145 @@
+"""Scoring through the server: `/v1/completions` with `echo` (the prompt's tokens and their logprobs, the first null),
+`logprobs: N`, token-id prompts and `max_tokens: 0`, against a real `gptforge serve`, compared with the model's own
+log-softmax in this process; then lm-evaluation-harness's `local-completions` model against it (when installed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge.checkpoint import write_checkpoint
+from gptforge.config import ModelConfig, RunConfig
+from gptforge.generate import load
+from gptforge.model import GPT
+from gptforge.tokenizer import Tokenizer
+
+TEXT = ["the quick brown fox jumps over the lazy dog. " * 40, "to be or not to be, that is the question. " * 40]
+
+
+class Server:
+    """`gptforge serve CKPT --port 0 ARGS` in a subprocess; the port is read from its first line."""
+
+    def __init__(self, ckpt: Path, log: Path, *args: str):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(ckpt), "--port", "0",
+                                      "--threads", "1", "--model-name", "tiny", *args],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+        assert m, f"server did not start: {line!r} {log.read_text()}"
+        self.url = m[1]
+        for _ in range(200):
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+
+    def complete(self, **body) -> httpx.Response:
+        return httpx.post(self.url + "/v1/completions", json={"model": "tiny", **body}, timeout=60)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tok = Tokenizer.train(TEXT, vocab_size=320)
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, vocab_size=tok.vocab_size, block_size=256)
+    torch.manual_seed(0)
+    return write_checkpoint(tmp_path_factory.mktemp("evalserve") / "tiny", RunConfig(model=cfg), tok,
+                            model_state=GPT(cfg).state_dict())
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    s = Server(ckpt, tmp_path_factory.mktemp("log") / "server.log", "--max-prefill-tokens", "16")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return load(ckpt, device="cpu")
+
+
+@torch.no_grad()
+def log_softmax(model, tok, ids: list[int]) -> torch.Tensor:
+    return F.log_softmax(model(torch.tensor([ids]))[0, :, :tok.vocab_size].float(), -1)  # (L, V)
+
+
+def test_echo_logprobs_equal_the_models_log_softmax(server, ref):
+    model, tok = ref
+    prompt = "the quick brown fox jumps over"
+    r = server.complete(prompt=prompt, echo=True, max_tokens=0, logprobs=3)
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    ids = tok.encode(prompt)
+    lp = choice["logprobs"]
+    logp = log_softmax(model, tok, ids)
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert lp["tokens"] == [tok.decode([i]) for i in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"] == [len(tok.decode(ids[:k])) for k in range(len(ids))]
+    for t in range(1, len(ids)):
+        assert lp["token_logprobs"][t] == pytest.approx(float(logp[t - 1, ids[t]]), abs=1e-4)
+        vals, alts = logp[t - 1].topk(3)
+        expect = {}  # token strings as keys: ids that decode alike (partial UTF-8) share one, as in OpenAI's format
+        for i, v in zip(alts.tolist(), vals.tolist()):
+            expect.setdefault(tok.decode([i]), v)
+        top = lp["top_logprobs"][t]
+        assert list(top) == list(expect) and list(top.values()) == pytest.approx(list(expect.values()), abs=1e-4)
+
+
+def test_token_id_prompts_equal_text_prompts_and_batch(server, ref):
+    _, tok = ref
+    texts = ["to be or not to be", "the lazy dog. the quick brown fox"]
+    by_text = server.complete(prompt=texts, echo=True, max_tokens=0, logprobs=2).json()["choices"]
+    by_ids = server.complete(prompt=[tok.encode(t) for t in texts], echo=True, max_tokens=0, logprobs=2).json()["choices"]
+    one = server.complete(prompt=tok.encode(texts[1]), echo=True, max_tokens=0, logprobs=2).json()["choices"]
+    assert [c["index"] for c in by_ids] == [0, 1]
+    for a, b in zip(by_text, by_ids):
+        assert a["text"] == b["text"] and a["logprobs"] == b["logprobs"]
+    assert one[0]["logprobs"]["token_logprobs"] == pytest.approx(by_ids[1]["logprobs"]["token_logprobs"][:], abs=1e-5)
+
+
+def test_lm_eval_request_shape_reads_one_token_past_the_prompt(server, ref):
+    """lm-eval's local-completions sends echo, logprobs 1, max_tokens 1, temperature 0 and sums
+    token_logprobs[ctxlen:-1]: the prompt's entries plus the one greedy token."""
+    model, tok = ref
+    ids = tok.encode("to be or not to be, that is")
+    r = server.complete(prompt=ids, echo=True, max_tokens=1, logprobs=1, temperature=0, seed=1234)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1
+    logp = log_softmax(model, tok, ids)
+    assert lp["token_logprobs"][-1] == pytest.approx(float(logp[-1].max()), abs=1e-4)
+    assert list(lp["top_logprobs"][-1].values()) == [lp["token_logprobs"][-1]]
+    plain = server.complete(prompt=ids, max_tokens=1, temperature=0).json()["choices"][0]["text"]
+    assert r.json()["choices"][0]["text"] == tok.decode(ids) + plain
+
+
+def test_echo_with_generation_and_bad_requests(server, ref):
+    _, tok = ref
+    plain = server.complete(prompt="the quick", max_tokens=5, temperature=0, logprobs=1).json()["choices"][0]
+    echoed = server.complete(prompt="the quick", max_tokens=5, temperature=0, logprobs=1, echo=True).json()["choices"][0]
+    assert echoed["text"] == "the quick" + plain["text"]
+    n = len(tok.encode("the quick"))
+    assert echoed["logprobs"]["token_logprobs"][n:] == plain["logprobs"]["token_logprobs"]
+    assert server.complete(prompt="the quick", echo=True, stream=True).status_code == 400
+    assert server.complete(prompt="the quick", max_tokens=0).status_code == 400  # 0 only scores, with echo
+    no_lp = server.complete(prompt="the quick", echo=True, max_tokens=0).json()["choices"][0]
+    assert no_lp["text"] == "the quick" and no_lp["logprobs"] is None
