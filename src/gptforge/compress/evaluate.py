@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import MODEL_FILE, resolve_checkpoint
 from gptforge.compress.quantize import QuantizedMatrix
-from gptforge.errors import GptforgeError
-from gptforge.native import decode_layout
+from gptforge.errors import GptforgeError, not_one_string
 from gptforge.loader import load_checkpoint
+from gptforge.native import decode_layout
 
 
 def logical_params(model: torch.nn.Module) -> int:
@@ -59,7 +59,7 @@ def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch
     from gptforge.eval import bits_per_byte, token_byte_lengths
     from gptforge.train import EVAL_SEED
 
-    if not paths:
+    if not not_one_string(paths, "eval_checkpoints' paths"):
         raise GptforgeError("give at least one checkpoint to evaluate")
     data = TokenData(data_dir)
     loaded = []
