@@ -142,21 +142,25 @@ def _band_keys(cols: np.ndarray, band: int) -> np.ndarray:
     return key
 
 
-def near_duplicate_groups(sig: np.ndarray, jaccard: float, rows: np.ndarray | None = None,
-                          block: int = 1 << 16) -> np.ndarray:
+def near_duplicate_groups(sig: np.ndarray, jaccard: float, rows: np.ndarray | None = None) -> np.ndarray:
     """For the documents `rows` of `sig` (all by default; in input order), the position in `rows` of the
-    document each is grouped with: its own if it is kept, else the first document of its group.
+    document each is grouped with: its own if it is kept, else the first document of its group (the
+    connected components of `similar_pairs`)."""
+    n = len(sig) if rows is None else len(rows)
+    u, v = similar_pairs(sig, jaccard, rows)
+    return _components(np.arange(n, dtype=np.int64), u, v)
 
-    Pairs in the same LSH bucket are joined when their signatures agree on at least `jaccard` of the
-    positions (each is checked against the bucket's first document and its predecessor); groups are the
-    connected components. `sig` may be a memory map: only one band of columns is read at a time."""
+
+def similar_pairs(sig: np.ndarray, jaccard: float, rows: np.ndarray | None = None,
+                  block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (positions in `rows`) whose signatures agree on at least `jaccard` of the positions, among the
+    pairs that share an LSH bucket: each bucket member is checked against the bucket's first document and its
+    predecessor. `sig` may be a memory map: one band of columns is read at a time."""
     rows = np.arange(len(sig)) if rows is None else np.asarray(rows)
-    n, num_perm = len(rows), sig.shape[1]
-    labels = np.arange(n, dtype=np.int64)
-    if n < 2:
-        return labels
-    bands, width = lsh_shape(num_perm, jaccard)
-    us, vs = [], []
+    us, vs = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    if len(rows) < 2:
+        return us[0], vs[0]
+    bands, width = lsh_shape(sig.shape[1], jaccard)
     for band in range(bands):
         key = _band_keys(np.asarray(sig[rows, band * width:(band + 1) * width]), band)
         order = np.argsort(key, kind="stable")  # stable: within a bucket, input order
@@ -174,13 +178,13 @@ def near_duplicate_groups(sig: np.ndarray, jaccard: float, rows: np.ndarray | No
                 ok = agree >= jaccard
                 us.append(a_i[ok])
                 vs.append(b_i[ok])
-    if not us:
-        return labels
-    return _components(labels, np.concatenate(us), np.concatenate(vs))
+    return np.concatenate(us), np.concatenate(vs)
 
 
 def _components(labels: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Connected components by min-label propagation: every group is labelled by its first member."""
+    if len(u) == 0:
+        return labels
     while True:
         m = np.minimum(labels[u], labels[v])
         before = labels.copy()
