@@ -10,6 +10,7 @@ from gptforge.config import ModelConfig
 from gptforge.data import prepare, read_sources
 from gptforge.engine import BatchEngine
 from gptforge.errors import GptforgeError
+from gptforge.eval import evaluate_tasks, prompt_logprobs
 from gptforge.finetune.run import classify_texts, predict
 from gptforge.generate import Completion, complete, generate, generate_steps, generate_tokens, stream, stream_batch
 from gptforge.model import GPT
@@ -50,6 +51,8 @@ CASES = {
     "finetune.predict": (lambda m, t: predict(m, t, "abc"), "predict's texts must be a list"),
     "finetune.classify_texts": (lambda m, t: classify_texts("no-such-ckpt", texts="abc"), "texts must be a list"),
     "eval_checkpoints": (lambda m, t: eval_checkpoints("runs/x", "data"), "paths must be a list"),
+    "eval.evaluate_tasks": (lambda m, t: evaluate_tasks("no-such-ckpt", "hellaswag"), "specs must be a list"),
+    "eval.prompt_logprobs": (lambda m, t: prompt_logprobs(m, [1, 2, 3], vocab_size=264), "wrap one: \\[ids\\]"),
     "data.prepare": (lambda m, t: prepare("shakespeare", "unused-out"), "sources must be a list"),
     "data.read_sources": (lambda m, t: read_sources("shakespeare"), "sources must be a list"),
 }

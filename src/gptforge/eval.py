@@ -37,7 +37,7 @@ from tokenizers import decoders
 
 from gptforge.corpora import shakespeare
 from gptforge.data import BatchSampler, split_documents
-from gptforge.errors import GptforgeError
+from gptforge.errors import GptforgeError, not_one_string
 from gptforge.generate import complete
 from gptforge.loader import load_checkpoint
 from gptforge.tokenizer import Tokenizer
@@ -415,6 +415,8 @@ def prompt_logprobs(model: nn.Module, prompts: list[list[int]], *, vocab_size: i
                     batch_tokens: int = 8192) -> list[PromptScores]:
     """Each prompt's token log-probabilities, alternatives and next-token distribution, from right-padded
     batches of about `batch_tokens` tokens, longest first, one forward each (prefill only, no cache)."""
+    if not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise GptforgeError("prompt_logprobs takes a list of prompts, each a list of token ids; wrap one: [ids]")
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[PromptScores | None] = [None] * len(prompts)
@@ -513,7 +515,7 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: Task, *, block_s
 def evaluate_tasks(checkpoint: str, specs: list[str], *, limit: int | None = None, shots: int = 0, seed: int = 1234,
                    device: str = "cpu") -> dict:
     """Every task of `specs` on one checkpoint; the rows and the CORE-style mean centered accuracy."""
-    tasks = [load_task(s, seed) for s in specs]  # all files checked before the model loads
+    tasks = [load_task(s, seed) for s in not_one_string(specs, "evaluate_tasks' specs")]  # all checked before loading
     model, tokenizer, cfg = load_checkpoint(checkpoint, device=device)
     rows = [evaluate_task(model, tokenizer, t, block_size=cfg.model.block_size, limit=limit, shots=shots, seed=seed)
             for t in tasks]
