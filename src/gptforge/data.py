@@ -290,6 +290,8 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
     unless `overwrite` and it is an earlier prepare's); everything is written to a temporary sibling that
     replaces `out` only when complete."""
     not_one_string(sources, "sources")
+    if shard_tokens < 1:  # 0 would open empty shard files forever
+        raise GptforgeError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     out = check_out(out, "data", overwrite=overwrite,
                     inputs=[s for s in sources if Path(s).exists()] + ([tokenizer] if tokenizer else []))
     docs, warnings, empty = _read_sources(sources, text_field)

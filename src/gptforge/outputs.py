@@ -73,7 +73,7 @@ def _nearest_existing(p: Path) -> Path:
     return p
 
 
-def _check_creatable(out: Path) -> None:
+def check_creatable(out: Path) -> None:
     """Raise unless a folder can be created at `out`: every existing ancestor is a folder and the nearest one
     takes a new entry (tried for real, with a probe this function creates and removes)."""
     base = _nearest_existing(out.parent)  # the output is written beside itself and renamed into place
@@ -124,7 +124,7 @@ def check_out(out: str | Path, kind: str, *, overwrite: bool = False, inputs: It
         if not test(out):
             raise GptforgeError(f"{option} {out} is not {name} that gptforge wrote (no {files}), so {flag} will not "
                                 f"replace it; choose a new {option}")
-    _check_creatable(out)
+    check_creatable(out)
     return out
 
 
@@ -140,13 +140,16 @@ def write_error(what: str, dest: Path, error: BaseException, *, written: int = 0
                 fix: str = "choose another --out", state: str = "nothing there was changed") -> GptforgeError:
     """One line for an exception raised while writing `what` to `dest`."""
     reason = (getattr(error, "strerror", None) or str(error) or type(error).__name__).splitlines()[0].strip()
-    full = getattr(error, "errno", None) == errno.ENOSPC or "no space" in str(error).lower() or "disk full" in str(error).lower()
+    try:
+        free = shutil.disk_usage(_nearest_existing(dest.parent)).free
+    except OSError:
+        free = None
+    text = str(error).lower()
+    # torch.save reports a full disk as "unexpected pos" and safetensors as StorageFull: also ask the disk
+    full = (getattr(error, "errno", None) == errno.ENOSPC or any(w in text for w in ("no space", "storagefull", "disk full"))
+            or (free is not None and free < max(written, 1 << 20)))
     space = ""
     if full:
-        try:
-            free = shutil.disk_usage(_nearest_existing(dest.parent)).free
-        except OSError:
-            free = None
         parts = []
         if need is not None:
             parts.append(f"it needs about {need / 1e6:.1f} MB")
@@ -154,7 +157,7 @@ def write_error(what: str, dest: Path, error: BaseException, *, written: int = 0
             parts.append(f"{written / 1e6:.1f} MB written when it ran out")
         if free is not None:
             parts.append(f"{free / 1e6:.1f} MB free there")
-        space = f" ({', '.join(parts)})" if parts else ""
+        space = f" (the disk is full: {', '.join(parts)})" if parts else " (the disk is full)"
         fix = "free some space or " + fix
     return GptforgeError(f"could not write {what} to {dest}: {type(error).__name__}: {reason}{space}; {state}; {fix}")
 

@@ -35,7 +35,7 @@ from gptforge.errors import GptforgeError
 from gptforge.eval import bits_per_byte, token_byte_lengths, window_bytes
 from gptforge.hardware import device_peak_flops, resolve_device
 from gptforge.loader import load_checkpoint
-from gptforge.outputs import check_not_input, is_artifact
+from gptforge.outputs import check_creatable, check_not_input, is_artifact
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at
 from gptforge.precision import autocast, autocast_dtype, resolve_bf16_gemm, resolve_precision, widen_bf16
@@ -288,13 +288,16 @@ def claim_run_dir(run_dir: Path, resume: str | None, inputs: tuple = ()) -> None
 
 
 def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    """Raise now, before data and model are built, if the run folder cannot be created or written; creates nothing."""
+    if run_dir.is_dir():
         probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise GptforgeError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose another --out") from None
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise GptforgeError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose another --out") from None
+    else:
+        check_creatable(run_dir)
 
 
 def _model_mismatch(saved: RunConfig, cfg: RunConfig) -> list[str]:
@@ -480,6 +483,7 @@ def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, l
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision, bf16_gemm=bf16_gemm))
     if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
         cfg.save(run_dir / "config.yaml")
     metrics = Metrics(run_dir, step, tc.tensorboard, reporter.note) if d.is_main else None
 
