@@ -353,11 +353,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.data is None and not args.task:
         raise GptforgeError("give --data DIR (the validation table) or --task NAME|FILE (benchmark tasks), or both")
-    if args.data is not None:
-        for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         if value < 1:
             raise GptforgeError(f"{flag} must be >= 1, got {value}")
-    rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
+    if args.data is not None:
+        rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
                                 seq_len=args.seq_len, decode_tokens=args.decode_tokens)
         print(json.dumps(rows, indent=2)) if args.json else print_table(rows)
     if args.task:
