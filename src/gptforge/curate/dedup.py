@@ -38,15 +38,15 @@ def exact_key(words: list[str]) -> int:
 
 def word_ids(words: list[str]) -> tuple[np.ndarray, list[str]]:
     """Document-local ids of `words` (first seen = 0) and the vocabulary in id order."""
-    vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
-    return ids, list(vocab)
+    vocab = list(dict.fromkeys(words))  # first-seen order, in C
+    index = dict(zip(vocab, range(len(vocab))))
+    return np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words)), vocab
 
 
 def word_hashes(ids: np.ndarray, vocab: list[str]) -> np.ndarray:
     """A hash per word that is the same in every process and run (CRC-32 of its UTF-8; Python's hash() is
     salted per process)."""
-    table = np.fromiter((zlib.crc32(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
+    table = np.fromiter(map(zlib.crc32, map(str.encode, vocab)), dtype=np.uint64, count=len(vocab))
     return table[ids]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
 
 import numpy as np
 
@@ -37,9 +38,8 @@ def _repeats(items: list[str]) -> tuple[float, float]:
     if not items:
         return 0.0, 0.0
     counts = Counter(items)
-    dup = sum(c - 1 for c in counts.values())
-    dup_chars = sum((c - 1) * len(s) for s, c in counts.items())
-    return dup / len(items), dup_chars / max(1, sum(len(s) for s in items))
+    chars = sum(map(len, items))
+    return (len(items) - len(counts)) / len(items), (chars - sum(map(len, counts))) / max(1, chars)
 
 
 def _dup_mask(h: np.ndarray) -> np.ndarray:
@@ -122,8 +122,8 @@ def text_signals(text: str, vocab: list[str], ids: np.ndarray, lines: list[str])
         "mean_word_length": chars / max(1, n_words),
         "symbol_ratio": (text.count("#") + text.count("...") + text.count("…")) / max(1, n_words),
         "alnum_ratio": float(_ALNUM[data].sum() / max(1, non_space)),
-        "bullet_lines": sum(ln.startswith(BULLETS) for ln in lines) / max(1, len(lines)),
-        "ellipsis_lines": sum(ln.endswith(("...", "…")) for ln in lines) / max(1, len(lines)),
+        "bullet_lines": sum(map(str.startswith, lines, repeat(BULLETS))) / max(1, len(lines)),
+        "ellipsis_lines": sum(map(str.endswith, lines, repeat(("...", "…")))) / max(1, len(lines)),
         "alpha_words": alpha / max(1, n_words),
         "stop_words": float(len(STOP_WORDS.intersection(vocab))),
         "dup_line_fraction": dup_lines, "dup_line_chars": dup_line_chars,
@@ -137,7 +137,7 @@ def measure(text: str) -> tuple[dict[str, float], list[str], np.ndarray, list[st
     """(signals, normalized words, their document-local ids, the vocabulary) of one document."""
     words = normalized_words(text)
     ids, vocab = word_ids(words)
-    lines = [ln for ln in (x.strip() for x in text.split("\n")) if ln]
+    lines = list(filter(None, map(str.strip, text.split("\n"))))
     return text_signals(text, vocab, ids, lines), words, ids, vocab
 
 
