@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
-	$(PY) -m pip install --quiet -e ".[corpus,test]"
+	$(PY) -m pip install --quiet -e ".[corpus,test,eval]"
 	@touch $@
 
 clean:

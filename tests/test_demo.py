@@ -17,3 +17,5 @@ def test_demo_runs_the_whole_flow_in_its_budget(tmp_path):
     assert r.sample.startswith(DEMO_PROMPT) and len(r.sample) > len(DEMO_PROMPT)
     assert (r.checkpoint / "model.safetensors").is_file()
     assert any("38 plays" in line for line in lines)
+    assert r.task["name"] == "shakespeare-next-line" and r.task["chance"] == 0.25
+    assert 0 <= r.task["before"] <= 1 and 0 <= r.task["after"] <= 1

@@ -4,8 +4,11 @@ log-softmax in this process; then lm-evaluation-harness's `local-completions` mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptforge import eval as ev
 from gptforge.checkpoint import write_checkpoint
 from gptforge.config import ModelConfig, RunConfig
 from gptforge.generate import load
@@ -143,3 +147,62 @@ def test_echo_with_generation_and_bad_requests(server, ref):
     assert server.complete(prompt="the quick", max_tokens=0).status_code == 400  # 0 only scores, with echo
     no_lp = server.complete(prompt="the quick", echo=True, max_tokens=0).json()["choices"][0]
     assert no_lp["text"] == "the quick" and no_lp["logprobs"] is None
+
+
+def test_checkpoint_tokenizer_loads_in_transformers_offline(ckpt, ref, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = transformers.AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+    _, tok = ref
+    text = "to be or not to be, that is the question.\n the lazy dog"
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text) and hf.eos_token_id == tok.eos_id
+
+
+MC = [{"query": "the quick brown", "choices": ["fox", "dog jumps over", "be"], "gold": 0},
+      {"query": "to be or not", "choices": ["to be", "the lazy dog. the", "fox"], "gold": 1},
+      {"query": "that is the", "choices": ["question", "quick"], "gold": 1},
+      {"query": "jumps over the", "choices": ["lazy dog", "brown fox jumps", "or", "not"], "gold": 3}]
+CLOZE = [{"text": "the quick brown fox"}, {"text": "to be or not to be"}, {"text": "that is the question."}]
+GEN = [{"context": "the quick brown", "answer": "fox"}, {"context": "to be or not to", "answer": "be"}]
+YAML = {  # lm-eval's task format, each reading a local jsonl file
+    "mc": "output_type: multiple_choice\ndoc_to_text: \"{{query}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+          "doc_to_target: \"{{gold}}\"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+    "cloze": "output_type: loglikelihood\ndoc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+             "doc_to_target: \"{{' ' + text.split(' ')[-1]}}\"\nmetric_list:\n  - metric: acc\n",
+    "gen": "output_type: generate_until\ndoc_to_text: \"{{context}}\"\ndoc_to_target: \"{{answer}}\"\n"
+           "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 16\n  do_sample: false\n"
+           "metric_list:\n  - metric: exact_match\n",
+}
+
+
+def test_lm_eval_scores_against_the_server_as_the_built_in_eval_does(server, ckpt, ref, tmp_path):
+    """lm-evaluation-harness's local-completions model, unchanged, on a task of each kind; its accuracies and
+    per-request log-likelihoods equal the built-in `gptforge eval`'s on the same files."""
+    if shutil.which("lm_eval") is None and importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed (pip install 'gptforge[eval]')")
+    model, tok = ref
+    for name, records in (("mc", MC), ("cloze", CLOZE), ("gen", GEN)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: gf_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/{name}.jsonl\n"
+            f"test_split: test\n{YAML[name]}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = f"model=tiny,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,tokenizer={ckpt},max_retries=1"
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", args,
+                        "--tasks", "gf_mc,gf_cloze,gf_gen", "--include_path", str(tmp_path), "--output_path",
+                        str(tmp_path / "out"), "--log_samples"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    for name in ("mc", "cloze", "gen"):
+        ours = ev.evaluate_task(model, tok, ev.read_task_file(tmp_path / f"{name}.jsonl"), block_size=256).metrics
+        theirs = results[f"gf_{name}"]
+        if name == "mc":
+            assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
+        else:
+            assert theirs[("exact_match" if name == "gen" else "acc") + ",none"] == ours["acc"]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_gf_mc_*.jsonl") for line in f.open()]
+    for s in samples:
+        for k, choice in enumerate(s["doc"]["choices"]):
+            reqs = [ev.encode_pair(tok, s["doc"]["query"], " " + choice)]
+            (ll, _), = ev.loglikelihoods(model, reqs, vocab_size=tok.vocab_size, block_size=256)
+            assert float(s["resps"][k][0][0]) == pytest.approx(ll, abs=1e-4)

@@ -17,6 +17,7 @@ the new one, never half a file under a final name.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -33,7 +34,7 @@ from gptforge.config import RunConfig, load_yaml, run_config_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.outputs import check_out, fsync_tree, publish, temp_path, tree_bytes, write_error
-from gptforge.tokenizer import Tokenizer
+from gptforge.tokenizer import HF_CONFIG_FILE, Tokenizer
 
 MODEL_FILE = "model.safetensors"
 SHARDS_DIR = "dcp"
@@ -95,6 +96,7 @@ def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_s
                     save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
                 cfg.save(tmp / CONFIG_FILE)
                 tokenizer.save(tmp / TOKENIZER_FILE)
+                (tmp / HF_CONFIG_FILE).write_text(json.dumps(tokenizer.hf_config(cfg.model.block_size), indent=2) + "\n")
                 if trainer_state is not None:
                     torch.save(trainer_state, tmp / STATE_FILE)
                 if model_state is not None:  # safetensors writes 0600; give it the mode (umask) of its siblings

@@ -221,6 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"({r.tokens / max(r.train_seconds, 1e-9):,.0f} tokens/s, {r.precision})")
     print(f"val loss {r.first_val_loss:.3f} -> {r.final_val_loss:.3f}   "
           f"perplexity {math.exp(r.first_val_loss):.0f} -> {math.exp(r.final_val_loss):.1f}")
+    print(f"{r.task['name']} accuracy {r.task['before']:.1%} -> {r.task['after']:.1%} (chance {r.task['chance']:.0%})")
     print("\n--- sample " + "-" * 50)
     print(r.sample)
     print("-" * 61)

@@ -18,6 +18,7 @@ import torch
 
 from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import BatchSampler, TokenData, prepare
+from gptforge.eval import evaluate_task, shakespeare_next_line
 from gptforge.generate import generate
 from gptforge.hardware import resolve_device
 from gptforge.loader import load_checkpoint
@@ -46,6 +47,7 @@ class DemoResult:
     train_seconds: float
     first_val_loss: float
     final_val_loss: float
+    task: dict  # shakespeare-next-line: acc_norm of the untrained and the trained model, and chance
     sample: str
     total_seconds: float
 
@@ -120,6 +122,9 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool
         eval_every=max(1, math.ceil(steps / 5)), max_time=minutes * 60,
     )
     cfg = dataclasses.replace(cfg, train=train_cfg)
+    task = shakespeare_next_line()
+    torch.manual_seed(train_cfg.seed)
+    before = evaluate_task(GPT(cfg.model).eval(), data.tokenizer(), task, block_size=cfg.model.block_size)
     say(f"[3/4] training the shakespeare preset ({GPT(cfg.model).num_params() / 1e6:.1f}M parameters) "
         f"for {steps} steps, about {minutes:g} minutes")
     result = train(cfg, progress=progress)
@@ -127,9 +132,11 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool
     say("[4/4] sampling from the trained model")
     model, tokenizer, _ = load_checkpoint(result.checkpoint)
     sample = generate(model, tokenizer, DEMO_PROMPT, max_new_tokens=120, temperature=0.8, top_k=100, seed=0)
+    after = evaluate_task(model, tokenizer, task, block_size=cfg.model.block_size)
     return DemoResult(
         run_dir=result.run_dir, checkpoint=result.checkpoint, precision=precision, probe_ms=probe,
         prepare_mb_per_s=stats.mb_per_s, steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
         first_val_loss=result.first_val_loss, final_val_loss=result.final_val_loss,
+        task={"name": task.name, "before": before.score, "after": after.score, "chance": task.chance},
         sample=DEMO_PROMPT + sample, total_seconds=time.perf_counter() - t_start,
     )

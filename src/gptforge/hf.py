@@ -33,7 +33,7 @@ import torch
 from gptforge.config import ModelConfig, RunConfig
 from gptforge.errors import GptforgeError
 from gptforge.outputs import check_out, staged
-from gptforge.tokenizer import EOS, IM_END, IM_START, Tokenizer
+from gptforge.tokenizer import HF_CONFIG_FILE, Tokenizer
 
 T = Callable[[torch.Tensor], torch.Tensor]
 
@@ -361,12 +361,6 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> P
     return write_checkpoint(Path(out), RunConfig(model=cfg), tokenizer, model_state=model.state_dict())
 
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '"
-    + IM_END + "' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
-)
-
-
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str]:
     """Write a checkpoint as an HF folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline.
 
@@ -398,12 +392,7 @@ def _write_hf_folder(dest: Path, state: dict[str, torch.Tensor], cfg: ModelConfi
     (dest / "config.json").write_text(json.dumps(hf_config(cfg, fmt, tokenizer), indent=2) + "\n")
     os.chmod(dest / "model.safetensors", (dest / "config.json").stat().st_mode & 0o777)  # not safetensors' 0600
     tokenizer.save(dest / "tokenizer.json")
-    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
-                               "unk_token": EOS, "model_max_length": cfg.block_size, "clean_up_tokenization_spaces": False,
-                               "add_prefix_space": False}
-    if tokenizer.has_chat_template:
-        tok_cfg["chat_template"] = CHATML_TEMPLATE
-    (dest / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (dest / HF_CONFIG_FILE).write_text(json.dumps(tokenizer.hf_config(cfg.block_size), indent=2) + "\n")
     gen = {"bos_token_id": tokenizer.eos_id, "eos_token_id": ([tokenizer.eos_id, tokenizer.im_end_id]
                                                               if tokenizer.has_chat_template else tokenizer.eos_id)}
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

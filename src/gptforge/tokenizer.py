@@ -23,6 +23,12 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(3, 8)]
 CHAT_ROLES = ("system", "user", "assistant")
 TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+# encode_chat's layout as a Jinja template, for transformers' apply_chat_template
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '"
+    + IM_END + "' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -95,6 +101,15 @@ class Tokenizer:
             p = p / TOKENIZER_FILE
         self.hf.save(str(p))
         return p
+
+    def hf_config(self, model_max_length: int) -> dict:
+        """The content of `tokenizer_config.json`: beside tokenizer.json, it lets transformers' AutoTokenizer load
+        the folder offline (export-hf's folders; every checkpoint, which lm-evaluation-harness reads this way)."""
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS, "unk_token": EOS,
+               "model_max_length": model_max_length, "clean_up_tokenization_spaces": False, "add_prefix_space": False}
+        if self.has_chat_template:
+            cfg["chat_template"] = CHATML_TEMPLATE
+        return cfg
 
     # --- the interface ----------------------------------------------------------------------------------
     @property
