@@ -158,7 +158,7 @@ class TokenPicker:
         settings. A penalty's bookkeeping runs only while some row has a penalty on (the demo model decoded 7%
         faster without it)."""
         n = logits.shape[0]
-        counts, seen = self.counts[:n], self.seen[:n]
+        counts, seen = (self.counts, self.seen) if n == len(self.counts) else (self.counts[:n], self.seen[:n])
         if len(groups) == 1:  # the static batch always, BatchEngine often: no gather, no scatter
             p, rows = groups[0]
             ids = sample(apply_penalties(logits, counts, seen, p), p, None, _noise(p, rows, noise))
