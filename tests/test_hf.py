@@ -145,10 +145,12 @@ def test_export_refuses_what_it_cannot_express(tmp_path, tok):
 
 
 def test_import_refuses_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    hf = tmp_path / "hf"  # the output may not sit inside the folder read (outputs.check_out)
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
     with pytest.raises(GptforgeError, match=r"'BertForMaskedLM' is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM"):
-        import_hf(tmp_path, tmp_path / "out")
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "activation_function": "relu",
-                                                      "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 300}))
+        import_hf(hf, tmp_path / "out")
+    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "activation_function": "relu",
+                                                "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 300}))
     with pytest.raises(GptforgeError, match="activation_function 'relu' is not supported"):
-        import_hf(tmp_path, tmp_path / "out")
+        import_hf(hf, tmp_path / "out")
