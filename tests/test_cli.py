@@ -14,7 +14,7 @@ EXPECTED = {
     "prepare": {"--out", "--tokenizer", "--vocab-size", "--val-fraction", "--seed", "--text-field", "--shard-tokens",
                 "--overwrite", "--curate", "--dedup"},
     "curate": {"--out", "--overwrite", "--dry-run", "--json", "--mix", "--seed", "--keep", "--rules", "--dedup", "--pii",
-               "--text-field", "--workers", "--jaccard", "--num-perm", "--shingle-words", "--boilerplate-min-chars",
+               "--text-field", "--workers", "--tokenizer", "--jaccard", "--num-perm", "--shingle-words", "--boilerplate-min-chars",
                "--boilerplate-min-docs", "--min-words", "--max-words", "--min-mean-word-length", "--max-mean-word-length",
                "--max-symbol-ratio", "--min-alnum-ratio", "--max-bullet-lines", "--max-ellipsis-lines",
                "--min-alpha-words", "--min-stop-words", "--max-dup-line-fraction", "--max-dup-line-chars",

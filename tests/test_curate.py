@@ -17,6 +17,7 @@ from gptforge.curate.dedup import MinHasher, near_duplicate_groups, normalized_w
 from gptforge.curate.filters import LanguageIdentifier, c4_clean, first_failure, measure
 from gptforge.curate.mix import parse_mix, plan_copies
 from gptforge.curate.pii import find_pii, redact
+from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
 
 RNG = random.Random(0)
@@ -316,6 +317,20 @@ def test_curate_writes_shards_meta_and_report(tmp_path):
     assert json.loads((out / "report.json").read_text())["removed"]["exact"]["documents"] == 6
     with pytest.raises(GptforgeError, match="already exists and is not empty"):
         curate([str(src / "notes.txt")], out)
+
+
+def test_tokens_per_source_and_mix_by_tokens(tmp_path, prepared):
+    src = _corpus(tmp_path)
+    out = tmp_path / "out"
+    report = curate([f"web={src / 'web.jsonl'}", f"notes={src / 'notes.txt'}"], out, CurateConfig(rules=()),
+                    mix="web=1,notes=1", workers=1, tokenizer=prepared / "tokenizer.json")
+    meta = json.loads((out / "meta.json").read_text())
+    tok = TokenData(prepared).tokenizer()
+    kept = [json.loads(x) for x in (out / "curated_00000.jsonl").read_text().splitlines()]
+    notes = sum(len(tok.encode(r["text"])) for r in kept if r["source"] == "notes")
+    assert meta["sources"]["notes"]["mix"]["tokens"] == notes  # the one notes document, written r times
+    assert meta["sources"]["notes"]["tokens_out"] == len(tok.encode(" ".join(words(300, seed=99))))
+    assert report.mix["web"]["tokens"] == sum(len(tok.encode(r["text"])) for r in kept if r["source"] == "web")
 
 
 def test_cli_dry_run_json_and_bad_input(tmp_path, capsys):

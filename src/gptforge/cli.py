@@ -70,7 +70,7 @@ def cmd_curate(args: argparse.Namespace) -> None:
                        pii=parse_rules(args.pii, ("email", "phone", "ip", "key"), "PII kind", ("email", "phone", "ip", "key")),
                        keep=tuple(k for item in args.keep or () for k in item.split(",") if k), **thresholds)
     report = curate(args.sources, args.out, cfg, mix=args.mix, seed=args.seed, text_field=args.text_field,
-                    workers=args.workers, overwrite=args.overwrite)
+                    workers=args.workers, overwrite=args.overwrite, tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -476,6 +476,7 @@ def _curate_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--pii", help="PII kinds to redact (default all: email, phone, ip, key; 'none' for none)")
     p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
     p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument("--tokenizer", help="count each source's tokens with this tokenizer.json (meta.json); --mix then weighs tokens, not bytes")
     for f in threshold_fields():
         default = f.default
         if isinstance(default, tuple):

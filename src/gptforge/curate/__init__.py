@@ -20,6 +20,7 @@ from gptforge.curate.mix import parse_mix
 from gptforge.curate.pipeline import Source, parse_sources, run, source_stream, write_meta
 from gptforge.curate.report import CurateReport
 from gptforge.outputs import check_out, staged
+from gptforge.tokenizer import Tokenizer
 
 __all__ = ["CurateConfig", "CurateReport", "RULES", "DEFAULT_RULES", "DEDUP_STEPS", "curate", "curate_documents",
            "parse_rules", "threshold_fields"]
@@ -27,21 +28,25 @@ __all__ = ["CurateConfig", "CurateReport", "RULES", "DEFAULT_RULES", "DEDUP_STEP
 
 def curate(sources: list[str], out: str | Path | None, cfg: CurateConfig | None = None, *, mix: str | None = None,
            seed: int = 0, text_field: str = "text", workers: int | None = None, overwrite: bool = False,
-           png: bool = True) -> CurateReport:
+           png: bool = True, tokenizer: str | Path | None = None) -> CurateReport:
     """Curate `sources` (files, folders, globs, JSONL, bundled corpora; `NAME=PATH` names one) into `out`:
     JSONL shards `curated_*.jsonl` ({"text", "source", "name"} per line; `gptforge prepare OUT` reads them),
-    meta.json, report.json and signals.png. `out=None` is a dry run: everything is measured, nothing written."""
+    meta.json, report.json and signals.png. `out=None` is a dry run: everything is measured, nothing written.
+    With `tokenizer` (a tokenizer.json or a folder holding one) each source's kept tokens are counted and
+    `mix` weights are shares of tokens; without, of bytes."""
     cfg = cfg or CurateConfig()
     srcs = parse_sources(sources)
     weights = parse_mix(mix, [s.name for s in srcs]) if mix else None
     warnings: list[str] = []
     stream = source_stream(srcs, text_field, warnings)
+    tok = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if out is None:
-        report, _ = run(stream, srcs, cfg, None, workers=workers, mix=weights, seed=seed)
+        report, _ = run(stream, srcs, cfg, None, workers=workers, mix=weights, seed=seed, tokenizer=tok)
     else:
-        out = check_out(out, "curated", overwrite=overwrite, inputs=[s.spec for s in srcs if Path(s.spec).exists()])
+        out = check_out(out, "curated", overwrite=overwrite,
+                        inputs=[s.spec for s in srcs if Path(s.spec).exists()] + ([tokenizer] if tokenizer else []))
         with staged(out, "curated documents") as tmp:
-            report, shards = run(stream, srcs, cfg, tmp, workers=workers, mix=weights, seed=seed)
+            report, shards = run(stream, srcs, cfg, tmp, workers=workers, mix=weights, seed=seed, tokenizer=tok)
             report.warnings = warnings
             write_meta(tmp, srcs, cfg, report, shards, seed)
             report.write_json(tmp / "report.json")

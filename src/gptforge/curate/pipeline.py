@@ -36,6 +36,7 @@ from gptforge.curate.pii import count_kinds, redact
 from gptforge.curate.report import CurateReport
 from gptforge.data import iter_source
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer import Tokenizer
 
 FORMAT = "gptforge.curated"
 FORMAT_VERSION = 1
@@ -283,7 +284,9 @@ REASON = {EXACT: "exact", NEAR: "near"}
 
 
 def _pass2(stream: DocStream, sources: list[Source], cfg: CurateConfig, p1: _Pass1, workers: int,
-           writer: _ShardWriter, report: CurateReport, keep_sizes: list[list[int]]) -> None:
+           writer: _ShardWriter, report: CurateReport, keep_sizes: list[list[int]], tokenizer: Tokenizer | None) -> None:
+    """Rewrite and write the kept documents; count what each rule removed; `keep_sizes` gets each kept
+    document's size per source, in tokens when a tokenizer is given (then also each source's tokens_out)."""
     def dropped(item) -> bool:
         return p1.status[item[0]] != KEPT
 
@@ -291,7 +294,7 @@ def _pass2(stream: DocStream, sources: list[Source], cfg: CurateConfig, p1: _Pas
         return [(i, d.text) for i, s, d in batch if not dropped((i, s, d))]
 
     for batch, results in _parallel(_rewrite, _batches(_numbered(stream)), payload, workers, (cfg, p1.boilerplate)):
-        it = iter(results)
+        it, kept = iter(results), []
         for idx, src, doc in batch:
             name, nbytes = sources[src].name, int(p1.nbytes[idx])
             if dropped((idx, src, doc)):
@@ -311,16 +314,23 @@ def _pass2(stream: DocStream, sources: list[Source], cfg: CurateConfig, p1: _Pas
             size = len(text.encode())
             s["documents_out"] += 1
             s["bytes_out"] += size
-            keep_sizes[src].append(size)
+            kept.append((src, text, size))
             writer.write({"text": text, "source": name, "name": doc.name})
+        counts = [len(ids) for ids in tokenizer.encode_batch([t for _, t, _ in kept])] if tokenizer and kept else None
+        for k, (src, _, size) in enumerate(kept):
+            if counts is not None:
+                s = report.source(sources[src].name)
+                s["tokens_out"] = s.get("tokens_out", 0) + counts[k]
+            keep_sizes[src].append(size if counts is None else counts[k])
     report.boilerplate["distinct"] = len(p1.boilerplate)
 
 
 def run(stream: DocStream, sources: list[Source], cfg: CurateConfig, out: Path | None, *, workers: int | None = None,
-        mix: dict[str, float] | None = None, seed: int = 0, sink=None) -> tuple[CurateReport, list[dict]]:
+        mix: dict[str, float] | None = None, seed: int = 0, sink=None,
+        tokenizer: Tokenizer | None = None) -> tuple[CurateReport, list[dict]]:
     """Curate the documents of `stream` into JSONL shards in `out` (None: measure only), or into `sink` (an
-    object with write(record) and close(); `out` then only holds scratch files). Returns the report and the
-    shard list."""
+    object with write(record) and close(); `out` then only holds scratch files). With a tokenizer, tokens are
+    counted per source and the mix is by tokens, else by bytes. Returns the report and the shard list."""
     workers = workers or len(os.sched_getaffinity(0))
     report = CurateReport(seed=seed)
     for s in sources:
@@ -334,12 +344,12 @@ def run(stream: DocStream, sources: list[Source], cfg: CurateConfig, out: Path |
         if stage is not None:
             stage.mkdir(exist_ok=True)
         writer = sink or _ShardWriter(stage)
-        _pass2(stream, sources, cfg, p1, workers, writer, report, sizes)
+        _pass2(stream, sources, cfg, p1, workers, writer, report, sizes, tokenizer)
         writer.close()
         t2 = time.perf_counter()
         shards = writer.shards
         if mix:
-            shards = _mix(stage, writer.shards, sources, sizes, mix, seed, out, report)
+            shards = _mix(stage, writer.shards, sources, sizes, mix, seed, out, report, "tokens" if tokenizer else "bytes")
     for src, size in zip(p1.source, p1.nbytes):
         s = report.source(sources[src].name)
         s["documents_in"] += 1
@@ -349,12 +359,12 @@ def run(stream: DocStream, sources: list[Source], cfg: CurateConfig, out: Path |
 
 
 def _mix(stage: Path | None, shards: list[dict], sources: list[Source], sizes: list[list[int]],
-         weights: dict[str, float], seed: int, out: Path | None, report: CurateReport) -> list[dict]:
+         weights: dict[str, float], seed: int, out: Path | None, report: CurateReport, unit: str) -> list[dict]:
     copies = plan_copies({s.name: np.array(z, dtype=np.int64) for s, z in zip(sources, sizes)}, weights, seed)
     total = sum(int((np.array(z) * copies[s.name]).sum()) for s, z in zip(sources, sizes))
     for s, z in zip(sources, sizes):
         got = int((np.array(z, dtype=np.int64) * copies[s.name]).sum())
-        report.mix[s.name] = {"weight": weights[s.name], "bytes": got, "share": got / max(1, total),
+        report.mix[s.name] = {"weight": weights[s.name], unit: got, "share": got / max(1, total),
                               "documents": int(copies[s.name].sum())}
     if stage is None or out is None:
         return []
