@@ -35,7 +35,9 @@ def _is_hf(p: Path) -> bool:
 
 
 def _is_run(p: Path) -> bool:
-    return (p / "config.yaml").is_file() and ((p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file())
+    ckpts = p / "checkpoints"
+    has_ckpts = ckpts.is_dir() and ((ckpts / "latest").is_file() or any(q.is_dir() for q in ckpts.glob("step-*")))
+    return has_ckpts or ((p / "config.yaml").is_file() and (p / "metrics.jsonl").is_file())
 
 
 def _is_report(p: Path) -> bool:
@@ -55,7 +57,7 @@ KINDS: dict[str, tuple[str, str, Callable[[Path], bool]]] = {
     "checkpoint": ("a checkpoint folder", "model.safetensors (or dcp/) and config.yaml", _is_checkpoint),
     "data": ("a prepared-data folder", "meta.json and tokenizer.json", _is_data),
     "hf": ("a Hugging Face export", "config.json, model.safetensors and tokenizer.json", _is_hf),
-    "run": ("a run directory", "config.yaml with checkpoints/ or metrics.jsonl", _is_run),
+    "run": ("a run directory", "checkpoints/step-N, or config.yaml and metrics.jsonl", _is_run),
     "report": ("a report folder", "index.html and PNG plots", _is_report),
     "demo": ("a demo folder", "data/meta.json or run/checkpoints", _is_demo),
     "curated": ("a curated-corpus folder", "meta.json and report.json", _is_curated),

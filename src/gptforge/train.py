@@ -283,8 +283,8 @@ def claim_run_dir(run_dir: Path, resume: str | None, inputs: tuple = ()) -> None
         raise GptforgeError(f"--out {run_dir} already holds files (a run?); continue that run with --resume auto, "
                             f"or choose a new --out for a new one")
     if resume == "auto" and not is_artifact(run_dir, "run"):
-        raise GptforgeError(f"--out {run_dir} is not a gptforge run directory (no config.yaml with checkpoints/ or "
-                            f"metrics.jsonl), so --resume auto will not write into it; choose a new --out")
+        raise GptforgeError(f"--out {run_dir} is not a gptforge run directory (no checkpoints/step-N, nor config.yaml "
+                            f"and metrics.jsonl), so --resume auto will not write into it; choose a new --out")
 
 
 def _check_writable(run_dir: Path) -> None:
