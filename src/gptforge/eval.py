@@ -392,12 +392,18 @@ def loglikelihoods(model: nn.Module, requests: list[tuple[list[int], list[int]]]
         x = torch.zeros(len(rows), width, dtype=torch.long)
         for r, i in enumerate(rows):
             x[r, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
-        logits = model(x.to(device))[..., :vocab_size].float()  # (B, T, V); padding sits after every real token
-        for r, i in enumerate(rows):
-            n, end = len(requests[i][1]), len(seqs[i]) - 1
-            target = torch.tensor(seqs[i][-n:], device=device)
-            logp = F.log_softmax(logits[r, end - n:end], dim=-1)  # (n, V)
-            out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+        logits = model(x.to(device))[..., :vocab_size]  # (B, T, V); padding sits after every real token
+        # the positions that predict a continuation token, all rows at once: one log-softmax, one gather
+        lens = [len(requests[i][1]) for i in rows]
+        at_row = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=device)
+        at_pos = torch.tensor([len(seqs[i]) - 1 - n + j for i, n in zip(rows, lens) for j in range(n)], device=device)
+        target = torch.tensor([t for i, n in zip(rows, lens) for t in seqs[i][-n:]], device=device)
+        logp = F.log_softmax(logits[at_row, at_pos].float(), dim=-1)  # (sum n, V)
+        picked, hit = logp.gather(1, target[:, None])[:, 0].tolist(), (logp.argmax(-1) == target).tolist()
+        k = 0
+        for i, n in zip(rows, lens):
+            out[i] = (sum(picked[k:k + n]), all(hit[k:k + n]))
+            k += n
     return out
 
 
