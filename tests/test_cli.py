@@ -35,7 +35,7 @@ EXPECTED = {
              "--mfu", "--recommend", "--deadline", "--measure", "--device", "--steps", "--json"},
     "bench": {"--device", "--precision", "--micro-batch", "--seq-len", "--steps", "--decode-tokens", "--hardware",
               "--mfu", "--json"},
-    "report": {"--out", "--overwrite"},
+    "report": {"--out", "--task", "--limit", "--overwrite"},
     "quantize": {"--method", "--group-size", "--out", "--overwrite"},
     "prune": {"--method", "--sparsity", "--pattern", "--data", "--recover-steps", "--out", "--overwrite"},
     "distill": {"--teacher", "--student", "--data", "--out", "--temperature", "--kl-weight", "--ce-weight"},

@@ -17,6 +17,7 @@ from gptforge.checkpoint import write_checkpoint
 from gptforge.config import ModelConfig, RunConfig
 from gptforge.data import BatchSampler, TokenData, prepare
 from gptforge.errors import GptforgeError
+from gptforge.loader import load_checkpoint
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 
@@ -221,3 +222,14 @@ def test_training_logs_val_bits_per_byte(prepared, tmp_path):
     assert len(evals) == 2 and n == 2 * 2 * 32
     for e in evals:
         assert e["val_bpb"] == pytest.approx(e["val_loss"] * n / math.log(2) / n_bytes)
+    # gptforge report --task: the task's score on each checkpoint the run kept, plotted beside the loss
+    pytest.importorskip("matplotlib")
+    from gptforge.report import report, task_scores
+
+    f = write_jsonl(tmp_path / "t.jsonl", [{"query": "the", "choices": ["king", "queen"], "gold": i % 2} for i in range(4)])
+    points = task_scores(result.run_dir, str(f))
+    model, tok, run_cfg = load_checkpoint(result.checkpoint)
+    expect = ev.evaluate_task(model, tok, ev.read_task_file(f), block_size=run_cfg.model.block_size).score
+    assert points == [{"step": 2, "task_score": expect}]
+    page = report([result.run_dir], tmp_path / "report", task=str(f))
+    assert (page.parent / "task.png").is_file() and "task.png" in page.read_text()

@@ -281,7 +281,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from gptforge.report import report
 
-    page = report(args.runs, args.out, overwrite=args.overwrite)
+    page = report(args.runs, args.out, overwrite=args.overwrite, task=args.task, limit=args.limit)
     print(f"wrote {page} and its PNG plots")
 
 
@@ -659,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each RUN_DIR/metrics.jsonl; several runs share each plot.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by gptforge train")
     p.add_argument("--out", help="folder for the PNGs and index.html (default: FIRST_RUN_DIR/report, replaced on each run)")
+    p.add_argument("--task", metavar="NAME|FILE", help="also plot this eval task's accuracy on each checkpoint kept "
+                                                       "(docs/eval.md), e.g. shakespeare-next-line")
+    p.add_argument("--limit", type=int, help="with --task: score only its first N examples")
     _overwrite_flag(p, "report folder")
     p.set_defaults(func=cmd_report)
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.eval import evaluate_task, load_task
+from gptforge.loader import load_checkpoint
 from gptforge.outputs import check_out, staged
 
 # (file stem, title, [(metrics key, line label suffix)]): train.py writes these keys (val_loss on eval records)
@@ -19,7 +21,21 @@ PLOTS = [
     ("grad_norm", "gradient norm (before clipping)", [("grad_norm", "")]),
     ("tokens_per_s", "training tokens/s", [("tokens_per_s", "")]),
     ("mfu", "model FLOPs utilisation", [("mfu", "")]),
+    ("task", "task accuracy (acc_norm; acc for cloze and generation)", [("task_score", "")]),
 ]
+
+
+def task_scores(run_dir: Path, spec: str, limit: int | None = None) -> list[dict]:
+    """A task's score on each checkpoint a run still holds (checkpoints/step-*), as metrics records."""
+    task = load_task(spec)
+    points = []
+    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+        model, tok, cfg = load_checkpoint(ckpt)
+        r = evaluate_task(model, tok, task, block_size=cfg.model.block_size, limit=limit)
+        points.append({"step": int(ckpt.name.removeprefix("step-")), "task_score": r.score})
+    if not points:
+        raise GptforgeError(f"{run_dir} holds no checkpoints (checkpoints/step-*) to score {spec} on")
+    return points
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -37,8 +53,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def report(run_dirs: list[str | Path], out: str | Path | None = None, overwrite: bool = False) -> Path:
+def report(run_dirs: list[str | Path], out: str | Path | None = None, overwrite: bool = False,
+           task: str | None = None, limit: int | None = None) -> Path:
     """Write one PNG per metric any run has, and index.html, into `out` (default RUN_DIR/report); return the page.
+    With `task` (a name or file for gptforge.eval), its score on each checkpoint of each run is plotted too.
 
     `out` follows outputs.check_out; the default folder is gptforge's own, so an earlier report there is replaced
     without `overwrite`. The folder is written whole, via a temporary one."""
@@ -56,7 +74,7 @@ def report(run_dirs: list[str | Path], out: str | Path | None = None, overwrite:
     default = out is None
     out = check_out(runs[0] / "report" if default else out, "report", overwrite=overwrite or default, inputs=runs,
                     inside_input_ok=default)
-    metrics = {r: read_metrics(r) for r in runs}
+    metrics = {r: read_metrics(r) + (task_scores(r, task, limit) if task else []) for r in runs}
     names = [r.name if [x.name for x in runs].count(r.name) == 1 else str(r) for r in runs]
     with staged(out, "report") as tmp:
         _write_report(tmp, runs, names, metrics, plt)
