@@ -202,6 +202,7 @@ def exact_groups(keys: np.ndarray) -> np.ndarray:
 
 
 def line_key(line: str) -> int:
+    """64-bit hash of a line without its surrounding whitespace."""
     return int.from_bytes(hashlib.blake2b(line.strip().encode(), digest_size=8).digest(), "little")
 
 

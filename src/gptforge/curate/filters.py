@@ -89,8 +89,11 @@ def ngram_signals(ids: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
                     for k in range(1, n):
                         h = h * np.uint64(0x9E3779B97F4A7C15) + ids[cand + k].astype(np.uint64)
                 dup[cand] = _dup_mask(h)
-        cover = np.convolve(dup.astype(np.int8), np.ones(n, dtype=np.int8))[:len(ids)] > 0
-        out[f"dup_{n}gram"] = float(lengths[cover].sum() / total)
+        starts = np.flatnonzero(dup)  # words [i, i + n) are covered for each repeated n-gram at i
+        edges = np.zeros(len(ids) + 1, dtype=np.int32)
+        edges[starts] += 1
+        edges[starts + n] -= 1
+        out[f"dup_{n}gram"] = float(lengths[np.cumsum(edges[:-1]) > 0].sum() / total) if len(starts) else 0.0
     return out
 
 
@@ -133,12 +136,12 @@ def text_signals(text: str, vocab: list[str], ids: np.ndarray, lines: list[str])
     return sig
 
 
-def measure(text: str) -> tuple[dict[str, float], list[str], np.ndarray, list[str]]:
-    """(signals, normalized words, their document-local ids, the vocabulary) of one document."""
+def measure(text: str) -> tuple[dict[str, float], list[str], np.ndarray, list[str], list[str]]:
+    """(signals, normalized words, their document-local ids, the vocabulary, the stripped non-empty lines)."""
     words = normalized_words(text)
     ids, vocab = word_ids(words)
     lines = list(filter(None, map(str.strip, text.split("\n"))))
-    return text_signals(text, vocab, ids, lines), words, ids, vocab
+    return text_signals(text, vocab, ids, lines), words, ids, vocab, lines
 
 
 # rule -> does the document pass? (signals, config); c4, language and perplexity are measured by their own code

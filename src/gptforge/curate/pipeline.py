@@ -92,7 +92,7 @@ def _measure_one(text: str) -> tuple[str | None, dict[str, float], int, np.ndarr
         if cleaned is None:
             return "c4", {}, 0, np.empty(0, np.uint64), np.empty(0, np.uint64)
         text = cleaned
-    signals, words, ids, vocab = measure(text)
+    signals, words, ids, vocab, lines = measure(text)
     if "language" in cfg.rules:
         lang, prob = language(text)
         signals["language_score"] = prob
@@ -106,7 +106,7 @@ def _measure_one(text: str) -> tuple[str | None, dict[str, float], int, np.ndarr
         return failed, signals, 0, np.empty(0, np.uint64), np.empty(0, np.uint64)
     long = np.empty(0, np.uint64)
     if "boilerplate" in cfg.dedup:
-        keys = {line_key(ln) for ln in text.split("\n") if len(ln.strip()) >= cfg.boilerplate_min_chars}
+        keys = {line_key(ln) for ln in lines if len(ln) >= cfg.boilerplate_min_chars}
         long = np.fromiter(keys, dtype=np.uint64, count=len(keys))
     sh = shingles(word_hashes(ids, vocab), cfg.shingle_words) if "near" in cfg.dedup else np.empty(0, np.uint64)
     return None, signals, exact_key(words), sh, long
