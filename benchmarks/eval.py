@@ -33,6 +33,7 @@ import httpx
 import torch
 
 from gptforge import eval as ev
+from gptforge.checkpoint import resolve_checkpoint
 from gptforge.loader import load_checkpoint
 from gptforge.model import GPT
 
@@ -94,7 +95,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
-    model, tok, cfg = load_checkpoint(args.checkpoint)
+    ckpt = str(resolve_checkpoint(args.checkpoint))  # a run folder's latest checkpoint: lm-eval reads its tokenizer
+    model, tok, cfg = load_checkpoint(ckpt)
     task = ev.shakespeare_next_line()
     task.examples = task.examples[:args.limit]
     tmp = Path(tempfile.mkdtemp(prefix="gptforge-eval-bench-"))
@@ -102,14 +104,14 @@ def main() -> None:
     data.write_text("".join(json.dumps({"query": e.context, "choices": e.choices, "gold": e.gold}) + "\n"
                             for e in task.examples))
     (tmp / "next_line.yaml").write_text(TASK_YAML.format(data=data))
-    proc, url = start_server(args.checkpoint, args.threads, tmp / "server.log")
+    proc, url = start_server(ckpt, args.threads, tmp / "server.log")
     try:
         built_in_s, lm_s, built, theirs = [], [], None, None
         for _ in range(args.rounds):  # A B A B ...
             t0 = time.perf_counter()
             built = ev.evaluate_task(model, tok, task, block_size=cfg.model.block_size)
             built_in_s.append(time.perf_counter() - t0)
-            theirs, sec = lm_eval_run(url, args.checkpoint, tmp, args.lm_eval_batch)
+            theirs, sec = lm_eval_run(url, ckpt, tmp, args.lm_eval_batch)
             lm_s.append(sec)
     finally:
         proc.terminate()
@@ -129,7 +131,7 @@ def main() -> None:
     trained = ev.evaluate_task(model, tok, ev.shakespeare_next_line(), block_size=cfg.model.block_size)
     n = len(task.examples)
     out = {
-        "checkpoint": args.checkpoint, "examples": n, "threads": args.threads, "lm_eval_batch": args.lm_eval_batch,
+        "checkpoint": ckpt, "examples": n, "threads": args.threads, "lm_eval_batch": args.lm_eval_batch,
         "built_in": {"acc": built.metrics["acc"], "acc_norm": built.metrics["acc_norm"],
                      "seconds": built_in_s, "examples_per_s": n / statistics.median(built_in_s)},
         "lm_eval": {"acc": res["acc,none"], "acc_norm": res["acc_norm,none"],
