@@ -23,7 +23,7 @@ from gptforge.cli import main
 from gptforge.compress.run import quantize_checkpoint
 from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import TokenData, prepare
-from gptforge.hf import export_hf
+from gptforge.interop import export_hf
 from gptforge.model import GPT
 
 # (verb, argv with {W} for the prepared tree, text the message must hold). Exit status 2 for every row.

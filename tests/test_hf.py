@@ -15,7 +15,8 @@ from gptforge.checkpoint import write_checkpoint  # noqa: E402
 from gptforge.config import ModelConfig, RunConfig, model_preset  # noqa: E402
 from gptforge.errors import GptforgeError  # noqa: E402
 from gptforge.generate import complete  # noqa: E402
-from gptforge.hf import choose_format, export_hf, import_hf  # noqa: E402
+from gptforge.hf import choose_format  # noqa: E402
+from gptforge.interop import export_hf, import_hf  # noqa: E402
 from gptforge.loader import load_checkpoint  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
 from gptforge.tokenizer import Tokenizer  # noqa: E402

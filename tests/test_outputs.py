@@ -271,7 +271,7 @@ def test_verb_write_fault(verb, fault, ckpt, run_dir, prepared, tmp_path, monkey
     import safetensors.torch
 
     import gptforge.data as data_mod
-    from gptforge.hf import export_hf
+    from gptforge.interop import export_hf
 
     hf = tmp_path / "hf"
     export_hf(ckpt, hf)

@@ -427,7 +427,7 @@ def test_plan_cli_reads_a_run_config(capsys):
 @pytest.mark.parametrize("cfg", [SMALL, SMALL_LLAMA], ids=["gpt2-like", "llama-like"])
 def test_planning_an_hf_config_equals_planning_its_import(tmp_path, cfg):
     from gptforge.checkpoint import write_checkpoint
-    from gptforge.hf import export_hf, import_hf
+    from gptforge.interop import export_hf, import_hf
     from gptforge.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], 300)

@@ -370,14 +370,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
-    from gptforge.hf import import_hf
+    from gptforge.interop import import_hf
 
     dest = import_hf(args.folder, args.out, overwrite=args.overwrite)
     print(f"wrote {dest}; try: gptforge generate {dest} --prompt \"Hello\"")
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from gptforge.hf import export_hf
+    from gptforge.interop import export_hf
 
     dest, arch = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {dest} ({arch}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json); "

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 
-from gptforge.config import ModelConfig, RunConfig
+from gptforge.config import ModelConfig
 from gptforge.errors import GptforgeError
-from gptforge.outputs import check_out, staged
 from gptforge.tokenizer import HF_CONFIG_FILE, Tokenizer
 
 T = Callable[[torch.Tensor], torch.Tensor]
@@ -311,7 +310,8 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fmt: Form
     return out
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """An HF folder's weights by HF key: model.safetensors, its sharded index, or pytorch_model.bin (weights_only)."""
     from safetensors.torch import load_file
 
     if (folder / "model.safetensors").is_file():
@@ -331,61 +331,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise GptforgeError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-# --- import and export ----------------------------------------------------------------------------------------
-
-def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Convert a local HF folder (config.json, weights, tokenizer) into a gptforge checkpoint folder at `out`
-    (outputs.check_out: never the folder read; `overwrite` replaces only an earlier checkpoint)."""
-    from gptforge.checkpoint import write_checkpoint
-    from gptforge.model import GPT
-
-    src = Path(folder)
-    check_out(out, "checkpoint", overwrite=overwrite, inputs=[src])
-    if not (src / "config.json").is_file():
-        raise GptforgeError(f"{src} is not a Hugging Face model folder (no config.json)")
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise GptforgeError(f"{src / 'config.json'}: not valid JSON ({e})") from None
-    cfg, fmt = model_config_from_hf(hf, str(src))
-    tokenizer = Tokenizer.load(src)  # tokenizer.json, or vocab.json + merges.txt
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise GptforgeError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} rows")
-    state = from_hf_state(_read_weights(src), cfg, fmt, str(src))
-    with torch.device("meta"):
-        model = GPT(cfg)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise GptforgeError(f"{src}: weights do not fit config.json ({e})") from None
-    return write_checkpoint(Path(out), RunConfig(model=cfg), tokenizer, model_state=model.state_dict())
-
-
-def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str]:
-    """Write a checkpoint as an HF folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline.
-
-    Returns (folder, architecture). A LoRA checkpoint is merged into its base first (gptforge.loader does it).
-    `out` follows outputs.check_out (`overwrite` replaces only an earlier export); written via a temporary folder.
-    """
-    from gptforge.checkpoint import read_config, resolve_checkpoint
-    from gptforge.loader import load_checkpoint  # a verb above the key maps' layer (tests/test_layers.py ALLOWED)
-
-    dest = check_out(out, "hf", overwrite=overwrite, inputs=[checkpoint])
-    ckpt = resolve_checkpoint(checkpoint)
-    run = read_config(ckpt)
-    if run.compression is not None and run.compression.quantized:
-        method = run.compression.quantization.method
-        raise GptforgeError(f"{ckpt} is quantized ({method}); export its unquantized parent (HF folders hold float weights)")
-    cfg = run.model
-    fmt = choose_format(cfg)
-    model, tokenizer, _ = load_checkpoint(ckpt)
-    state = to_hf_state({k: v.float() for k, v in model.state_dict().items()}, cfg, fmt)
-    with staged(dest, "Hugging Face export", need=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
-        _write_hf_folder(tmp, state, cfg, fmt, tokenizer)
-    return dest, fmt.name
-
-
-def _write_hf_folder(dest: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fmt, tokenizer: Tokenizer) -> None:
+def write_hf_folder(dest: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fmt, tokenizer: Tokenizer) -> None:
+    """Write an HF-keyed state, its config.json, the tokenizer files and generation_config.json into `dest`."""
     from safetensors.torch import save_file
 
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
