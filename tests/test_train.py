@@ -48,7 +48,9 @@ def test_checkpoint_layout(run):
     ckpts = sorted((run.run_dir / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-00000040", "step-00000060"]  # keep_last=2
     assert resolve_checkpoint(run.run_dir) == ckpts[-1]
-    assert {p.name for p in ckpts[-1].iterdir()} == {"model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.pt"}
+    # tokenizer_config.json: so that transformers' AutoTokenizer loads a checkpoint offline (Tokenizer.hf_config)
+    assert {p.name for p in ckpts[-1].iterdir()} == {"model.safetensors", "config.yaml", "tokenizer.json",
+                                                     "tokenizer_config.json", "trainer_state.pt"}
     keys = load_file(str(ckpts[-1] / "model.safetensors")).keys()
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
     state = load_trainer_state(ckpts[-1])  # weights_only=True
