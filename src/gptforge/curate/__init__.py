@@ -47,12 +47,12 @@ def curate(sources: list[str], out: str | Path | None, cfg: CurateConfig | None 
                         inputs=[s.spec for s in srcs if Path(s.spec).exists()] + ([tokenizer] if tokenizer else []))
         with staged(out, "curated documents") as tmp:
             report, shards = run(stream, srcs, cfg, tmp, workers=workers, mix=weights, seed=seed, tokenizer=tok)
-            report.warnings = warnings
+            report.warnings = list(dict.fromkeys(warnings))
             write_meta(tmp, srcs, cfg, report, shards, seed)
             report.write_json(tmp / "report.json")
             if png:
                 report.write_png(tmp / "signals.png")
-    report.warnings = warnings
+    report.warnings = list(dict.fromkeys(warnings))  # the sources are read twice: each warning once
     return report
 
 

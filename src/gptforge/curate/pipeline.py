@@ -332,6 +332,8 @@ def run(stream: DocStream, sources: list[Source], cfg: CurateConfig, out: Path |
     object with write(record) and close(); `out` then only holds scratch files). With a tokenizer, tokens are
     counted per source and the mix is by tokens, else by bytes. Returns the report and the shard list."""
     workers = workers or len(os.sched_getaffinity(0))
+    if "language" in cfg.rules:
+        language("")  # fails now, not in a worker, without py3langid; the forked workers share the loaded model
     report = CurateReport(seed=seed)
     for s in sources:
         report.source(s.name)
