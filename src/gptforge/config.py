@@ -283,9 +283,10 @@ class TrainConfig:
         return total
 
 
-def _flag(default: Any, help: str) -> Any:
-    """A field that `gptforge plan` offers as --NAME (cli builds the flag from the field's type and this help)."""
-    return field(default=default, metadata={"help": help})
+def _flag(default: Any, help: str, **meta: Any) -> Any:
+    """A field that its verb offers as --NAME: cli.add_field_flags builds the flag from the field's type, this help
+    and the default (added to the help as "(default X)" unless the help speaks of its default itself)."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -788,3 +789,51 @@ class SamplingParams:
         """The fields that shape the distribution a token is drawn from: rows equal here sample as one batch."""
         return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
                 self.presence_penalty, self.frequency_penalty)
+
+
+# --- the verbs' own settings: `gptforge VERB`'s flags are built from these fields (cli.add_field_flags), so each
+# default lives here once, for the library and the command alike. Torch-free: `gptforge --help` reads them.
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The server's settings (gptforge.serve): `gptforge serve` flags, one field each."""
+
+    # loopback only unless asked: an open port on all interfaces is a decision
+    host: str = _flag("127.0.0.1", "address to bind (default {default}: this machine only)")
+    port: int = _flag(8000, "port to listen on; 0 takes any free one (the one bound is printed)")
+    model_name: str | None = _flag(None, "the model id clients send (default: the checkpoint folder's name)")
+    api_key: str | None = _flag(None, "require 'Authorization: Bearer KEY' on /v1 (default: $GPTFORGE_API_KEY, "
+                                      "else none)")
+    max_batch: int = _flag(16, "sequences decoded together (KV-cache rows)")
+    max_queue: int = _flag(64, "sequences waiting for a batch slot before new requests get 429")
+    max_prompt_tokens: int | None = _flag(None, "longest prompt accepted (default: the context minus one)")
+    # Chunked prefill: a wave of new requests then delays each running stream's next token by one such prefill,
+    # not by all of them. None: no limit (each wave is prefilled at once).
+    max_prefill_tokens: int | None = _flag(64, "prompt tokens prefilled between two decode steps; longer prompts "
+                                               "and waves of requests are prefilled in chunks over several steps, "
+                                               "so running streams keep flowing")
+    max_tokens: int | None = _flag(None, "most completion tokens per choice (default: the context)")
+    max_n: int = 16  # most choices per request
+    max_body_bytes: int = _flag(1_000_000, "largest request body in bytes")
+    request_timeout: float = _flag(600.0, "seconds a request may take, queueing included, before it is cancelled")
+    shutdown_timeout: float = _flag(30.0, "on SIGTERM, seconds in-flight requests get to finish before they are "
+                                          "cancelled")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> GptforgeError:  # named as the field and as its flag
+            return GptforgeError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {getattr(self, name)}")
+
+        for name, low in [("max_batch", 1), ("max_queue", 1), ("max_n", 1), ("max_body_bytes", 1)]:
+            if getattr(self, name) < low:
+                raise bad(name, f">= {low}")
+        for name in ("max_prompt_tokens", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, ">= 1 (or unset: the model's context)")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise bad("max_prefill_tokens", ">= 1 (or None: no limit)")
+        if self.request_timeout <= 0:
+            raise bad("request_timeout", "> 0 seconds")
+        if self.shutdown_timeout < 0:
+            raise bad("shutdown_timeout", ">= 0 seconds")
+        if not 0 <= self.port <= 65535:
+            raise bad("port", "in 0..65535 (0: any free port)")

@@ -22,12 +22,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from gptforge.config import ServeConfig
 from gptforge.engine import BatchEngine, SeqEvent
 from gptforge.errors import GptforgeError
 from gptforge.generate import load
 from gptforge.tokenizer import Tokenizer
 
-from .config import ServeConfig
 from .metrics import Metrics
 from .protocol import APIError, Parsed, RequestParser, Shaper, parse_body
 from .scheduler import Job, Scheduler

@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from gptforge.config import ServeConfig
 from gptforge.engine import SeqEvent
 from gptforge.errors import GptforgeError
 from gptforge.sampling import SamplingParams
 from gptforge.text import prompt_ids
 from gptforge.tokenizer import CHAT_ROLES, Tokenizer
-
-from .config import ServeConfig
 
 # OpenAI's documented defaults (API reference of /v1/completions and /v1/chat/completions) for a field a
 # request leaves out. The server keeps these rather than SamplingParams' library defaults, so an OpenAI client
