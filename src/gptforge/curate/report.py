@@ -136,4 +136,8 @@ class CurateReport:
                          f"{self.c4_lines['documents_changed']:,} documents")
         if self.pii:
             lines.append("redacted: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.pii.items())))
+        if self.mix:
+            unit = "tokens" if "tokens" in next(iter(self.mix.values())) else "bytes"
+            lines.append(f"mix (by {unit}): " + ", ".join(f"{n} {m['share']:.1%} (weight {m['weight']:.1%}, "
+                                                          f"{m['documents']:,} documents)" for n, m in self.mix.items()))
         return "\n".join(lines)
