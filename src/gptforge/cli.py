@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gptforge import __version__
 from gptforge.config import MODEL_PRESETS, PlanConfig, TrainConfig
-from gptforge.curate.config import DEDUP_STEPS, RULES, threshold_fields
+from gptforge.config import DEDUP_STEPS, RULES, threshold_fields
 from gptforge.errors import GptforgeError
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from gptforge.config import DEDUP_STEPS, DEFAULT_RULES, RULES, CurateConfig, parse_rules, threshold_fields
 from gptforge.corpora import Document
-from gptforge.curate.config import DEDUP_STEPS, DEFAULT_RULES, RULES, CurateConfig, parse_rules, threshold_fields
 from gptforge.curate.mix import parse_mix
 from gptforge.curate.pipeline import Source, parse_sources, run, source_stream, write_meta
 from gptforge.curate.report import CurateReport

@@ -12,7 +12,7 @@ from itertools import repeat
 
 import numpy as np
 
-from gptforge.curate.config import CurateConfig
+from gptforge.config import CurateConfig
 from gptforge.curate.dedup import ngram_hashes, normalized_words, word_ids
 from gptforge.errors import GptforgeError
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gptforge.config import CurateConfig
 from gptforge.corpora import Document
-from gptforge.curate.config import CurateConfig
 from gptforge.curate.dedup import (LineCounter, MinHasher, exact_groups, exact_key, line_key, near_duplicate_groups,
                                    shingles, word_hashes)
 from gptforge.curate.filters import c4_clean, first_failure, language, measure
