@@ -1,5 +1,10 @@
 """The `gptforge` command: one subcommand per verb, each a thin function over the library.
 
+Each verb is two functions side by side: `_VERB_parser` adds its flags and `cmd_VERB` calls the library. Flags that
+set a typed config's field are built from that dataclass (add_field_flags): the default and the help text live in
+the field, once, for the library and the command alike. Only config.py is imported at the top, and it is
+torch-free, so `gptforge --help` starts fast; each command imports the library it runs.
+
 Bad input raises GptforgeError, printed here as one line without a traceback (exit 2); `--debug` shows it.
 """
 
@@ -13,9 +18,117 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import MODEL_PRESETS, PlanConfig, TrainConfig
-from gptforge.config import DEDUP_STEPS, RULES, threshold_fields
+from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, CurateConfig, LoRAConfig, PlanConfig, SamplingParams,
+                             ServeConfig, TrainConfig, parse_rules)
 from gptforge.errors import GptforgeError
+
+CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
+
+
+# --- flags built from typed configs ----------------------------------------------------------------------------
+
+def _flag_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of dataclass `cls` that its verb offers as flags: those whose metadata holds help."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.metadata.get("flag", True)]
+
+
+def _shown(value: typing.Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _field_help(f: dataclasses.Field, is_bool: bool) -> str:
+    """The field's help, with "(default X)" from the field itself unless the help speaks of its default."""
+    text = f.metadata["help"]
+    if "{default}" in text:
+        return text.replace("{default}", _shown(f.default))
+    if is_bool or f.default is None or f.default is dataclasses.MISSING or "default" in text:
+        return text
+    return f"{text} (default {_shown(f.default)})"
+
+
+def _list_of(kind: type):
+    """An argparse type: `a,b,c` -> a tuple of `kind`."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def add_field_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "", defaults: bool = True) -> None:
+    """A --flag for each flag field of dataclass `cls` (`--PREFIX-NAME`), typed from its annotation, its help from
+    the field's metadata. A flag not given reads the field's default, or None with `defaults=False` (for a verb
+    where "not given" means another source decides, as plan's run config)."""
+    hints = typing.get_type_hints(cls)
+    for f in _flag_fields(cls):
+        tp = hints[f.name]
+        default = f.default if defaults and f.default is not dataclasses.MISSING else None
+        kw: dict[str, typing.Any] = {"default": default, "help": _field_help(f, tp is bool)}
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(tp) is typing.Literal:  # checked by the dataclass, which names the choices
+            kw["metavar"] = "{" + ",".join(typing.get_args(tp)) + "}"
+        elif typing.get_origin(tp) is tuple:
+            kw["type"], kw["metavar"] = _list_of(typing.get_args(tp)[0]), "A,B,..."
+        else:
+            kw["type"] = next(t for t in typing.get_args(tp) or (tp,) if t is not type(None))  # int | None -> int
+        p.add_argument("--" + (prefix + f.name).replace("_", "-"), **kw)
+
+
+def field_values(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, typing.Any]:
+    """The flag fields of `cls` that hold a value, by field name (those left None keep the dataclass's default)."""
+    return {f.name: getattr(args, prefix + f.name) for f in _flag_fields(cls)
+            if getattr(args, prefix + f.name, None) is not None}
+
+
+def _overwrite_flag(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing --out if it is a {kind} gptforge wrote (never any other folder)")
+
+
+def _load_flags(p: argparse.ArgumentParser, dtype_note: str = "", threads_note: str = "") -> None:
+    """--device, --dtype and --threads of the verbs that load a model to decode with it."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help=f"weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere{dtype_note}")
+    p.add_argument("--threads", type=int, help=f"CPU threads for matmuls (default: all cores){threads_note}")
+
+
+def _set_threads(threads: int | None) -> None:
+    """--threads, when given: torch's intra-op threads."""
+    if threads is None:
+        return
+    import torch
+
+    if threads < 1:
+        raise GptforgeError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+# --- prepare and curate ----------------------------------------------------------------------------------------
+
+def _prepare_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into train/val token shards",
+                       description="Read text files, folders, globs, JSONL or a bundled corpus; train or load a "
+                                   "byte-level BPE tokenizer; write train/val token shards and meta.json.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="text files, folders (searched recursively), globs, .jsonl files, or a bundled corpus name (shakespeare)")
+    p.add_argument("--out", required=True, help="directory to write the shards, tokenizer.json and meta.json into")
+    p.add_argument("--tokenizer", help="use this tokenizer.json (or a folder with it, or with GPT-2's vocab.json + merges.txt)")
+    p.add_argument("--vocab-size", type=int, help="train a new byte-level BPE of this many tokens (default 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation (default 0.05)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
+    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file (default 100M)")
+    _overwrite_flag(p, "prepared-data folder")
+    p.add_argument("--curate", action="store_true",
+                   help="first run gptforge curate's default steps (quality rules, dedup, PII redaction) on the documents")
+    p.add_argument("--dedup", action="store_true", help="first drop exact and near-duplicate documents and boilerplate lines")
+    p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -42,7 +155,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def _prepare_curate(args: argparse.Namespace):
     """prepare's --curate (every default step) or --dedup (only the duplicates), as data.prepare's hook."""
-    from gptforge.curate import CurateConfig, curate_documents
+    from gptforge.curate import curate_documents
 
     if args.curate and args.dedup:
         raise GptforgeError("give either --curate (filters, dedup and PII) or --dedup (duplicates only), not both")
@@ -58,16 +171,42 @@ def _prepare_curate(args: argparse.Namespace):
     return hook
 
 
+def _curate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """`gptforge curate`'s flags: one per threshold of CurateConfig (its defaults and help live there)."""
+    p = sub.add_parser("curate", parents=[common], help="deduplicate, filter, redact and mix a corpus, with a report",
+                       description="Read the sources prepare reads; drop exact and near duplicates, boilerplate lines "
+                                   "and documents failing the quality rules; redact PII; mix sources by weight; write "
+                                   "JSONL shards that gptforge prepare reads, meta.json, report.json and signals.png.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="as for prepare (files, folders, globs, .jsonl, shakespeare); NAME=PATH names a source for --mix")
+    p.add_argument("--out", help="folder to write the curated corpus and its report into")
+    _overwrite_flag(p, "curated-corpus folder")
+    p.add_argument("--dry-run", action="store_true", help="measure and report, write nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--mix", help="source weights: NAME=W,NAME=W or a YAML file of name: weight (up/down-sampling whole documents)")
+    p.add_argument("--seed", type=int, default=0, help="seed of mixing and of the removed-document samples (default 0)")
+    p.add_argument("--keep", action="append", metavar="TEXT[,TEXT]", help="strings never redacted (repeatable)")
+    p.add_argument("--rules", help=f"quality rules: a list replaces the default set, +name/-name edit it; rules: {', '.join(RULES)}")
+    p.add_argument("--dedup", help=f"dedup steps (default all: {', '.join(DEDUP_STEPS)}; 'none' for none)")
+    p.add_argument("--pii", help=f"PII kinds to redact (default all: {', '.join(CurateConfig.pii)}; 'none' for none)")
+    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+    p.add_argument("--tokenizer", help="count each source's tokens with this tokenizer.json (meta.json); --mix then weighs tokens, not bytes")
+    add_field_flags(p, CurateConfig)  # --jaccard ... --max-perplexity: its thresholds
+    p.set_defaults(func=cmd_curate)
+
+
 def cmd_curate(args: argparse.Namespace) -> None:
     import json
 
-    from gptforge.curate import CurateConfig, curate, parse_rules
+    from gptforge.curate import curate
 
     if args.dry_run == (args.out is not None):
         raise GptforgeError("give --out DIR to write the curated corpus, or --dry-run to only measure (not both)")
-    thresholds = {f.name: getattr(args, f.name) for f in threshold_fields() if getattr(args, f.name) is not None}
+    thresholds = field_values(args, CurateConfig)
+    pii = CurateConfig.pii
     cfg = CurateConfig(rules=parse_rules(args.rules), dedup=parse_rules(args.dedup, DEDUP_STEPS, "dedup step", DEDUP_STEPS),
-                       pii=parse_rules(args.pii, ("email", "phone", "ip", "key"), "PII kind", ("email", "phone", "ip", "key")),
+                       pii=parse_rules(args.pii, pii, "PII kind", pii),
                        keep=tuple(k for item in args.keep or () for k in item.split(",") if k), **thresholds)
     report = curate(args.sources, args.out, cfg, mix=args.mix, seed=args.seed, text_field=args.text_field,
                     workers=args.workers, overwrite=args.overwrite, tokenizer=args.tokenizer)
@@ -84,28 +223,53 @@ def cmd_curate(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}/curated_*.jsonl, meta.json, report.json and signals.png; next: gptforge prepare {args.out} --out data/NAME")
 
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    import dataclasses
-    import os
+# --- train -----------------------------------------------------------------------------------------------------
+
+def _train_parser(sub, common: argparse.ArgumentParser) -> None:
+    """train's own flags; every model and loop setting is a `--model.FIELD` / `--train.FIELD` override of the
+    typed ModelConfig / TrainConfig (config.build_run_config), whose defaults live there."""
+    p = sub.add_parser("train", parents=[common], help="train a model on prepared shards",
+                       description="Train a GPT. Settings come from a preset, then --config, then overrides of "
+                                   "the form --model.FIELD VALUE or --train.FIELD VALUE (e.g. --train.lr 3e-4).")
+    p.add_argument("--config", help="YAML file with model:, train:, data: and out: sections")
+    p.add_argument("--model", choices=list(MODEL_PRESETS), metavar="PRESET",
+                   help=f"model preset: {', '.join(MODEL_PRESETS)}")
+    p.add_argument("--data", help="directory written by gptforge prepare")
+    p.add_argument("--out", help="run directory for checkpoints and metrics.jsonl")
+    p.add_argument("--resume", metavar="CKPT|auto",
+                   help="continue a run exactly from a checkpoint, or from the newest valid one in --out with 'auto'")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run N processes on this machine through torchrun (DDP, or FSDP with --train.parallel fsdp)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run from a checkpoint's weights and model config, with a fresh optimizer (fine-tuning)")
+    p.set_defaults(func=cmd_train)
+
+
+def _torchrun(args: argparse.Namespace) -> None:
+    """Launch ourselves under torchrun, one node, N processes, same arguments minus --nproc."""
     import subprocess
 
-    if args.nproc is not None and "RANK" not in os.environ:
-        # Launch ourselves under torchrun, one node, N processes, same arguments minus --nproc.
-        from gptforge.distributed import torchrun_command
+    from gptforge.distributed import torchrun_command
 
-        argv = sys.argv[1:] if args.argv is None else args.argv
-        rest, skip = [], False
-        for a in argv:
-            if skip:
-                skip = False
-            elif a == "--nproc":
-                skip = True
-            elif not a.startswith("--nproc="):
-                rest.append(a)
-        code = subprocess.call(torchrun_command(args.nproc, rest))
-        if code:
-            raise GptforgeError(f"distributed training failed (exit status {code}); each rank's error is above")
-        return
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    code = subprocess.call(torchrun_command(args.nproc, rest))
+    if code:
+        raise GptforgeError(f"distributed training failed (exit status {code}); each rank's error is above")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    import os
+
+    if args.nproc is not None and "RANK" not in os.environ:
+        return _torchrun(args)
 
     from gptforge.config import build_run_config
     from gptforge.train import train
@@ -128,6 +292,30 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     elif result.final_val_loss is not None:
         print(f"val loss {result.final_val_loss:.4f} (perplexity {math.exp(result.final_val_loss):.1f})")
     print(f"checkpoint: {result.checkpoint}\nmetrics: {result.run_dir / 'metrics.jsonl'}; tensorboard --logdir {result.run_dir / 'tb'}")
+
+
+# --- generate and serve ----------------------------------------------------------------------------------------
+
+def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """generate's sampling flags are SamplingParams' fields: one default for gptforge.generate and the CLI."""
+    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
+                       description="Continue a prompt with a trained model, printing text as it is generated.")
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
+    p.add_argument("--prompt", help="prompt text (else --prompt-file, else standard input, else empty)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    add_field_flags(p, SamplingParams)  # --max-new-tokens ... --seed, --truncate-prompt
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (left out of it); repeat for several")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--chat", action="store_true",
+                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
+                        "checkpoint's chat template (from gptforge finetune --task chat)")
+    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
+    _load_flags(p, dtype_note=" (faster on CPUs without AMX)",
+                threads_note="; 1 is much faster on a machine busy with other work")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
+    p.set_defaults(func=cmd_generate)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -153,18 +341,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.system is not None and not args.chat:
         raise GptforgeError("--system is the system message of a --chat session; add --chat")
     prompt = "" if args.chat else _read_prompt(args)
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                   stop=tuple(args.stop or ()), stop_at_eos=not args.ignore_eos, truncate_prompt=args.truncate_prompt,
-                   seed=args.seed, compile=True if args.compile else None)
+    options = field_values(args, SamplingParams) | {"stop": tuple(args.stop or ()),
+                                                    "compile": True if args.compile else None}
+    if args.ignore_eos:
+        options["stop_at_eos"] = False
     if args.chat:
         return _chat(model, tokenizer, args.system, options)
     sys.stdout.write(prompt)
@@ -205,6 +387,41 @@ def _chat(model, tokenizer, system: str | None, options: dict) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _serve_parser(sub, common: argparse.ArgumentParser) -> None:
+    """serve's flags are ServeConfig's fields (--host ... --shutdown-timeout), then how the model loads."""
+    p = sub.add_parser("serve", parents=[common], help="serve a checkpoint over the OpenAI HTTP API",
+                       description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics) with continuous batching, streaming, limits and metrics. "
+                                   "See docs/serve.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
+    add_field_flags(p, ServeConfig)
+    _load_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from gptforge.serve import serve
+
+    _set_threads(args.threads)
+    values = field_values(args, ServeConfig)
+    values["api_key"] = values.get("api_key") or os.environ.get("GPTFORGE_API_KEY") or None
+    serve(args.checkpoint, ServeConfig(**values), device=args.device, dtype=args.dtype)
+
+
+# --- checkpoints: consolidate, quantize, prune, distill, finetune, classify, import-hf, export-hf ---------------
+
+def _consolidate_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("consolidate", parents=[common], help="turn a sharded (FSDP) checkpoint into single files",
+                       description="Gather a checkpoint saved by an FSDP run (dcp/ shards) into model.safetensors and "
+                                   "a trainer_state.pt whose optimizer is keyed by parameter name.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or a run directory (its latest)")
+    p.add_argument("--out", help="folder to write (default: consolidated-NAME next to the checkpoint)")
+    _overwrite_flag(p, "checkpoint")
+    p.set_defaults(func=cmd_consolidate)
+
+
 def cmd_consolidate(args: argparse.Namespace) -> None:
     from gptforge.checkpoint import consolidate
 
@@ -212,22 +429,260 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
     print(f"wrote {dest} (model.safetensors + trainer_state.pt); it loads, generates and resumes like any checkpoint")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from gptforge.demo import run_demo
+def _quantize_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("quantize", parents=[common], help="weight-only int8/int4 quantization or a bf16/fp16 cast",
+                       description="Quantize every Linear and the (tied) output head of a checkpoint, weight-only: "
+                                   "int8 per output channel, or int4 in groups along the input. Writes the same "
+                                   "checkpoint format; generate and eval load it unchanged. See docs/compress.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
+    p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
+    p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, 32, 64 or 128 (default 32)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _overwrite_flag(p, "checkpoint")
+    p.set_defaults(func=cmd_quantize)
 
-    r = run_demo(args.out, args.minutes, progress=not args.no_progress, overwrite=args.overwrite)
-    print()
-    print(f"trained {r.steps} steps, {r.tokens:,} tokens in {r.train_seconds:.0f} s "
-          f"({r.tokens / max(r.train_seconds, 1e-9):,.0f} tokens/s, {r.precision})")
-    print(f"val loss {r.first_val_loss:.3f} -> {r.final_val_loss:.3f}   "
-          f"perplexity {math.exp(r.first_val_loss):.0f} -> {math.exp(r.final_val_loss):.1f}")
-    print(f"{r.task['name']} accuracy {r.task['before']:.1%} -> {r.task['after']:.1%} (chance {r.task['chance']:.0%})")
-    print("\n--- sample " + "-" * 50)
-    print(r.sample)
-    print("-" * 61)
-    print(f"\ndemo took {r.total_seconds / 60:.1f} min. checkpoint: {r.checkpoint}")
-    print(f"logs: {r.run_dir / 'metrics.jsonl'}   data: {Path(args.out) / 'data'}")
-    print(f'next: gptforge generate {r.run_dir} --prompt "**ROMEO**" --max-new-tokens 300')
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from gptforge.compress.run import quantize_checkpoint
+
+    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size, overwrite=args.overwrite)
+    size = (dest / "model.safetensors").stat().st_size
+    print(f"wrote {dest} ({section['quantization']}, model.safetensors {size / 1e6:.2f} MB); "
+          f"compare: gptforge eval {args.checkpoint} {dest} --data DIR")
+
+
+def _prune_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("prune", parents=[common], help="unstructured, N:M or structured pruning",
+                       description="magnitude / wanda zero the smallest-scoring weights of every block Linear (wanda "
+                                   "weighs them by calibration activations from --data); structured removes whole "
+                                   "heads and MLP channels and writes a smaller dense model.")
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
+    p.add_argument("--method", required=True, help="magnitude, wanda or structured")
+    p.add_argument("--sparsity", type=float, help="share of weights (or heads and channels, for structured) to remove, in (0, 1)")
+    p.add_argument("--pattern", metavar="N:M", help="keep N of every M consecutive weights, e.g. 2:4 (magnitude, wanda)")
+    p.add_argument("--data", help="prepared data: calibration batches (wanda, structured) and recovery training")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="fine-tune the pruned model for N steps on --data through the training loop (default 0)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _overwrite_flag(p, "checkpoint (and its OUT-recover run)")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from gptforge.compress.run import prune_checkpoint
+
+    dest, section, result = prune_checkpoint(args.checkpoint, args.method, args.out, args.sparsity, args.pattern,
+                                             args.data, args.recover_steps, progress=not args.no_progress,
+                                             overwrite=args.overwrite)
+    print(f"wrote {dest}: {section['pruning']}")
+    if result is not None and result.final_val_loss is not None:
+        print(f"recovery: {result.steps} steps, val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f}")
+
+
+def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("distill", parents=[common], help="train a student on a teacher's logits",
+                       description="The training loop with a distillation objective: T^2 * KL(teacher || student) at "
+                                   "temperature T mixed with cross-entropy. Overrides as in train: --train.FIELD VALUE.")
+    p.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher checkpoint (its tokenizer must be the data's)")
+    p.add_argument("--student", required=True, metavar="PRESET|CONFIG", help="a model preset name or a YAML run config")
+    p.add_argument("--data", required=True, help="directory written by gptforge prepare")
+    p.add_argument("--out", required=True, help="run directory for the student's checkpoints and metrics")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of both distributions (default 2)")
+    p.add_argument("--kl-weight", type=float, default=0.5, help="weight of the T^2-scaled KL term (default 0.5)")
+    p.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on the data (default 0.5)")
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> None:
+    from gptforge.compress.distill import DistillConfig, distill
+    from gptforge.config import build_run_config
+
+    student = args.student
+    preset, config = (student, None) if student in MODEL_PRESETS else (None, student)
+    cfg = dataclasses.replace(build_run_config(config, preset, overrides), data=args.data, out=args.out)
+    dcfg = DistillConfig(temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
+    result = distill(cfg, args.teacher, dcfg, progress=not args.no_progress)
+    print(f"distilled {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
+          f"val objective {result.final_val_loss:.4f}\ncheckpoint: {result.checkpoint}\n"
+          f"compare: gptforge eval {args.teacher} {result.checkpoint} --data {args.data}")
+
+
+def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
+    """finetune's --lora-* flags are LoRAConfig's fields (its defaults and help live there)."""
+    p = sub.add_parser("finetune", parents=[common], help="fine-tune a checkpoint: full or LoRA; text, chat or classify",
+                       description="Fine-tune CKPT through the training loop. --task lm reads prepared shards, chat a "
+                                   "JSONL of {\"messages\": [...]} (loss on assistant tokens, packed), classify a JSONL "
+                                   "of {\"text\", \"label\"}. Overrides as in train: --train.FIELD VALUE. See docs/finetune.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help="the base checkpoint (ours, or from gptforge import-hf)")
+    p.add_argument("--data", required=True, help="lm: a directory from gptforge prepare; chat / classify: a JSONL file")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    p.add_argument("--method", default="full", help="full (every weight trains) or lora (low-rank adapters only) (default full)")
+    p.add_argument("--task", default="lm", help="lm, chat or classify (default lm)")
+    p.add_argument("--val-data", help="chat / classify: a validation JSONL (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when no --val-data (default 0.1)")
+    add_field_flags(p, LoRAConfig, prefix="lora_")  # --lora-rank, --lora-alpha, --lora-dropout, --lora-targets
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    from gptforge.config import build_run_config
+    from gptforge.finetune.run import FinetuneSpec, finetune, format_confusion
+
+    cfg = dataclasses.replace(build_run_config(None, None, overrides), out=args.out)
+    lora = LoRAConfig(**field_values(args, LoRAConfig, prefix="lora_"))
+    spec = FinetuneSpec(method=args.method, task=args.task, lora=lora, val_fraction=args.val_fraction)
+    r = finetune(cfg, args.checkpoint, spec, data=args.data, val_data=args.val_data, progress=not args.no_progress)
+    t = r.train
+    print(f"{args.method} fine-tuning ({args.task}): {r.trainable_params:,} of {r.total_params:,} parameters trained "
+          f"({100 * r.trainable_params / r.total_params:.2f}%), AdamW state {r.optimizer_state_bytes / 2**20:.2f} MiB")
+    print(f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s:,.0f} tokens/s)")
+    if t.first_val_loss is not None and t.final_val_loss is not None:
+        print(f"val loss {t.first_val_loss:.4f} -> {t.final_val_loss:.4f}")
+    if r.classify is not None:
+        print(format_confusion(r.classify))
+    size = (t.checkpoint / "model.safetensors").stat().st_size
+    print(f"checkpoint: {t.checkpoint} (model.safetensors {size / 1e6:.2f} MB{', the adapter only' if args.method == 'lora' else ''})")
+
+
+def _classify_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("classify", parents=[common], help="predict labels with a classifier checkpoint",
+                       description="Label texts with a checkpoint from gptforge finetune --task classify; with a "
+                                   "labelled --input, also accuracy and the confusion matrix.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a classifier checkpoint folder or run directory")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--input", help="a JSONL of {\"text\"} or {\"text\", \"label\"} lines")
+    p.add_argument("--json", action="store_true", help="print predictions (and the report) as JSON")
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.finetune.run import classify_texts, format_confusion
+
+    if args.text and args.input:
+        raise GptforgeError("give either --text or --input, not both")
+    out = classify_texts(args.checkpoint, args.text, args.input)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    for p in out["predictions"]:
+        print(f"{p['label']}\t{p['probability']:.3f}\t{p['text'][:80]}")
+    if "report" in out:
+        print(format_confusion(out["report"]))
+
+
+def _import_hf_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("import-hf", parents=[common], help="convert a local Hugging Face GPT-2 or Llama folder",
+                       description="Read config.json, model.safetensors (or pytorch_model.bin, loaded with "
+                                   "weights_only=True) and tokenizer.json (or vocab.json + merges.txt) from a local "
+                                   "folder and write a gptforge checkpoint. Supported: GPT2LMHeadModel, "
+                                   "LlamaForCausalLM. See docs/finetune.md.")
+    p.add_argument("folder", metavar="DIR", help="a Hugging Face model folder (e.g. from save_pretrained)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _overwrite_flag(p, "checkpoint")
+    p.set_defaults(func=cmd_import_hf)
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from gptforge.interop import import_hf
+
+    dest = import_hf(args.folder, args.out, overwrite=args.overwrite)
+    print(f"wrote {dest}; try: gptforge generate {dest} --prompt \"Hello\"")
+
+
+def _export_hf_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export-hf", parents=[common], help="write a checkpoint as a Hugging Face folder",
+                       description="GPT-2-style models (learned positions, LayerNorm, GELU) become GPT2LMHeadModel, "
+                                   "Llama-style ones (rotary, RMSNorm, SwiGLU) LlamaForCausalLM; anything else is "
+                                   "refused naming the field. LoRA adapters are merged into their base first.")
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
+    p.add_argument("--out", required=True, help="folder to write config.json, model.safetensors and the tokenizer into")
+    _overwrite_flag(p, "Hugging Face export")
+    p.set_defaults(func=cmd_export_hf)
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from gptforge.interop import export_hf
+
+    dest, arch = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {dest} ({arch}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json); "
+          f"load with transformers.AutoModelForCausalLM.from_pretrained({str(dest)!r})")
+
+
+# --- measure: eval, plan, bench, report, demo -----------------------------------------------------------------
+
+def _eval_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("eval", parents=[common], help="compare checkpoints (perplexity, bits/byte, KL, speed); score tasks",
+                       description="With --data, one table over the same validation windows: parameters, file size, "
+                                   "val loss, perplexity, bits per byte, and vs the first checkpoint Δ perplexity, "
+                                   "mean KL and top-1 agreement; then batch-1 greedy decode tokens/s and the loaded "
+                                   "weights' bytes. With --task, benchmark accuracy (acc, acc_norm as lm-eval defines "
+                                   "them) and the mean centered accuracy; see docs/eval.md.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints; the first is the reference")
+    p.add_argument("--data", help="directory written by gptforge prepare (its val split is used)")
+    p.add_argument("--task", action="append", metavar="NAME|FILE",
+                   help="a benchmark task (repeatable): shakespeare-next-line, hellaswag, arc-easy, arc-challenge, "
+                        "piqa, lambada (local files; see docs/eval.md) or a jsonl file")
+    p.add_argument("--limit", type=int, help="score only each task's first N examples")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question (default 0)")
+    p.add_argument("--seed", type=int, default=1234, help="draws the few-shot examples and the built task (default 1234)")
+    p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the smallest block_size)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode for the speed column; 0 skips it (default 64)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.compress.evaluate import eval_checkpoints, print_table
+
+    _set_threads(args.threads)
+    if args.data is None and not args.task:
+        raise GptforgeError("give --data DIR (the validation table) or --task NAME|FILE (benchmark tasks), or both")
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise GptforgeError(f"{flag} must be >= 1, got {value}")
+    if args.data is not None:
+        rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
+                                seq_len=args.seq_len, decode_tokens=args.decode_tokens)
+        print(json.dumps(rows, indent=2)) if args.json else print_table(rows)
+    if args.task:
+        from gptforge.eval import evaluate_tasks, print_task_table
+
+        for ckpt in args.checkpoints:
+            result = evaluate_tasks(ckpt, args.task, limit=args.limit, shots=args.shots, seed=args.seed)
+            print(json.dumps(result, indent=2)) if args.json else print_task_table(result)
+
+
+def _plan_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("plan", parents=[common], help="estimate memory, time and cost of a run before starting it",
+                       description="Per-device memory (weights, gradients, optimizer, activations, overhead), FLOPs, "
+                                   "tokens/s, time and cost of a token budget, and KV-cache/decode figures, from "
+                                   "arithmetic alone (no GPU needed). See docs/plan.md.")
+    p.add_argument("model", metavar="MODEL",
+                   help="a run to plan as train would run it: a YAML run config, a checkpoint or run directory, a "
+                        "model preset (train's defaults) or a Hugging Face config.json; the flags below override it")
+    # --seq-len ... --mfu: PlanConfig's fields, spelled as TrainConfig's; one not given leaves the run's value
+    add_field_flags(p, PlanConfig, defaults=False)
+    p.add_argument("--tokens", default="chinchilla",
+                   help="training budget: a count like 300B or 2e9, run = the run's own (train.max_steps or "
+                        "max_tokens, whichever stops it first), or chinchilla = 20 per parameter (default)")
+    p.add_argument("--recommend", action="store_true",
+                   help="also recommend micro-batch, accumulation, checkpointing/FSDP and the cheapest hardware")
+    p.add_argument("--deadline", type=float, metavar="HOURS",
+                   help="with --recommend: the cheapest listed hardware that trains the budget within this many hours")
+    p.add_argument("--measure", action="store_true",
+                   help="also run a few real optimizer steps of this configuration here and compare memory and "
+                        "throughput with the plan")
+    p.add_argument("--device", help="with --measure: cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    p.add_argument("--steps", type=int, default=3, help="with --measure: timed optimizer steps after a warm-up (default 3)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
+    p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -237,8 +692,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     if args.deadline is not None and not args.recommend:
         raise GptforgeError("--deadline is read by --recommend; add --recommend")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanConfig)
-             if "help" in f.metadata and getattr(args, f.name) is not None}
+    given = field_values(args, PlanConfig)
     if args.measure and "hardware" not in given:  # --measure compares with the device it runs on
         from gptforge.hardware import device_hardware, resolve_device
 
@@ -263,378 +717,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
                          "(error = (plan - measured) / measured)")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    import json
-
-    from gptforge.bench import bench, print_rows, rows_as_dicts
-    from gptforge.plan import load_model_config
-
-    cfg = load_model_config(args.model)
-    rows = bench(cfg, device=args.device, precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                 steps=args.steps, decode_tokens=args.decode_tokens, hardware=args.hardware, mfu=args.mfu)
-    if args.json:
-        print(json.dumps(rows_as_dicts(rows), indent=2))
-    else:
-        print_rows(rows, f"{args.model} on {args.device}: plan vs measurement (error = (plan - measured) / measured)")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from gptforge.report import report
-
-    page = report(args.runs, args.out, overwrite=args.overwrite, task=args.task, limit=args.limit)
-    print(f"wrote {page} and its PNG plots")
-
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from gptforge.compress.run import quantize_checkpoint
-
-    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size, overwrite=args.overwrite)
-    size = (dest / "model.safetensors").stat().st_size
-    print(f"wrote {dest} ({section['quantization']}, model.safetensors {size / 1e6:.2f} MB); "
-          f"compare: gptforge eval {args.checkpoint} {dest} --data DIR")
-
-
-def cmd_prune(args: argparse.Namespace) -> None:
-    from gptforge.compress.run import prune_checkpoint
-
-    dest, section, result = prune_checkpoint(args.checkpoint, args.method, args.out, args.sparsity, args.pattern,
-                                             args.data, args.recover_steps, progress=not args.no_progress,
-                                             overwrite=args.overwrite)
-    print(f"wrote {dest}: {section['pruning']}")
-    if result is not None and result.final_val_loss is not None:
-        print(f"recovery: {result.steps} steps, val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f}")
-
-
-def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> None:
-    import dataclasses
-
-    from gptforge.compress.distill import DistillConfig, distill
-    from gptforge.config import build_run_config
-
-    student = args.student
-    preset, config = (student, None) if student in MODEL_PRESETS else (None, student)
-    cfg = dataclasses.replace(build_run_config(config, preset, overrides), data=args.data, out=args.out)
-    dcfg = DistillConfig(temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
-    result = distill(cfg, args.teacher, dcfg, progress=not args.no_progress)
-    print(f"distilled {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
-          f"val objective {result.final_val_loss:.4f}\ncheckpoint: {result.checkpoint}\n"
-          f"compare: gptforge eval {args.teacher} {result.checkpoint} --data {args.data}")
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
-    from gptforge.serve import ServeConfig, serve
-
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    cfg = ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
-                      api_key=args.api_key or os.environ.get("GPTFORGE_API_KEY") or None, max_batch=args.max_batch,
-                      max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                      **({} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}),
-                      max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-                      shutdown_timeout=args.shutdown_timeout)
-    serve(args.checkpoint, cfg, device=args.device, dtype=args.dtype)
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from gptforge.compress.evaluate import eval_checkpoints, print_table
-
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise GptforgeError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.data is None and not args.task:
-        raise GptforgeError("give --data DIR (the validation table) or --task NAME|FILE (benchmark tasks), or both")
-    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise GptforgeError(f"{flag} must be >= 1, got {value}")
-    if args.data is not None:
-        rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
-                                seq_len=args.seq_len, decode_tokens=args.decode_tokens)
-        print(json.dumps(rows, indent=2)) if args.json else print_table(rows)
-    if args.task:
-        from gptforge.eval import evaluate_tasks, print_task_table
-
-        for ckpt in args.checkpoints:
-            result = evaluate_tasks(ckpt, args.task, limit=args.limit, shots=args.shots, seed=args.seed)
-            print(json.dumps(result, indent=2)) if args.json else print_task_table(result)
-
-
-def cmd_import_hf(args: argparse.Namespace) -> None:
-    from gptforge.interop import import_hf
-
-    dest = import_hf(args.folder, args.out, overwrite=args.overwrite)
-    print(f"wrote {dest}; try: gptforge generate {dest} --prompt \"Hello\"")
-
-
-def cmd_export_hf(args: argparse.Namespace) -> None:
-    from gptforge.interop import export_hf
-
-    dest, arch = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"wrote {dest} ({arch}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json); "
-          f"load with transformers.AutoModelForCausalLM.from_pretrained({str(dest)!r})")
-
-
-def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
-    import dataclasses
-
-    from gptforge.config import build_run_config
-    from gptforge.finetune.lora import LoRAConfig
-    from gptforge.finetune.run import FinetuneSpec, finetune, format_confusion
-
-    cfg = dataclasses.replace(build_run_config(None, None, overrides), out=args.out)
-    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
-    spec = FinetuneSpec(method=args.method, task=args.task, lora=lora, val_fraction=args.val_fraction)
-    r = finetune(cfg, args.checkpoint, spec, data=args.data, val_data=args.val_data, progress=not args.no_progress)
-    t = r.train
-    print(f"{args.method} fine-tuning ({args.task}): {r.trainable_params:,} of {r.total_params:,} parameters trained "
-          f"({100 * r.trainable_params / r.total_params:.2f}%), AdamW state {r.optimizer_state_bytes / 2**20:.2f} MiB")
-    print(f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s:,.0f} tokens/s)")
-    if t.first_val_loss is not None and t.final_val_loss is not None:
-        print(f"val loss {t.first_val_loss:.4f} -> {t.final_val_loss:.4f}")
-    if r.classify is not None:
-        print(format_confusion(r.classify))
-    size = (t.checkpoint / "model.safetensors").stat().st_size
-    print(f"checkpoint: {t.checkpoint} (model.safetensors {size / 1e6:.2f} MB{', the adapter only' if args.method == 'lora' else ''})")
-
-
-def cmd_classify(args: argparse.Namespace) -> None:
-    import json
-
-    from gptforge.finetune.run import classify_texts, format_confusion
-
-    if args.text and args.input:
-        raise GptforgeError("give either --text or --input, not both")
-    out = classify_texts(args.checkpoint, args.text, args.input)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return
-    for p in out["predictions"]:
-        print(f"{p['label']}\t{p['probability']:.3f}\t{p['text'][:80]}")
-    if "report" in out:
-        print(format_confusion(out["report"]))
-
-
-def _overwrite_flag(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help=f"replace an existing --out if it is a {kind} gptforge wrote (never any other folder)")
-
-
-def add_field_flags(p: argparse.ArgumentParser, cls: type) -> None:
-    """A --flag for each field of dataclass `cls` that carries help metadata, typed from its annotation. The
-    default stays in the dataclass: a flag not given reads None, and the dataclass (or the run) decides."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
-            continue
-        tp, kw = hints[f.name], {"default": None, "help": f.metadata["help"]}
-        if tp is bool:
-            kw["action"] = "store_true"
-        elif typing.get_origin(tp) is typing.Literal:  # checked by the dataclass, which names the choices
-            kw["metavar"] = "{" + ",".join(typing.get_args(tp)) + "}"
-        else:
-            kw["type"] = next(t for t in typing.get_args(tp) or (tp,) if t is not type(None))  # int | None -> int
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def _number_list(kind: type):
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
-    parse.__name__ = f"{kind.__name__} list"
-    return parse
-
-
-def _curate_parser(sub, common: argparse.ArgumentParser) -> None:
-    """`gptforge curate`'s flags: one per threshold of CurateConfig (its defaults and help live there)."""
-    p = sub.add_parser("curate", parents=[common], help="deduplicate, filter, redact and mix a corpus, with a report",
-                       description="Read the sources prepare reads; drop exact and near duplicates, boilerplate lines "
-                                   "and documents failing the quality rules; redact PII; mix sources by weight; write "
-                                   "JSONL shards that gptforge prepare reads, meta.json, report.json and signals.png.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="as for prepare (files, folders, globs, .jsonl, shakespeare); NAME=PATH names a source for --mix")
-    p.add_argument("--out", help="folder to write the curated corpus and its report into")
-    _overwrite_flag(p, "curated-corpus folder")
-    p.add_argument("--dry-run", action="store_true", help="measure and report, write nothing")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--mix", help="source weights: NAME=W,NAME=W or a YAML file of name: weight (up/down-sampling whole documents)")
-    p.add_argument("--seed", type=int, default=0, help="seed of mixing and of the removed-document samples (default 0)")
-    p.add_argument("--keep", action="append", metavar="TEXT[,TEXT]", help="strings never redacted (repeatable)")
-    p.add_argument("--rules", help=f"quality rules: a list replaces the default set, +name/-name edit it; rules: {', '.join(RULES)}")
-    p.add_argument("--dedup", help=f"dedup steps (default all: {', '.join(DEDUP_STEPS)}; 'none' for none)")
-    p.add_argument("--pii", help="PII kinds to redact (default all: email, phone, ip, key; 'none' for none)")
-    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
-    p.add_argument("--workers", type=int, help="processes (default: one per core)")
-    p.add_argument("--tokenizer", help="count each source's tokens with this tokenizer.json (meta.json); --mix then weighs tokens, not bytes")
-    for f in threshold_fields():
-        default = f.default
-        if isinstance(default, tuple):
-            kw = {"type": _number_list(type(default[0]) if default else str), "metavar": "A,B,..."}
-        else:
-            kw = {"type": type(default) if default is not None else str}
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{f.metadata['help']} (default {shown})", **kw)
-    p.set_defaults(func=cmd_curate)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    common.add_argument("--no-progress", action="store_true", help="no progress bars (plain log lines only)")
-
-    parser = argparse.ArgumentParser(prog="gptforge", description="Train, compress and serve GPT-style models.")
-    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-    p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into train/val token shards",
-                       description="Read text files, folders, globs, JSONL or a bundled corpus; train or load a "
-                                   "byte-level BPE tokenizer; write train/val token shards and meta.json.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="text files, folders (searched recursively), globs, .jsonl files, or a bundled corpus name (shakespeare)")
-    p.add_argument("--out", required=True, help="directory to write the shards, tokenizer.json and meta.json into")
-    p.add_argument("--tokenizer", help="use this tokenizer.json (or a folder with it, or with GPT-2's vocab.json + merges.txt)")
-    p.add_argument("--vocab-size", type=int, help="train a new byte-level BPE of this many tokens (default 4096)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation (default 0.05)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
-    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file (default 100M)")
-    _overwrite_flag(p, "prepared-data folder")
-    p.add_argument("--curate", action="store_true",
-                   help="first run gptforge curate's default steps (quality rules, dedup, PII redaction) on the documents")
-    p.add_argument("--dedup", action="store_true", help="first drop exact and near-duplicate documents and boilerplate lines")
-    p.set_defaults(func=cmd_prepare)
-    _curate_parser(sub, common)
-
-    p = sub.add_parser("train", parents=[common], help="train a model on prepared shards",
-                       description="Train a GPT. Settings come from a preset, then --config, then overrides of "
-                                   "the form --model.FIELD VALUE or --train.FIELD VALUE (e.g. --train.lr 3e-4).")
-    p.add_argument("--config", help="YAML file with model:, train:, data: and out: sections")
-    p.add_argument("--model", choices=list(MODEL_PRESETS), metavar="PRESET",
-                   help=f"model preset: {', '.join(MODEL_PRESETS)}")
-    p.add_argument("--data", help="directory written by gptforge prepare")
-    p.add_argument("--out", help="run directory for checkpoints and metrics.jsonl")
-    p.add_argument("--resume", metavar="CKPT|auto",
-                   help="continue a run exactly from a checkpoint, or from the newest valid one in --out with 'auto'")
-    p.add_argument("--nproc", type=int, metavar="N",
-                   help="run N processes on this machine through torchrun (DDP, or FSDP with --train.parallel fsdp)")
-    p.add_argument("--init-from", metavar="CKPT",
-                   help="start a new run from a checkpoint's weights and model config, with a fresh optimizer (fine-tuning)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint",
-                       description="Continue a prompt with a trained model, printing text as it is generated.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--prompt", help="prompt text (else --prompt-file, else standard input, else empty)")
-    p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default 200)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: keep the most likely tokens until their probability reaches P (default 1: all)")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens less likely than MIN_P x the most likely one (default 0: none)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="CTRL-style penalty > 1 on every token already in the prompt or output (default 1: none)")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="OpenAI-style: subtract this from the logit of every token generated so far, -2..2 (default 0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="OpenAI-style: subtract this times each token's count so far, -2..2 (default 0)")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop when the output contains TEXT (left out of it); repeat for several")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--truncate-prompt", action="store_true",
-                   help="keep the end of a prompt longer than the context instead of failing")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--chat", action="store_true",
-                   help="an interactive chat: each line of standard input is a user turn, rendered with the "
-                        "checkpoint's chat template (from gptforge finetune --task chat)")
-    p.add_argument("--system", help="with --chat: the system message that opens the conversation")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere (faster on CPUs without AMX)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
-    p.add_argument("--threads", type=int,
-                   help="CPU threads for matmuls (default: all cores); 1 is much faster on a machine busy with other work")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("serve", parents=[common], help="serve a checkpoint over the OpenAI HTTP API",
-                       description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/health, /metrics) with continuous batching, streaming, limits and metrics. "
-                                   "See docs/serve.md.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 takes any free one (default 8000)")
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $GPTFORGE_API_KEY, else none)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="sequences waiting for a batch slot before new requests get 429 (default 64)")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
-    p.add_argument("--max-prefill-tokens", type=int,
-                   help="prompt tokens prefilled between two decode steps; longer prompts and waves of requests "
-                        "are prefilled in chunks over several steps, so running streams keep flowing (default 64)")
-    p.add_argument("--max-tokens", type=int, help="most completion tokens per choice (default: the context)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take, queueing included, before it is cancelled (default 600)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled (default 30)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--threads", type=int, help="CPU threads for matmuls (default: all cores)")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("consolidate", parents=[common], help="turn a sharded (FSDP) checkpoint into single files",
-                       description="Gather a checkpoint saved by an FSDP run (dcp/ shards) into model.safetensors and "
-                                   "a trainer_state.pt whose optimizer is keyed by parameter name.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a sharded checkpoint folder, or a run directory (its latest)")
-    p.add_argument("--out", help="folder to write (default: consolidated-NAME next to the checkpoint)")
-    _overwrite_flag(p, "checkpoint")
-    p.set_defaults(func=cmd_consolidate)
-
-    p = sub.add_parser("demo", parents=[common], help="prepare, train and sample on the bundled Shakespeare",
-                       description="The whole flow on the bundled corpus in a few minutes on a laptop CPU.")
-    p.add_argument("--out", default="runs/demo", help="directory for the data and the run (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes (default 6)")
-    _overwrite_flag(p, "demo folder (data/ and run/)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("plan", parents=[common], help="estimate memory, time and cost of a run before starting it",
-                       description="Per-device memory (weights, gradients, optimizer, activations, overhead), FLOPs, "
-                                   "tokens/s, time and cost of a token budget, and KV-cache/decode figures, from "
-                                   "arithmetic alone (no GPU needed). See docs/plan.md.")
-    p.add_argument("model", metavar="MODEL",
-                   help="a run to plan as train would run it: a YAML run config, a checkpoint or run directory, a "
-                        "model preset (train's defaults) or a Hugging Face config.json; the flags below override it")
-    add_field_flags(p, PlanConfig)  # --seq-len ... --mfu: PlanConfig's fields, spelled as TrainConfig's
-    p.add_argument("--tokens", default="chinchilla",
-                   help="training budget: a count like 300B or 2e9, run = the run's own (train.max_steps or "
-                        "max_tokens, whichever stops it first), or chinchilla = 20 per parameter (default)")
-    p.add_argument("--recommend", action="store_true",
-                   help="also recommend micro-batch, accumulation, checkpointing/FSDP and the cheapest hardware")
-    p.add_argument("--deadline", type=float, metavar="HOURS",
-                   help="with --recommend: the cheapest listed hardware that trains the budget within this many hours")
-    p.add_argument("--measure", action="store_true",
-                   help="also run a few real optimizer steps of this configuration here and compare memory and "
-                        "throughput with the plan")
-    p.add_argument("--device", help="with --measure: cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    p.add_argument("--steps", type=int, default=3, help="with --measure: timed optimizer steps after a warm-up (default 3)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
-    p.set_defaults(func=cmd_plan)
-
+def _bench_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", parents=[common], help="measure this device and a model on it against the plan",
                        description="Peak matmul FLOP/s, copy bandwidth, a training step (tokens/s, MFU, peak memory) "
                                    "and batch-1 decode, each next to gptforge plan's prediction with the error in %%.")
@@ -654,6 +737,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench)
 
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from gptforge.bench import bench, print_rows, rows_as_dicts
+    from gptforge.plan import load_model_config
+
+    cfg = load_model_config(args.model)
+    rows = bench(cfg, device=args.device, precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                 steps=args.steps, decode_tokens=args.decode_tokens, hardware=args.hardware, mfu=args.mfu)
+    if args.json:
+        print(json.dumps(rows_as_dicts(rows), indent=2))
+    else:
+        print_rows(rows, f"{args.model} on {args.device}: plan vs measurement (error = (plan - measured) / measured)")
+
+
+def _report_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("report", parents=[common], help="plot runs' metrics (PNG) on an HTML page with their configs",
                        description="Loss and val loss, LR, grad norm, tokens/s (and MFU when logged) over steps from "
                                    "each RUN_DIR/metrics.jsonl; several runs share each plot.")
@@ -665,110 +765,61 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_flag(p, "report folder")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("quantize", parents=[common], help="weight-only int8/int4 quantization or a bf16/fp16 cast",
-                       description="Quantize every Linear and the (tied) output head of a checkpoint, weight-only: "
-                                   "int8 per output channel, or int4 in groups along the input. Writes the same "
-                                   "checkpoint format; generate and eval load it unchanged. See docs/compress.md.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
-    p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, 32, 64 or 128 (default 32)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    _overwrite_flag(p, "checkpoint")
-    p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("prune", parents=[common], help="unstructured, N:M or structured pruning",
-                       description="magnitude / wanda zero the smallest-scoring weights of every block Linear (wanda "
-                                   "weighs them by calibration activations from --data); structured removes whole "
-                                   "heads and MLP channels and writes a smaller dense model.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--method", required=True, help="magnitude, wanda or structured")
-    p.add_argument("--sparsity", type=float, help="share of weights (or heads and channels, for structured) to remove, in (0, 1)")
-    p.add_argument("--pattern", metavar="N:M", help="keep N of every M consecutive weights, e.g. 2:4 (magnitude, wanda)")
-    p.add_argument("--data", help="prepared data: calibration batches (wanda, structured) and recovery training")
-    p.add_argument("--recover-steps", type=int, default=0,
-                   help="fine-tune the pruned model for N steps on --data through the training loop (default 0)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    _overwrite_flag(p, "checkpoint (and its OUT-recover run)")
-    p.set_defaults(func=cmd_prune)
+def cmd_report(args: argparse.Namespace) -> None:
+    from gptforge.report import report
 
-    p = sub.add_parser("distill", parents=[common], help="train a student on a teacher's logits",
-                       description="The training loop with a distillation objective: T^2 * KL(teacher || student) at "
-                                   "temperature T mixed with cross-entropy. Overrides as in train: --train.FIELD VALUE.")
-    p.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher checkpoint (its tokenizer must be the data's)")
-    p.add_argument("--student", required=True, metavar="PRESET|CONFIG", help="a model preset name or a YAML run config")
-    p.add_argument("--data", required=True, help="directory written by gptforge prepare")
-    p.add_argument("--out", required=True, help="run directory for the student's checkpoints and metrics")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of both distributions (default 2)")
-    p.add_argument("--kl-weight", type=float, default=0.5, help="weight of the T^2-scaled KL term (default 0.5)")
-    p.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on the data (default 0.5)")
-    p.set_defaults(func=cmd_distill)
+    page = report(args.runs, args.out, overwrite=args.overwrite, task=args.task, limit=args.limit)
+    print(f"wrote {page} and its PNG plots")
 
-    p = sub.add_parser("eval", parents=[common], help="compare checkpoints (perplexity, bits/byte, KL, speed); score tasks",
-                       description="With --data, one table over the same validation windows: parameters, file size, "
-                                   "val loss, perplexity, bits per byte, and vs the first checkpoint Δ perplexity, "
-                                   "mean KL and top-1 agreement; then batch-1 greedy decode tokens/s and the loaded "
-                                   "weights' bytes. With --task, benchmark accuracy (acc, acc_norm as lm-eval defines "
-                                   "them) and the mean centered accuracy; see docs/eval.md.")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints; the first is the reference")
-    p.add_argument("--data", help="directory written by gptforge prepare (its val split is used)")
-    p.add_argument("--task", action="append", metavar="NAME|FILE",
-                   help="a benchmark task (repeatable): shakespeare-next-line, hellaswag, arc-easy, arc-challenge, "
-                        "piqa, lambada (local files; see docs/eval.md) or a jsonl file")
-    p.add_argument("--limit", type=int, help="score only each task's first N examples")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question (default 0)")
-    p.add_argument("--seed", type=int, default=1234, help="draws the few-shot examples and the built task (default 1234)")
-    p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the smallest block_size)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode for the speed column; 0 skips it (default 64)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("import-hf", parents=[common], help="convert a local Hugging Face GPT-2 or Llama folder",
-                       description="Read config.json, model.safetensors (or pytorch_model.bin, loaded with "
-                                   "weights_only=True) and tokenizer.json (or vocab.json + merges.txt) from a local "
-                                   "folder and write a gptforge checkpoint. Supported: GPT2LMHeadModel, "
-                                   "LlamaForCausalLM. See docs/finetune.md.")
-    p.add_argument("folder", metavar="DIR", help="a Hugging Face model folder (e.g. from save_pretrained)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    _overwrite_flag(p, "checkpoint")
-    p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("export-hf", parents=[common], help="write a checkpoint as a Hugging Face folder",
-                       description="GPT-2-style models (learned positions, LayerNorm, GELU) become GPT2LMHeadModel, "
-                                   "Llama-style ones (rotary, RMSNorm, SwiGLU) LlamaForCausalLM; anything else is "
-                                   "refused naming the field. LoRA adapters are merged into their base first.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    p.add_argument("--out", required=True, help="folder to write config.json, model.safetensors and the tokenizer into")
-    _overwrite_flag(p, "Hugging Face export")
-    p.set_defaults(func=cmd_export_hf)
+def _demo_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("demo", parents=[common], help="prepare, train and sample on the bundled Shakespeare",
+                       description="The whole flow on the bundled corpus in a few minutes on a laptop CPU.")
+    p.add_argument("--out", default="runs/demo", help="directory for the data and the run (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes (default 6)")
+    _overwrite_flag(p, "demo folder (data/ and run/)")
+    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("finetune", parents=[common], help="fine-tune a checkpoint: full or LoRA; text, chat or classify",
-                       description="Fine-tune CKPT through the training loop. --task lm reads prepared shards, chat a "
-                                   "JSONL of {\"messages\": [...]} (loss on assistant tokens, packed), classify a JSONL "
-                                   "of {\"text\", \"label\"}. Overrides as in train: --train.FIELD VALUE. See docs/finetune.md.")
-    p.add_argument("checkpoint", metavar="CKPT", help="the base checkpoint (ours, or from gptforge import-hf)")
-    p.add_argument("--data", required=True, help="lm: a directory from gptforge prepare; chat / classify: a JSONL file")
-    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
-    p.add_argument("--method", default="full", help="full (every weight trains) or lora (low-rank adapters only) (default full)")
-    p.add_argument("--task", default="lm", help="lm, chat or classify (default lm)")
-    p.add_argument("--val-data", help="chat / classify: a validation JSONL (default: hold out --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when no --val-data (default 0.1)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
-    p.add_argument("--lora-targets", default="qkv,proj,gate,up,down",
-                   help="comma-separated Linear names to adapt: qkv, proj, gate, up, down, lm_head (default: all of the blocks')")
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("classify", parents=[common], help="predict labels with a classifier checkpoint",
-                       description="Label texts with a checkpoint from gptforge finetune --task classify; with a "
-                                   "labelled --input, also accuracy and the confusion matrix.")
-    p.add_argument("checkpoint", metavar="CKPT", help="a classifier checkpoint folder or run directory")
-    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    p.add_argument("--input", help="a JSONL of {\"text\"} or {\"text\", \"label\"} lines")
-    p.add_argument("--json", action="store_true", help="print predictions (and the report) as JSON")
-    p.set_defaults(func=cmd_classify)
+def cmd_demo(args: argparse.Namespace) -> None:
+    from gptforge.demo import run_demo
+
+    r = run_demo(args.out, args.minutes, progress=not args.no_progress, overwrite=args.overwrite)
+    print()
+    print(f"trained {r.steps} steps, {r.tokens:,} tokens in {r.train_seconds:.0f} s "
+          f"({r.tokens / max(r.train_seconds, 1e-9):,.0f} tokens/s, {r.precision})")
+    print(f"val loss {r.first_val_loss:.3f} -> {r.final_val_loss:.3f}   "
+          f"perplexity {math.exp(r.first_val_loss):.0f} -> {math.exp(r.final_val_loss):.1f}")
+    print(f"{r.task['name']} accuracy {r.task['before']:.1%} -> {r.task['after']:.1%} (chance {r.task['chance']:.0%})")
+    print("\n--- sample " + "-" * 50)
+    print(r.sample)
+    print("-" * 61)
+    print(f"\ndemo took {r.total_seconds / 60:.1f} min. checkpoint: {r.checkpoint}")
+    print(f"logs: {r.run_dir / 'metrics.jsonl'}   data: {Path(args.out) / 'data'}")
+    print(f'next: gptforge generate {r.run_dir} --prompt "**ROMEO**" --max-new-tokens 300')
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+
+# The verbs in the order `gptforge --help` lists them.
+VERB_PARSERS = (_prepare_parser, _curate_parser, _train_parser, _generate_parser, _serve_parser, _consolidate_parser,
+                _demo_parser, _plan_parser, _bench_parser, _report_parser, _quantize_parser, _prune_parser,
+                _distill_parser, _eval_parser, _import_hf_parser, _export_hf_parser, _finetune_parser,
+                _classify_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gptforge` parser: every verb's subparser, each with the common --debug and --no-progress."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars (plain log lines only)")
+
+    parser = argparse.ArgumentParser(prog="gptforge", description="Train, compress and serve GPT-style models.")
+    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in VERB_PARSERS:
+        add(sub, common)
     return parser
 
 

@@ -312,20 +312,20 @@ class PlanConfig:
     checkpointing: bool = _flag(TrainConfig.activation_checkpointing,
                                 "recompute each block's activations in backward (train.activation_checkpointing)")
     attention: Literal["sdpa", "eager"] = _flag("sdpa", "sdpa (flash / memory-efficient: what gptforge runs) or "
-                                                "eager, to plan other code (default sdpa)")
+                                                "eager, to plan other code")
     parallel: Parallel = _flag(TrainConfig.parallel, "train.parallel: auto (ddp when --world-size > 1), none, ddp "
                                "or fsdp (default: the run's)")
     fsdp_strategy: FsdpStrategy = _flag(TrainConfig.fsdp_strategy, "train.fsdp_strategy, with fsdp: full_shard "
                                         "(ZeRO-3-like) or shard_grad_op (ZeRO-2-like) (default: the run's)")
-    world_size: int = _flag(1, "devices in all, as torchrun's --nproc x nodes (default 1)")
-    nodes: int = _flag(1, "machines the devices are spread over (default 1)")
+    world_size: int = _flag(1, "devices in all, as torchrun's --nproc x nodes")
+    nodes: int = _flag(1, "machines the devices are spread over")
     hardware: str = _flag("h100-sxm", "a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, l4, a10g, rtx-4090, "
                           "rtx-3090, cpu (this machine, measured), or custom:memory=GIB,bf16=TFLOPS,bandwidth=GBS,"
-                          "cost=USD (default h100-sxm; with --measure, the device measured on)")
+                          "cost=USD (default {default}; with --measure, the device measured on)")
     tokens: int | None = None  # training budget; None: Chinchilla, 20 tokens per parameter
     # prior: PaLM reached 46% MFU (Chowdhery et al. 2022, table 3), Megatron 54% with selective recompute on 1T
     # models (Korthikanti et al. 2022, table 5); smaller models on one GPU reach less, so 40%.
-    mfu: float = _flag(0.40, "model FLOPs utilisation to assume (default 0.4)")
+    mfu: float = _flag(0.40, "model FLOPs utilisation to assume")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -443,12 +443,14 @@ LORA_TARGETS = ("qkv", "proj", "gate", "up", "down", "lm_head")
 class LoRAConfig:
     """LoRA's rank, scale, dropout and target modules (finetune/lora.py applies it)."""
 
-    rank: int = 8
-    alpha: float = 16.0  # the update is scaled by alpha / rank, so changing the rank keeps its size
-    dropout: float = 0.0
+    rank: int = _flag(8, "LoRA rank r")
+    # the update is scaled by alpha / rank, so changing the rank keeps its size
+    alpha: float = _flag(16.0, "LoRA alpha; the update is scaled by alpha/r")
+    dropout: float = _flag(0.0, "dropout on the LoRA input")
     # Every Linear of the blocks: adapting all of them matches full fine-tuning more closely than
     # attention alone (Dettmers et al. 2023, QLoRA, section 4).
-    targets: tuple[str, ...] = ("qkv", "proj", "gate", "up", "down")
+    targets: tuple[str, ...] = _flag(("qkv", "proj", "gate", "up", "down"), "comma-separated Linear names to "
+                                     f"adapt: {', '.join(LORA_TARGETS)} (default {{default}}: all of the blocks')")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -736,20 +738,26 @@ class SamplingParams:
     it (the server keeps OpenAI's documented defaults, docs/serve.md). Torch-free, so that the CLI reads the
     defaults without importing torch; gptforge.sampling applies them."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 is greedy decoding
-    top_k: int | None = None  # keep the k most likely tokens (None: no limit)
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (Holtzman et al. 2019)
-    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (Nguyen et al. 2024)
-    repetition_penalty: float = 1.0  # CTRL's (Keskar et al. 2019): logits of tokens seen, prompt included
-    presence_penalty: float = 0.0  # OpenAI's: minus this for every token generated at least once
-    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often the token was generated
-    seed: int | None = None
+    max_new_tokens: int = _flag(200, "tokens to generate at most")
+    temperature: float = _flag(0.8, "sampling temperature; 0 is greedy")
+    top_k: int | None = _flag(None, "sample among the K most likely tokens (default: every token)")
+    # Holtzman et al. 2019
+    top_p: float = _flag(1.0, "nucleus sampling: keep the most likely tokens until their probability reaches P; "
+                              "1 keeps all")
+    # Nguyen et al. 2024
+    min_p: float = _flag(0.0, "drop tokens less likely than MIN_P x the most likely one; 0 drops none")
+    # CTRL's (Keskar et al. 2019): logits of tokens seen, prompt included
+    repetition_penalty: float = _flag(1.0, "CTRL-style penalty > 1 on every token already in the prompt or output; "
+                                           "1 is none")
+    presence_penalty: float = _flag(0.0, "OpenAI-style: subtract this from the logit of every token generated so "
+                                         "far, -2..2")
+    frequency_penalty: float = _flag(0.0, "OpenAI-style: subtract this times each token's count so far, -2..2")
+    seed: int | None = _flag(None, "seed for reproducible sampling")
     stop: tuple[str, ...] = ()  # strings that end a sequence (matched on decoded text, left out of it)
     stop_at_eos: bool = True  # the tokenizer's end-of-text id ends a sequence
     logprobs: bool = False  # log-probabilities of the chosen tokens...
     top_logprobs: int = 0  # ...and of this many most likely alternatives at each step
-    truncate_prompt: bool = False  # keep the end of a too-long prompt instead of raising
+    truncate_prompt: bool = _flag(False, "keep the end of a prompt longer than the context instead of failing")
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> GptforgeError:
