@@ -18,8 +18,8 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, CurateConfig, LoRAConfig, PlanConfig, SamplingParams,
-                             ServeConfig, TrainConfig, parse_rules)
+from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, CurateConfig, DistillConfig, FinetuneSpec, LoRAConfig,
+                             PlanConfig, SamplingParams, ServeConfig, TrainConfig, parse_rules)
 from gptforge.errors import GptforgeError
 
 CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
@@ -487,20 +487,18 @@ def _distill_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, metavar="PRESET|CONFIG", help="a model preset name or a YAML run config")
     p.add_argument("--data", required=True, help="directory written by gptforge prepare")
     p.add_argument("--out", required=True, help="run directory for the student's checkpoints and metrics")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of both distributions (default 2)")
-    p.add_argument("--kl-weight", type=float, default=0.5, help="weight of the T^2-scaled KL term (default 0.5)")
-    p.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on the data (default 0.5)")
+    add_field_flags(p, DistillConfig)  # --temperature, --kl-weight, --ce-weight
     p.set_defaults(func=cmd_distill)
 
 
 def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> None:
-    from gptforge.compress.distill import DistillConfig, distill
+    from gptforge.compress.distill import distill
     from gptforge.config import build_run_config
 
     student = args.student
     preset, config = (student, None) if student in MODEL_PRESETS else (None, student)
     cfg = dataclasses.replace(build_run_config(config, preset, overrides), data=args.data, out=args.out)
-    dcfg = DistillConfig(temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
+    dcfg = DistillConfig(**field_values(args, DistillConfig))
     result = distill(cfg, args.teacher, dcfg, progress=not args.no_progress)
     print(f"distilled {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
           f"val objective {result.final_val_loss:.4f}\ncheckpoint: {result.checkpoint}\n"
@@ -508,7 +506,7 @@ def cmd_distill(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
-    """finetune's --lora-* flags are LoRAConfig's fields (its defaults and help live there)."""
+    """finetune's flags are FinetuneSpec's fields and, as --lora-*, LoRAConfig's (defaults and help live there)."""
     p = sub.add_parser("finetune", parents=[common], help="fine-tune a checkpoint: full or LoRA; text, chat or classify",
                        description="Fine-tune CKPT through the training loop. --task lm reads prepared shards, chat a "
                                    "JSONL of {\"messages\": [...]} (loss on assistant tokens, packed), classify a JSONL "
@@ -516,21 +514,19 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="the base checkpoint (ours, or from gptforge import-hf)")
     p.add_argument("--data", required=True, help="lm: a directory from gptforge prepare; chat / classify: a JSONL file")
     p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
-    p.add_argument("--method", default="full", help="full (every weight trains) or lora (low-rank adapters only) (default full)")
-    p.add_argument("--task", default="lm", help="lm, chat or classify (default lm)")
     p.add_argument("--val-data", help="chat / classify: a validation JSONL (default: hold out --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when no --val-data (default 0.1)")
+    add_field_flags(p, FinetuneSpec)  # --method, --task, --val-fraction
     add_field_flags(p, LoRAConfig, prefix="lora_")  # --lora-rank, --lora-alpha, --lora-dropout, --lora-targets
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
     from gptforge.config import build_run_config
-    from gptforge.finetune.run import FinetuneSpec, finetune, format_confusion
+    from gptforge.finetune.run import finetune, format_confusion
 
     cfg = dataclasses.replace(build_run_config(None, None, overrides), out=args.out)
     lora = LoRAConfig(**field_values(args, LoRAConfig, prefix="lora_"))
-    spec = FinetuneSpec(method=args.method, task=args.task, lora=lora, val_fraction=args.val_fraction)
+    spec = FinetuneSpec(**field_values(args, FinetuneSpec), lora=lora)
     r = finetune(cfg, args.checkpoint, spec, data=args.data, val_data=args.val_data, progress=not args.no_progress)
     t = r.train
     print(f"{args.method} fine-tuning ({args.task}): {r.trainable_params:,} of {r.total_params:,} parameters trained "

@@ -470,6 +470,10 @@ class LoRAConfig:
         return _section_dict(self)
 
 
+FINETUNE_METHODS = ("full", "lora")
+FINETUNE_TASKS = ("lm", "chat", "classify")
+
+
 @dataclass
 class FinetuneConfig:
     """The `finetune` section: how `gptforge finetune` made the checkpoint (finetune/run.py).
@@ -496,6 +500,37 @@ class FinetuneConfig:
     def to_dict(self) -> dict[str, Any]:
         return _section_dict(self)
 
+
+@dataclass
+class FinetuneSpec:
+    """What `gptforge finetune` is asked to do (finetune/run.py): the method, the task, LoRA's settings and the
+    validation split. The checkpoint records what was done in its FinetuneConfig section."""
+
+    method: str = _flag("full", "full (every weight trains) or lora (low-rank adapters only)")
+    task: str = _flag("lm", "lm, chat or classify")
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the --lora-* flags
+    val_fraction: float = _flag(0.1, "share of --data held out when no --val-data")
+
+    def __post_init__(self) -> None:
+        for name, choices in (("method", FINETUNE_METHODS), ("task", FINETUNE_TASKS)):
+            if getattr(self, name) not in choices:
+                raise GptforgeError(f"unknown --{name} {getattr(self, name)!r}; use one of {', '.join(choices)}")
+
+
+@dataclass
+class DistillConfig:
+    """The distillation objective's settings (compress/distill.py): `gptforge distill` flags, one field each."""
+
+    # softens both distributions so the teacher's ranking of wrong tokens shows
+    temperature: float = _flag(2.0, "softmax temperature of both distributions")
+    kl_weight: float = _flag(0.5, "weight of the T^2-scaled KL term")  # T^2 * KL(teacher || student)
+    ce_weight: float = _flag(0.5, "weight of cross-entropy on the data")  # on the data's next tokens
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise GptforgeError(f"distillation temperature must be > 0, got {self.temperature}")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise GptforgeError(f"distillation weights must be >= 0 and not both 0, got kl {self.kl_weight}, ce {self.ce_weight}")
 
 @dataclass
 class RunConfig:

@@ -10,12 +10,12 @@ distributions over different vocabularies means nothing.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge.config import DistillConfig
 from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
 from gptforge.hardware import resolve_device
@@ -23,19 +23,6 @@ from gptforge.loader import load_checkpoint
 from gptforge.train import next_token_loss, train
 
 IGNORE_INDEX = -100  # as in train.py: targets with this value never count
-
-
-@dataclass
-class DistillConfig:
-    temperature: float = 2.0  # softens both distributions so the teacher's ranking of wrong tokens shows
-    kl_weight: float = 0.5  # weight of T^2 * KL(teacher || student)
-    ce_weight: float = 0.5  # weight of cross-entropy on the data's next tokens
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise GptforgeError(f"distillation temperature must be > 0, got {self.temperature}")
-        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
-            raise GptforgeError(f"distillation weights must be >= 0 and not both 0, got kl {self.kl_weight}, ce {self.ce_weight}")
 
 
 class DistillLoss:

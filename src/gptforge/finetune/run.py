@@ -12,7 +12,7 @@ What a fine-tuned checkpoint records in config.yaml's `finetune:` section, and h
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.checkpoint import resolve_checkpoint, write_checkpoint
-from gptforge.config import FinetuneConfig, LoRAConfig, RunConfig
+from gptforge.config import FinetuneConfig, FinetuneSpec, RunConfig
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.finetune.data import (IGNORE_INDEX, ChatData, ClassifyBatch, ClassifyData, PackedBatch, collate,
                                     encode_text, eval_batches_for, read_labelled)
@@ -29,9 +29,6 @@ from gptforge.loader import apply_finetune, load_checkpoint, load_classifier
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 from gptforge.train import claim_run_dir, next_token_loss, train
-
-METHODS = ("full", "lora")
-TASKS = ("lm", "chat", "classify")
 
 
 # --- losses for the loop: loss_fn(model, x, y) -> (summed loss, number of targets) ---------------------------
@@ -77,20 +74,6 @@ def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
         new = GPT(cfg)
     new.load_state_dict(state, assign=True)
     return new
-
-
-@dataclass
-class FinetuneSpec:
-    method: str = "full"
-    task: str = "lm"
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    val_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise GptforgeError(f"unknown --method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.task not in TASKS:
-            raise GptforgeError(f"unknown --task {self.task!r}; use one of {', '.join(TASKS)}")
 
 
 def model_transform(section: FinetuneConfig):
