@@ -170,6 +170,23 @@ def test_many_non_finite_steps_stop_the_run(prepared, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_resume_keeps_the_count_of_non_finite_steps_in_a_row(prepared, tmp_path):
+    """The run of non-finite steps is part of the saved state: resumed from a checkpoint taken inside one, a run
+    stops at the step the uninterrupted run stopped at, with the same message."""
+    stop = r"5 steps in a row \(up to step 9\) had a non-finite loss"
+    with pytest.raises(GptforgeError, match=stop):  # steps 5.. are non-finite: stops at step 9
+        train(run_cfg(prepared, tmp_path / "full", max_steps=50, save_every=7), loss_fn=nan_on(set(range(5, 100))),
+              progress=False)
+    root = tmp_path / "full" / "checkpoints"
+    # step 7: saved with 3 skipped steps behind it; step 8: saved on the way out, the stopping step not counted
+    for step, bad in ((7, 3), (8, 4)):
+        state = checkpoint_mod.load_trainer_state(root / f"step-{step:08d}")
+        assert (state["step"], state["skipped_steps"], state["bad_steps"]) == (step, bad, bad)
+        with pytest.raises(GptforgeError, match=stop):
+            train(run_cfg(prepared, tmp_path / f"from-{step}", max_steps=50, save_every=7),
+                  resume=str(root / f"step-{step:08d}"), loss_fn=nan_on(set(range(1, 100))), progress=False)
+
+
 def test_early_stopping_keeps_the_best(prepared, tmp_path, monkeypatch):
     values = iter([6.0, 5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
     monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: next(values))
@@ -229,8 +246,10 @@ def test_disk_full_during_save_keeps_previous_checkpoint(prepared, tmp_path, mon
 def test_unwritable_out_fails_before_training(prepared, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(GptforgeError, match="cannot write to the run directory"):
+    # the message is outputs.check_creatable's since the output policy (b2cee60) named the blocking file
+    with pytest.raises(GptforgeError, match=r"cannot write .*/file is a file, not a folder; choose another --out"):
         train(run_cfg(prepared, blocker / "run"), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def cli_train(prepared, out, *extra):

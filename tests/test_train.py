@@ -1,14 +1,17 @@
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from gptforge.checkpoint import load_trainer_state, resolve_checkpoint
-from gptforge.config import RunConfig, TrainConfig, model_preset
+from gptforge.compress.distill import distill
+from gptforge.config import FinetuneSpec, RunConfig, TrainConfig, model_preset
 from gptforge.data import prepare
 from gptforge.errors import GptforgeError
+from gptforge.finetune.run import finetune
 from gptforge.generate import generate
 from gptforge.loader import load_checkpoint
 from gptforge.optim import lr_at
@@ -106,3 +109,34 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_checkpoint_from_before_the_train_state_resumes_exactly(run, prepared, tmp_path):
+    """trainer_state.pt without bad_steps (written before TrainState saved it) still resumes, bit for bit."""
+    old = tmp_path / "step-00000040"
+    shutil.copytree(run.run_dir / "checkpoints" / "step-00000040", old)
+    state = load_trainer_state(old)
+    del state["bad_steps"]
+    torch.save(state, old / "trainer_state.pt")
+    resumed = train(small_run(prepared, tmp_path / "resumed"), resume=str(old), progress=False)
+    assert resumed.steps == 60 and resumed.best_val_loss == run.best_val_loss
+    a = load_file(str(run.checkpoint / "model.safetensors"))
+    b = load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("verb", ["train", "distill", "finetune"])
+def test_a_used_out_is_refused_naming_only_flags_the_verb_has(verb, run, prepared, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    cfg = small_run(prepared, used)
+    with pytest.raises(GptforgeError, match="already holds files") as e:
+        if verb == "train":
+            train(cfg, progress=False)
+        elif verb == "distill":
+            distill(cfg, str(run.checkpoint), progress=False)
+        else:
+            finetune(cfg, run.checkpoint, FinetuneSpec(), data=str(prepared), progress=False)
+    assert ("--resume auto" in str(e.value)) == (verb == "train") and "new --out" in str(e.value)
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]

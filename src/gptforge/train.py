@@ -1,8 +1,11 @@
 """The one training loop: accumulate, clip, step, schedule, evaluate, checkpoint, log.
 
 Every objective runs through `train`: the objective is the `loss_fn` parameter (next-token cross-entropy by
-default), so pretraining and, later, fine-tuning and distillation never grow copies of this loop. Precision,
-compile and activation checkpointing are applied to the built model from outside (distributed.py).
+default), so pretraining, fine-tuning and distillation never grow copies of this loop. Precision, compile and
+activation checkpointing are applied to the built model from outside (distributed.py).
+
+Read it bottom up: `train` -> `setup` (a `Run`: the fixed parts; a `TrainState`: the counters checkpoints keep)
+-> `loop`, one screen that calls `train_step`, `evaluate_and_keep_best`, `save` and `stop_reason`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from gptforge.checkpoint import (MODEL_FILE, checkpoint_problem, find_resumable, load_sharded, load_trainer_state,
                                  read_config, resolve_checkpoint, save_checkpoint)
@@ -268,20 +272,95 @@ class Reporter:
             self.bar.stop()
 
 
-# --- the loop ----------------------------------------------------------------------------------------------
+# --- the run's counters, and its fixed parts ---------------------------------------------------------------
 
-def claim_run_dir(run_dir: Path, resume: str | None, inputs: tuple = ()) -> None:
+@dataclass
+class TrainState:
+    """The run's counters, in one place. Those named in SAVED go into every checkpoint's trainer_state.pt (under
+    these keys, as before this class existed) and come back on resume; the rest count this call only."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    best_val_loss: float = math.inf
+    stale_evals: int = 0  # evaluations in a row without a new best: early stopping's patience
+    bad_steps: int = 0  # non-finite steps in a row: train.max_bad_steps of them stop the run
+    # this call only
+    run_tokens: int = 0
+    seconds: float = 0.0  # wall time of the optimizer steps
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+    stopped_by: str = "max_steps"
+    saved_at: int | None = None  # the step this call last saved
+    save_failed: bool = False  # a full disk stays full: no second attempt on the way out
+
+    SAVED: ClassVar[tuple[str, ...]] = ("step", "tokens_seen", "skipped_steps", "best_val_loss", "stale_evals",
+                                        "bad_steps")
+
+    def counters(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.SAVED}
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any]) -> TrainState:
+        """The counters of a trainer_state.pt; bad_steps is absent from checkpoints written before it was saved."""
+        return cls(**{key: saved[key] for key in cls.SAVED if key in saved})
+
+
+@dataclass
+class Run:
+    """What a run fixes at setup and every step reads: the model as called and unwrapped, the optimizer,
+    precision, samplers, the sizes of a step, and where it writes."""
+
+    cfg: RunConfig  # as saved in config.yaml: the resolved precision and bf16_gemm recorded
+    d: Dist
+    run_dir: Path
+    data: Any  # TokenData, or a fine-tuning source (see `train`)
+    tokenizer: Any
+    model: nn.Module  # what the step calls: wrapped for DDP/FSDP, compiled
+    raw_model: nn.Module  # unwrapped: checkpoints hold its state
+    optimizer: torch.optim.Optimizer
+    amp: torch.dtype | None  # autocast dtype
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+    loss_fn: LossFn
+    sampler: Any
+    val_sampler: Any
+    val_bytes: tuple[int, int] | None  # the validation windows' target tokens and their bytes (bits per byte)
+    frozen: set[str]  # parameters never saved (LoRA's base: init_from's, unchanged)
+    precision: str
+    parallel: str  # none | ddp | fsdp
+    seq_len: int
+    per_step: int  # micro-batches per optimizer step, over all ranks
+    step_tokens: int
+    reporter: Reporter
+    metrics: Metrics | None = None  # rank 0 only
+
+    @property
+    def tc(self):
+        return self.cfg.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.d.device
+
+    @property
+    def dist(self) -> Dist | None:
+        return self.d if self.d.enabled else None
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+def claim_run_dir(run_dir: Path, resume: str | None, inputs: tuple = (), verb: str = "train") -> None:
     """A run folder belongs to one run: a new run needs a new or empty folder; --resume auto needs that or a
     run's own folder; it is none of `inputs` (the data, the checkpoint it starts from). Only reads, so every
-    rank checks it before anything is written."""
+    rank checks it before anything is written. `verb` names the command in the refusal (only train resumes)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise GptforgeError(f"--out {run_dir} is an existing file; give a folder path for the run")
     check_not_input(run_dir, inputs)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
     if resume is None:
-        raise GptforgeError(f"--out {run_dir} already holds files (a run?); continue that run with --resume auto, "
-                            f"or choose a new --out for a new one")
+        hint = "continue that run with --resume auto, or " if verb == "train" else f"{verb} does not resume runs: "
+        raise GptforgeError(f"--out {run_dir} already holds files (a run?); {hint}choose a new --out for a new one")
     if resume == "auto" and not is_artifact(run_dir, "run"):
         raise GptforgeError(f"--out {run_dir} is not a gptforge run directory (no checkpoints/step-N, nor config.yaml "
                             f"and metrics.jsonl), so --resume auto will not write into it; choose a new --out")
@@ -349,10 +428,105 @@ def build_model(cfg: RunConfig, precision: str, parallel: str, d: Dist, init_sta
     return model, raw, optimizer, amp
 
 
+def _start_from(init_from: str, cfg: RunConfig, data) -> tuple[RunConfig, dict]:
+    """init_from's weights, and its architecture in `cfg` (only dropout may be set anew)."""
+    init_ckpt = resolve_checkpoint(init_from)
+    compression = read_config(init_ckpt).compression
+    if compression is not None and compression.quantized:  # packed integer weights do not train; pruned or cast ones do
+        raise GptforgeError(f"{init_ckpt} is quantized ({compression.quantization.method}); fine-tune its unquantized parent instead")
+    init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
+    if init_tok.fingerprint != data.fingerprint:
+        raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg.model, dropout=cfg.model.dropout))
+    return cfg, init_model.state_dict()
+
+
+def _samplers(data, source, tc, seq_len: int):
+    """The training sampler and the fixed-seed validation one (None without validation data)."""
+    if source is not None:
+        return source.samplers(tc.micro_batch, seq_len, tc.seed, EVAL_SEED)
+    sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
+    val_sampler = None
+    if data.meta["splits"]["val"]["tokens"] > 0:
+        val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
+    return sampler, val_sampler
+
+
+def setup(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, loss_fn: LossFn, progress: bool,
+          source=None, prepare_model=None, claimed: bool = False) -> tuple[Run, TrainState]:
+    """Check the run folder and the data, build model, optimizer and samplers, restore a resumed run's state,
+    then write config.yaml and open the metrics. Nothing is written before every check has passed."""
+    tc, run_dir = cfg.train, Path(cfg.out)
+    if not claimed:
+        claim_run_dir(run_dir, resume, (cfg.data if source is None else None, init_from))
+    if d.is_main:
+        _check_writable(run_dir)
+    data = TokenData(cfg.data) if source is None else source
+    tokenizer = data.tokenizer()
+    if tokenizer.fingerprint != data.fingerprint:
+        raise GptforgeError(f"{cfg.data}: tokenizer.json does not match the fingerprint in meta.json; re-run gptforge prepare")
+    reporter = Reporter(tc.max_steps, 0, progress and d.is_main, quiet=not d.is_main)
+    init_state = None
+    if init_from is not None:
+        cfg, init_state = _start_from(init_from, cfg, data)
+    # The vocabulary comes from the data's tokenizer; a preset's own vocab_size only sizes untrained models.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    seq_len = tc.seq_len or cfg.model.block_size
+    if seq_len > cfg.model.block_size:
+        raise GptforgeError(f"train.seq_len ({seq_len}) exceeds model.block_size ({cfg.model.block_size})")
+    # The global batch is fixed by the config: micro-batches 0..A-1 of each step are dealt out to ranks in
+    # turn, so any world size trains on the same windows in the same steps, and resumes at any world size.
+    per_step = tc.micro_batches_per_step(seq_len, d.world)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    precision = resolve_precision(tc.precision, d.device)
+    bf16_gemm = resolve_bf16_gemm(tc.bf16_gemm, precision, d.device)  # auto is timed here and recorded below
+    parallel = _parallel(tc, d)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere and later)
+        torch.backends.cudnn.allow_tf32 = True
+    model, raw_model, optimizer, amp = build_model(cfg, precision, parallel, d, init_state, prepare_model)
+    del init_state
+    sampler, val_sampler = _samplers(data, source, tc, seq_len)
+    # bits per byte: the fixed validation windows' targets and the bytes they stand for, counted once
+    val_bytes = window_bytes(val_sampler, tc.eval_batches, token_byte_lengths(tokenizer)) if val_sampler is not None else None
+    run = Run(cfg, d, run_dir, data, tokenizer, model, raw_model, optimizer, amp,
+              torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+              torch.compile(loss_fn) if tc.compile else loss_fn, sampler, val_sampler, val_bytes,
+              {name for name, p in raw_model.named_parameters() if not p.requires_grad}, precision, parallel,
+              seq_len, per_step, tc.micro_batch * per_step * seq_len, reporter)
+    state = _resume(run, resume)
+    run.cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision, bf16_gemm=bf16_gemm))
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
+        run.cfg.save(run_dir / "config.yaml")
+        run.metrics = Metrics(run_dir, state.step, tc.tensorboard, reporter.note)
+    reporter.note(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, device {d.device}, precision {precision}"
+                  f"{f', {parallel} x {d.world}' if d.enabled else ''}{', compiled' if tc.compile else ''}"
+                  f"{', activation checkpointing' if tc.activation_checkpointing else ''}; {run.step_tokens} "
+                  f"tokens/step = {tc.micro_batch} x {seq_len} x {per_step} micro-batches")
+    return run, state
+
+
+def _resume(run: Run, resume: str | None) -> TrainState:
+    """A new run's counters, or those of the checkpoint `resume` names (restoring weights, optimizer, sampler,
+    scaler and RNGs with them)."""
+    if resume == "auto" and (ckpt := find_resumable(run.run_dir, warn=run.reporter.note)) is None:
+        run.reporter.note(f"--resume auto: no checkpoint in {run.run_dir} yet, starting a new run")
+        resume = None
+    if resume is None:
+        return TrainState()
+    ckpt = ckpt if resume == "auto" else resolve_checkpoint(resume)
+    state = TrainState.resumed(restore(ckpt, run.cfg, run.data, run.raw_model, run.optimizer, run.sampler,
+                                       run.scaler, run.d))
+    run.reporter.note(f"resumed from {ckpt} at step {state.step}")
+    return state
+
+
 def restore(ckpt: Path, cfg: RunConfig, data: TokenData, raw_model: nn.Module, optimizer, sampler: BatchSampler,
             scaler, d: Dist) -> dict[str, Any]:
     """Load a checkpoint's weights, optimizer, sampler, scaler and RNG states into a freshly built run, after
-    checking that it is whole and belongs to this model and tokenizer. Returns the loop's counters."""
+    checking that it is whole and belongs to this model and tokenizer. Returns its trainer state (the counters)."""
     if (problem := checkpoint_problem(ckpt)) is not None:
         raise GptforgeError(f"cannot resume from {ckpt}: {problem}")
     state = load_trainer_state(ckpt)
@@ -362,9 +536,7 @@ def restore(ckpt: Path, cfg: RunConfig, data: TokenData, raw_model: nn.Module, o
     if mismatch:
         raise GptforgeError(f"cannot resume {ckpt} with another model config ({'; '.join(mismatch)}); use its config, or --init-from to start a new run from its weights")
     if (ckpt / MODEL_FILE).is_file():
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
+        StateDictOptions, _, set_state_dict, _ = _dcp()
         # Full, name-keyed state: set_state_dict shards it when the model is FSDP-wrapped.
         set_state_dict(raw_model, optimizer, model_state_dict=load_file(str(ckpt / MODEL_FILE)),
                        optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -377,6 +549,193 @@ def restore(ckpt: Path, cfg: RunConfig, data: TokenData, raw_model: nn.Module, o
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)], d.device)
     return state
 
+
+# --- one step, evaluation, checkpoints, stopping -----------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # per target token over all ranks (detached, on the device)
+    grad_norm: torch.Tensor  # before clipping
+    lr: float
+    ok: bool  # stepped; False: skipped for a non-finite loss or gradient
+
+
+def train_step(run: Run, state: TrainState) -> StepResult:
+    """One optimizer step: the scheduled learning rate, forward and backward over the step's micro-batches
+    (accumulated), unscale and clip, then step, or skip a step whose loss or gradient is not finite."""
+    tc, optimizer, scaler = run.tc, run.optimizer, run.scaler
+    lr = lr_at(state.step, tc)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / lr times lr
+    batches = [run.sampler.batch(state.step * run.per_step + j) for j in range(run.d.rank, run.per_step, run.d.world)]
+    loss = forward_backward(run.model, batches, run.loss_fn, run.device, run.amp, scaler, run.dist)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over ranks
+        grad_norm = grad_norm.full_tensor()
+    # One host sync per step: the guard must know before stepping, and every rank sees the same (all-reduced)
+    # loss and norm, so all skip together. fp16 overflow is the GradScaler's to handle (it skips and lowers
+    # the scale); only a non-finite loss counts there.
+    loss_ok = math.isfinite(loss.item())
+    ok = loss_ok and (scaler is not None or math.isfinite(grad_norm.item()))
+    if ok:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        state.bad_steps = 0
+    else:
+        if scaler is not None:
+            scaler.update()
+        run.reporter.note(f"step {state.step + 1}: non-finite {'loss' if not loss_ok else 'gradient norm'}; step skipped")
+        if state.bad_steps + 1 >= tc.max_bad_steps:
+            # Not counted: the checkpoint saved on the way out holds the counts of its own step, so a run resumed
+            # from it stops here again, as this one does.
+            optimizer.zero_grad(set_to_none=True)
+            raise GptforgeError(
+                f"{state.bad_steps + 1} steps in a row (up to step {state.step + 1}) had a non-finite loss or gradient; "
+                f"lower --train.lr (now {tc.lr:g}), keep --train.grad_clip on"
+                f"{', or use --train.precision bf16 instead of fp16' if run.precision == 'fp16' else ''}; "
+                f"the last good checkpoint is in {run.run_dir / 'checkpoints'}")
+        state.skipped_steps += 1
+        state.bad_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens_seen += run.step_tokens
+    state.run_tokens += run.step_tokens
+    return StepResult(loss, grad_norm, lr, ok)
+
+
+class StepLog:
+    """A metrics record every train.log_every steps: the mean loss of the good steps since the last one (summed
+    on the device, read once per record), throughput and MFU over those steps, peak memory."""
+
+    def __init__(self, run: Run):
+        self.flops_per_step = run.cfg.model.flops_per_token(run.seq_len) * run.step_tokens
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.good, self.steps, self.seconds = 0, 0, 0.0
+        self.peak_flops = device_peak_flops(run.device, run.precision)  # CPU: a matmul probe (draws from torch's RNG)
+
+    def add(self, run: Run, state: TrainState, out: StepResult, seconds: float) -> None:
+        tc = run.tc
+        if out.ok:
+            self.loss_sum += out.loss
+            self.good += 1
+        self.steps += 1
+        self.seconds += seconds
+        if not (state.step % tc.log_every == 0 or state.step == tc.max_steps):
+            run.reporter.step(state.step, "")
+            return
+        step_seconds = self.seconds / self.steps
+        mean_loss = (self.loss_sum / max(self.good, 1)).item()
+        memory = float(run.d.max(torch.tensor(peak_memory_gb(run.device), device=run.device)))
+        record = dict(loss=mean_loss, lr=out.lr, grad_norm=float(out.grad_norm), tokens=state.tokens_seen,
+                      tokens_per_s=run.step_tokens / step_seconds, peak_memory_gb=memory,
+                      skipped_steps=state.skipped_steps)
+        if self.peak_flops is not None:
+            record["mfu"] = self.flops_per_step / step_seconds / (self.peak_flops * run.d.world)
+        if run.metrics is not None:
+            run.metrics.log(state.step, **record)
+        run.reporter.step(state.step, f"loss {mean_loss:.3f}  {record['tokens_per_s']:,.0f} tok/s",
+                          force=state.step % (tc.log_every * 10) == 0)
+        self.loss_sum.zero_()
+        self.good, self.steps, self.seconds = 0, 0, 0.0
+
+
+def evaluate_and_keep_best(run: Run, state: TrainState) -> float | None:
+    """Evaluate (None without validation data); log it, save a new best checkpoint, count patience."""
+    if run.val_sampler is None:
+        return None
+    tc = run.tc
+    val = evaluate(run.model, run.val_sampler, tc.eval_batches, run.device, run.amp, run.loss_fn, run.dist)
+    ppl, bpb = math.exp(min(val, 50)), bits_per_byte(val, *run.val_bytes)
+    if run.metrics is not None:
+        run.metrics.log(state.step, val_loss=val, val_ppl=ppl, val_bpb=bpb)
+    run.reporter.note(f"step {state.step}: val loss {val:.4f} (perplexity {ppl:.1f}, {bpb:.3f} bits/byte)")
+    if val < state.best_val_loss:
+        state.best_val_loss, state.stale_evals = val, 0
+        if tc.save_best and state.step > 0:
+            save(run, state, best=True)
+    else:
+        state.stale_evals += 1
+    return val
+
+
+def trainer_state(run: Run, state: TrainState, optim_state: dict | None) -> dict[str, Any]:
+    """trainer_state.pt's contents: the counters, the sampler's position, every RNG, the optimizer (unless
+    sharded beside it) and the fp16 scaler."""
+    rngs = [rng_state(run.device)]
+    if run.d.enabled:  # every rank's generators, gathered so that a same-size resume restores each
+        gathered: list = [None] * run.d.world
+        torch.distributed.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    run.sampler.position = state.step * run.per_step
+    out = {**state.counters(), "sampler": run.sampler.state_dict(), "rng": rngs, "world": run.d.world,
+           "tokenizer_fingerprint": run.data.fingerprint}
+    if optim_state is not None:
+        out["optimizer"] = optim_state
+    if run.scaler is not None:
+        out["scaler"] = run.scaler.state_dict()
+    return out
+
+
+def _dcp():
+    """torch.distributed.checkpoint, imported when a checkpoint is first saved or loaded: importing it costs
+    over a second, which every command that imports this module would pay."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    return StateDictOptions, get_state_dict, set_state_dict, dcp
+
+
+def save(run: Run, state: TrainState, best: bool = False) -> None:
+    """Single-file checkpoints from rank 0 (plain and DDP runs); FSDP writes sharded ones collectively."""
+    StateDictOptions, get_state_dict, _, dcp = _dcp()
+    tc = run.tc
+    try:
+        if run.parallel == "fsdp":
+            msd, osd = get_state_dict(run.raw_model, run.optimizer)
+            save_checkpoint(run.run_dir, state.step, run.cfg, run.tokenizer, trainer_state(run, state, None),
+                            tc.keep_last, best, d=run.d,
+                            write_shards=lambda path: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path)))
+        else:
+            msd, osd = get_state_dict(run.raw_model, run.optimizer, options=StateDictOptions(full_state_dict=True))
+            msd = {k: v for k, v in msd.items() if k not in run.frozen}  # LoRA: the adapter only
+            trainer = trainer_state(run, state, osd)
+            if run.d.is_main:
+                save_checkpoint(run.run_dir, state.step, run.cfg, run.tokenizer, trainer, tc.keep_last, best,
+                                model_state=msd)
+            run.d.barrier()
+    except GptforgeError:
+        state.save_failed = True
+        raise
+    state.saved_at = state.step
+
+
+def stop_reason(run: Run, state: TrainState, signals: StopSignals) -> str | None:
+    """Why the run stops after this step, before train.max_steps: a time or token budget, or a signal; None to
+    go on. Rank 0's decision, shared so that every rank leaves the loop at the same step."""
+    tc = run.tc
+    stop = 0
+    if tc.max_time is not None and state.seconds >= tc.max_time:
+        stop = 1
+    elif tc.max_tokens is not None and state.run_tokens >= tc.max_tokens:
+        stop = 2
+    elif signals.received is not None:
+        stop = 3 if signals.received == "SIGINT" else 4
+    if run.d.enabled:
+        stop = int(run.d.max(torch.tensor(stop, device=run.device)))
+    return (None, "max_time", "max_tokens", "SIGINT", "SIGTERM")[stop]
+
+
+def out_of_patience(run: Run, state: TrainState) -> bool:
+    """Early stopping, asked after an evaluation: train.early_stop_patience evaluations without a new best."""
+    return run.tc.early_stop_patience is not None and state.stale_evals >= run.tc.early_stop_patience
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
 
 def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = None,
           loss_fn: LossFn = next_token_loss, progress: bool = True, source=None,
@@ -404,266 +763,56 @@ def train(cfg: RunConfig, *, resume: str | None = None, init_from: str | None = 
     if source is not None and resume is not None:
         raise GptforgeError("resuming a fine-tuning run from JSONL data is not supported; start it again")
     try:
-        return _train(cfg, d, resume, init_from, loss_fn, progress, source, prepare_model, claimed)
+        run, state = setup(cfg, d, resume, init_from, loss_fn, progress, source, prepare_model, claimed)
+        return loop(run, state)
     finally:
         close_distributed()
 
 
-def _train(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, loss_fn: LossFn,
-           progress: bool, source=None, prepare_model=None, claimed: bool = False) -> TrainResult:
-    tc = cfg.train
-    run_dir = Path(cfg.out)
-    if not claimed:
-        claim_run_dir(run_dir, resume, (cfg.data if source is None else None, init_from))
-    if d.is_main:
-        _check_writable(run_dir)
-    data = TokenData(cfg.data) if source is None else source
-    tokenizer = data.tokenizer()
-    if tokenizer.fingerprint != data.fingerprint:
-        raise GptforgeError(f"{cfg.data}: tokenizer.json does not match the fingerprint in meta.json; re-run gptforge prepare")
-    reporter = Reporter(tc.max_steps, 0, progress and d.is_main, quiet=not d.is_main)
-
-    init_state = None
-    if init_from is not None:
-        init_ckpt = resolve_checkpoint(init_from)
-        compression = read_config(init_ckpt).compression
-        if compression is not None and compression.quantized:  # packed integer weights do not train; pruned or cast ones do
-            raise GptforgeError(f"{init_ckpt} is quantized ({compression.quantization.method}); fine-tune its unquantized parent instead")
-        init_model, init_tok, init_cfg = load_checkpoint(init_ckpt)
-        if init_tok.fingerprint != data.fingerprint:
-            raise GptforgeError(f"{init_ckpt} was trained with tokenizer {init_tok.fingerprint}, but {cfg.data} was prepared with {data.fingerprint}; prepare the data with --tokenizer {init_ckpt}/tokenizer.json")
-        # Fine-tuning keeps the checkpoint's architecture; only dropout may be set anew.
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(init_cfg.model, dropout=cfg.model.dropout))
-        init_state = init_model.state_dict()
-    # The vocabulary comes from the data's tokenizer; a preset's own vocab_size only sizes untrained models.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    seq_len = tc.seq_len or cfg.model.block_size
-    if seq_len > cfg.model.block_size:
-        raise GptforgeError(f"train.seq_len ({seq_len}) exceeds model.block_size ({cfg.model.block_size})")
-    # The global batch is fixed by the config: micro-batches 0..A-1 of each step are dealt out to ranks in
-    # turn, so any world size trains on the same windows in the same steps, and resumes at any world size.
-    per_step = tc.micro_batches_per_step(seq_len, d.world)
-    step_tokens = tc.micro_batch * per_step * seq_len
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = d.device
-    precision = resolve_precision(tc.precision, device)
-    bf16_gemm = resolve_bf16_gemm(tc.bf16_gemm, precision, device)  # auto is timed here and recorded below
-    parallel = _parallel(tc, d)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls (Ampere and later)
-        torch.backends.cudnn.allow_tf32 = True
-
-    model, raw_model, optimizer, amp = build_model(cfg, precision, parallel, d, init_state, prepare_model)
-    del init_state
-    if tc.compile:
-        loss_fn = torch.compile(loss_fn)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    if source is not None:
-        sampler, val_sampler = source.samplers(tc.micro_batch, seq_len, tc.seed, EVAL_SEED)
-    else:
-        sampler = BatchSampler(data.shards("train"), tc.micro_batch, seq_len, seed=tc.seed)
-        val_sampler = None
-        if data.meta["splits"]["val"]["tokens"] > 0:
-            val_sampler = BatchSampler(data.shards("val"), tc.micro_batch, seq_len, seed=EVAL_SEED)
-    # bits per byte: the fixed validation windows' targets and the bytes they stand for, counted once
-    val_bytes = window_bytes(val_sampler, tc.eval_batches, token_byte_lengths(tokenizer)) if val_sampler is not None else None
-    frozen = {name for name, p in raw_model.named_parameters() if not p.requires_grad}
-    step, tokens_seen, best_val, skipped, stale_evals = 0, 0, math.inf, 0, 0
-
-    if resume == "auto" and (ckpt := find_resumable(run_dir, warn=reporter.note)) is None:
-        reporter.note(f"--resume auto: no checkpoint in {run_dir} yet, starting a new run")
-        resume = None
-    if resume is not None:
-        ckpt = ckpt if resume == "auto" else resolve_checkpoint(resume)
-        counters = restore(ckpt, cfg, data, raw_model, optimizer, sampler, scaler, d)
-        step, tokens_seen, skipped, best_val, stale_evals = (counters[k] for k in (
-            "step", "tokens_seen", "skipped_steps", "best_val_loss", "stale_evals"))
-        reporter.note(f"resumed from {ckpt} at step {step}")
-
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision, bf16_gemm=bf16_gemm))
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
-        cfg.save(run_dir / "config.yaml")
-    metrics = Metrics(run_dir, step, tc.tensorboard, reporter.note) if d.is_main else None
-
-    def trainer_state(optim_state: dict | None) -> dict[str, Any]:
-        rngs = [rng_state(device)]
-        if d.enabled:  # every rank's generators, gathered so that a same-size resume restores each
-            gathered: list = [None] * d.world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        sampler.position = step * per_step
-        state = {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "rng": rngs,
-                 "world": d.world, "skipped_steps": skipped, "best_val_loss": best_val, "stale_evals": stale_evals,
-                 "tokenizer_fingerprint": data.fingerprint}
-        if optim_state is not None:
-            state["optimizer"] = optim_state
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        return state
-
-    saved_at: int | None = None
-    save_failed = False
-
-    def save(best: bool = False) -> None:
-        """Single-file checkpoints from rank 0 (plain and DDP runs); FSDP writes sharded ones collectively."""
-        nonlocal saved_at, save_failed
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        try:
-            if parallel == "fsdp":
-                import torch.distributed.checkpoint as dcp
-
-                msd, osd = get_state_dict(raw_model, optimizer)
-                save_checkpoint(run_dir, step, cfg, tokenizer, trainer_state(None), tc.keep_last, best, d=d,
-                                write_shards=lambda path: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path)))
-            else:
-                msd, osd = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True))
-                msd = {k: v for k, v in msd.items() if k not in frozen}  # LoRA: the adapter only
-                state = trainer_state(osd)
-                if d.is_main:
-                    save_checkpoint(run_dir, step, cfg, tokenizer, state, tc.keep_last, best, model_state=msd)
-                d.barrier()
-        except GptforgeError:
-            save_failed = True  # a full disk stays full: no second attempt on the way out
-            raise
-        saved_at = step
-
-    def run_eval() -> float | None:
-        """Evaluate; save the best checkpoint and count patience. Returns the val loss."""
-        nonlocal best_val, stale_evals
-        if val_sampler is None:
-            return None
-        val = evaluate(model, val_sampler, tc.eval_batches, device, amp, loss_fn, d if d.enabled else None)
-        if metrics is not None:
-            metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50)), val_bpb=bits_per_byte(val, *val_bytes))
-        reporter.note(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.1f}, "
-                      f"{bits_per_byte(val, *val_bytes):.3f} bits/byte)")
-        if val < best_val:
-            best_val, stale_evals = val, 0
-            if tc.save_best and step > 0:
-                save(best=True)
-        else:
-            stale_evals += 1
-        return val
-
-    flops_per_step = cfg.model.flops_per_token(seq_len) * step_tokens
-    reporter.note(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, device {device}, precision {precision}"
-                  f"{f', {parallel} x {d.world}' if d.enabled else ''}{', compiled' if tc.compile else ''}"
-                  f"{', activation checkpointing' if tc.activation_checkpointing else ''}; {step_tokens} tokens/step = "
-                  f"{tc.micro_batch} x {seq_len} x {per_step} micro-batches")
-    first_val = last_val = run_eval() if step == 0 else None
-
-    model.train()
-    seconds, run_tokens, stopped_by, bad_run = 0.0, 0, "max_steps", 0
-    window_loss, window_steps, window_len, window_seconds = torch.zeros((), device=device), 0, 0, 0.0
-    peak_flops = device_peak_flops(device, precision)
-    reporter.step(step, "")
+def loop(run: Run, state: TrainState) -> TrainResult:
+    """Evaluate a new run at step 0, then step, log, evaluate and save until max_steps or a stop; save on the
+    way out, unless a second Ctrl-C or a failed save ended the run."""
+    tc, reporter = run.tc, run.reporter
+    if state.step == 0:
+        state.first_val_loss = state.last_val_loss = evaluate_and_keep_best(run, state)
+    run.model.train()
+    log = StepLog(run)
+    reporter.step(state.step, "")
     hard_interrupt = False
     with StopSignals() as signals:
         try:
-            while step < tc.max_steps:
+            while state.step < tc.max_steps:
                 t0 = time.perf_counter()
-                lr = lr_at(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / lr times lr
-                batches = [sampler.batch(step * per_step + j) for j in range(d.rank, per_step, d.world)]
-                loss = forward_backward(model, batches, loss_fn, device, amp, scaler, d if d.enabled else None)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over ranks
-                    grad_norm = grad_norm.full_tensor()
-                # One host sync per step: the guard must know before stepping, and every rank sees the same
-                # (all-reduced) loss and norm, so all skip together. fp16 overflow is the GradScaler's to
-                # handle (it skips and lowers the scale); only a non-finite loss counts there.
-                loss_ok = math.isfinite(loss.item())
-                grads_ok = scaler is not None or math.isfinite(grad_norm.item())
-                if loss_ok and grads_ok:
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    bad_run = 0
-                    window_loss += loss
-                    window_steps += 1
-                else:
-                    if scaler is not None:
-                        scaler.update()
-                    skipped += 1
-                    bad_run += 1
-                    reporter.note(f"step {step + 1}: non-finite {'loss' if not loss_ok else 'gradient norm'}; step skipped")
-                    if bad_run >= tc.max_bad_steps:
-                        optimizer.zero_grad(set_to_none=True)
-                        raise GptforgeError(
-                            f"{bad_run} steps in a row (up to step {step + 1}) had a non-finite loss or gradient; "
-                            f"lower --train.lr (now {tc.lr:g}), keep --train.grad_clip on"
-                            f"{', or use --train.precision bf16 instead of fp16' if precision == 'fp16' else ''}; "
-                            f"the last good checkpoint is in {run_dir / 'checkpoints'}")
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += step_tokens
-                run_tokens += step_tokens
+                out = train_step(run, state)
                 dt = time.perf_counter() - t0
-                seconds += dt
-                window_seconds += dt
-                window_len += 1
-
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    step_seconds = window_seconds / window_len
-                    mean_loss = (window_loss / max(window_steps, 1)).item()  # mean over the window's good steps
-                    memory = float(d.max(torch.tensor(peak_memory_gb(device), device=device)))
-                    record = dict(loss=mean_loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
-                                  tokens_per_s=step_tokens / step_seconds, peak_memory_gb=memory, skipped_steps=skipped)
-                    if peak_flops is not None:
-                        record["mfu"] = flops_per_step / step_seconds / (peak_flops * d.world)
-                    if metrics is not None:
-                        metrics.log(step, **record)
-                    reporter.step(step, f"loss {mean_loss:.3f}  {record['tokens_per_s']:,.0f} tok/s",
-                                  force=step % (tc.log_every * 10) == 0)
-                    window_loss.zero_()
-                    window_steps, window_len, window_seconds = 0, 0, 0.0
-                else:
-                    reporter.step(step, "")
-
-                # Stop decisions are rank 0's, shared so that every rank leaves the loop at the same step.
-                stop = 0
-                if tc.max_time is not None and seconds >= tc.max_time:
-                    stop = 1
-                elif tc.max_tokens is not None and run_tokens >= tc.max_tokens:
-                    stop = 2
-                elif signals.received is not None:
-                    stop = 3 if signals.received == "SIGINT" else 4
-                if d.enabled:
-                    stop = int(d.max(torch.tensor(stop, device=device)))
-                if stop:
-                    stopped_by = {1: "max_time", 2: "max_tokens", 3: "SIGINT", 4: "SIGTERM"}[stop]
-                if step % tc.eval_every == 0 or step == tc.max_steps or stopped_by != "max_steps":
-                    last_val = run_eval()
-                    if (tc.early_stop_patience is not None and stale_evals >= tc.early_stop_patience
-                            and stopped_by == "max_steps"):
-                        stopped_by = "early_stop"
-                if step % tc.save_every == 0 and saved_at != step:
-                    save()
-                if stopped_by != "max_steps":
-                    reporter.note(f"stopping at step {step}: {stopped_by}")
+                state.seconds += dt
+                log.add(run, state, out, dt)
+                stop = stop_reason(run, state, signals)
+                if stop is not None or state.step % tc.eval_every == 0 or state.step == tc.max_steps:
+                    state.last_val_loss = evaluate_and_keep_best(run, state)
+                    if stop is None and out_of_patience(run, state):
+                        stop = "early_stop"
+                if state.step % tc.save_every == 0 and state.saved_at != state.step:
+                    save(run, state)
+                if stop is not None:
+                    state.stopped_by = stop
+                    reporter.note(f"stopping at step {state.step}: {stop}")
                     break
         except KeyboardInterrupt:
             # A second Ctrl-C lands anywhere, perhaps inside optimizer.step(): the state in memory may be half
             # updated, so nothing is saved and the last checkpoint stands.
             hard_interrupt = True
-            raise GptforgeError(f"interrupted at step {step} without saving; resume from the last checkpoint with --resume auto") from None
+            raise GptforgeError(f"interrupted at step {state.step} without saving; resume from the last checkpoint "
+                                f"with --resume auto") from None
         finally:
             reporter.close()
             try:
-                if saved_at != step and not hard_interrupt and not save_failed:
-                    save()
+                if state.saved_at != state.step and not hard_interrupt and not state.save_failed:
+                    save(run, state)
             finally:
-                if metrics is not None:
-                    metrics.close()
-    ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
-    return TrainResult(run_dir, ckpt, step, run_tokens, seconds, first_val, last_val,
-                       None if math.isinf(best_val) else best_val, stopped_by, skipped)
+                if run.metrics is not None:
+                    run.metrics.close()
+    best = None if math.isinf(state.best_val_loss) else state.best_val_loss
+    return TrainResult(run.run_dir, run.run_dir / "checkpoints" / f"step-{state.step:08d}", state.step,
+                       state.run_tokens, state.seconds, state.first_val_loss, state.last_val_loss, best,
+                       state.stopped_by, state.skipped_steps)

@@ -10,6 +10,7 @@ distributions over different vocabularies means nothing.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
 from gptforge.hardware import resolve_device
 from gptforge.loader import load_checkpoint
-from gptforge.train import next_token_loss, train
+from gptforge.train import claim_run_dir, next_token_loss, train
 
 IGNORE_INDEX = -100  # as in train.py: targets with this value never count
 
@@ -64,8 +65,9 @@ def distill(cfg, teacher_path: str, dcfg: DistillConfig = DistillConfig(), progr
 
     if cfg.data is None or cfg.out is None:
         raise GptforgeError("distill needs --data DIR (from gptforge prepare) and --out DIR")
+    claim_run_dir(Path(cfg.out), None, (cfg.data, teacher_path), verb="distill")  # its refusal names no --resume
     device = resolve_device(cfg.train.device, flag="--train.device")
     teacher, tok, tcfg = load_checkpoint(teacher_path, device=device)
     check_same_tokenizer(tok.fingerprint, TokenData(cfg.data).fingerprint, f"data {cfg.data}")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
-    return train(cfg, loss_fn=DistillLoss(teacher, tok.vocab_size, dcfg), progress=progress)
+    return train(cfg, loss_fn=DistillLoss(teacher, tok.vocab_size, dcfg), progress=progress, claimed=True)

@@ -138,7 +138,7 @@ def finetune(cfg: RunConfig, base: str | Path, spec: FinetuneSpec, *, data: str,
     writing the run to `cfg.out`. `cfg.train` holds the loop's settings; the model comes from `base`."""
     if cfg.out is None:
         raise GptforgeError("finetune needs --out DIR")
-    claim_run_dir(Path(cfg.out), None, (base, data, val_data))  # before base/ is written into it
+    claim_run_dir(Path(cfg.out), None, (base, data, val_data), verb="finetune")  # before base/ is written into it
     base_ckpt = resolve_checkpoint(base)
     base_model, tokenizer, base_cfg = load_checkpoint(base_ckpt)
     if base_cfg.finetune is not None and base_cfg.finetune.classifier:
