@@ -357,3 +357,15 @@ def test_prepare_dedup_option(tmp_path, capsys):
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 12
     assert meta["curate"]["removed"]["exact"]["documents"] == 6
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(monkeypatch):
+    import os
+    import signal
+
+    from gptforge.curate import pipeline
+
+    monkeypatch.setattr(pipeline, "_measure", lambda batch: os.kill(os.getpid(), signal.SIGKILL))
+    docs = [Document(str(i), f"word{i} " * 300_000) for i in range(4)]  # 4 batches: the pool is used
+    with pytest.raises(GptforgeError, match="worker process died"):
+        curate_documents(docs, workers=2)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,16 +178,21 @@ def _parallel(fn: Callable, batches: Iterator[list], payload: Callable[[list], l
             yield b, fn(payload(b))
         return
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init, initargs=init_args) as pool:
+    # an executor, not multiprocessing.Pool: a worker that dies (killed for memory) breaks it with an error
+    # where a Pool would wait forever for the lost task
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=init_args) as pool:
         pending: deque = deque()
-        for b in _chain([first, second], batches):
-            pending.append((b, pool.apply_async(fn, (payload(b),))))
-            if len(pending) >= 2 * workers:
+        try:
+            for b in _chain([first, second], batches):
+                pending.append((b, pool.submit(fn, payload(b))))
+                if len(pending) >= 2 * workers:
+                    b0, r = pending.popleft()
+                    yield b0, r.result()
+            while pending:
                 b0, r = pending.popleft()
-                yield b0, r.get()
-        while pending:
-            b0, r = pending.popleft()
-            yield b0, r.get()
+                yield b0, r.result()
+        except BrokenProcessPool:
+            raise GptforgeError("a curate worker process died (killed for memory?); retry with fewer --workers") from None
 
 
 def _chain(head: list, rest: Iterator) -> Iterator:
