@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from gptforge.config import ModelConfig, PlanConfig, TrainConfig
+from gptforge.config import BenchConfig, ModelConfig, PlanConfig, TrainConfig
 from gptforge.distributed import apply_activation_checkpointing
 from gptforge.errors import GptforgeError
 from gptforge.generate import generate_tokens
@@ -60,10 +60,12 @@ def _median_step_s(step, dev: torch.device, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench(cfg: ModelConfig, *, device: str = "cpu", precision: str = TrainConfig.precision, micro_batch: int = 4,
-          seq_len: int | None = None, steps: int = 3, decode_tokens: int = 32, hardware: str | None = None,
-          mfu: float = PlanConfig.mfu) -> list[Row]:
-    """Measure and compare; `precision` takes train.precision's names (auto as train resolves it)."""
+def bench(cfg: ModelConfig, *, device: str = BenchConfig.device, precision: str = BenchConfig.precision,
+          micro_batch: int = BenchConfig.micro_batch, seq_len: int | None = BenchConfig.seq_len,
+          steps: int = BenchConfig.steps, decode_tokens: int = BenchConfig.decode_tokens,
+          hardware: str | None = BenchConfig.hardware, mfu: float = BenchConfig.mfu) -> list[Row]:
+    """Measure and compare; `precision` takes train.precision's names (auto as train resolves it). The settings'
+    defaults are BenchConfig's (`gptforge bench`'s flags)."""
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)  # an unknown name is refused by PlanConfig below
     amp = autocast_dtype(precision, dev)

@@ -18,8 +18,8 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, CurateConfig, DistillConfig, FinetuneSpec, LoRAConfig,
-                             PlanConfig, SamplingParams, ServeConfig, TrainConfig, parse_rules)
+from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, BenchConfig, CurateConfig, DistillConfig, FinetuneSpec,
+                             LoRAConfig, PlanConfig, PrepareConfig, SamplingParams, ServeConfig, parse_rules)
 from gptforge.errors import GptforgeError
 
 CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
@@ -119,11 +119,9 @@ def _prepare_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="text files, folders (searched recursively), globs, .jsonl files, or a bundled corpus name (shakespeare)")
     p.add_argument("--out", required=True, help="directory to write the shards, tokenizer.json and meta.json into")
     p.add_argument("--tokenizer", help="use this tokenizer.json (or a folder with it, or with GPT-2's vocab.json + merges.txt)")
-    p.add_argument("--vocab-size", type=int, help="train a new byte-level BPE of this many tokens (default 4096)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation (default 0.05)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default 1337)")
-    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="most tokens per shard file (default 100M)")
+    # --vocab-size ... --shard-tokens: PrepareConfig's fields; left None when not given (--vocab-size then means
+    # "train a tokenizer", which --tokenizer excludes)
+    add_field_flags(p, PrepareConfig, defaults=False)
     _overwrite_flag(p, "prepared-data folder")
     p.add_argument("--curate", action="store_true",
                    help="first run gptforge curate's default steps (quality rules, dedup, PII redaction) on the documents")
@@ -138,10 +136,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     if args.tokenizer is not None and args.vocab_size is not None:
         raise GptforgeError("give either --tokenizer (use an existing one) or --vocab-size (train a new one), not both")
-    stats = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size or 4096,
-                    val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                    shard_tokens=args.shard_tokens, progress=not args.no_progress, overwrite=args.overwrite,
-                    curate=_prepare_curate(args))
+    settings = PrepareConfig(**field_values(args, PrepareConfig))
+    stats = prepare(args.sources, args.out, tokenizer=args.tokenizer, **dataclasses.asdict(settings),
+                    progress=not args.no_progress, overwrite=args.overwrite, curate=_prepare_curate(args, settings.seed))
     console = Console(stderr=True)
     for w in stats.warnings:  # soft_wrap: a path in a warning stays on one line in logs (rich wraps at 80 there)
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -153,7 +150,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/meta.json, tokenizer.json and the shards; next: gptforge train --data {args.out} --out runs/NAME")
 
 
-def _prepare_curate(args: argparse.Namespace):
+def _prepare_curate(args: argparse.Namespace, seed: int):
     """prepare's --curate (every default step) or --dedup (only the duplicates), as data.prepare's hook."""
     from gptforge.curate import curate_documents
 
@@ -164,7 +161,7 @@ def _prepare_curate(args: argparse.Namespace):
     cfg = CurateConfig() if args.curate else CurateConfig(rules=(), pii=())
 
     def hook(docs):
-        kept, report = curate_documents(docs, cfg, seed=args.seed)
+        kept, report = curate_documents(docs, cfg, seed=seed)
         summary = {k: v for k, v in report.to_dict().items() if k not in ("samples", "histograms")}
         print(report.format(), file=sys.stderr)
         return kept, summary
@@ -719,17 +716,7 @@ def _bench_parser(sub, common: argparse.ArgumentParser) -> None:
                                    "and batch-1 decode, each next to gptforge plan's prediction with the error in %%.")
     p.add_argument("model", metavar="MODEL", nargs="?", default="shakespeare",
                    help="preset, YAML run config, checkpoint or HF config.json to build (default shakespeare)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", default=TrainConfig.precision,
-                   help="train.precision: auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16 (autocast), "
-                        f"bf16-pure (default {TrainConfig.precision})")
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per training step (default 4)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
-    p.add_argument("--steps", type=int, default=3, help="timed training steps, after one warm-up (default 3)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="tokens to decode for the decode figure (default 32)")
-    p.add_argument("--hardware", help="the planner's hardware to compare with (default: recognised from the device)")
-    p.add_argument("--mfu", type=float, default=PlanConfig.mfu,
-                   help=f"the MFU prior the plan's tokens/s uses (default {PlanConfig.mfu})")
+    add_field_flags(p, BenchConfig)  # --device ... --mfu
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -741,8 +728,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from gptforge.plan import load_model_config
 
     cfg = load_model_config(args.model)
-    rows = bench(cfg, device=args.device, precision=args.precision, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                 steps=args.steps, decode_tokens=args.decode_tokens, hardware=args.hardware, mfu=args.mfu)
+    rows = bench(cfg, **field_values(args, BenchConfig))
     if args.json:
         print(json.dumps(rows_as_dicts(rows), indent=2))
     else:

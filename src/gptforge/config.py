@@ -189,6 +189,23 @@ def check_optimizer_parallel(optimizer: str, parallel: str, world: int) -> None:
                             "ddp, or adamw with fsdp")
 
 
+def _flag(default: Any, help: str, **meta: Any) -> Any:
+    """A field that its verb offers as --NAME: cli.add_field_flags builds the flag from the field's type, this help
+    and the default (added to the help as "(default X)" unless the help speaks of its default itself)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`gptforge prepare`'s settings: data.prepare's keyword arguments take their defaults from these fields."""
+
+    vocab_size: int = _flag(4096, "train a new byte-level BPE of this many tokens")
+    val_fraction: float = _flag(0.05, "share of documents held out for validation")
+    seed: int = _flag(1337, "seed of the document split")
+    text_field: str = _flag("text", "JSONL field that holds the text")
+    shard_tokens: int = _flag(100_000_000, "most tokens per shard file")
+
+
 @dataclass
 class TrainConfig:
     """One training run: precision, batch, schedule, optimizer, budgets, evaluation, checkpoints."""
@@ -283,12 +300,6 @@ class TrainConfig:
         return total
 
 
-def _flag(default: Any, help: str, **meta: Any) -> Any:
-    """A field that its verb offers as --NAME: cli.add_field_flags builds the flag from the field's type, this help
-    and the default (added to the help as "(default X)" unless the help speaks of its default itself)."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
 class PlanConfig:
     """What `gptforge plan` estimates: the model, the batch, numerics, parallelism, the device and the budget.
@@ -370,6 +381,20 @@ class PlanConfig:
     def accum_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.world_size)
 
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`gptforge bench`'s settings: bench.bench's keyword arguments take their defaults from these fields."""
+
+    device: str = _flag("cpu", "cpu, cuda or cuda:N")
+    precision: str = _flag(TrainConfig.precision, "train.precision: auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 "
+                                                  "or fp16 (autocast), bf16-pure")
+    micro_batch: int = _flag(4, "sequences per training step")
+    seq_len: int | None = _flag(None, "tokens per sequence (default: the model's block_size)")
+    steps: int = _flag(3, "timed training steps, after one warm-up")
+    decode_tokens: int = _flag(32, "tokens to decode for the decode figure")
+    hardware: str | None = _flag(None, "the planner's hardware to compare with (default: recognised from the device)")
+    mfu: float = _flag(PlanConfig.mfu, "the MFU prior the plan's tokens/s uses")
 
 # --- the sections a checkpoint's config records about how its weights were made ------------------------------
 # gptforge.loader reads them to build the model the weights fit: quantized modules, a pruned shape, LoRA adapters,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptforge.config import PrepareConfig
 from gptforge.corpora import CORPORA, Document, load_corpus
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.outputs import check_out, staged
@@ -277,11 +278,13 @@ class PrepareStats:
         return self.bytes / 1e6 / max(self.seconds, 1e-9)
 
 
-def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None, vocab_size: int = 4096,
-            val_fraction: float = 0.05, seed: int = 1337, text_field: str = "text",
-            shard_tokens: int = 100_000_000, progress: bool = True, overwrite: bool = False,
+def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None,
+            vocab_size: int = PrepareConfig.vocab_size, val_fraction: float = PrepareConfig.val_fraction,
+            seed: int = PrepareConfig.seed, text_field: str = PrepareConfig.text_field,
+            shard_tokens: int = PrepareConfig.shard_tokens, progress: bool = True, overwrite: bool = False,
             curate: Callable[[list[Document]], tuple[list[Document], dict]] | None = None) -> PrepareStats:
     """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards.
+    The settings' defaults are PrepareConfig's (`gptforge prepare`'s flags).
 
     `curate`, when given, maps the documents read to the documents kept and a summary stored in meta.json
     (`gptforge prepare --curate` passes gptforge.curate's steps; they sit above this module, so they come in).
