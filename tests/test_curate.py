@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -359,13 +361,14 @@ def test_prepare_dedup_option(tmp_path, capsys):
     assert meta["curate"]["removed"]["exact"]["documents"] == 6
 
 
-def test_a_dead_worker_is_an_error_not_a_hang(monkeypatch):
-    import os
-    import signal
+def _die(batch):
+    os.kill(os.getpid(), signal.SIGKILL)
 
+
+def test_a_dead_worker_is_an_error_not_a_hang(monkeypatch):
     from gptforge.curate import pipeline
 
-    monkeypatch.setattr(pipeline, "_measure", lambda batch: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(pipeline, "_measure", _die)  # the forked workers see it
     docs = [Document(str(i), f"word{i} " * 300_000) for i in range(4)]  # 4 batches: the pool is used
     with pytest.raises(GptforgeError, match="worker process died"):
         curate_documents(docs, workers=2)
