@@ -18,8 +18,9 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, BenchConfig, CurateConfig, DistillConfig, FinetuneSpec,
-                             LoRAConfig, PlanConfig, PrepareConfig, SamplingParams, ServeConfig, parse_rules)
+from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, BenchConfig, CurateConfig, DistillConfig, EvalConfig,
+                             FinetuneSpec, LoRAConfig, PlanConfig, PrepareConfig, SamplingParams, ServeConfig,
+                             parse_rules)
 from gptforge.errors import GptforgeError
 
 CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
@@ -617,13 +618,7 @@ def _eval_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", metavar="NAME|FILE",
                    help="a benchmark task (repeatable): shakespeare-next-line, hellaswag, arc-easy, arc-challenge, "
                         "piqa, lambada (local files; see docs/eval.md) or a jsonl file")
-    p.add_argument("--limit", type=int, help="score only each task's first N examples")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question (default 0)")
-    p.add_argument("--seed", type=int, default=1234, help="draws the few-shot examples and the built task (default 1234)")
-    p.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the smallest block_size)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode for the speed column; 0 skips it (default 64)")
+    add_field_flags(p, EvalConfig)  # --limit ... --decode-tokens
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_eval)
@@ -637,18 +632,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     if args.data is None and not args.task:
         raise GptforgeError("give --data DIR (the validation table) or --task NAME|FILE (benchmark tasks), or both")
-    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise GptforgeError(f"{flag} must be >= 1, got {value}")
+    s = EvalConfig(**field_values(args, EvalConfig))
     if args.data is not None:
-        rows = eval_checkpoints(args.checkpoints, args.data, batches=args.batches, batch_size=args.batch_size,
-                                seq_len=args.seq_len, decode_tokens=args.decode_tokens)
+        rows = eval_checkpoints(args.checkpoints, args.data, batches=s.batches, batch_size=s.batch_size,
+                                seq_len=s.seq_len, decode_tokens=s.decode_tokens)
         print(json.dumps(rows, indent=2)) if args.json else print_table(rows)
     if args.task:
         from gptforge.eval import evaluate_tasks, print_task_table
 
         for ckpt in args.checkpoints:
-            result = evaluate_tasks(ckpt, args.task, limit=args.limit, shots=args.shots, seed=args.seed)
+            result = evaluate_tasks(ckpt, args.task, limit=s.limit, shots=s.shots, seed=s.seed)
             print(json.dumps(result, indent=2)) if args.json else print_task_table(result)
 
 

@@ -396,6 +396,25 @@ class BenchConfig:
     hardware: str | None = _flag(None, "the planner's hardware to compare with (default: recognised from the device)")
     mfu: float = _flag(PlanConfig.mfu, "the MFU prior the plan's tokens/s uses")
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """`gptforge eval`'s settings: eval.evaluate_tasks' (benchmark tasks) and compress.evaluate.eval_checkpoints'
+    (the validation table) keyword defaults are these fields."""
+
+    limit: int | None = _flag(None, "score only each task's first N examples")
+    shots: int = _flag(0, "few-shot examples before each question")
+    seed: int = _flag(1234, "draws the few-shot examples and the built task")
+    batches: int = _flag(8, "validation batches")
+    batch_size: int = _flag(8, "sequences per batch")
+    seq_len: int | None = _flag(None, "tokens per sequence (default: the smallest block_size)")
+    decode_tokens: int = _flag(64, "tokens to decode for the speed column; 0 skips it")
+
+    def __post_init__(self) -> None:
+        for name in ("batches", "batch_size"):  # 0 batches would divide by zero
+            if getattr(self, name) < 1:
+                raise GptforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
 # --- the sections a checkpoint's config records about how its weights were made ------------------------------
 # gptforge.loader reads them to build the model the weights fit: quantized modules, a pruned shape, LoRA adapters,
 # a class head. Fields left None are not written, so config.yaml holds what the command did and nothing else.

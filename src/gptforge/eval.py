@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import decoders
 
+from gptforge.config import EvalConfig
 from gptforge.corpora import shakespeare
 from gptforge.data import BatchSampler, split_documents
 from gptforge.errors import GptforgeError, not_one_string
@@ -518,9 +519,10 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: Task, *, block_s
     return TaskResult(task.name, task.kind, n, shots, head.chance, metrics, time.perf_counter() - t0)
 
 
-def evaluate_tasks(checkpoint: str, specs: list[str], *, limit: int | None = None, shots: int = 0, seed: int = 1234,
-                   device: str = "cpu") -> dict:
-    """Every task of `specs` on one checkpoint; the rows and the CORE-style mean centered accuracy."""
+def evaluate_tasks(checkpoint: str, specs: list[str], *, limit: int | None = EvalConfig.limit,
+                   shots: int = EvalConfig.shots, seed: int = EvalConfig.seed, device: str = "cpu") -> dict:
+    """Every task of `specs` on one checkpoint; the rows and the CORE-style mean centered accuracy (defaults:
+    EvalConfig's)."""
     tasks = [load_task(s, seed) for s in not_one_string(specs, "evaluate_tasks' specs")]  # all checked before loading
     model, tokenizer, cfg = load_checkpoint(checkpoint, device=device)
     rows = [evaluate_task(model, tokenizer, t, block_size=cfg.model.block_size, limit=limit, shots=shots, seed=seed)

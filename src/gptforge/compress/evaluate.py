@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import MODEL_FILE, resolve_checkpoint
 from gptforge.compress.quantize import QuantizedMatrix
+from gptforge.config import EvalConfig
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
@@ -52,9 +53,10 @@ def decode_speed(model, vocab_size: int, tokens: int, prompt_len: int = 16) -> f
 
 
 @torch.no_grad()
-def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = 8, batch_size: int = 8,
-                     seq_len: int | None = None, decode_tokens: int = 64) -> list[dict]:
-    """Rows of the comparison table, the first checkpoint being the reference."""
+def eval_checkpoints(paths: list[str], data_dir: str, *, batches: int = EvalConfig.batches,
+                     batch_size: int = EvalConfig.batch_size, seq_len: int | None = EvalConfig.seq_len,
+                     decode_tokens: int = EvalConfig.decode_tokens) -> list[dict]:
+    """Rows of the comparison table, the first checkpoint being the reference (defaults: EvalConfig's)."""
     from gptforge.data import BatchSampler, TokenData
     from gptforge.eval import bits_per_byte, token_byte_lengths
     from gptforge.train import EVAL_SEED
