@@ -18,9 +18,9 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, BenchConfig, CurateConfig, DistillConfig, EvalConfig,
-                             FinetuneSpec, LoRAConfig, PlanConfig, PrepareConfig, SamplingParams, ServeConfig,
-                             parse_rules)
+from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, BenchConfig, CurateConfig, DemoConfig, DistillConfig,
+                             EvalConfig, FinetuneSpec, LoRAConfig, PlanConfig, PrepareConfig, SamplingParams,
+                             ServeConfig, parse_rules)
 from gptforge.errors import GptforgeError
 
 CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
@@ -751,8 +751,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def _demo_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[common], help="prepare, train and sample on the bundled Shakespeare",
                        description="The whole flow on the bundled corpus in a few minutes on a laptop CPU.")
-    p.add_argument("--out", default="runs/demo", help="directory for the data and the run (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes (default 6)")
+    add_field_flags(p, DemoConfig)  # --out, --minutes
     _overwrite_flag(p, "demo folder (data/ and run/)")
     p.set_defaults(func=cmd_demo)
 
@@ -760,7 +759,7 @@ def _demo_parser(sub, common: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from gptforge.demo import run_demo
 
-    r = run_demo(args.out, args.minutes, progress=not args.no_progress, overwrite=args.overwrite)
+    r = run_demo(**field_values(args, DemoConfig), progress=not args.no_progress, overwrite=args.overwrite)
     print()
     print(f"trained {r.steps} steps, {r.tokens:,} tokens in {r.train_seconds:.0f} s "
           f"({r.tokens / max(r.train_seconds, 1e-9):,.0f} tokens/s, {r.precision})")

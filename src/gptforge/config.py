@@ -415,6 +415,14 @@ class EvalConfig:
                 raise GptforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """`gptforge demo`'s settings: demo.run_demo's defaults are these fields."""
+
+    out: str = _flag("runs/demo", "directory for the data and the run")
+    minutes: float = _flag(6.0, "training time budget in minutes")
+
+
 # --- the sections a checkpoint's config records about how its weights were made ------------------------------
 # gptforge.loader reads them to build the model the weights fit: quantized modules, a pruned shape, LoRA adapters,
 # a class head. Fields left None are not written, so config.yaml holds what the command did and nothing else.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gptforge.config import RunConfig, TrainConfig, model_preset
+from gptforge.config import DemoConfig, RunConfig, TrainConfig, model_preset
 from gptforge.data import BatchSampler, TokenData, prepare
 from gptforge.eval import evaluate_task, shakespeare_next_line
 from gptforge.generate import generate
@@ -93,7 +93,7 @@ def probe_precision(cfg: RunConfig, data: TokenData, rounds: int = 3) -> dict:
     return {**{name: t * 1000 for name, t in best.items()}, "steady": steady * 1000, "chosen": chosen}
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 6.0, progress: bool = True, say=print,
+def run_demo(out: str | Path = DemoConfig.out, minutes: float = DemoConfig.minutes, progress: bool = True, say=print,
              overwrite: bool = False) -> DemoResult:
     """Prepare, train and sample into `out` (data/ and run/). An earlier demo there is replaced only with
     `overwrite` (outputs.check_out); any other non-empty folder is refused."""
