@@ -18,9 +18,9 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import (DEDUP_STEPS, MODEL_PRESETS, RULES, BenchConfig, CurateConfig, DemoConfig, DistillConfig,
-                             EvalConfig, FinetuneSpec, LoRAConfig, PlanConfig, PrepareConfig, SamplingParams,
-                             ServeConfig, parse_rules)
+from gptforge.config import (DEDUP_STEPS, INT4_GROUP_SIZE, INT4_GROUP_SIZES, MODEL_PRESETS, RULES, BenchConfig,
+                             CurateConfig, DemoConfig, DistillConfig, EvalConfig, FinetuneSpec, LoRAConfig, PlanConfig,
+                             PrepareConfig, SamplingParams, ServeConfig, parse_rules)
 from gptforge.errors import GptforgeError
 
 CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
@@ -434,7 +434,8 @@ def _quantize_parser(sub, common: argparse.ArgumentParser) -> None:
                                    "checkpoint format; generate and eval load it unchanged. See docs/compress.md.")
     p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
-    p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, 32, 64 or 128 (default 32)")
+    p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, "
+                                                  f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {INT4_GROUP_SIZE})")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _overwrite_flag(p, "checkpoint")
     p.set_defaults(func=cmd_quantize)

@@ -441,6 +441,10 @@ def _section_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+INT4_GROUP_SIZES = (32, 64, 128)  # input columns sharing one int4 scale and minimum
+INT4_GROUP_SIZE = 32  # the default: the finest, so the least error
+
+
 @dataclass
 class QuantizationConfig:
     """What `gptforge quantize` did (compress/quantize.py)."""

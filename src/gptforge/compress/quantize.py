@@ -22,13 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.config import CompressionConfig, section_from_dict
+from gptforge.config import INT4_GROUP_SIZE, INT4_GROUP_SIZES, CompressionConfig, section_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.model import TiedHead
 from gptforge.native import ops as native
 
 METHODS = ("int8", "int4", "bf16", "fp16")
-GROUP_SIZES = (32, 64, 128)
 CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,8 +36,8 @@ def check_method(method: str, group_size: int | None = None) -> None:
         raise GptforgeError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     if group_size is not None and method != "int4":
         raise GptforgeError(f"--group-size applies to int4 only, not {method}; leave it out")
-    if method == "int4" and group_size is not None and group_size not in GROUP_SIZES:
-        raise GptforgeError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if method == "int4" and group_size is not None and group_size not in INT4_GROUP_SIZES:
+        raise GptforgeError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
 
 
 # --- the codes: w ~ q * scale (int8, symmetric per row); w ~ q * scale + lo (int4, asymmetric per group) ----
@@ -236,7 +235,7 @@ def quantize_state_dict(model: nn.Module, method: str, group_size: int | None = 
     if method in CASTS:
         return {k: v.to(CASTS[method]) if v.is_floating_point() else v for k, v in state.items()}
     if method == "int4":
-        group_size = group_size or 32
+        group_size = group_size or INT4_GROUP_SIZE
         _check_group(model, group_size)
     for name in _targets(model):
         w = state.pop(f"{name}.weight")
@@ -270,7 +269,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None)
     from gptforge.model import GPT
 
     state = quantize_state_dict(model, method, group_size)
-    int4 = {"group_size": group_size or 32, "packing": INT4_PACKING} if method == "int4" else {}
+    int4 = {"group_size": group_size or INT4_GROUP_SIZE, "packing": INT4_PACKING} if method == "int4" else {}
     section = {"quantization": {"method": method, **int4}}
     with torch.device("meta"):
         new = GPT(model.config)
