@@ -159,3 +159,42 @@ def test_generate_chat_session(prepared, tmp_path, capsys, monkeypatch):
         expected.append(f"assistant> {reply}\n")
     assert out == "".join(expected)
     assert main(["generate", str(ckpt), "--system", "x"]) == 2  # --system without --chat
+
+
+def test_help_imports_no_torch_and_every_verb_formats_its_help():
+    """The parser is built from config.py alone (torch-free), so `gptforge --help` and `gptforge VERB --help`
+    start without importing torch, the server's or the plots' libraries."""
+    code = ("import sys\nfrom gptforge.cli import build_parser\nparser = build_parser()\nparser.format_help()\n"
+            "for sub in next(a for a in parser._actions if a.choices and 'serve' in a.choices).choices.values():\n"
+            "    sub.format_help()\n"
+            "print(sorted(m for m in ('torch', 'fastapi', 'matplotlib', 'numpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, cls, prefix", [
+    (["serve", "CKPT"], "ServeConfig", ""),
+    (["generate", "CKPT"], "SamplingParams", ""),
+    (["eval", "CKPT"], "EvalConfig", ""),
+    (["bench"], "BenchConfig", ""),
+    (["demo"], "DemoConfig", ""),
+    (["distill", "--teacher", "T", "--student", "tiny", "--data", "D", "--out", "O"], "DistillConfig", ""),
+    (["finetune", "CKPT", "--data", "D", "--out", "O"], "FinetuneSpec", ""),
+    (["finetune", "CKPT", "--data", "D", "--out", "O"], "LoRAConfig", "lora_"),
+    (["curate", "SRC"], "CurateConfig", ""),
+])
+def test_flag_defaults_are_the_config_fields(argv, cls, prefix):
+    """A verb's flags built from a typed config read its fields' defaults (the one place they are written), and
+    reading the flags back gives the dataclass's own default instance."""
+    import dataclasses
+
+    from gptforge import config
+    from gptforge.cli import field_values
+
+    cls = getattr(config, cls)
+    args = build_parser().parse_known_args(argv)[0]
+    flagged = [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.metadata.get("flag", True)]
+    assert flagged and all(hasattr(args, prefix + f.name) for f in flagged)
+    assert all(getattr(args, prefix + f.name) == f.default for f in flagged)
+    assert cls(**field_values(args, cls, prefix)) == cls()
