@@ -372,3 +372,37 @@ def test_a_dead_worker_is_an_error_not_a_hang(monkeypatch):
     docs = [Document(str(i), f"word{i} " * 300_000) for i in range(4)]  # 4 batches: the pool is used
     with pytest.raises(GptforgeError, match="worker process died"):
         curate_documents(docs, workers=2)
+
+
+def test_perplexity_rule(prepared, tmp_path):
+    import math
+
+    import torch
+
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.config import RunConfig, TrainConfig, model_preset
+    from gptforge.curate.perplexity import PerplexityScorer
+    from gptforge.model import GPT
+
+    tok = TokenData(prepared).tokenizer()
+    cfg = RunConfig(model=dataclasses.replace(model_preset("tiny"), vocab_size=tok.vocab_size, block_size=64),
+                    train=TrainConfig(tensorboard=False))
+    torch.manual_seed(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, tok, model_state=GPT(cfg.model).state_dict())
+    text = " ".join(words(120))
+    ppl = PerplexityScorer(str(ckpt))(text)
+    ids = [tok.eos_id] + tok.encode(text)  # the same number by hand: mean next-token loss over 64-token windows
+    torch.manual_seed(1)
+    model = GPT(cfg.model).eval()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(torch.tensor(ids[s:s + 65])[None, :-1])[0],
+                                                    torch.tensor(ids[s + 1:s + 65]), reduction="sum")
+                  for s in range(0, min(len(ids) - 1, 256), 64)]
+    n = min(len(ids) - 1, 256)
+    assert ppl == pytest.approx(math.exp(float(sum(losses)) / n), rel=1e-4)
+    docs = [Document("a", text)]
+    keep = CurateConfig(rules=("perplexity",), dedup=(), perplexity_model=str(ckpt), max_perplexity=ppl * 1.01)
+    drop = dataclasses.replace(keep, max_perplexity=ppl * 0.99)
+    assert len(curate_documents(docs, keep, workers=1)[0]) == 1
+    kept, report = curate_documents(docs, drop, workers=1)
+    assert kept == [] and report.removed["perplexity"]["documents"] == 1

@@ -16,7 +16,6 @@ class PerplexityScorer:
     """exp(mean next-token loss) of a document's first WINDOWS x seq_len tokens under a checkpoint."""
 
     def __init__(self, checkpoint: str):
-        torch.set_num_threads(1)  # one per worker process: the pool already uses every core
         self.model, self.tokenizer, cfg = load_checkpoint(checkpoint, device="cpu")
         self.seq_len = min(cfg.model.block_size, 512)
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gptforge.config import CurateConfig
 from gptforge.corpora import Document
@@ -83,6 +84,11 @@ def _init(cfg: CurateConfig, boilerplate: dict[int, int] | None = None) -> None:
     global _cfg, _hasher, _boilerplate
     _cfg, _boilerplate = cfg, boilerplate or {}
     _hasher = MinHasher(cfg.num_perm, seed=0)
+
+
+def _init_worker(cfg: CurateConfig, boilerplate: dict[int, int] | None = None) -> None:
+    torch.set_num_threads(1)  # the perplexity model: one thread per worker, the pool already uses every core
+    _init(cfg, boilerplate)
 
 
 def _measure_one(text: str) -> tuple[str | None, dict[str, float], int, np.ndarray, np.ndarray]:
@@ -180,7 +186,7 @@ def _parallel(fn: Callable, batches: Iterator[list], payload: Callable[[list], l
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     # an executor, not multiprocessing.Pool: a worker that dies (killed for memory) breaks it with an error
     # where a Pool would wait forever for the lost task
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=init_args) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
         pending: deque = deque()
         try:
             for b in _chain([first, second], batches):
