@@ -153,7 +153,7 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = 3) -> list[Row]:
+def measure_plan(pc: PlanConfig, device: str | None = None, steps: int = BenchConfig.steps) -> list[Row]:
     """Run `steps` optimizer steps of the planned configuration (after one warm-up) with the training loop's own
     step (`forward_backward`: accumulation over pc.accum_steps micro-batches, token-normalised loss) and put the
     measured memory and throughput next to the plan's.

@@ -667,7 +667,8 @@ def _plan_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="also run a few real optimizer steps of this configuration here and compare memory and "
                         "throughput with the plan")
     p.add_argument("--device", help="with --measure: cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    p.add_argument("--steps", type=int, default=3, help="with --measure: timed optimizer steps after a warm-up (default 3)")
+    p.add_argument("--steps", type=int, default=BenchConfig.steps,
+                   help=f"with --measure: timed optimizer steps after a warm-up (default {BenchConfig.steps}, as bench)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
     p.set_defaults(func=cmd_plan)
 
