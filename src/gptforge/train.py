@@ -490,11 +490,12 @@ def setup(cfg: RunConfig, d: Dist, resume: str | None, init_from: str | None, lo
     sampler, val_sampler = _samplers(data, source, tc, seq_len)
     # bits per byte: the fixed validation windows' targets and the bytes they stand for, counted once
     val_bytes = window_bytes(val_sampler, tc.eval_batches, token_byte_lengths(tokenizer)) if val_sampler is not None else None
-    run = Run(cfg, d, run_dir, data, tokenizer, model, raw_model, optimizer, amp,
-              torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-              torch.compile(loss_fn) if tc.compile else loss_fn, sampler, val_sampler, val_bytes,
-              {name for name, p in raw_model.named_parameters() if not p.requires_grad}, precision, parallel,
-              seq_len, per_step, tc.micro_batch * per_step * seq_len, reporter)
+    run = Run(cfg=cfg, d=d, run_dir=run_dir, data=data, tokenizer=tokenizer, model=model, raw_model=raw_model,
+              optimizer=optimizer, amp=amp, scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+              loss_fn=torch.compile(loss_fn) if tc.compile else loss_fn, sampler=sampler, val_sampler=val_sampler,
+              val_bytes=val_bytes, frozen={name for name, p in raw_model.named_parameters() if not p.requires_grad},
+              precision=precision, parallel=parallel, seq_len=seq_len, per_step=per_step,
+              step_tokens=tc.micro_batch * per_step * seq_len, reporter=reporter)
     state = _resume(run, resume)
     run.cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, precision=precision, bf16_gemm=bf16_gemm))
     if d.is_main:
@@ -802,8 +803,8 @@ def loop(run: Run, state: TrainState) -> TrainResult:
             # A second Ctrl-C lands anywhere, perhaps inside optimizer.step(): the state in memory may be half
             # updated, so nothing is saved and the last checkpoint stands.
             hard_interrupt = True
-            raise GptforgeError(f"interrupted at step {state.step} without saving; resume from the last checkpoint "
-                                f"with --resume auto") from None
+            raise GptforgeError(f"interrupted at step {state.step} without saving; {run.run_dir / 'checkpoints'} keeps "
+                                f"the last checkpoint (a train run continues from it with --resume auto)") from None
         finally:
             reporter.close()
             try:
