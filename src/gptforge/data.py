@@ -72,6 +72,29 @@ def _read_jsonl(path: Path, text_field: str, warnings: list[str]) -> Iterator[Do
         warnings.append(f"{path}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
 
 
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a JSONL file of objects (chat and classification data,
+    benchmark tasks); a bad line is an error naming file:line. `what` names the file in the not-found error."""
+    p = Path(path)
+    if not p.is_file():
+        raise GptforgeError(f"{what} file not found: {p}")
+    out = []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GptforgeError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            if not isinstance(rec, dict):
+                raise GptforgeError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            out.append((lineno, rec))
+    if not out:
+        raise GptforgeError(f"{p} holds no records")
+    return out
+
+
 def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
     if path.suffix == ".jsonl":
         yield from _read_jsonl(path, text_field, warnings)

@@ -20,12 +20,11 @@ models with different tokenizers compare; special tokens (the document separator
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from tokenizers import decoders
 
 from gptforge.config import EvalConfig
 from gptforge.corpora import shakespeare
-from gptforge.data import BatchSampler, split_documents
+from gptforge.data import BatchSampler, read_jsonl, split_documents
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.generate import complete
 from gptforge.loader import load_checkpoint
@@ -229,27 +228,10 @@ def eval_data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "gptforge" / "eval")
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise GptforgeError(f"{path}:{lineno}: a task record must be a JSON object")
-        yield lineno, rec
-
-
 def read_task_file(path: str | Path, name: str | None = None) -> Task:
     """A task from a local jsonl file in one of FORMATS (told by the first record's fields)."""
     path = Path(path)
-    if not path.is_file():
-        raise GptforgeError(f"task file not found: {path}")
-    records = list(_records(path))
-    if not records:
-        raise GptforgeError(f"{path}: holds no records")
+    records = read_jsonl(path, "task")
     first = records[0][1]
     fmt = next((f for f in FORMATS if f[1] <= first.keys()), None)
     if fmt is None:

@@ -14,7 +14,6 @@ Krell et al. 2021, "Efficient Sequence Packing without Cross-contamination").
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,32 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptforge.data import read_jsonl
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-
-
-def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
-    """(line number, record) of every non-blank line; a bad line is an error naming file:line."""
-    p = Path(path)
-    if not p.is_file():
-        raise GptforgeError(f"{what} file not found: {p}")
-    out = []
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptforgeError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-            if not isinstance(rec, dict):
-                raise GptforgeError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            out.append((lineno, rec))
-    if not out:
-        raise GptforgeError(f"{p} holds no records")
-    return out
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
