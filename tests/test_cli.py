@@ -162,7 +162,7 @@ def test_generate_chat_session(prepared, tmp_path, capsys, monkeypatch):
 
 
 def test_help_imports_no_torch_and_every_verb_formats_its_help():
-    """The parser is built from config.py alone (torch-free), so `gptforge --help` and `gptforge VERB --help`
+    """The parser is built from config.py and settings.py alone (torch-free), so `gptforge --help` and `gptforge VERB --help`
     start without importing torch, the server's or the plots' libraries."""
     code = ("import sys\nfrom gptforge.cli import build_parser\nparser = build_parser()\nparser.format_help()\n"
             "for sub in next(a for a in parser._actions if a.choices and 'serve' in a.choices).choices.values():\n"
@@ -183,18 +183,40 @@ def test_help_imports_no_torch_and_every_verb_formats_its_help():
     (["finetune", "CKPT", "--data", "D", "--out", "O"], "FinetuneSpec", ""),
     (["finetune", "CKPT", "--data", "D", "--out", "O"], "LoRAConfig", "lora_"),
     (["curate", "SRC"], "CurateConfig", ""),
+    (["prune", "CKPT", "--method", "magnitude", "--out", "O"], "PruneConfig", ""),
 ])
 def test_flag_defaults_are_the_config_fields(argv, cls, prefix):
     """A verb's flags built from a typed config read its fields' defaults (the one place they are written), and
     reading the flags back gives the dataclass's own default instance."""
     import dataclasses
 
-    from gptforge import config
+    from gptforge import config, settings
     from gptforge.cli import field_values
 
-    cls = getattr(config, cls)
+    cls = getattr(settings, cls, None) or getattr(config, cls)
     args = build_parser().parse_known_args(argv)[0]
     flagged = [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.metadata.get("flag", True)]
     assert flagged and all(hasattr(args, prefix + f.name) for f in flagged)
     assert all(getattr(args, prefix + f.name) == f.default for f in flagged)
     assert cls(**field_values(args, cls, prefix)) == cls()
+
+
+def test_plain_flag_defaults_are_the_library_defaults():
+    """Flags not built from a dataclass still read the one default the library function has."""
+    import inspect
+
+    from gptforge.compress.run import prune_checkpoint
+    from gptforge.curate import curate
+    from gptforge.generate import load
+    from gptforge.serve.app import serve
+
+    parser = build_parser()
+    cur = parser.parse_args(["curate", "SRC", "--dry-run"])
+    sig = inspect.signature(curate).parameters
+    assert (cur.seed, cur.text_field) == (sig["seed"].default, sig["text_field"].default) == (0, "text")
+    prune = parser.parse_args(["prune", "CKPT", "--method", "magnitude", "--out", "O"])
+    assert prune.recover_steps == inspect.signature(prune_checkpoint).parameters["recover_steps"].default == 0
+    for verb, fn in (("generate", load), ("serve", serve)):
+        args = parser.parse_args([verb, "CKPT"])
+        sig = inspect.signature(fn).parameters
+        assert (args.device, args.dtype) == (sig["device"].default, sig["dtype"].default) == ("auto", "auto")

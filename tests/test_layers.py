@@ -14,7 +14,7 @@ PACKAGE = Path(gptforge.__file__).parent
 # Module (or package: it covers its submodules) -> layer, lowest first. The longest matching name decides.
 LAYERS = {
     # 1: no gptforge imports but these
-    "errors": 1, "config": 1, "hardware": 1, "tokenizer": 1, "corpora": 1, "outputs": 1,
+    "errors": 1, "config": 1, "settings": 1, "hardware": 1, "tokenizer": 1, "corpora": 1, "outputs": 1,
     # 2: the model and the data it reads; numerics
     "model": 2, "data": 2, "optim": 2, "precision": 2,
     # 3: formats and device plumbing

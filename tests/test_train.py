@@ -8,13 +8,14 @@ from safetensors.torch import load_file
 
 from gptforge.checkpoint import load_trainer_state, resolve_checkpoint
 from gptforge.compress.distill import distill
-from gptforge.config import FinetuneSpec, RunConfig, TrainConfig, model_preset
+from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import prepare
 from gptforge.errors import GptforgeError
 from gptforge.finetune.run import finetune
 from gptforge.generate import generate
 from gptforge.loader import load_checkpoint
 from gptforge.optim import lr_at
+from gptforge.settings import FinetuneSpec
 from gptforge.train import train
 
 

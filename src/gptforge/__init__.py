@@ -9,9 +9,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset  # noqa: E402
 from gptforge.errors import GptforgeError  # noqa: E402
+from gptforge.settings import LOAD_DEVICE, LOAD_DTYPE  # noqa: E402
 
 
-def load(path, device: str = "auto", dtype: str = "auto"):
+def load(path, device: str = LOAD_DEVICE, dtype: str = LOAD_DTYPE):
     """(model, tokenizer) of a checkpoint folder or run directory, ready for gptforge.generate.generate/stream.
 
     Imported lazily so that `import gptforge` stays free of torch.

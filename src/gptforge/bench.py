@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from gptforge.config import BenchConfig, ModelConfig, PlanConfig, TrainConfig
+from gptforge.config import ModelConfig, TrainConfig
 from gptforge.distributed import apply_activation_checkpointing
 from gptforge.errors import GptforgeError
 from gptforge.generate import generate_tokens
@@ -22,6 +22,7 @@ from gptforge.model import GPT
 from gptforge.optim import build_optimizer
 from gptforge.plan import make_plan, matmul_weights
 from gptforge.precision import autocast, autocast_dtype, resolve_bf16_gemm, resolve_precision, widen_bf16
+from gptforge.settings import BenchConfig, PlanConfig
 from gptforge.train import forward_backward, next_token_loss
 
 

@@ -2,8 +2,9 @@
 
 Each verb is two functions side by side: `_VERB_parser` adds its flags and `cmd_VERB` calls the library. Flags that
 set a typed config's field are built from that dataclass (add_field_flags): the default and the help text live in
-the field, once, for the library and the command alike. Only config.py is imported at the top, and it is
-torch-free, so `gptforge --help` starts fast; each command imports the library it runs.
+the field, once, for the library and the command alike (gptforge.settings holds each verb's). Only config.py and
+settings.py are imported at the top, and they are torch-free, so `gptforge --help` starts fast; each command imports
+the library it runs.
 
 Bad input raises GptforgeError, printed here as one line without a traceback (exit 2); `--debug` shows it.
 """
@@ -18,10 +19,12 @@ import typing
 from pathlib import Path
 
 from gptforge import __version__
-from gptforge.config import (DEDUP_STEPS, INT4_GROUP_SIZE, INT4_GROUP_SIZES, MODEL_PRESETS, RULES, BenchConfig,
-                             CurateConfig, DemoConfig, DistillConfig, EvalConfig, FinetuneSpec, LoRAConfig, PlanConfig,
-                             PrepareConfig, SamplingParams, ServeConfig, parse_rules)
+from gptforge.config import MODEL_PRESETS, LoRAConfig
 from gptforge.errors import GptforgeError
+from gptforge.settings import (CURATE_SEED, DEDUP_STEPS, INT4_GROUP_SIZE, INT4_GROUP_SIZES, LOAD_DEVICE, LOAD_DTYPE,
+                               RULES, TEXT_FIELD, BenchConfig, CurateConfig, DemoConfig, DistillConfig, EvalConfig,
+                               FinetuneSpec, PlanConfig, PrepareConfig, PruneConfig, SamplingParams, ServeConfig,
+                               parse_rules)
 
 CKPT_HELP = "a checkpoint folder, or a run directory (its latest checkpoint)"
 
@@ -93,9 +96,9 @@ def _overwrite_flag(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _load_flags(p: argparse.ArgumentParser, dtype_note: str = "", threads_note: str = "") -> None:
     """--device, --dtype and --threads of the verbs that load a model to decode with it."""
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help=f"weights' dtype: auto is bfloat16 on CUDA, float32 elsewhere{dtype_note}")
+    p.add_argument("--device", default=LOAD_DEVICE, help=f"auto, cpu, cuda or mps (default {LOAD_DEVICE})")
+    p.add_argument("--dtype", default=LOAD_DTYPE, choices=["auto", "float32", "bfloat16", "float16"],
+                   help=f"weights' dtype (default {LOAD_DTYPE}): auto is bfloat16 on CUDA, float32 elsewhere{dtype_note}")
     p.add_argument("--threads", type=int, help=f"CPU threads for matmuls (default: all cores){threads_note}")
 
 
@@ -182,12 +185,13 @@ def _curate_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="measure and report, write nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--mix", help="source weights: NAME=W,NAME=W or a YAML file of name: weight (up/down-sampling whole documents)")
-    p.add_argument("--seed", type=int, default=0, help="seed of mixing and of the removed-document samples (default 0)")
+    p.add_argument("--seed", type=int, default=CURATE_SEED,
+                   help=f"seed of mixing and of the removed-document samples (default {CURATE_SEED})")
     p.add_argument("--keep", action="append", metavar="TEXT[,TEXT]", help="strings never redacted (repeatable)")
     p.add_argument("--rules", help=f"quality rules: a list replaces the default set, +name/-name edit it; rules: {', '.join(RULES)}")
     p.add_argument("--dedup", help=f"dedup steps (default all: {', '.join(DEDUP_STEPS)}; 'none' for none)")
     p.add_argument("--pii", help=f"PII kinds to redact (default all: {', '.join(CurateConfig.pii)}; 'none' for none)")
-    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default: text)")
+    p.add_argument("--text-field", default=TEXT_FIELD, help=f"JSONL field that holds the text (default: {TEXT_FIELD})")
     p.add_argument("--workers", type=int, help="processes (default: one per core)")
     p.add_argument("--tokenizer", help="count each source's tokens with this tokenizer.json (meta.json); --mix then weighs tokens, not bytes")
     add_field_flags(p, CurateConfig)  # --jaccard ... --max-perplexity: its thresholds
@@ -460,8 +464,7 @@ def _prune_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, help="share of weights (or heads and channels, for structured) to remove, in (0, 1)")
     p.add_argument("--pattern", metavar="N:M", help="keep N of every M consecutive weights, e.g. 2:4 (magnitude, wanda)")
     p.add_argument("--data", help="prepared data: calibration batches (wanda, structured) and recovery training")
-    p.add_argument("--recover-steps", type=int, default=0,
-                   help="fine-tune the pruned model for N steps on --data through the training loop (default 0)")
+    add_field_flags(p, PruneConfig)  # --recover-steps
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _overwrite_flag(p, "checkpoint (and its OUT-recover run)")
     p.set_defaults(func=cmd_prune)
@@ -471,8 +474,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from gptforge.compress.run import prune_checkpoint
 
     dest, section, result = prune_checkpoint(args.checkpoint, args.method, args.out, args.sparsity, args.pattern,
-                                             args.data, args.recover_steps, progress=not args.no_progress,
-                                             overwrite=args.overwrite)
+                                             args.data, **field_values(args, PruneConfig),
+                                             progress=not args.no_progress, overwrite=args.overwrite)
     print(f"wrote {dest}: {section['pruning']}")
     if result is not None and result.final_val_loss is not None:
         print(f"recovery: {result.steps} steps, val loss {result.first_val_loss:.4f} -> {result.final_val_loss:.4f}")

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptforge.config import PrepareConfig
 from gptforge.corpora import CORPORA, Document, load_corpus
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.outputs import check_out, staged
+from gptforge.settings import PrepareConfig
 from gptforge.tokenizer import Tokenizer
 
 FORMAT = "gptforge.tokens"

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from gptforge.config import DemoConfig, RunConfig, TrainConfig, model_preset
+from gptforge.config import RunConfig, TrainConfig, model_preset
 from gptforge.data import BatchSampler, TokenData, prepare
 from gptforge.eval import evaluate_task, shakespeare_next_line
 from gptforge.generate import generate
 from gptforge.hardware import resolve_device
 from gptforge.loader import load_checkpoint
 from gptforge.model import GPT
-from gptforge.outputs import check_out, is_artifact
 from gptforge.optim import build_optimizer
+from gptforge.outputs import check_out, is_artifact
+from gptforge.settings import DemoConfig
 from gptforge.train import forward_backward, next_token_loss, train
 
 DEMO_TRAIN = TrainConfig(

@@ -34,12 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import decoders
 
-from gptforge.config import EvalConfig
 from gptforge.corpora import shakespeare
 from gptforge.data import BatchSampler, read_jsonl, split_documents
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.generate import complete
 from gptforge.loader import load_checkpoint
+from gptforge.settings import EvalConfig
 from gptforge.tokenizer import Tokenizer
 
 KINDS = ("choice", "cloze", "generate")

@@ -29,6 +29,7 @@ from gptforge.kvcache import KVCache
 from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
 from gptforge.sampling import SamplingParams, TokenPicker, exp_noise, generator, policy_groups, token_logprobs
+from gptforge.settings import LOAD_DEVICE, LOAD_DTYPE
 from gptforge.text import TextRow, fit_prompts, prompt_ids, prompt_list, stop_ids
 from gptforge.tokenizer import Tokenizer
 
@@ -252,7 +253,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[str 
 
 
 # --- loading -----------------------------------------------------------------------------------------------
-def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, Tokenizer]:
+def load(path: str | Path, device: str = LOAD_DEVICE, dtype: str = LOAD_DTYPE) -> tuple[nn.Module, Tokenizer]:
     """Model (eval mode) and tokenizer of a checkpoint folder or run directory, ready to generate.
 
     dtype auto: bf16 on CUDA (decoding is bound by the bytes read per token), fp32 elsewhere (gptforge.loader).

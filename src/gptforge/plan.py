@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.checkpoint import CONFIG_FILE, resolve_checkpoint
-from gptforge.config import (PlanConfig, RunConfig, ModelConfig, TrainConfig, load_yaml, model_preset,
-                             run_config_from_dict, update_dataclass)
+from gptforge.config import (RunConfig, ModelConfig, TrainConfig, load_yaml, model_preset, run_config_from_dict,
+                             update_dataclass)
 from gptforge.errors import GptforgeError
 from gptforge.hardware import GIB, PRESETS, Hardware, get_hardware
 from gptforge.hf import model_config_from_hf
 from gptforge.model import value_embed_layers
 from gptforge.optim import trained_by_muon
+from gptforge.settings import PlanConfig
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, "Training Compute-Optimal LLMs": ~20 tokens/parameter
 FRAGMENTATION = 0.05  # caching-allocator slack (reserved - allocated): an assumption, not a measured constant

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gptforge.config import SamplingParams
+from gptforge.settings import SamplingParams
 
 __all__ = ["SamplingParams", "TokenPicker", "apply_penalties", "exp_noise", "generator", "min_p_filter",
            "policy_groups", "sample", "sampling_probs", "token_logprobs", "top_k_filter", "top_p_filter"]

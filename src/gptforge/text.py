@@ -8,8 +8,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-from gptforge.config import SamplingParams
 from gptforge.errors import GptforgeError
+from gptforge.settings import SamplingParams
 from gptforge.tokenizer import Tokenizer
 
 

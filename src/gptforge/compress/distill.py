@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.config import DistillConfig
 from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
 from gptforge.hardware import resolve_device
 from gptforge.loader import load_checkpoint
+from gptforge.settings import DistillConfig
 from gptforge.train import claim_run_dir, next_token_loss, train
 
 IGNORE_INDEX = -100  # as in train.py: targets with this value never count

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import MODEL_FILE, resolve_checkpoint
 from gptforge.compress.quantize import QuantizedMatrix
-from gptforge.config import EvalConfig
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
+from gptforge.settings import EvalConfig
 
 
 def logical_params(model: torch.nn.Module) -> int:

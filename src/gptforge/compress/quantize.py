@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge.config import INT4_GROUP_SIZE, INT4_GROUP_SIZES, CompressionConfig, section_from_dict
+from gptforge.config import CompressionConfig, section_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.model import TiedHead
 from gptforge.native import ops as native
+from gptforge.settings import INT4_GROUP_SIZE, INT4_GROUP_SIZES
 
 METHODS = ("int8", "int4", "bf16", "fp16")
 CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}

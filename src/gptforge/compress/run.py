@@ -22,6 +22,7 @@ from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
 from gptforge.loader import load_checkpoint
 from gptforge.outputs import check_out, is_artifact
+from gptforge.settings import PruneConfig
 from gptforge.train import next_token_loss, train
 
 
@@ -55,7 +56,7 @@ def masked_loss(masks: dict[str, torch.Tensor]):
 
 
 def prune_checkpoint(src: str, method: str, out: str, sparsity: float | None = None, pattern: str | None = None,
-                     data: str | None = None, recover_steps: int = 0, calib_batches: int = 8,
+                     data: str | None = None, recover_steps: int = PruneConfig.recover_steps, calib_batches: int = 8,
                      progress: bool = True, overwrite: bool = False) -> tuple[Any, dict, Any]:
     """Prune a checkpoint into `out` (a checkpoint folder); with `recover_steps`, fine-tune it first through
     the one training loop on `data` (the run's logs land in OUT-recover, next to OUT). Returns (dest, section, TrainResult).

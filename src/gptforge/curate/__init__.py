@@ -14,12 +14,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from gptforge.config import DEDUP_STEPS, DEFAULT_RULES, RULES, CurateConfig, parse_rules, threshold_fields
 from gptforge.corpora import Document
 from gptforge.curate.mix import parse_mix
 from gptforge.curate.pipeline import Source, parse_sources, run, source_stream, write_meta
 from gptforge.curate.report import CurateReport
 from gptforge.outputs import check_out, staged
+from gptforge.settings import (CURATE_SEED, DEDUP_STEPS, DEFAULT_RULES, RULES, TEXT_FIELD, CurateConfig, parse_rules,
+                               threshold_fields)
 from gptforge.tokenizer import Tokenizer
 
 __all__ = ["CurateConfig", "CurateReport", "RULES", "DEFAULT_RULES", "DEDUP_STEPS", "curate", "curate_documents",
@@ -27,7 +28,7 @@ __all__ = ["CurateConfig", "CurateReport", "RULES", "DEFAULT_RULES", "DEDUP_STEP
 
 
 def curate(sources: list[str], out: str | Path | None, cfg: CurateConfig | None = None, *, mix: str | None = None,
-           seed: int = 0, text_field: str = "text", workers: int | None = None, overwrite: bool = False,
+           seed: int = CURATE_SEED, text_field: str = TEXT_FIELD, workers: int | None = None, overwrite: bool = False,
            png: bool = True, tokenizer: str | Path | None = None) -> CurateReport:
     """Curate `sources` (files, folders, globs, JSONL, bundled corpora; `NAME=PATH` names one) into `out`:
     JSONL shards `curated_*.jsonl` ({"text", "source", "name"} per line; `gptforge prepare OUT` reads them),

@@ -12,9 +12,9 @@ from itertools import repeat
 
 import numpy as np
 
-from gptforge.config import CurateConfig
 from gptforge.curate.dedup import ngram_hashes, normalized_words, word_ids
 from gptforge.errors import GptforgeError
+from gptforge.settings import CurateConfig
 
 try:  # language ID: langid.py's model, modernised; installed with the `curate` extra
     from py3langid.langid import MODEL_FILE, LanguageIdentifier

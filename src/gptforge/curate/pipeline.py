@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptforge.config import CurateConfig
 from gptforge.corpora import Document
 from gptforge.curate.dedup import (LineCounter, MinHasher, exact_groups, exact_key, line_key, near_duplicate_groups,
                                    shingles, word_hashes)
@@ -39,6 +38,7 @@ from gptforge.curate.pii import count_kinds, redact
 from gptforge.curate.report import CurateReport
 from gptforge.data import iter_source
 from gptforge.errors import GptforgeError
+from gptforge.settings import CurateConfig
 from gptforge.tokenizer import Tokenizer
 
 FORMAT = "gptforge.curated"

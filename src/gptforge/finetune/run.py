@@ -21,12 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge.checkpoint import resolve_checkpoint, write_checkpoint
-from gptforge.config import FinetuneConfig, FinetuneSpec, RunConfig
+from gptforge.config import FinetuneConfig, RunConfig
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.finetune.data import (IGNORE_INDEX, ChatData, ClassifyBatch, ClassifyData, PackedBatch, collate,
                                     encode_text, eval_batches_for, read_labelled)
 from gptforge.loader import apply_finetune, load_checkpoint, load_classifier
 from gptforge.model import GPT
+from gptforge.settings import FinetuneSpec
 from gptforge.tokenizer import Tokenizer
 from gptforge.train import claim_run_dir, next_token_loss, train
 

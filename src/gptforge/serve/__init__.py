@@ -4,7 +4,7 @@ The official `openai` client, curl and tools built on them work unchanged agains
 `/v1/chat/completions` and `/v1/models`. Decoding is the engine's (BatchEngine); this package adds what a
 server needs around it, one layer per module, each importing only those before it:
 
-- ServeConfig, the `gptforge serve` flags, lives in gptforge.config (torch-free, so `--help` reads it).
+- ServeConfig, the `gptforge serve` flags, lives in gptforge.settings (torch-free, so `--help` reads it).
 - `metrics`: Prometheus counters and histograms at /metrics.
 - `protocol`: OpenAI's shapes: the error JSON, bounded body parsing (size, nesting depth, string validity),
   request validation into engine jobs (OpenAI's defaults stated once: OPENAI_DEFAULTS), response and
@@ -15,7 +15,7 @@ server needs around it, one layer per module, each importing only those before i
   `serve`, which binds the socket and runs uvicorn with a SIGTERM drain.
 """
 
-from gptforge.config import ServeConfig
+from gptforge.settings import ServeConfig
 
 from .app import create_app, serve
 from .metrics import Metrics

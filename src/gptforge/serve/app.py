@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from gptforge.config import ServeConfig
 from gptforge.engine import BatchEngine, SeqEvent
 from gptforge.errors import GptforgeError
 from gptforge.generate import load
+from gptforge.settings import LOAD_DEVICE, LOAD_DTYPE, ServeConfig
 from gptforge.tokenizer import Tokenizer
 
 from .metrics import Metrics
@@ -407,7 +407,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(checkpoint: str | Path, cfg: ServeConfig, *, device: str = "auto", dtype: str = "auto") -> None:
+def serve(checkpoint: str | Path, cfg: ServeConfig, *, device: str = LOAD_DEVICE, dtype: str = LOAD_DTYPE) -> None:
     """Load a checkpoint and serve it until SIGTERM / Ctrl-C (which drain in-flight requests first)."""
     model, tokenizer = load(checkpoint, device=device, dtype=dtype)
     name = cfg.model_name or Path(checkpoint).resolve().name

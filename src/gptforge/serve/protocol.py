@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from gptforge.config import ServeConfig
 from gptforge.engine import SeqEvent
 from gptforge.errors import GptforgeError
 from gptforge.sampling import SamplingParams
+from gptforge.settings import ServeConfig
 from gptforge.text import prompt_ids
 from gptforge.tokenizer import CHAT_ROLES, Tokenizer
 
