@@ -79,6 +79,34 @@ def test_batched_loglikelihoods_equal_one_by_one(tiny):
     assert batched[3][0] == pytest.approx(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+def test_shared_context_scoring_equals_one_row_per_choice(tiny, pos_encoding):
+    """Each context once, its continuations against its KV cache: the same numbers as a row per request."""
+    _, tok, _ = tiny
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=32, vocab_size=tok.vocab_size, block_size=64,
+                      pos_encoding=pos_encoding)
+    model = GPT(cfg).eval()
+    questions = [("the quick", [" brown fox", " dog", " lazy dog. the quick brown fox jumps"]),
+                 ("to be or not to be, that is the", [" question.", " fox", " be or not to be"]),
+                 ("the quick bro", ["wn fox", "wn", "ther"]),  # BPE merges the context's last token
+                 ("a", [" b", " lazy"]), ("", ["the", "to be"]),  # a one-token context; an empty one (EOS)
+                 ("to be or not, the lazy fox jumps " * 6,  # longer than the model's context: cut
+                  [" lazy dog", " lazy fox", " the quick brown fox jumps over the lazy dog. to be or not"]),
+                 ("jumps over", [" the lazy dog"])]  # a context of its own
+    ctx, _ = ev.encode_pair(tok, "the quick bro", "wn fox")
+    assert tok.encode("the quick brown fox")[:len(ctx)] != ctx  # the merge is really there
+    reqs = [ev.encode_pair(tok, c, x) for c, xs in questions for x in xs]
+    assert len(reqs[13][0]) > cfg.block_size and len(reqs[13][1]) == len(reqs[14][1]) != len(reqs[15][1])
+    for batch_tokens in (None, 40):  # one batch; many (the first request alone is over budget)
+        kw = dict(vocab_size=tok.vocab_size, block_size=cfg.block_size, batch_tokens=batch_tokens)
+        shared = ev.loglikelihoods(model, reqs, **kw)
+        whole = ev.loglikelihoods(model, reqs, share_context=False, **kw)
+        assert [g for _, g in shared] == [g for _, g in whole]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(shared, whole)) < 1e-5
+    assert any(g for _, g in whole) and not all(g for _, g in whole)  # the greedy flags are not all one value
+
+
 def test_encode_pair_moves_trailing_spaces_like_lm_eval(tiny):
     _, tok, _ = tiny
     assert ev.encode_pair(tok, "the quick ", "brown") == ev.encode_pair(tok, "the quick", " brown")

@@ -38,6 +38,7 @@ from gptforge.corpora import shakespeare
 from gptforge.data import BatchSampler, read_jsonl, split_documents
 from gptforge.errors import GptforgeError, not_one_string
 from gptforge.generate import complete
+from gptforge.kvcache import KVCache
 from gptforge.loader import load_checkpoint
 from gptforge.settings import EvalConfig
 from gptforge.tokenizer import Tokenizer
@@ -369,16 +370,49 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, vocab_size: int,
-                   block_size: int, batch_tokens: int | None = None) -> list[tuple[float, bool]]:
+                   block_size: int, batch_tokens: int | None = None,
+                   share_context: bool = True) -> list[tuple[float, bool]]:
     """(summed log-likelihood of the continuation, whether greedy decoding produces it) per (context ids,
-    continuation ids) request. Longest first, right-padded batches of about `batch_tokens` tokens; a request
-    longer than the model's context keeps its last block_size + 1 tokens (as lm-eval does)."""
-    device = next(model.parameters()).device
+    continuation ids) request. A request longer than the model's context keeps its last block_size + 1 tokens
+    (as lm-eval does). Requests that share a context (a multiple-choice question's choices) run it once and
+    their continuations against its keys and values (`share_context`; False runs every request whole, the
+    reference the shared path is tested against); the rest run whole, longest first, in right-padded
+    batches of about `batch_tokens` tokens."""
     if batch_tokens is None:  # logits are batch_tokens x vocab fp32: keep them near 256 MB
         batch_tokens = max(block_size, min(16384, (1 << 26) // vocab_size))
     seqs = [(c + x)[-(block_size + 1):] for c, x in requests]
-    order = sorted(range(len(requests)), key=lambda i: -len(seqs[i]))
+    lens = [len(x) for _, x in requests]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (s, n) in enumerate(zip(seqs, lens)):
+        if share_context and 0 < n < len(s):  # the cut context is the key: cutting depends on n
+            groups.setdefault(tuple(s[:-n]), []).append(i)
+    shared = [(list(k), v) for k, v in groups.items() if len(v) > 1]  # a context of its own gains nothing
+    in_shared = {i for _, v in shared for i in v}
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    _score_whole(model, seqs, lens, [i for i in range(len(requests)) if i not in in_shared], out,
+                 vocab_size=vocab_size, batch_tokens=batch_tokens)
+    _score_shared(model, seqs, lens, shared, out, vocab_size=vocab_size, batch_tokens=batch_tokens)
+    return out
+
+
+def _continuation_scores(logits: torch.Tensor, at_row: list[int], at_pos: list[int], target: list[int],
+                         lens: list[int]) -> list[tuple[float, bool]]:
+    """Sum of log p(target) at logits[at_row, at_pos] and whether each was the argmax, per run of `lens` entries."""
+    dev = logits.device
+    logp = F.log_softmax(logits[torch.tensor(at_row, device=dev), torch.tensor(at_pos, device=dev)].float(), -1)
+    t = torch.tensor(target, device=dev)
+    picked, hit = logp.gather(1, t[:, None])[:, 0].tolist(), (logp.argmax(-1) == t).tolist()
+    out, k = [], 0
+    for n in lens:
+        out.append((sum(picked[k:k + n]), all(hit[k:k + n])))
+        k += n
+    return out
+
+
+def _score_whole(model, seqs, lens, todo, out, *, vocab_size: int, batch_tokens: int) -> None:
+    """Requests `todo` each in a row of its own: context and continuation in one forward."""
+    device = next(model.parameters()).device
+    order = sorted(todo, key=lambda i: -len(seqs[i]))
     start = 0
     while start < len(order):
         width = len(seqs[order[start]]) - 1
@@ -388,18 +422,63 @@ def loglikelihoods(model: nn.Module, requests: list[tuple[list[int], list[int]]]
         for r, i in enumerate(rows):
             x[r, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
         logits = model(x.to(device))[..., :vocab_size]  # (B, T, V); padding sits after every real token
-        # the positions that predict a continuation token, all rows at once: one log-softmax, one gather
-        lens = [len(requests[i][1]) for i in rows]
-        at_row = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], device=device)
-        at_pos = torch.tensor([len(seqs[i]) - 1 - n + j for i, n in zip(rows, lens) for j in range(n)], device=device)
-        target = torch.tensor([t for i, n in zip(rows, lens) for t in seqs[i][-n:]], device=device)
-        logp = F.log_softmax(logits[at_row, at_pos].float(), dim=-1)  # (sum n, V)
-        picked, hit = logp.gather(1, target[:, None])[:, 0].tolist(), (logp.argmax(-1) == target).tolist()
-        k = 0
-        for i, n in zip(rows, lens):
-            out[i] = (sum(picked[k:k + n]), all(hit[k:k + n]))
-            k += n
-    return out
+        n = [lens[i] for i in rows]
+        at_row = [r for r, k in enumerate(n) for _ in range(k)]
+        at_pos = [len(seqs[i]) - 1 - k + j for i, k in zip(rows, n) for j in range(k)]
+        target = [t for i, k in zip(rows, n) for t in seqs[i][len(seqs[i]) - k:]]  # k may be 0
+        for i, res in zip(rows, _continuation_scores(logits, at_row, at_pos, target, n)):
+            out[i] = res
+
+
+def _score_shared(model, seqs, lens, groups, out, *, vocab_size: int, batch_tokens: int) -> None:
+    """Groups of (context ids, requests continuing it), longest context first, in batches of about
+    `batch_tokens` padded tokens: the contexts once (one row each), then every continuation (one row each)."""
+    groups = sorted(groups, key=lambda g: -len(g[0]))
+    start = 0
+    while start < len(groups):
+        width, take, rows, T = len(groups[start][0]) - 1, 0, 0, 0
+        for _, members in groups[start:]:
+            t = max(T, *(lens[i] for i in members))
+            if take and (take + 1) * width + (rows + len(members)) * t > batch_tokens:
+                break
+            take, rows, T = take + 1, rows + len(members), t
+        _shared_batch(model, seqs, lens, groups[start:start + take], out, vocab_size=vocab_size)
+        start += take
+
+
+def _shared_batch(model, seqs, lens, groups, out, *, vocab_size: int) -> None:
+    """One batch of _score_shared. Group g's context but its last token is prefilled into row g of a KV cache
+    (right-padded); the cache is copied once per request, and each request's row forwards the context's last
+    token and its continuation but the last, at their own positions, against its copy."""
+    weight = next(model.parameters())
+    dev, block_size = weight.device, model.config.block_size
+    W = max(len(ctx) for ctx, _ in groups) - 1  # the prefill's width
+    members = [(g, i) for g, (_, m) in enumerate(groups) for i in m]
+    T = max(lens[i] for _, i in members)
+    cache = KVCache(model.config, len(groups), W + T, device=dev, dtype=weight.dtype, static=False)
+    if W > 0:
+        x = torch.zeros(len(groups), W, dtype=torch.long)
+        real = torch.zeros(len(groups), W, dtype=torch.bool)
+        for g, (ctx, _) in enumerate(groups):
+            x[g, :len(ctx) - 1], real[g, :len(ctx) - 1] = torch.tensor(ctx[:-1]), True
+        cols = torch.arange(W, device=dev)
+        cache.prepare(cols, real.to(dev), end=W)
+        model(x.to(dev), cols, cache, last=torch.zeros(len(groups), dtype=torch.long, device=dev))
+    cache = cache.copy_rows(torch.tensor([g for g, _ in members], device=dev))
+    x = torch.zeros(len(members), T, dtype=torch.long)
+    for r, (g, i) in enumerate(members):
+        x[r, :lens[i]] = torch.tensor(groups[g][0][-1:] + seqs[i][-lens[i]:-1])
+    start = torch.tensor([len(groups[g][0]) - 1 for g, _ in members], device=dev)  # the context's last token
+    slots = start[:, None] + torch.arange(T, device=dev)  # (R, T): slot = position
+    n = [lens[i] for _, i in members]
+    cache.prepare(slots, torch.arange(T, device=dev) < torch.tensor(n, device=dev)[:, None], end=W + T)
+    # padding's positions may pass the last one the model knows (learned positions): clamp them
+    logits = model(x.to(dev), slots.clamp(max=block_size - 1), cache)[..., :vocab_size]  # (R, T, V)
+    at_row = [r for r, k in enumerate(n) for _ in range(k)]
+    at_pos = [j for k in n for j in range(k)]
+    target = [t for _, i in members for t in seqs[i][-lens[i]:]]
+    for (_, i), res in zip(members, _continuation_scores(logits, at_row, at_pos, target, n)):
+        out[i] = res
 
 
 @dataclass

@@ -79,6 +79,17 @@ class KVCache:
         view.slots, view.mask, view.end = self.slots, view.valid[:, None, None, :], self.end
         return view
 
+    def copy_rows(self, index: torch.Tensor) -> KVCache:
+        """A new cache whose row r is a copy of row index[r] of this one: a prompt prefilled once, then continued
+        differently in each copy (eval scores every choice of a question after one pass over its context)."""
+        out = KVCache.__new__(KVCache)
+        out.layers = [_LayerKV(out, kv.k[index], kv.v[index]) for kv in self.layers]
+        out.valid = self.valid[index]
+        out.length, out.static, out.dtype, out.native = self.length, self.static, self.dtype, self.native
+        out._zero = self._zero
+        out.slots, out.mask, out.end = self.slots, out.valid[:, None, None, :], self.end
+        return out
+
 
 class _LayerKV:
     """One layer's view of the cache: what CausalSelfAttention calls `kv.attend(q, k, v)` on."""
