@@ -10,9 +10,10 @@ the gold index. Three kinds, scored the way lm-evaluation-harness scores them, s
 - generate: greedy decoding until a newline, correct when it equals the answer (both stripped).
 
 Contexts and continuations are tokenized as lm-eval does (`_encode_pair`: trailing spaces of the context move
-to the continuation; the pair is encoded whole and split after the context's tokens), and scoring requests
-are sorted by length and padded into batches, one forward each. The centered accuracy of nanochat's CORE
-score, (acc - chance) / (1 - chance), puts tasks with different numbers of choices on one scale.
+to the continuation; the pair is encoded whole and split after the context's tokens). A context shared by
+several requests (a question's choices) runs once, into a KV cache that each continuation then extends; other
+requests are sorted by length and padded into batches, one forward each. The centered accuracy of nanochat's
+CORE score, (acc - chance) / (1 - chance), puts tasks with different numbers of choices on one scale.
 
 Bits per byte (`val_bpb`) is the loss in bits per UTF-8 byte of the text the target tokens stand for, so
 models with different tokenizers compare; special tokens (the document separator) stand for no bytes.
