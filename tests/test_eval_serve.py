@@ -7,15 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,38 +21,11 @@ from gptforge.config import ModelConfig, RunConfig
 from gptforge.generate import load
 from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
+from serverproc import Server
 
 TEXT = ["the quick brown fox jumps over the lazy dog. " * 40, "to be or not to be, that is the question. " * 40]
 
 
-class Server:
-    """`gptforge serve CKPT --port 0 ARGS` in a subprocess; the port is read from its first line."""
-
-    def __init__(self, ckpt: Path, log: Path, *args: str):
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(ckpt), "--port", "0",
-                                      "--threads", "1", "--model-name", "tiny", *args],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-        assert m, f"server did not start: {line!r} {log.read_text()}"
-        self.url = m[1]
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-
-    def complete(self, **body) -> httpx.Response:
-        return httpx.post(self.url + "/v1/completions", json={"model": "tiny", **body}, timeout=60)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        self.log.close()
-        return code
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +39,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    s = Server(ckpt, tmp_path_factory.mktemp("log") / "server.log", "--max-prefill-tokens", "16")
+    s = Server(ckpt, tmp_path_factory.mktemp("log") / "server.log", "--model-name", "tiny", "--max-prefill-tokens", "16")
     yield s
     assert s.stop() == 0
 

@@ -5,11 +5,7 @@ server is shown to add scheduling and accounting, not a decoder of its own."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +27,8 @@ from gptforge.model import GPT
 from gptforge.sampling import SamplingParams
 from gptforge.serve import ServeConfig
 from gptforge.tokenizer import EOS, Tokenizer
+from serverproc import KEY, Server
 
-KEY = "test-key"
 TEXT = ["the quick brown fox jumps over the lazy dog. " * 40, "to be or not to be, that is the question. " * 40]
 
 
@@ -49,43 +45,6 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", tok, cfg)
 
 
-class Server:
-    """`gptforge serve CKPT --port 0 ARGS` in a subprocess; the port is read from its first line."""
-
-    def __init__(self, ckpt: Path, log: Path, *args: str):
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(ckpt), "--port", "0",
-                                      "--threads", "1", *args], stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-        assert m, f"server did not start: {line!r} {log.read_text()}"
-        self.url = m[1]
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-
-    def client(self, key: str | None = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60)
-
-    def post(self, path: str, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return httpx.post(self.url + path, content=content, headers=headers, timeout=timeout)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(m[1]) if m else 0.0
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        self.log.close()
-        return code
 
 
 @pytest.fixture(scope="module")
