@@ -1,4 +1,7 @@
+import gzip
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -173,3 +176,150 @@ def test_truncated_shard_is_detected(tmp_path, prepared):
         TokenData(copy).shards("train")
     with pytest.raises(GptforgeError, match="not a prepared data directory"):
         TokenData(tmp_path)
+
+
+# --- compressed, parquet, --include and stdin sources ---------------------------------------------------------
+
+_TEXTS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(40)) + "\nsecond line\n"
+          for i in range(12)]
+
+
+def _shards(out) -> list[bytes]:
+    meta = json.loads((out / "meta.json").read_text())
+    return [(out / s["file"]).read_bytes() for split in ("train", "val") for s in meta["splits"][split]["shards"]]
+
+
+def _prepare_same(tmp_path, tokenizer, plain: list, other: list, **kw):
+    """prepare both source lists with one tokenizer; assert equal documents, tokens and shard bytes."""
+    a = prepare([str(p) for p in plain], tmp_path / "a", tokenizer=tokenizer, progress=False, val_fraction=0.2, **kw)
+    b = prepare([str(p) for p in other], tmp_path / "b", tokenizer=tokenizer, progress=False, val_fraction=0.2, **kw)
+    assert a.documents == b.documents and a.documents["train"] + a.documents["val"] == len(_TEXTS)
+    assert a.tokens == b.tokens and a.tokens["train"] > 100
+    assert _shards(tmp_path / "a") == _shards(tmp_path / "b")
+    return b
+
+
+@pytest.fixture
+def small_tokenizer(tmp_path):
+    path = tmp_path / "tok.json"
+    Tokenizer.train(_TEXTS, vocab_size=300).save(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt.gz", ".md.gz", ".txt.zst"])
+def test_compressed_text_round_trip(tmp_path, small_tokenizer, suffix):
+    if suffix.endswith(".zst"):
+        zstandard = pytest.importorskip("zstandard")
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    for i, t in enumerate(_TEXTS):
+        (plain / f"d{i:02d}.txt").write_text(t)
+        data = t.encode()
+        (packed / f"d{i:02d}{suffix}").write_bytes(gzip.compress(data) if suffix.endswith(".gz")
+                                                     else zstandard.ZstdCompressor().compress(data))
+    _prepare_same(tmp_path, small_tokenizer, [plain], [packed])  # a folder picks up the compressed files
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_compressed_jsonl_round_trip(tmp_path, small_tokenizer, suffix):
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in _TEXTS).encode()
+    plain = tmp_path / "c.jsonl"
+    plain.write_bytes(lines)
+    packed = tmp_path / f"c{suffix}"
+    if suffix.endswith(".zst"):
+        packed.write_bytes(pytest.importorskip("zstandard").ZstdCompressor().compress(lines))
+    else:
+        packed.write_bytes(gzip.compress(lines))
+    _prepare_same(tmp_path, small_tokenizer, [plain], [packed])
+    docs, _ = read_sources([str(packed)])
+    assert docs[3].name == f"{packed}:4" and docs[3].text == _TEXTS[3]
+
+
+def test_compressed_warnings_match_text_path(tmp_path):
+    (tmp_path / "latin1.txt.gz").write_bytes(gzip.compress("café au lait\nnaïve".encode("latin-1")))
+    (tmp_path / "empty.txt.gz").write_bytes(gzip.compress(b""))
+    docs, warnings = read_sources([str(tmp_path)])
+    assert [d.text for d in docs] == ["caf\ufffd au lait\nna\ufffdve"]
+    assert any("latin1.txt.gz" in w and "2 invalid" in w for w in warnings)
+    assert any("1 empty document(s)" in w and "empty.txt.gz" in w for w in warnings)
+
+
+def test_corrupt_gz_is_one_line_error(tmp_path):
+    f = tmp_path / "bad.jsonl.gz"
+    f.write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:-20])  # truncated
+    with pytest.raises(GptforgeError, match="bad.jsonl.gz: not a valid gzip file") as e:
+        read_sources([str(f)])
+    assert "\n" not in str(e.value)
+    f.write_bytes(b"not gzip at all")
+    with pytest.raises(GptforgeError, match="bad.jsonl.gz: not a valid gzip file"):
+        read_sources([str(f)])
+
+
+def test_parquet_round_trip_file_and_folder(tmp_path, small_tokenizer):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    plain = tmp_path / "c.jsonl"
+    plain.write_text("".join(json.dumps({"body": t}) + "\n" for t in _TEXTS))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):  # two files, each of several row groups
+        half = _TEXTS[k * 6:(k + 1) * 6]
+        pq.write_table(pa.table({"id": list(range(6)), "body": half}), shards / f"part{k}.parquet", row_group_size=2)
+    assert pq.ParquetFile(shards / "part0.parquet").num_row_groups == 3
+    _prepare_same(tmp_path, small_tokenizer, [plain], [shards], text_field="body")
+    docs, _ = read_sources([str(shards / "part1.parquet")], text_field="body")
+    assert [d.text for d in docs] == _TEXTS[6:] and docs[0].name.endswith("part1.parquet:0")
+
+
+def test_parquet_missing_column_names_the_choices(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    f = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"id": [1], "body": ["hello"]}), f)
+    with pytest.raises(GptforgeError, match=r"x.parquet: no column 'text'; columns: id, body; choose one with --text-field"):
+        read_sources([str(f)])
+    with pytest.raises(GptforgeError, match=r"column 'id' holds int64, not text"):
+        read_sources([str(f)], text_field="id")
+
+
+def test_include_patterns_choose_a_folders_files(tmp_path, small_tokenizer):
+    tree = tmp_path / "src"
+    for rel in ("pkg/a.py", "pkg/sub/b.py", "pkg/sub/deeper/c.py", "top.py", "README.md", "pkg/data.json", ".hidden/h.py"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(f"# {rel}\nprint({rel!r})\n")
+    docs, _ = read_sources([str(tree)], include=["*.py"])
+    assert [d.name for d in docs] == [str(tree / r) for r in ("pkg/a.py", "pkg/sub/b.py", "pkg/sub/deeper/c.py", "top.py")]
+    docs, _ = read_sources([str(tree)], include=["*.py", "*.json"])
+    assert len(docs) == 5
+    docs, _ = read_sources([str(tree)], include=["pkg/sub/*"])  # a pattern with '/' matches the path below the folder
+    assert [d.name for d in docs] == [str(tree / "pkg/sub/b.py"), str(tree / "pkg/sub/deeper/c.py")]
+    docs, _ = read_sources([str(tree)])  # the default: text files only
+    assert [d.name for d in docs] == [str(tree / "README.md")]
+    with pytest.raises(GptforgeError, match=r"no files matching --include \*.rs"):
+        read_sources([str(tree)], include=["*.rs"])
+    stats = prepare([str(tree)], tmp_path / "out", tokenizer=small_tokenizer, include=("*.py",), progress=False)
+    assert stats.documents["train"] + stats.documents["val"] == 4
+
+
+def test_dash_reads_stdin(tmp_path, monkeypatch, small_tokenizer):
+    text = "\n".join(_TEXTS)  # blank lines: the one document is cut there for the split
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode() + b"\xff")))
+    docs, warnings = read_sources(["-"])
+    assert [d.name for d in docs] == ["<stdin>"] and docs[0].text == text + "\ufffd"
+    assert warnings == ["<stdin>: not valid UTF-8; 1 invalid byte sequence(s) replaced with U+FFFD"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))  # a text stream without .buffer
+    plain = tmp_path / "all.txt"
+    plain.write_text(text)
+    a = prepare([str(plain)], tmp_path / "a", tokenizer=small_tokenizer, progress=False)
+    b = prepare(["-"], tmp_path / "b", tokenizer=small_tokenizer, progress=False)
+    assert a.tokens == b.tokens and _shards(tmp_path / "a") == _shards(tmp_path / "b")
+
+
+def test_zst_without_zstandard_names_the_extra(tmp_path, monkeypatch):
+    import gptforge.data as data
+
+    monkeypatch.setattr(data, "zstandard", None)
+    f = tmp_path / "c.jsonl.zst"
+    f.write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(GptforgeError, match=r"c.jsonl.zst: reading .zst files needs the zstandard package: pip install 'gptforge\[zstd\]'"):
+        read_sources([str(f)])

@@ -117,15 +117,18 @@ def _set_threads(threads: int | None) -> None:
 
 def _prepare_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into train/val token shards",
-                       description="Read text files, folders, globs, JSONL or a bundled corpus; train or load a "
+                       description="Read text files, folders, globs, JSONL, parquet, stdin or a bundled corpus; train or load a "
                                    "byte-level BPE tokenizer; write train/val token shards and meta.json.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="text files, folders (searched recursively), globs, .jsonl files, or a bundled corpus name (shakespeare)")
+                   help="text files, folders (searched recursively), globs, .jsonl or .parquet files (.gz/.zst too), - for stdin, "
+                        "or a bundled corpus name (shakespeare)")
     p.add_argument("--out", required=True, help="directory to write the shards, tokenizer.json and meta.json into")
     p.add_argument("--tokenizer", help="use this tokenizer.json (or a folder with it, or with GPT-2's vocab.json + merges.txt)")
     # --vocab-size ... --shard-tokens: PrepareConfig's fields; left None when not given (--vocab-size then means
     # "train a tokenizer", which --tokenizer excludes)
     add_field_flags(p, PrepareConfig, defaults=False)
+    include = next(f for f in dataclasses.fields(PrepareConfig) if f.name == "include")  # repeatable: not a field flag
+    p.add_argument("--include", action="append", metavar="PATTERN", help=_field_help(include, False))
     _overwrite_flag(p, "prepared-data folder")
     p.add_argument("--curate", action="store_true",
                    help="first run gptforge curate's default steps (quality rules, dedup, PII redaction) on the documents")
@@ -140,7 +143,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     if args.tokenizer is not None and args.vocab_size is not None:
         raise GptforgeError("give either --tokenizer (use an existing one) or --vocab-size (train a new one), not both")
-    settings = PrepareConfig(**field_values(args, PrepareConfig))
+    settings = PrepareConfig(**field_values(args, PrepareConfig), include=tuple(args.include or ()))
     stats = prepare(args.sources, args.out, tokenizer=args.tokenizer, **dataclasses.asdict(settings),
                     progress=not args.no_progress, overwrite=args.overwrite, curate=_prepare_curate(args, settings.seed))
     console = Console(stderr=True)

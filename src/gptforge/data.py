@@ -7,11 +7,16 @@ is followed by the EOS token, so documents never run into each other unmarked.
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
+import gzip
+import io
 import json
 import os
 import re
+import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+try:  # optional (the `zstd` extra): .zst inputs
+    import zstandard
+except ImportError:
+    zstandard = None
 
 from gptforge.corpora import CORPORA, Document, load_corpus
 from gptforge.errors import GptforgeError, not_one_string
@@ -29,47 +39,131 @@ from gptforge.tokenizer import Tokenizer
 FORMAT = "gptforge.tokens"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl"}
 
 
 # --- reading sources ------------------------------------------------------------------------------------
 
-def _read_text(path: Path, warnings: list[str]) -> str:
-    """Read a file as UTF-8. Invalid bytes become U+FFFD (the replacement character), always, and the file is
-    named in a warning: a corpus is rarely worth refusing for a few bad bytes, but it is worth knowing."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
-        warnings.append(f"{path}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
-        return text
+# What a folder contributes without --include: text, JSONL and parquet files, and compressed text and JSONL.
+COMPRESSED = (".gz", ".zst")
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl"}
+FOLDER_SUFFIXES = TEXT_SUFFIXES | {".parquet"} | {s + c for s in TEXT_SUFFIXES for c in COMPRESSED}
+STDIN = "-"
+_CORRUPT = (OSError, EOFError, zlib.error) + ((zstandard.ZstdError,) if zstandard is not None else ())
 
 
-def _read_jsonl(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
-    """One document per line, read a line at a time (a JSONL file may be larger than memory)."""
+def _kind(path: Path) -> tuple[str, str]:
+    """(format, compression) of a file by its name: format is "jsonl", "parquet" or "text"; compression is
+    ".gz", ".zst" or ""."""
+    suffixes = path.suffixes[-2:] or [""]
+    compression = suffixes[-1] if suffixes[-1] in COMPRESSED else ""
+    inner = suffixes[-2] if compression and len(suffixes) == 2 else ("" if compression else suffixes[-1])
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(inner, "text"), compression
+
+
+def _open_binary(path: Path, compression: str) -> io.BufferedIOBase:
+    """A binary stream of the file's bytes, decompressed as it is read (never the whole file in memory)."""
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        if zstandard is None:
+            raise GptforgeError(f"{path}: reading .zst files needs the zstandard package: pip install 'gptforge[zstd]'")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decoded_lines(stream: io.BufferedIOBase, name: str, warnings: list[str]) -> Iterator[str]:
+    """The stream's lines as UTF-8 text. Invalid bytes become U+FFFD (the replacement character), always, and
+    the file is named in a warning with the count: a corpus is rarely worth refusing for a few bad bytes, but it
+    is worth knowing. (A newline byte is never inside a UTF-8 sequence, so decoding by line equals decoding the
+    whole file.)"""
     bad = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                bad += line.count("\ufffd") - raw.count("\ufffd".encode())
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise GptforgeError(f"{path}:{lineno}: no {text_field!r} field; choose the field with --text-field")
-            if not isinstance(record[text_field], str):
-                raise GptforgeError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            yield Document(f"{path}:{lineno}", record[text_field])
+    for raw in stream:
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("utf-8", errors="replace")
+            bad += line.count("\ufffd") - raw.count("\ufffd".encode())
+            yield line
     if bad:
-        warnings.append(f"{path}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
+        warnings.append(f"{name}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
+
+
+def _read_jsonl(lines: Iterator[str], name: str, text_field: str) -> Iterator[Document]:
+    """One document per line, read a line at a time (a JSONL file may be larger than memory)."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptforgeError(f"{name}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise GptforgeError(f"{name}:{lineno}: no {text_field!r} field; choose the field with --text-field")
+        if not isinstance(record[text_field], str):
+            raise GptforgeError(f"{name}:{lineno}: field {text_field!r} is not a string")
+        yield Document(f"{name}:{lineno}", record[text_field])
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    """One document per row of the `text_field` column, a row group at a time (iter_batches), so a shard is never
+    whole in memory. A null is an empty document (left out and counted like an empty file)."""
+    # pyarrow is optional (the `parquet` extra) and slow to import (0.5 s), so only a parquet source loads it
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GptforgeError(f"{path}: reading parquet needs pyarrow: pip install 'gptforge[parquet]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise GptforgeError(f"{path}: not a readable parquet file ({e})") from None
+    columns = pf.schema_arrow.names
+    if text_field not in columns:
+        raise GptforgeError(f"{path}: no column {text_field!r}; columns: {', '.join(columns)}; choose one with --text-field")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        raise GptforgeError(f"{path}: column {text_field!r} holds {kind}, not text; choose another with --text-field ({', '.join(columns)})")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            yield Document(f"{path}:{row}", text or "")
+            row += 1
+
+
+def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
+    """A file's documents by its format: JSONL and parquet a record each, anything else one document; .gz and
+    .zst files are decompressed as they are read. A corrupt compressed file is an error naming it."""
+    fmt, compression = _kind(path)
+    if fmt == "parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    try:
+        with _open_binary(path, compression) as stream:
+            lines = _decoded_lines(stream, str(path), warnings)
+            if fmt == "jsonl":
+                yield from _read_jsonl(lines, str(path), text_field)
+            else:
+                yield Document(str(path), "".join(lines))
+    except _CORRUPT as e:
+        what = {".gz": "gzip", ".zst": "zstandard"}.get(compression, "readable")
+        raise GptforgeError(f"{path}: not a valid {what} file ({e}); re-create or remove it") from None
+
+
+def _read_stdin(warnings: list[str]) -> Iterator[Document]:
+    """`-`: standard input as one text document (its bytes when it has them, so bad UTF-8 is counted)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    text = "".join(_decoded_lines(stream, "<stdin>", warnings)) if stream is not None else sys.stdin.read()
+    yield Document("<stdin>", text)
+
+
+def _wanted(rel: Path, include: tuple[str, ...] | list[str] | None) -> bool:
+    """Does a folder contribute this file? Not when hidden; with --include patterns, when one matches its name (or,
+    for a pattern with a '/', its path below the folder); else when it has a known suffix."""
+    if any(part.startswith(".") for part in rel.parts):
+        return False
+    if include:
+        return any(fnmatch.fnmatch(rel.as_posix() if "/" in pat else rel.name, pat) for pat in include)
+    return rel.name.endswith(tuple(FOLDER_SUFFIXES))
 
 
 def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
@@ -95,24 +189,24 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
     return out
 
 
-def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
-    if path.suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field, warnings)
-    else:
-        yield Document(str(path), _read_text(path, warnings))
-
-
-def iter_source(source: str, text_field: str, warnings: list[str]) -> Iterator[Document]:
-    """The documents of one source (a file, folder, glob, JSONL file or bundled corpus name), read lazily, one
-    file at a time. A source that does not exist (or matches no files) is an error here, before any reading."""
+def iter_source(source: str, text_field: str, warnings: list[str],
+                include: tuple[str, ...] | list[str] | None = None) -> Iterator[Document]:
+    """The documents of one source (a file, folder, glob, JSONL or parquet file, `-` for standard input, or a
+    bundled corpus name), read lazily, one file at a time. `include`: fnmatch patterns choosing a folder's files
+    (default: FOLDER_SUFFIXES). A source that does not exist (or matches no files) is an error here, before any
+    reading."""
     path = Path(source)
+    if source == STDIN:
+        return _read_stdin(warnings)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _wanted(p.relative_to(path), include))
         if not files:
-            raise GptforgeError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+            if include:
+                raise GptforgeError(f"folder {path} holds no files matching --include {' '.join(include)}")
+            raise GptforgeError(f"folder {path} holds no text files ({', '.join(sorted(FOLDER_SUFFIXES))}); "
+                                "choose others with --include PATTERN")
     elif any(c in source for c in "*?["):
         files = sorted(Path(m) for m in globlib.glob(source, recursive=True) if Path(m).is_file())
         if not files:
@@ -124,25 +218,29 @@ def iter_source(source: str, text_field: str, warnings: list[str]) -> Iterator[D
     return (doc for f in files for doc in _read_file(f, text_field, warnings))
 
 
-def read_sources(sources: list[str], text_field: str = "text") -> tuple[list[Document], list[str]]:
-    """Documents from files, folders (text files found recursively), globs, JSONL and bundled corpus names.
+def read_sources(sources: list[str], text_field: str = "text",
+                 include: tuple[str, ...] | list[str] | None = None) -> tuple[list[Document], list[str]]:
+    """Documents from files, folders (files found recursively), globs, JSONL, parquet, `-` (stdin) and bundled
+    corpus names.
 
-    A text file is one document; a JSONL line is one document (its `text_field`); a bundled corpus names its
-    own documents. Returns the documents and warnings (files with invalid UTF-8).
+    A text file is one document; a JSONL line or parquet row is one document (its `text_field`); .gz and .zst
+    files are read through decompression; a bundled corpus names its own documents. `include` chooses a folder's
+    files by fnmatch pattern. Returns the documents and warnings (files with invalid UTF-8).
     """
-    docs, warnings, _ = _read_sources(sources, text_field)
+    docs, warnings, _ = _read_sources(sources, text_field, include)
     return docs, warnings
 
 
-def _read_sources(sources: list[str], text_field: str) -> tuple[list[Document], list[str], int]:
+def _read_sources(sources: list[str], text_field: str,
+                  include: tuple[str, ...] | list[str] | None = None) -> tuple[list[Document], list[str], int]:
     """read_sources, and how many empty documents it left out (named in a warning, counted in the summary)."""
     not_one_string(sources, "sources")
     if not sources:
-        raise GptforgeError("no sources given: name files, folders, globs, JSONL files or a bundled corpus (e.g. shakespeare)")
+        raise GptforgeError("no sources given: name files, folders, globs, JSONL or parquet files, - (stdin) or a bundled corpus (e.g. shakespeare)")
     docs: list[Document] = []
     warnings: list[str] = []
     for source in sources:
-        docs.extend(iter_source(source, text_field, warnings))
+        docs.extend(iter_source(source, text_field, warnings, include))
     empty = [d.name for d in docs if not d.text]
     docs = [d for d in docs if d.text]
     if not docs:
@@ -304,7 +402,8 @@ class PrepareStats:
 def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None,
             vocab_size: int = PrepareConfig.vocab_size, val_fraction: float = PrepareConfig.val_fraction,
             seed: int = PrepareConfig.seed, text_field: str = PrepareConfig.text_field,
-            shard_tokens: int = PrepareConfig.shard_tokens, progress: bool = True, overwrite: bool = False,
+            shard_tokens: int = PrepareConfig.shard_tokens, include: tuple[str, ...] = PrepareConfig.include,
+            progress: bool = True, overwrite: bool = False,
             curate: Callable[[list[Document]], tuple[list[Document], dict]] | None = None) -> PrepareStats:
     """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards.
     The settings' defaults are PrepareConfig's (`gptforge prepare`'s flags).
@@ -320,7 +419,7 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
         raise GptforgeError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     out = check_out(out, "data", overwrite=overwrite,
                     inputs=[s for s in sources if Path(s).exists()] + ([tokenizer] if tokenizer else []))
-    docs, warnings, empty = _read_sources(sources, text_field)
+    docs, warnings, empty = _read_sources(sources, text_field, include)
     curated = None
     if curate is not None:
         docs, curated = curate(docs)
