@@ -88,15 +88,20 @@ def _decoded_lines(stream: io.BufferedIOBase, name: str, warnings: list[str]) ->
         warnings.append(f"{name}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
 
 
-def _read_jsonl(lines: Iterator[str], name: str, text_field: str) -> Iterator[Document]:
-    """One document per line, read a line at a time (a JSONL file may be larger than memory)."""
+def _json_lines(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; a line that is not JSON is an error naming file:line."""
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise GptforgeError(f"{name}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+
+
+def _read_jsonl(lines: Iterator[str], name: str, text_field: str) -> Iterator[Document]:
+    """One document per line, read a line at a time (a JSONL file may be larger than memory)."""
+    for lineno, record in _json_lines(lines, name):
         if not isinstance(record, dict) or text_field not in record:
             raise GptforgeError(f"{name}:{lineno}: no {text_field!r} field; choose the field with --text-field")
         if not isinstance(record[text_field], str):
@@ -174,13 +179,7 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
         raise GptforgeError(f"{what} file not found: {p}")
     out = []
     with open(p, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptforgeError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+        for lineno, rec in _json_lines(f, str(p)):
             if not isinstance(rec, dict):
                 raise GptforgeError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             out.append((lineno, rec))

@@ -71,20 +71,18 @@ class KVCache:
     def rows(self, r: slice) -> KVCache:
         """A view of rows `r` sharing this cache's storage: a forward over it reads and writes only those rows
         (BatchEngine prefills a new sequence into its row this way, and decodes only the occupied rows)."""
-        view = KVCache.__new__(KVCache)
-        view.layers = [_LayerKV(view, kv.k[r], kv.v[r]) for kv in self.layers]
-        view.valid = self.valid[r]
-        view.length, view.static, view.dtype, view.native = self.length, self.static, self.dtype, self.native
-        view._zero = self._zero
-        view.slots, view.mask, view.end = self.slots, view.valid[:, None, None, :], self.end
-        return view
+        return self._select(r)
 
     def copy_rows(self, index: torch.Tensor) -> KVCache:
         """A new cache whose row r is a copy of row index[r] of this one: a prompt prefilled once, then continued
         differently in each copy (eval scores every choice of a question after one pass over its context)."""
+        return self._select(index)
+
+    def _select(self, r: slice | torch.Tensor) -> KVCache:
+        # Indexing by a slice gives views of the storage (rows), by a tensor of indices copies (copy_rows).
         out = KVCache.__new__(KVCache)
-        out.layers = [_LayerKV(out, kv.k[index], kv.v[index]) for kv in self.layers]
-        out.valid = self.valid[index]
+        out.layers = [_LayerKV(out, kv.k[r], kv.v[r]) for kv in self.layers]
+        out.valid = self.valid[r]
         out.length, out.static, out.dtype, out.native = self.length, self.static, self.dtype, self.native
         out._zero = self._zero
         out.slots, out.mask, out.end = self.slots, out.valid[:, None, None, :], self.end
