@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
 from gptforge.settings import SamplingParams
 
-__all__ = ["SamplingParams", "TokenPicker", "apply_penalties", "exp_noise", "generator", "min_p_filter",
+__all__ = ["Constraint", "SamplingParams", "TokenPicker", "apply_penalties", "apply_token_bitmask", "exp_noise", "generator", "min_p_filter",
            "policy_groups", "sample", "sampling_probs", "token_logprobs", "top_k_filter", "top_p_filter"]
 
 # Exp(1) draws (len(rows), V) for the given rows of a step: the static batch draws them from one stream,
@@ -131,6 +132,32 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor,
     return out
 
 
+class Constraint(Protocol):
+    """A grammar that a row's tokens must follow (serve/grammar.py's llguidance matcher is the one in use): the
+    schedule asks it for the ids allowed next before each pick and tells it the id picked."""
+
+    def fill_mask(self, out: torch.Tensor) -> None:
+        """Write the ids allowed next into `out`, (ceil(V / 32),) int32: bit i % 32 of word i // 32."""
+
+    def advance(self, token: int) -> None:
+        """The row took `token` (always one the last mask allowed)."""
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and allows no further token: the row ends here."""
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits (k, V) with -inf where `bitmask` (k, ceil(V / 32)) int32 has a 0 bit (bit i % 32 of word i // 32)."""
+    k, V = logits.shape
+    bits = (bitmask[:, :, None] >> _BITS.to(bitmask.device)) & 1  # (k, W, 32)
+    allowed = bits.reshape(k, -1)[:, :V].bool()  # (k, V)
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 class TokenPicker:
     """The per-row state of the policy (generated-token counts and seen tokens, for the penalties) of up to
     `rows` rows, and the choice of their next tokens. Both schedules keep one: the static batch for its B
@@ -139,6 +166,9 @@ class TokenPicker:
     def __init__(self, rows: int, vocab: int, device: torch.device):
         self.counts = torch.zeros(rows, vocab, device=device)  # generated ids, for presence/frequency penalties
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)  # prompt + generated: repetition
+        # Rows with a Constraint write their allowed ids here before a pick (host memory: the grammar library
+        # writes it); refilled at every step, so `move` leaves it alone.
+        self.bitmask = torch.zeros(rows, (vocab + 31) // 32, dtype=torch.int32)
 
     def start(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
         """Rows first.. begin new sequences with these prompts."""
@@ -153,11 +183,17 @@ class TokenPicker:
         self.counts[dst] = self.counts[src]
         self.seen[dst] = self.seen[src]
 
-    def pick(self, logits: torch.Tensor, groups: list[tuple[SamplingParams, list[int]]], noise: Noise) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, groups: list[tuple[SamplingParams, list[int]]], noise: Noise,
+             masked: Sequence[int] = ()) -> torch.Tensor:
         """Next ids (n,) of rows 0..n-1 from their fp32 logits (n, V); `groups` (policy_groups) gives each row's
-        settings. A penalty's bookkeeping runs only while some row has a penalty on (the demo model decoded 7%
-        faster without it)."""
+        settings; the rows in `masked` draw only among the ids their `bitmask` row allows (a copy of the logits
+        is masked: the caller's stay the model's, for the logprobs). A penalty's bookkeeping runs only while
+        some row has a penalty on (the demo model decoded 7% faster without it)."""
         n = logits.shape[0]
+        if masked:
+            rows = torch.tensor(masked, device=logits.device)
+            logits = logits.index_put((rows,), apply_token_bitmask(logits[rows], self.bitmask[list(masked)]
+                                                                   .to(logits.device)))
         counts, seen = (self.counts, self.seen) if n == len(self.counts) else (self.counts[:n], self.seen[:n])
         if len(groups) == 1:  # the static batch always, BatchEngine often: no gather, no scatter
             p, rows = groups[0]
