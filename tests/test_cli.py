@@ -42,6 +42,7 @@ EXPECTED = {
     "eval": {"--data", "--task", "--limit", "--shots", "--seed", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},
     "import-hf": {"--out", "--overwrite"},
     "export-hf": {"--out", "--overwrite"},
+    "export-gguf": {"--out", "--type", "--overwrite"},
     "finetune": {"--data", "--out", "--method", "--task", "--val-data", "--val-fraction", "--lora-rank", "--lora-alpha",
                  "--lora-dropout", "--lora-targets"},
     "classify": {"--text", "--input", "--json"},

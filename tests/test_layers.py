@@ -27,7 +27,7 @@ LAYERS = {
     # 6: what runs a model: the loop, decoding, planning, evaluation, and the verbs built on them
     "train": 6, "sampling": 6, "kvcache": 6, "text": 6, "generate": 6, "engine": 6, "plan": 6, "eval": 6,
     "compress.evaluate": 6, "compress.distill": 6, "compress.run": 6, "finetune.run": 6, "curate": 6,
-    "interop": 6,
+    "interop": 6, "gguf_export": 6,
     # 7: services and reports over those
     "serve": 7, "bench": 7, "report": 7, "demo": 7,
     # 8: entry points (the package's own __init__ is the library facade: gptforge.load lazily imports generate)

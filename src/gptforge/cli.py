@@ -23,6 +23,7 @@ from gptforge.config import MODEL_PRESETS, LoRAConfig
 from gptforge.errors import GptforgeError
 from gptforge.settings import (CURATE_SEED, DEDUP_STEPS, INT4_GROUP_SIZE, INT4_GROUP_SIZES, LOAD_DEVICE, LOAD_DTYPE,
                                RULES, TEXT_FIELD, BenchConfig, CurateConfig, DemoConfig, DistillConfig, EvalConfig,
+                               ExportGgufConfig,
                                FinetuneSpec, PlanConfig, PrepareConfig, PruneConfig, SamplingParams, ServeConfig,
                                parse_rules)
 
@@ -415,7 +416,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.checkpoint, ServeConfig(**values), device=args.device, dtype=args.dtype)
 
 
-# --- checkpoints: consolidate, quantize, prune, distill, finetune, classify, import-hf, export-hf ---------------
+# --- checkpoints: consolidate, quantize, prune, distill, finetune, classify, import-hf, export-hf, export-gguf ---
 
 def _consolidate_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("consolidate", parents=[common], help="turn a sharded (FSDP) checkpoint into single files",
@@ -611,6 +612,29 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
           f"load with transformers.AutoModelForCausalLM.from_pretrained({str(dest)!r})")
 
 
+def _export_gguf_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export-gguf", parents=[common], help="write a checkpoint as a GGUF file for llama.cpp",
+                       description="GPT-2-style models become llama.cpp's gpt2 architecture, Llama-style ones llama "
+                                   "(qwen3 with --model.qk_norm); the tokenizer and chat template go in the file. "
+                                   "Anything llama.cpp cannot compute is refused naming the field. See "
+                                   "docs/export-gguf.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    add_field_flags(p, ExportGgufConfig)  # --type
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out if it is a GGUF file gptforge wrote (never any other file)")
+    p.set_defaults(func=cmd_export_gguf)
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from gptforge.gguf_export import export_gguf
+
+    settings = ExportGgufConfig(**field_values(args, ExportGgufConfig))
+    dest, arch = export_gguf(args.checkpoint, args.out, settings.type, overwrite=args.overwrite)
+    print(f"wrote {dest} ({arch}, {settings.type}, {dest.stat().st_size / 1e6:.2f} MB); "
+          f"run it: llama-cli -m {dest}, or llama_cpp.Llama(model_path={str(dest)!r})")
+
+
 # --- measure: eval, plan, bench, report, demo -----------------------------------------------------------------
 
 def _eval_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -787,8 +811,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # The verbs in the order `gptforge --help` lists them.
 VERB_PARSERS = (_prepare_parser, _curate_parser, _train_parser, _generate_parser, _serve_parser, _consolidate_parser,
                 _demo_parser, _plan_parser, _bench_parser, _report_parser, _quantize_parser, _prune_parser,
-                _distill_parser, _eval_parser, _import_hf_parser, _export_hf_parser, _finetune_parser,
-                _classify_parser)
+                _distill_parser, _eval_parser, _import_hf_parser, _export_hf_parser, _export_gguf_parser,
+                _finetune_parser, _classify_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -234,3 +234,50 @@ def _remove_empty_parents(p: Path, keep: Path) -> None:
         except OSError:
             return
         p = p.parent
+
+
+# --- single-file outputs (export-gguf): the same policy for a verb that writes one file -----------------------
+
+def check_out_file(out: str | Path, what: str, ours: Callable[[Path], bool], *, overwrite: bool = False,
+                   inputs: Iterable[str | Path] = (), flag: str = "--overwrite", option: str = "--out") -> Path:
+    """check_out for a verb whose output is one file: a folder, or one of the inputs, is refused; an existing file
+    only with `overwrite` and only when `ours(path)` says gptforge wrote it as `what`."""
+    out = Path(out)
+    if out.is_dir():
+        raise GptforgeError(f"{option} {out} is a folder; give the path of the {what} to write")
+    check_not_input(out, inputs, option=option)
+    if out.exists():
+        if not overwrite:
+            raise GptforgeError(f"{option} {out} already exists; choose a new {option}, or add {flag} to replace "
+                                f"{what} that gptforge wrote there")
+        if not ours(out):
+            raise GptforgeError(f"{option} {out} is not {what} that gptforge wrote, so {flag} will not replace it; "
+                                f"choose a new {option}")
+    check_creatable(out)
+    return out
+
+
+@contextmanager
+def staged_file(dest: str | Path, what: str, *, need: int | None = None,
+                fix: str = "choose another --out") -> Iterator[Path]:
+    """staged() for one file: write `what` to the yielded hidden sibling path; on success it is fsynced and renamed
+    over `dest` (os.replace: a reader sees the old file or the new one, never a part). Any exception inside removes
+    the partial file and becomes one GptforgeError line, as in staged()."""
+    dest = Path(dest)
+    tmp = temp_path(dest)
+    created = _nearest_existing(dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # left by a process killed mid-write: ours by its name
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.is_file() else 0
+        tmp.unlink(missing_ok=True)
+        _remove_empty_parents(dest.parent, created)
+        if isinstance(e, (GptforgeError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise write_error(what, dest, e, written=written, need=need, fix=fix) from None

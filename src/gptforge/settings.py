@@ -282,6 +282,23 @@ class PruneConfig:
     recover_steps: int = flag_field(0, "fine-tune the pruned model for N steps on --data through the training loop")
 
 
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
+GGUF_TYPES: tuple[str, ...] = GgufType.__args__  # the choices, for messages
+
+
+@dataclass(frozen=True)
+class ExportGgufConfig:
+    """`gptforge export-gguf`'s settings: gguf_export.export_gguf's keyword default is this field."""
+
+    # f16 is convert_hf_to_gguf.py's classic default: half the bytes of f32 at a negligible change in the logits
+    type: GgufType = flag_field("f16", "tensor type of the matrices: f32, f16, bf16, q8_0 or q4_0 (llama.cpp's 8- "
+                                       "and 4-bit blocks of 32)")
+
+    def __post_init__(self) -> None:
+        if self.type not in GGUF_TYPES:
+            raise GptforgeError(f"unknown --type {self.type!r}; use one of {', '.join(GGUF_TYPES)}")
+
+
 @dataclass
 class DistillConfig:
     """The distillation objective's settings (compress/distill.py): `gptforge distill` flags, one field each."""

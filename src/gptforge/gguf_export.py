@@ -1,0 +1,320 @@
+"""The `export-gguf` verb: a checkpoint as one GGUF file that llama.cpp (and what builds on it: llama-cpp-python,
+ollama, LM Studio) loads, written with the `gguf` package (llama.cpp's own writer and quantizers).
+
+Like hf.py, the weights go through a declarative table: (GGUF tensor name, our state-dict key) rows per
+architecture, {i} the layer. The architecture is chosen from the model's fields, never its name:
+- learned positions, LayerNorm, GELU -> llama.cpp's `gpt2` (fused qkv, as ours);
+- rotary, RMSNorm, SwiGLU -> `llama`, or `qwen3` when queries and keys are RMS-normalised per head (qk_norm).
+Anything else (ReLU² MLP, value embeddings, a logit soft-cap, a field this table does not know) is refused with
+the field named. Layouts that differ from ours:
+- llama.cpp's `llama` architecture rotates adjacent pairs (x_2j, x_2j+1); ours (and HF's) rotates (x_j, x_j+Hd/2).
+  The q and k rows of each head are permuted so that llama.cpp's pairs are our pairs: the same permutation
+  llama.cpp's convert_hf_to_gguf.py applies to HF Llama folders. `qwen3` rotates halves as we do (no permutation).
+- llama.cpp's `gpt2` needs every bias and LayerNorm bias: a model trained without them gets zeros (same function).
+- Our token table is padded to a multiple of 64 rows; GGUF holds exactly the tokenizer's tokens (ids above it are
+  never sampled by gptforge either).
+Types: f32, f16, bf16 cast every matrix; q8_0 and q4_0 quantize every matrix whose rows are a multiple of 32 wide
+(else f16, as convert_hf_to_gguf.py does); vectors (norms, biases) and the position table stay f32.
+The tokenizer goes in as llama.cpp's `gpt2` BPE (tokens, token types, merges, the pre-tokenizer's llama.cpp
+name, end-of-text and end-of-turn ids) with the chat template. Parity with llama.cpp: tests/test_gguf.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from gptforge.checkpoint import read_config, resolve_checkpoint
+from gptforge.config import ModelConfig
+from gptforge.errors import GptforgeError
+from gptforge.loader import load_checkpoint
+from gptforge.outputs import check_out_file, staged_file
+from gptforge.settings import ExportGgufConfig
+from gptforge.tokenizer import CHATML_TEMPLATE, IM_END, Tokenizer
+
+Q = gguf.GGMLQuantizationType
+# --type -> (the matrices' GGUF type, general.file_type)
+TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+MARKER = "gptforge.version"  # a key llama.cpp ignores: how --overwrite recognises a GGUF file gptforge wrote
+
+
+def _version() -> str:
+    try:
+        return version("gptforge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+# --- architectures ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # general.architecture, as llama.cpp spells it
+    fixed: dict[str, Any]  # ModelConfig values this architecture needs
+    rows: tuple[tuple[str, str], ...]  # (GGUF tensor, our key); {i}: the layer; q/k/v are our qkv's row blocks
+    permute_qk: bool = False  # llama.cpp rotates adjacent pairs here: permute q/k rows (module docstring)
+    zero_bias: bool = False  # llama.cpp requires the biases: a model without them gets zeros
+
+
+def _block(*pairs: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple((f"blk.{{i}}.{g}", f"blocks.{{i}}.{o}") for g, o in pairs)
+
+
+def _with_bias(*pairs: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{g}.{p}", f"{o}.{p}") for g, o in pairs for p in ("weight", "bias"))
+
+
+GPT2 = Arch(
+    "gpt2", dict(pos_encoding="learned", norm="layernorm", mlp="gelu", qk_norm=False),
+    (("token_embd.weight", "tok_emb.weight"), ("position_embd.weight", "pos_emb.weight"),
+     *_with_bias(("output_norm", "norm_f")), ("output.weight", "lm_head.weight"),
+     *_block(*_with_bias(("attn_norm", "norm1"), ("attn_qkv", "attn.qkv"), ("attn_output", "attn.proj"),
+                         ("ffn_norm", "norm2"), ("ffn_up", "mlp.up"), ("ffn_down", "mlp.down")))),
+    zero_bias=True,
+)
+_ROTARY_ROWS = (
+    ("token_embd.weight", "tok_emb.weight"), ("output_norm.weight", "norm_f.weight"), ("output.weight", "lm_head.weight"),
+    *_block(("attn_norm.weight", "norm1.weight"), ("ffn_norm.weight", "norm2.weight"),
+            *_with_bias(("attn_q", "attn.q"), ("attn_k", "attn.k"), ("attn_v", "attn.v"), ("attn_output", "attn.proj"),
+                        ("ffn_gate", "mlp.gate"), ("ffn_up", "mlp.up"), ("ffn_down", "mlp.down"))),
+)
+LLAMA = Arch("llama", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=False), _ROTARY_ROWS,
+             permute_qk=True)
+QWEN3 = Arch("qwen3", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
+             _ROTARY_ROWS + _block(("attn_q_norm.weight", "attn.q_norm.weight"), ("attn_k_norm.weight", "attn.k_norm.weight")))
+ARCHES = (GPT2, LLAMA, QWEN3)
+
+# Fields each architecture carries in its metadata (or, for dropout and zero_init_proj, that do not change the
+# function the weights compute). Any other field must hold its default: a field added later is refused until
+# this table learns it.
+CARRIED = {"n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "vocab_size", "block_size", "rope_theta", "norm_eps",
+           "bias", "tie_embeddings", "head_size", "dropout", "zero_init_proj", "pos_encoding", "norm", "mlp", "qk_norm"}
+WHY = {"logit_softcap": "llama.cpp's {arch} architecture has no final-logit soft-cap",
+       "value_embeds": "llama.cpp has no value-embedding tables"}
+
+
+def _problems(cfg: ModelConfig, arch: Arch) -> list[str]:
+    defaults = type(cfg)()
+    out = [f"{k}={getattr(cfg, k)!r} (llama.cpp's {arch.name} needs {v!r})" for k, v in arch.fixed.items()
+           if getattr(cfg, k) != v]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in CARRIED and value != getattr(defaults, f.name):
+            out.append(f"{f.name}={value!r} ({WHY.get(f.name, 'no GGUF equivalent').format(arch=arch.name)})")
+    if arch is GPT2 and (cfg.kv_heads != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.d_model):
+        out.append(f"n_kv_head={cfg.kv_heads}, head size {cfg.head_dim} (llama.cpp's gpt2 needs plain multi-head "
+                   "attention with head size d_model / n_head)")
+    return out
+
+
+def choose_arch(cfg: ModelConfig) -> Arch:
+    """The llama.cpp architecture that computes what `cfg` computes; else a GptforgeError naming each field in the
+    way (for the architecture its position encoding points to)."""
+    candidates = [GPT2] if cfg.pos_encoding == "learned" else [QWEN3 if cfg.qk_norm else LLAMA]
+    for arch in candidates:
+        problems = _problems(cfg, arch)
+        if not problems:
+            return arch
+    raise GptforgeError(f"this model cannot be exported to GGUF without changing its math: {'; '.join(problems)}")
+
+
+# --- weights --------------------------------------------------------------------------------------------------
+
+def _permute_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head reordered from "rotate half" (j pairs with j + Hd/2) to adjacent pairs (2j, 2j+1):
+    new row 2j + s of a head is old row s * Hd/2 + j. Works for a weight (rows, D) and a bias (rows,)."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch,
+                 n_vocab: int) -> dict[str, torch.Tensor]:
+    """Our state dict (float) -> {GGUF tensor name: fp32 tensor}, in the table's order. Every weight of ours must
+    be used: one the table does not know is refused rather than dropped."""
+    state = dict(state)
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    for i in range(cfg.n_layer):  # qkv's row blocks under names of their own
+        for part in ("weight", "bias"):
+            if arch is not GPT2 and (key := f"blocks.{i}.attn.qkv.{part}") in state:
+                wq, wk, wv = state.pop(key).split([q, kv, kv], dim=0)
+                if arch.permute_qk:
+                    wq, wk = _permute_pairs(wq, cfg.n_head), _permute_pairs(wk, cfg.kv_heads)
+                state |= {f"blocks.{i}.attn.q.{part}": wq, f"blocks.{i}.attn.k.{part}": wk, f"blocks.{i}.attn.v.{part}": wv}
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    rows = [r for r in arch.rows if "{i}" not in r[0]]  # the model's own tensors, then each layer's
+    rows += [(g.format(i=i), o.format(i=i)) for i in range(cfg.n_layer) for g, o in arch.rows if "{i}" in g]
+    for name, ours in rows:
+        if ours in state:
+            t = state[ours]
+            used.add(ours)
+        elif ours.endswith(".bias") and arch.zero_bias:
+            t = torch.zeros(state[ours.removesuffix(".bias") + ".weight"].shape[0])
+        else:
+            continue  # optional in llama.cpp and absent here: a tied head, biases of a bias-free model
+        if ours in ("tok_emb.weight", "lm_head.weight"):
+            t = t[:n_vocab]
+        out[name] = t.float().contiguous()
+    leftover = sorted(set(state) - used)
+    if leftover:
+        raise GptforgeError(f"weights the GGUF {arch.name} table does not map: {', '.join(leftover[:5])}")
+    return out
+
+
+def encode_tensor(name: str, t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+    """A tensor's bytes in the type it is stored as: vectors and the position table f32, the matrices `qtype`
+    (q8_0 / q4_0 where their rows split into whole 32-wide blocks, else f16)."""
+    a = t.numpy()
+    if a.ndim == 1 or name == "position_embd.weight" or qtype == Q.F32:
+        return a, Q.F32
+    if qtype in (Q.Q8_0, Q.Q4_0) and a.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F16
+    if qtype == Q.F16:
+        return a.astype(np.float16), Q.F16
+    return gguf.quants.quantize(a, qtype), qtype
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------------
+
+# The regexes that split text before byte-level BPE, as tokenizer.json writes them, by llama.cpp's name for them.
+SPLITS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name for the pre-tokenizer of a tokenizer.json: GPT-2's regex inside ByteLevel, or a known Split
+    regex followed by a regex-free ByteLevel."""
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    parts = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
+    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True)):
+        pattern = parts[0].get("pattern", {}).get("Regex")
+        for name, regex in SPLITS.items():
+            if pattern == regex:
+                return name
+    raise GptforgeError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:120]} has no llama.cpp equivalent that "
+                        f"gptforge knows (GPT-2's byte-level regex, or a Split of {', '.join(SPLITS)})")
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int) -> None:
+    """The byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id, their types, merges, special ids,
+    and the chat template (llama-cpp-python renders it for chat completions)."""
+    spec = json.loads(tokenizer.hf.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GptforgeError(f"the tokenizer is a {model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} "
+                            "decoder; GGUF export handles byte-level BPE (llama.cpp's gpt2 tokenizer) only")
+    if spec.get("normalizer"):
+        raise GptforgeError(f"the tokenizer normalizes text ({spec['normalizer'].get('type')}); llama.cpp's gpt2 "
+                            "tokenizer does not, so their token ids would differ")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, i in model["vocab"].items():
+        tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    # gptforge prepends nothing: <|endoftext|> separates documents and ends them (bos = eos, as export-hf writes)
+    w.add_bos_token_id(tokenizer.eos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    if tokenizer.has_chat_template:
+        w.add_eot_token_id(tokenizer.hf.token_to_id(IM_END))
+        w.add_chat_template(getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE)
+
+
+# --- the file -------------------------------------------------------------------------------------------------
+
+def add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, arch: Arch, n_vocab: int) -> None:
+    """The architecture's hyper-parameters, under llama.cpp's `{arch}.*` keys."""
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.mlp_width)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_vocab_size(n_vocab)
+    if arch is GPT2:
+        w.add_layer_norm_eps(cfg.norm_eps)
+        return
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+
+
+def is_gptforge_gguf(path: Path) -> bool:
+    """A GGUF file that export-gguf wrote (it carries our marker key): the only kind --overwrite replaces."""
+    try:
+        return gguf.GGUFReader(path).get_field(MARKER) is not None
+    except Exception:  # not GGUF at all: the reader raises on a foreign magic or a truncated header
+        return False
+
+
+def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = ExportGgufConfig.type,
+                overwrite: bool = False) -> tuple[Path, str]:
+    """Write a checkpoint as one GGUF file for llama.cpp; returns (file, architecture).
+
+    `gguf_type` is f32, f16, bf16, q8_0 or q4_0 (TYPES). A LoRA checkpoint is merged into its base first (the loader does
+    it); an int8/int4 checkpoint is refused (export its float parent: llama.cpp quantizes with its own formats).
+    `out` follows outputs.check_out_file: an existing file is replaced only with `overwrite` and only if this
+    function wrote it; the file appears whole or not at all.
+    """
+    if gguf_type not in TYPES:
+        raise GptforgeError(f"unknown --type {gguf_type!r}; use one of {', '.join(TYPES)}")
+    dest = check_out_file(out, "a GGUF file", is_gptforge_gguf, overwrite=overwrite, inputs=[checkpoint])
+    ckpt = resolve_checkpoint(checkpoint)
+    run = read_config(ckpt)
+    if run.compression is not None and run.compression.quantized:
+        raise GptforgeError(f"{ckpt} is quantized ({run.compression.quantization.method}); export its unquantized "
+                            f"parent and choose --type q8_0 or q4_0 (llama.cpp's own quantized formats)")
+    cfg = run.model
+    arch = choose_arch(cfg)
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    n_vocab = tokenizer.vocab_size
+    tensors = gguf_tensors({k: v.float() for k, v in model.state_dict().items()}, cfg, arch, n_vocab)
+    qtype, file_type = TYPES[gguf_type]
+    need = sum(t.numel() * 4 for t in tensors.values())
+    with staged_file(dest, "GGUF file", need=need) as tmp:
+        w = gguf.GGUFWriter(tmp, arch.name)
+        w.add_type("model")
+        w.add_name(ckpt.name)
+        w.add_string(MARKER, _version())
+        add_hparams(w, cfg, arch, n_vocab)
+        w.add_file_type(int(file_type))
+        if qtype in (Q.Q8_0, Q.Q4_0):
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(w, tokenizer, n_vocab)
+        for name, t in tensors.items():
+            data, stored = encode_tensor(name, t, qtype)
+            w.add_tensor(name, data, raw_dtype=stored if stored in (Q.BF16, Q.Q8_0, Q.Q4_0) else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return dest, arch.name
