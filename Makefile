@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.gptforge-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean llama-cpp
 
 demo: $(STAMP)
 	$(VENV)/bin/gptforge demo $(ARGS)
@@ -38,6 +38,12 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install --quiet -e ".[corpus,test,eval]"
 	@touch $@
+
+# llama.cpp for the GGUF parity tests and the llama.cpp column of benchmarks/decode_llamacpp.py: llama-cpp-python
+# compiles it from source (about 10 minutes on 2 cores; needs a C++ compiler and cmake). Not part of `make test`,
+# whose llama.cpp tests skip with the reason until this has run.
+llama-cpp: $(STAMP)
+	$(PY) -m pip install -e ".[llama]"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -28,7 +28,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 
@@ -38,17 +37,19 @@ from gptforge.errors import GptforgeError
 from gptforge.loader import load_checkpoint
 from gptforge.outputs import check_out_file, staged_file
 from gptforge.settings import ExportGgufConfig
-from gptforge.tokenizer import CHATML_TEMPLATE, IM_END, Tokenizer
+from gptforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
-Q = gguf.GGMLQuantizationType
-# --type -> (the matrices' GGUF type, general.file_type)
-TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
-    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+try:
+    import gguf  # the `gguf` extra: llama.cpp's own Python writer, reader and quantizers (pure Python + numpy)
+except ImportError:
+    gguf = None
+
+# --type -> (the matrices' GGMLQuantizationType, general.file_type's LlamaFileType), by their names in `gguf`
+TYPES: dict[str, tuple[str, str]] = {
+    "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
+BLOCKED = ("Q8_0", "Q4_0")  # the types of 32-wide blocks with a scale each
 MARKER = "gptforge.version"  # a key llama.cpp ignores: how --overwrite recognises a GGUF file gptforge wrote
 
 
@@ -175,17 +176,17 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch,
     return out
 
 
-def encode_tensor(name: str, t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
-    """A tensor's bytes in the type it is stored as: vectors and the position table f32, the matrices `qtype`
-    (q8_0 / q4_0 where their rows split into whole 32-wide blocks, else f16)."""
+def encode_tensor(name: str, t: torch.Tensor, qtype: str) -> tuple[np.ndarray, str]:
+    """A tensor's bytes and the type (a GGMLQuantizationType name) it is stored as: vectors and the position table
+    F32, the matrices `qtype` (Q8_0 / Q4_0 where their rows split into whole 32-wide blocks, else F16)."""
     a = t.numpy()
-    if a.ndim == 1 or name == "position_embd.weight" or qtype == Q.F32:
-        return a, Q.F32
-    if qtype in (Q.Q8_0, Q.Q4_0) and a.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = Q.F16
-    if qtype == Q.F16:
-        return a.astype(np.float16), Q.F16
-    return gguf.quants.quantize(a, qtype), qtype
+    if a.ndim == 1 or name == "position_embd.weight" or qtype == "F32":
+        return a, "F32"
+    if qtype in BLOCKED and a.shape[-1] % 32:
+        qtype = "F16"
+    if qtype == "F16":
+        return a.astype(np.float16), "F16"
+    return gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype]), qtype  # BF16 too: as uint8 bytes
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------------
@@ -237,13 +238,14 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int) -> Non
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    # gptforge prepends nothing: <|endoftext|> separates documents and ends them (bos = eos, as export-hf writes)
-    w.add_bos_token_id(tokenizer.eos_id)
+    # Our own tokenizers prepend nothing (bos = eos, as export-hf writes); an imported one may start with a BOS
+    bos, start = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "start_ids", ())
+    w.add_bos_token_id(tokenizer.eos_id if bos is None else bos)
     w.add_eos_token_id(tokenizer.eos_id)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(bool(start))
     w.add_add_eos_token(False)
     if tokenizer.has_chat_template:
-        w.add_eot_token_id(tokenizer.hf.token_to_id(IM_END))
+        w.add_eot_token_id(tokenizer.im_end_id)
         w.add_chat_template(getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE)
 
 
@@ -271,7 +273,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, arch: Arch, n_vocab: int) 
 def is_gptforge_gguf(path: Path) -> bool:
     """A GGUF file that export-gguf wrote (it carries our marker key): the only kind --overwrite replaces."""
     try:
-        return gguf.GGUFReader(path).get_field(MARKER) is not None
+        return gguf is not None and gguf.GGUFReader(path).get_field(MARKER) is not None
     except Exception:  # not GGUF at all: the reader raises on a foreign magic or a truncated header
         return False
 
@@ -287,6 +289,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = Export
     """
     if gguf_type not in TYPES:
         raise GptforgeError(f"unknown --type {gguf_type!r}; use one of {', '.join(TYPES)}")
+    if gguf is None:
+        raise GptforgeError("export-gguf needs the gguf package: pip install 'gptforge[gguf]'")
     dest = check_out_file(out, "a GGUF file", is_gptforge_gguf, overwrite=overwrite, inputs=[checkpoint])
     ckpt = resolve_checkpoint(checkpoint)
     run = read_config(ckpt)
@@ -306,13 +310,14 @@ def export_gguf(checkpoint: str | Path, out: str | Path, gguf_type: str = Export
         w.add_name(ckpt.name)
         w.add_string(MARKER, _version())
         add_hparams(w, cfg, arch, n_vocab)
-        w.add_file_type(int(file_type))
-        if qtype in (Q.Q8_0, Q.Q4_0):
+        w.add_file_type(int(gguf.LlamaFileType[file_type]))
+        if qtype in BLOCKED:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(w, tokenizer, n_vocab)
         for name, t in tensors.items():
             data, stored = encode_tensor(name, t, qtype)
-            w.add_tensor(name, data, raw_dtype=stored if stored in (Q.BF16, Q.Q8_0, Q.Q4_0) else None)
+            raw = gguf.GGMLQuantizationType[stored] if data.dtype == np.uint8 else None  # bytes of blocks or bf16
+            w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
