@@ -4,12 +4,13 @@ ollama, LM Studio) loads, written with the `gguf` package (llama.cpp's own write
 Like hf.py, the weights go through a declarative table: (GGUF tensor name, our state-dict key) rows per
 architecture, {i} the layer. The architecture is chosen from the model's fields, never its name:
 - learned positions, LayerNorm, GELU -> llama.cpp's `gpt2` (fused qkv, as ours);
-- rotary, RMSNorm, SwiGLU -> `llama`, or `qwen3` when queries and keys are RMS-normalised per head (qk_norm).
-Anything else (ReLU² MLP, value embeddings, a logit soft-cap, a field this table does not know) is refused with
-the field named. Layouts that differ from ours:
+- rotary, RMSNorm, SwiGLU -> `llama`; `qwen3` when queries and keys are RMS-normalised per head (qk_norm);
+  `qwen2` when only q, k and v carry biases (qkv_bias).
+Anything else (ReLU² MLP, value embeddings, a logit soft-cap, a sliding window shorter than the context, a field
+this table does not know) is refused with the field named. Layouts that differ from ours:
 - llama.cpp's `llama` architecture rotates adjacent pairs (x_2j, x_2j+1); ours (and HF's) rotates (x_j, x_j+Hd/2).
   The q and k rows of each head are permuted so that llama.cpp's pairs are our pairs: the same permutation
-  llama.cpp's convert_hf_to_gguf.py applies to HF Llama folders. `qwen3` rotates halves as we do (no permutation).
+  llama.cpp's convert_hf_to_gguf.py applies to HF Llama folders. `qwen2`/`qwen3` rotate halves as we do.
 - llama.cpp's `gpt2` needs every bias and LayerNorm bias: a model trained without them gets zeros (same function).
 - Our token table is padded to a multiple of 64 rows; GGUF holds exactly the tokenizer's tokens (ids above it are
   never sampled by gptforge either).
@@ -95,41 +96,54 @@ _ROTARY_ROWS = (
 )
 LLAMA = Arch("llama", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=False), _ROTARY_ROWS,
              permute_qk=True)
+# Qwen2: biases on q, k and v only (qkv_bias), rotate-half rope as ours
+QWEN2 = Arch("qwen2", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=False, bias=False,
+                           qkv_bias=True), _ROTARY_ROWS)
 QWEN3 = Arch("qwen3", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
              _ROTARY_ROWS + _block(("attn_q_norm.weight", "attn.q_norm.weight"), ("attn_k_norm.weight", "attn.k_norm.weight")))
-ARCHES = (GPT2, LLAMA, QWEN3)
+ARCHES = (GPT2, LLAMA, QWEN2, QWEN3)
 
 # Fields each architecture carries in its metadata (or, for dropout and zero_init_proj, that do not change the
 # function the weights compute). Any other field must hold its default: a field added later is refused until
 # this table learns it.
 CARRIED = {"n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "vocab_size", "block_size", "rope_theta", "norm_eps",
-           "bias", "tie_embeddings", "head_size", "dropout", "zero_init_proj", "pos_encoding", "norm", "mlp", "qk_norm"}
+           "bias", "tie_embeddings", "head_size", "dropout", "zero_init_proj", "pos_encoding", "norm", "mlp", "qk_norm",
+           "qkv_bias", "sliding_window"}
 WHY = {"logit_softcap": "llama.cpp's {arch} architecture has no final-logit soft-cap",
        "value_embeds": "llama.cpp has no value-embedding tables"}
 
 
 def _problems(cfg: ModelConfig, arch: Arch) -> list[str]:
     defaults = type(cfg)()
-    out = [f"{k}={getattr(cfg, k)!r} (llama.cpp's {arch.name} needs {v!r})" for k, v in arch.fixed.items()
-           if getattr(cfg, k) != v]
+    out = [f"{k}={getattr(cfg, k, None)!r} (llama.cpp's {arch.name} needs {v!r})" for k, v in arch.fixed.items()
+           if getattr(cfg, k, None) != v]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name not in CARRIED and value != getattr(defaults, f.name):
             out.append(f"{f.name}={value!r} ({WHY.get(f.name, 'no GGUF equivalent').format(arch=arch.name)})")
-    if arch is GPT2 and (cfg.kv_heads != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.d_model):
-        out.append(f"n_kv_head={cfg.kv_heads}, head size {cfg.head_dim} (llama.cpp's gpt2 needs plain multi-head "
-                   "attention with head size d_model / n_head)")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < cfg.block_size:  # a window as long as the context changes nothing
+        out.append(f"sliding_window={window} (llama.cpp's {arch.name} attends to the whole context, here "
+                   f"block_size {cfg.block_size})")
+    if arch in (GPT2, QWEN2) and cfg.head_dim * cfg.n_head != cfg.d_model:
+        out.append(f"head size {cfg.head_dim} (llama.cpp's {arch.name} needs d_model / n_head)")
+    if arch is GPT2 and cfg.kv_heads != cfg.n_head:
+        out.append(f"n_kv_head={cfg.kv_heads} (llama.cpp's gpt2 has no grouped-query attention)")
     return out
 
 
 def choose_arch(cfg: ModelConfig) -> Arch:
     """The llama.cpp architecture that computes what `cfg` computes; else a GptforgeError naming each field in the
     way (for the architecture its position encoding points to)."""
-    candidates = [GPT2] if cfg.pos_encoding == "learned" else [QWEN3 if cfg.qk_norm else LLAMA]
-    for arch in candidates:
-        problems = _problems(cfg, arch)
-        if not problems:
-            return arch
+    if cfg.pos_encoding == "learned":
+        arch = GPT2
+    elif cfg.qk_norm:
+        arch = QWEN3
+    else:
+        arch = QWEN2 if getattr(cfg, "qkv_bias", False) and not cfg.bias else LLAMA
+    problems = _problems(cfg, arch)
+    if not problems:
+        return arch
     raise GptforgeError(f"this model cannot be exported to GGUF without changing its math: {'; '.join(problems)}")
 
 
