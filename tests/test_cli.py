@@ -27,7 +27,7 @@ EXPECTED = {
                  "--ignore-eos", "--truncate-prompt", "--dtype", "--compile", "--threads", "--chat", "--system"},
     "serve": {"--host", "--port", "--model-name", "--api-key", "--max-batch", "--max-queue", "--max-prompt-tokens",
               "--max-prefill-tokens", "--max-tokens", "--max-body-bytes", "--request-timeout", "--shutdown-timeout",
-              "--device", "--dtype", "--threads"},
+              "--adapter", "--embedding-pooling", "--device", "--dtype", "--threads"},
     "demo": {"--out", "--minutes", "--overwrite"},
     "consolidate": {"--out", "--overwrite"},
     "plan": {"--seq-len", "--micro-batch", "--global-batch", "--precision", "--optimizer", "--checkpointing",

@@ -50,7 +50,11 @@ def raw(text: str) -> bytes:  # JSON text as sent, escapes included (json.dumps 
     return text.encode()
 
 
-C, CH = "/v1/completions", "/v1/chat/completions"
+def emb(**kw) -> dict:
+    return {"model": "tiny", "input": "the quick", **kw}
+
+
+C, CH, E = "/v1/completions", "/v1/chat/completions", "/v1/embeddings"
 NO_AUTH: dict = {}
 
 # (category, id, method, path, body, headers, status, code, words the message must contain)
@@ -203,6 +207,26 @@ CASES = [
      "at most 16"),
     ("stop", "a number in the list", "POST", C, done(stop=["a", 1]), AUTH, 400, "invalid_value", "'stop'"),
     ("stop", "a number", "POST", C, done(stop=5), AUTH, 400, "invalid_type", "'stop'"),
+    # --- embeddings --------------------------------------------------------------------------------------
+    ("embeddings", "input missing", "POST", E, {"model": "tiny"}, AUTH, 400, "missing_field", "'input'"),
+    ("embeddings", "model missing", "POST", E, {"input": "x"}, AUTH, 400, "missing_field", "'model'"),
+    ("embeddings", "unknown model", "POST", E, emb(model="gpt-4"), AUTH, 404, "model_not_found", "'gpt-4'"),
+    ("embeddings", "empty string", "POST", E, emb(input=""), AUTH, 400, "invalid_value", "input[0] is empty"),
+    ("embeddings", "empty array", "POST", E, emb(input=[]), AUTH, 400, "invalid_type", "'input'"),
+    ("embeddings", "mixed array", "POST", E, emb(input=["x", 5]), AUTH, 400, "invalid_type", "'input'"),
+    ("embeddings", "an object", "POST", E, emb(input={"text": "x"}), AUTH, 400, "invalid_type", "'input'"),
+    ("embeddings", "token id beyond vocab", "POST", E, emb(input=[[1, 99999]]), AUTH, 400, "invalid_value",
+     "a token id outside 0.."),
+    ("embeddings", "input over the context", "POST", E, emb(input=[5] * 70), AUTH, 400, "context_length_exceeded",
+     "70 tokens"),
+    ("embeddings", "2049 inputs", "POST", E, emb(input=["x"] * 2049), AUTH, 400, "invalid_value", "at most 2048"),
+    ("embeddings", "encoding_format", "POST", E, emb(encoding_format="int8"), AUTH, 400, "invalid_value",
+     "float or base64"),
+    ("embeddings", "dimensions 0", "POST", E, emb(dimensions=0), AUTH, 400, "invalid_value", "1..32"),
+    ("embeddings", "dimensions over the width", "POST", E, emb(dimensions=33), AUTH, 400, "invalid_value", "1..32"),
+    ("embeddings", "dimensions a string", "POST", E, emb(dimensions="8"), AUTH, 400, "invalid_value",
+     "'dimensions'"),
+    ("embeddings", "a sampling field", "POST", E, emb(temperature=0.5), AUTH, 400, "unsupported", "temperature"),
 ]
 
 

@@ -64,6 +64,13 @@ def _list_of(kind: type):
     return parse
 
 
+class _Append(argparse.Action):
+    """A repeatable flag whose values gather in a tuple (argparse's "append" needs a list default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, (*(getattr(namespace, self.dest) or ()), values))
+
+
 def add_field_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "", defaults: bool = True) -> None:
     """A --flag for each flag field of dataclass `cls` (`--PREFIX-NAME`), typed from its annotation, its help from
     the field's metadata. A flag not given reads the field's default, or None with `defaults=False` (for a verb
@@ -77,6 +84,8 @@ def add_field_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "", def
             kw["action"] = "store_true"
         elif typing.get_origin(tp) is typing.Literal:  # checked by the dataclass, which names the choices
             kw["metavar"] = "{" + ",".join(typing.get_args(tp)) + "}"
+        elif typing.get_origin(tp) is tuple and f.metadata.get("repeat"):  # --flag A --flag B
+            kw.update(action=_Append, type=typing.get_args(tp)[0], metavar=f.metadata.get("metavar"))
         elif typing.get_origin(tp) is tuple:
             kw["type"], kw["metavar"] = _list_of(typing.get_args(tp)[0]), "A,B,..."
         else:

@@ -11,6 +11,7 @@ to do.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -248,6 +249,12 @@ class ServeConfig:
     request_timeout: float = flag_field(600.0, "seconds a request may take, queueing included, before it is cancelled")
     shutdown_timeout: float = flag_field(30.0, "on SIGTERM, seconds in-flight requests get to finish before they are "
                                                "cancelled")
+    # LoRA fine-tunes of the served checkpoint, each a model id of its own; requests for different ones share a batch
+    adapter: tuple[str, ...] = flag_field((), "NAME=LORA_CKPT (repeatable): serve a LoRA fine-tune of CKPT as model "
+                                              "NAME beside the base (default: none)", repeat=True, metavar="NAME=LORA_CKPT")
+    # /v1/embeddings: how a text's final-norm hidden states become one vector (then L2-normalised)
+    embedding_pooling: Literal["mean", "last"] = flag_field("mean", "pooling of /v1/embeddings: mean over the "
+                                                                    "tokens or the last token's state")
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> GptforgeError:  # named as the field and as its flag
@@ -267,6 +274,19 @@ class ServeConfig:
             raise bad("shutdown_timeout", ">= 0 seconds")
         if not 0 <= self.port <= 65535:
             raise bad("port", "in 0..65535 (0: any free port)")
+        check_choices(self)
+        object.__setattr__(self, "adapter", tuple(self.adapter))  # the CLI's --adapter list (frozen dataclass)
+        names = [a.partition("=")[0] for a in self.adapter]
+        for a, name in zip(self.adapter, names):
+            if not name or not a.partition("=")[2] or not re.fullmatch(r"[\w.:/-]+", name):
+                raise GptforgeError(f"--adapter {a!r}: write NAME=LORA_CKPT (a name of letters, digits, _.:/-)")
+        if len(set(names)) < len(names):
+            raise GptforgeError(f"--adapter: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
+
+    @property
+    def adapters(self) -> list[tuple[str, str]]:
+        """The --adapter pairs: (model id, LoRA checkpoint path)."""
+        return [(name, path) for name, _, path in (a.partition("=") for a in self.adapter)]
 
 
 # --- quantize, prune, distill, finetune ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from gptforge.generate import load
 from gptforge.settings import LOAD_DEVICE, LOAD_DTYPE, ServeConfig
 from gptforge.tokenizer import Tokenizer
 
+from .embeddings import Embedder
 from .metrics import Metrics
 from .protocol import APIError, Parsed, RequestParser, Shaper, parse_body
 from .scheduler import Job, Scheduler
@@ -97,6 +98,7 @@ class _Service:
         engine = BatchEngine(model, tokenizer, cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens)
         self.scheduler = Scheduler(engine, self.metrics, cfg.max_queue)
         self.parser = RequestParser(tokenizer, self.block_size, cfg, model_name)
+        self.embedder = Embedder(model, tokenizer, cfg.embedding_pooling)
         self.created = int(time.time())
 
     def authorize(self, request: Request) -> None:
@@ -335,6 +337,15 @@ def _add_routes(app: FastAPI, svc: _Service) -> None:
     async def chat_completions(request: Request):
         svc.authorize(request)
         return await svc.run(request, svc.parser.chat(await svc.read_json(request)))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        svc.authorize(request)
+        req = svc.embedder.parse(await svc.read_json(request))
+        svc.parser.model({"model": req.model})
+        out = await svc.embedder.answer(req)
+        svc.metrics.request(_endpoint(request), 200)
+        return out
 
 
 def create_app(model, tokenizer: Tokenizer, cfg: ServeConfig, model_name: str) -> FastAPI:
