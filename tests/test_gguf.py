@@ -34,6 +34,8 @@ SHAPES = {
                   norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, rope_theta=5000.0, norm_eps=1e-6),
     "qwen3": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64, pos_encoding="rotary",
                   norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True),
+    "arcee": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64, pos_encoding="rotary",
+                  norm="rmsnorm", mlp="relu2", bias=False),
 }
 TEXT = "ROMEO. What light through yonder window breaks?\n  It is the east, and Juliet is the sun!"
 
@@ -98,15 +100,16 @@ def expected(state: dict, cfg: ModelConfig, arch: str, n_vocab: int) -> dict[str
                 out[g + theirs + ".bias"] = state[b + ours + ".bias"]
             continue
         wq, wk, wv = state[b + "attn.qkv.weight"].split([q, kv, kv])
-        if arch == "llama":
+        if arch in ("llama", "arcee"):
             wq, wk = rotate_half_to_pairs(wq, cfg.n_head), rotate_half_to_pairs(wk, cfg.kv_heads)
-        else:
+        elif arch == "qwen3":
             out[g + "attn_q_norm.weight"] = state[b + "attn.q_norm.weight"]
             out[g + "attn_k_norm.weight"] = state[b + "attn.k_norm.weight"]
         out |= {g + "attn_q.weight": wq, g + "attn_k.weight": wk, g + "attn_v.weight": wv}
         for ours, theirs in (("attn.proj", "attn_output"), ("mlp.gate", "ffn_gate"), ("mlp.up", "ffn_up"),
                              ("mlp.down", "ffn_down")):
-            out[g + theirs + ".weight"] = state[b + ours + ".weight"]
+            if b + ours + ".weight" in state:  # no gate in arcee's ReLU² MLP
+                out[g + theirs + ".weight"] = state[b + ours + ".weight"]
     if arch == "gpt2":
         out |= {"position_embd.weight": state["pos_emb.weight"], "output_norm.bias": state["norm_f.bias"]}
     return out
@@ -114,7 +117,7 @@ def expected(state: dict, cfg: ModelConfig, arch: str, n_vocab: int) -> dict[str
 
 # --- read back with gguf's reader ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "arcee"])
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_tensors_read_back_equal_the_weights(tmp_path, tokenizer, arch, kind):
     ckpt = random_checkpoint(tmp_path, tokenizer, arch)
@@ -179,7 +182,7 @@ def test_a_model_without_biases_gets_zero_biases_for_gpt2(tmp_path, tokenizer):
 # --- refusals and the output policy -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("over, named", [
-    (dict(mlp="relu2"), "mlp='relu2'"),
+    (dict(mlp="gelu"), "mlp='gelu' (llama.cpp's llama needs 'swiglu')"),  # the shakespeare preset's MLP
     (dict(logit_softcap=15.0), "logit_softcap=15.0 (llama.cpp's llama architecture has no final-logit soft-cap)"),
     (dict(value_embeds=1), "value_embeds=1"),
     (dict(qk_norm=True, bias=True), "bias=True (llama.cpp's qwen3 needs False)"),

@@ -5,10 +5,11 @@ Like hf.py, the weights go through a declarative table: (GGUF tensor name, our s
 architecture, {i} the layer. The architecture is chosen from the model's fields, never its name:
 - learned positions, LayerNorm, GELU -> llama.cpp's `gpt2` (fused qkv, as ours);
 - rotary, RMSNorm, SwiGLU -> `llama`; `qwen3` when queries and keys are RMS-normalised per head (qk_norm);
-  `qwen2` when only q, k and v carry biases (qkv_bias).
-Anything else (ReLU² MLP, value embeddings, a logit soft-cap, a sliding window shorter than the context, a field
+  `qwen2` when only q, k and v carry biases (qkv_bias); `arcee` for a ReLU² MLP.
+  (Rotary + RMSNorm + a plain GELU MLP, the `shakespeare` preset's, has no llama.cpp architecture: refused.)
+Anything else (value embeddings, a logit soft-cap, a sliding window shorter than the context, a field
 this table does not know) is refused with the field named. Layouts that differ from ours:
-- llama.cpp's `llama` architecture rotates adjacent pairs (x_2j, x_2j+1); ours (and HF's) rotates (x_j, x_j+Hd/2).
+- llama.cpp's `llama` (and `arcee`) architecture rotates adjacent pairs (x_2j, x_2j+1); ours (and HF's) rotates (x_j, x_j+Hd/2).
   The q and k rows of each head are permuted so that llama.cpp's pairs are our pairs: the same permutation
   llama.cpp's convert_hf_to_gguf.py applies to HF Llama folders. `qwen2`/`qwen3` rotate halves as we do.
 - llama.cpp's `gpt2` needs every bias and LayerNorm bias: a model trained without them gets zeros (same function).
@@ -101,7 +102,10 @@ QWEN2 = Arch("qwen2", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", 
                            qkv_bias=True), _ROTARY_ROWS)
 QWEN3 = Arch("qwen3", dict(pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
              _ROTARY_ROWS + _block(("attn_q_norm.weight", "attn.q_norm.weight"), ("attn_k_norm.weight", "attn.k_norm.weight")))
-ARCHES = (GPT2, LLAMA, QWEN2, QWEN3)
+# Arcee (AFM): Llama's attention with a ReLU² MLP, up -> relu^2 -> down (our mlp relu2 without qk_norm)
+ARCEE = Arch("arcee", dict(pos_encoding="rotary", norm="rmsnorm", mlp="relu2", qk_norm=False), _ROTARY_ROWS,
+             permute_qk=True)
+ARCHES = (GPT2, LLAMA, QWEN2, QWEN3, ARCEE)
 
 # Fields each architecture carries in its metadata (or, for dropout and zero_init_proj, that do not change the
 # function the weights compute). Any other field must hold its default: a field added later is refused until
@@ -139,6 +143,8 @@ def choose_arch(cfg: ModelConfig) -> Arch:
         arch = GPT2
     elif cfg.qk_norm:
         arch = QWEN3
+    elif cfg.mlp == "relu2":
+        arch = ARCEE
     else:
         arch = QWEN2 if getattr(cfg, "qkv_bias", False) and not cfg.bias else LLAMA
     problems = _problems(cfg, arch)
