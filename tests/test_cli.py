@@ -11,7 +11,8 @@ from gptforge.cli import build_parser, main
 
 COMMON = {"--debug", "--no-progress", "-h", "--help"}
 EXPECTED = {
-    "prepare": {"--out", "--tokenizer", "--vocab-size", "--val-fraction", "--seed", "--text-field", "--shard-tokens", "--include",
+    "prepare": {"--out", "--tokenizer", "--vocab-size", "--val-fraction", "--seed", "--text-field", "--dataset-split",
+                "--shard-tokens", "--include",
                 "--overwrite", "--curate", "--dedup"},
     "curate": {"--out", "--overwrite", "--dry-run", "--json", "--mix", "--seed", "--keep", "--rules", "--dedup", "--pii",
                "--text-field", "--workers", "--tokenizer", "--jaccard", "--num-perm", "--shingle-words", "--boilerplate-min-chars",

@@ -14,9 +14,10 @@ PACKAGE = Path(gptforge.__file__).parent
 # Module (or package: it covers its submodules) -> layer, lowest first. The longest matching name decides.
 LAYERS = {
     # 1: no gptforge imports but these
-    "errors": 1, "config": 1, "settings": 1, "hardware": 1, "tokenizer": 1, "corpora": 1, "outputs": 1,
+    "errors": 1, "config": 1, "settings": 1, "hardware": 1, "tokenizer": 1, "chat_template": 1, "corpora": 1,
+    "outputs": 1,
     # 2: the model and the data it reads; numerics
-    "model": 2, "data": 2, "optim": 2, "precision": 2,
+    "model": 2, "data": 2, "fastencode": 2, "optim": 2, "precision": 2,
     # 3: formats and device plumbing
     "checkpoint": 3, "distributed": 3, "hf": 3, "gguf": 3, "native": 3,
     # 4: transforms of a built model

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import pre_tokenizers
 
 try:  # optional (the `zstd` extra): .zst inputs
     import zstandard
@@ -32,6 +33,7 @@ except ImportError:
 
 from gptforge.corpora import CORPORA, Document, load_corpus
 from gptforge.errors import GptforgeError, not_one_string
+from gptforge.fastencode import agrees, fast_encoder
 from gptforge.outputs import check_out, staged
 from gptforge.settings import PrepareConfig
 from gptforge.tokenizer import Tokenizer
@@ -52,12 +54,12 @@ _CORRUPT = (OSError, EOFError, zlib.error) + ((zstandard.ZstdError,) if zstandar
 
 
 def _kind(path: Path) -> tuple[str, str]:
-    """(format, compression) of a file by its name: format is "jsonl", "parquet" or "text"; compression is
-    ".gz", ".zst" or ""."""
+    """(format, compression) of a file by its name: format is "jsonl", "parquet", "arrow" or "text"; compression
+    is ".gz", ".zst" or ""."""
     suffixes = path.suffixes[-2:] or [""]
     compression = suffixes[-1] if suffixes[-1] in COMPRESSED else ""
     inner = suffixes[-2] if compression and len(suffixes) == 2 else ("" if compression else suffixes[-1])
-    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(inner, "text"), compression
+    return {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}.get(inner, "text"), compression
 
 
 def _open_binary(path: Path, compression: str) -> io.BufferedIOBase:
@@ -76,14 +78,23 @@ def _decoded_lines(stream: io.BufferedIOBase, name: str, warnings: list[str]) ->
     the file is named in a warning with the count: a corpus is rarely worth refusing for a few bad bytes, but it
     is worth knowing. (A newline byte is never inside a UTF-8 sequence, so decoding by line equals decoding the
     whole file.)"""
-    bad = 0
+    bad = [0]
     for raw in stream:
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            line = raw.decode("utf-8", errors="replace")
-            bad += line.count("\ufffd") - raw.count("\ufffd".encode())
-            yield line
+        yield _decode(raw, bad)
+    _warn_bad_utf8(name, bad[0], warnings)
+
+
+def _decode(raw: bytes, bad: list[int]) -> str:
+    """raw as UTF-8, invalid sequences replaced with U+FFFD and counted in bad[0]."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        bad[0] += text.count("\ufffd") - raw.count("\ufffd".encode())
+        return text
+
+
+def _warn_bad_utf8(name: str, bad: int, warnings: list[str]) -> None:
     if bad:
         warnings.append(f"{name}: not valid UTF-8; {bad} invalid byte sequence(s) replaced with U+FFFD")
 
@@ -109,38 +120,112 @@ def _read_jsonl(lines: Iterator[str], name: str, text_field: str) -> Iterator[Do
         yield Document(f"{name}:{lineno}", record[text_field])
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
-    """One document per row of the `text_field` column, a row group at a time (iter_batches), so a shard is never
-    whole in memory. A null is an empty document (left out and counted like an empty file)."""
-    # pyarrow is optional (the `parquet` extra) and slow to import (0.5 s), so only a parquet source loads it
+def _pyarrow(path: Path, what: str):
+    """pyarrow, imported on first use: it is optional (the `parquet` extra) and slow to import (0.5 s)."""
     try:
         import pyarrow
-        import pyarrow.parquet as pq
+        import pyarrow.parquet  # noqa: F401  (the submodule, for pyarrow.parquet.ParquetFile)
     except ImportError:
-        raise GptforgeError(f"{path}: reading parquet needs pyarrow: pip install 'gptforge[parquet]'") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as e:
-        raise GptforgeError(f"{path}: not a readable parquet file ({e})") from None
-    columns = pf.schema_arrow.names
+        raise GptforgeError(f"{path}: reading {what} needs pyarrow: pip install 'gptforge[parquet]'") from None
+    return pyarrow
+
+
+def _text_column(pa, path: Path, schema, text_field: str) -> int:
+    """The index of the text column in `schema`; a missing or non-text column is an error naming the choices."""
+    columns = schema.names
     if text_field not in columns:
         raise GptforgeError(f"{path}: no column {text_field!r}; columns: {', '.join(columns)}; choose one with --text-field")
-    kind = pf.schema_arrow.field(text_field).type
-    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+    kind = schema.field(text_field).type
+    if not any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                         pa.types.is_large_binary)):
         raise GptforgeError(f"{path}: column {text_field!r} holds {kind}, not text; choose another with --text-field ({', '.join(columns)})")
-    row = 0
-    for batch in pf.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            yield Document(f"{path}:{row}", text or "")
+    return columns.index(text_field)
+
+
+def _rows(pa, path: Path, batches: Iterator, warnings: list[str]) -> Iterator[Document]:
+    """One document per value of a one-column record-batch stream. Values are read as bytes and decoded here, so
+    that invalid UTF-8 (in a binary column, or a string column a careless writer filled) is replaced and counted
+    in a warning as for text files; a null is an empty document (left out and counted like an empty file)."""
+    bad, row = [0], 0
+    for column in batches:
+        for raw in column.cast(pa.large_binary()).to_pylist():
+            yield Document(f"{path}:{row}", _decode(raw, bad) if raw else "")
             row += 1
+    _warn_bad_utf8(str(path), bad[0], warnings)
+
+
+def _read_parquet(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
+    """One document per row of the `text_field` column, a row group at a time (iter_batches), so a shard is never
+    whole in memory."""
+    pa = _pyarrow(path, "parquet")
+    try:
+        pf = pa.parquet.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GptforgeError(f"{path}: not a readable parquet file ({e})") from None
+    _text_column(pa, path, pf.schema_arrow, text_field)
+    yield from _rows(pa, path, (b.column(0) for b in pf.iter_batches(columns=[text_field])), warnings)
+
+
+def _read_arrow(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
+    """One document per row of the `text_field` column of an Arrow IPC file: the stream format that `datasets`
+    writes (`data-00000-of-00001.arrow`), or the random-access file format (Feather v2). Read a record batch at a
+    time from a plain file (not a memory map, whose touched pages would count against memory)."""
+    pa = _pyarrow(path, "arrow files")
+    with pa.OSFile(str(path)) as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            try:
+                f.seek(0)
+                reader = pa.ipc.open_file(f)
+            except pa.ArrowInvalid as e:
+                raise GptforgeError(f"{path}: not a readable Arrow IPC file ({e})") from None
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        column = _text_column(pa, path, reader.schema, text_field)
+        try:
+            yield from _rows(pa, path, (b.column(column) for b in batches), warnings)
+        except pa.ArrowInvalid as e:
+            raise GptforgeError(f"{path}: not a readable Arrow IPC file ({e})") from None
+
+
+# `datasets`' save_to_disk: a Dataset folder holds state.json (its arrow files under "_data_files"), a DatasetDict
+# folder holds dataset_dict.json ({"splits": [...]}) and one Dataset folder per split.
+DATASET_STATE, DATASET_DICT = "state.json", "dataset_dict.json"
+
+
+def _dataset_files(folder: Path, split: str) -> list[Path]:
+    """The arrow files of a `save_to_disk` folder, in order; for a DatasetDict, those of `split`."""
+    if (folder / DATASET_DICT).is_file():
+        try:
+            splits = json.loads((folder / DATASET_DICT).read_text())["splits"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise GptforgeError(f"{folder / DATASET_DICT}: not a datasets DatasetDict file ({e})") from None
+        if split not in splits:
+            raise GptforgeError(f"{folder} is a datasets DatasetDict without a {split!r} split; splits: "
+                                f"{', '.join(splits)}; choose one with --dataset-split")
+        folder = folder / split
+    try:
+        state = json.loads((folder / DATASET_STATE).read_text())
+        files = [folder / f["filename"] for f in state["_data_files"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise GptforgeError(f"{folder / DATASET_STATE}: not a datasets save_to_disk folder ({e})") from None
+    for f in files:
+        if not f.is_file():
+            raise GptforgeError(f"{folder}: the dataset's file {f.name} is missing; save the dataset again")
+    return files
+
+
+def _is_dataset(folder: Path) -> bool:
+    return (folder / DATASET_DICT).is_file() or (folder / DATASET_STATE).is_file()
 
 
 def _read_file(path: Path, text_field: str, warnings: list[str]) -> Iterator[Document]:
-    """A file's documents by its format: JSONL and parquet a record each, anything else one document; .gz and
+    """A file's documents by its format: JSONL, parquet and arrow a record each, anything else one document; .gz and
     .zst files are decompressed as they are read. A corrupt compressed file is an error naming it."""
     fmt, compression = _kind(path)
-    if fmt == "parquet":
-        yield from _read_parquet(path, text_field)
+    if fmt in ("parquet", "arrow"):
+        yield from (_read_parquet if fmt == "parquet" else _read_arrow)(path, text_field, warnings)
         return
     try:
         with _open_binary(path, compression) as stream:
@@ -189,16 +274,19 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
 
 
 def iter_source(source: str, text_field: str, warnings: list[str],
-                include: tuple[str, ...] | list[str] | None = None) -> Iterator[Document]:
-    """The documents of one source (a file, folder, glob, JSONL or parquet file, `-` for standard input, or a
-    bundled corpus name), read lazily, one file at a time. `include`: fnmatch patterns choosing a folder's files
-    (default: FOLDER_SUFFIXES). A source that does not exist (or matches no files) is an error here, before any
-    reading."""
+                include: tuple[str, ...] | list[str] | None = None,
+                dataset_split: str = PrepareConfig.dataset_split) -> Iterator[Document]:
+    """The documents of one source (a file, folder, glob, JSONL, parquet or arrow file, a `datasets` save_to_disk
+    folder, `-` for standard input, or a bundled corpus name), read lazily, one file at a time. `include`: fnmatch
+    patterns choosing a folder's files (default: FOLDER_SUFFIXES); `dataset_split`: the split of a DatasetDict
+    folder. A source that does not exist (or matches no files) is an error here, before any reading."""
     path = Path(source)
     if source == STDIN:
         return _read_stdin(warnings)
     if path.is_file():
         files = [path]
+    elif path.is_dir() and _is_dataset(path):
+        files = _dataset_files(path, dataset_split)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _wanted(p.relative_to(path), include))
         if not files:
@@ -217,39 +305,83 @@ def iter_source(source: str, text_field: str, warnings: list[str],
     return (doc for f in files for doc in _read_file(f, text_field, warnings))
 
 
-def read_sources(sources: list[str], text_field: str = "text",
-                 include: tuple[str, ...] | list[str] | None = None) -> tuple[list[Document], list[str]]:
-    """Documents from files, folders (files found recursively), globs, JSONL, parquet, `-` (stdin) and bundled
-    corpus names.
+def read_sources(sources: list[str], text_field: str = "text", include: tuple[str, ...] | list[str] | None = None,
+                 dataset_split: str = PrepareConfig.dataset_split) -> tuple[list[Document], list[str]]:
+    """Documents from files, folders (files found recursively), globs, JSONL, parquet and arrow files, `datasets`
+    save_to_disk folders, `-` (stdin) and bundled corpus names, as a list (prepare itself streams them).
 
-    A text file is one document; a JSONL line or parquet row is one document (its `text_field`); .gz and .zst
+    A text file is one document; a JSONL line or parquet/arrow row is one document (its `text_field`); .gz and .zst
     files are read through decompression; a bundled corpus names its own documents. `include` chooses a folder's
-    files by fnmatch pattern. Returns the documents and warnings (files with invalid UTF-8).
+    files by fnmatch pattern. Returns the documents and warnings (files with invalid UTF-8, empty documents).
     """
-    docs, warnings, _ = _read_sources(sources, text_field, include)
+    docs, warnings, _ = _read_sources(sources, text_field, include, dataset_split)
     return docs, warnings
 
 
-def _read_sources(sources: list[str], text_field: str,
-                  include: tuple[str, ...] | list[str] | None = None) -> tuple[list[Document], list[str], int]:
+def _read_sources(sources: list[str], text_field: str, include: tuple[str, ...] | list[str] | None = None,
+                  dataset_split: str = PrepareConfig.dataset_split) -> tuple[list[Document], list[str], int]:
     """read_sources, and how many empty documents it left out (named in a warning, counted in the summary)."""
-    not_one_string(sources, "sources")
-    if not sources:
-        raise GptforgeError("no sources given: name files, folders, globs, JSONL or parquet files, - (stdin) or a bundled corpus (e.g. shakespeare)")
-    docs: list[Document] = []
-    warnings: list[str] = []
-    for source in sources:
-        docs.extend(iter_source(source, text_field, warnings, include))
-    empty = [d.name for d in docs if not d.text]
-    docs = [d for d in docs if d.text]
-    if not docs:
-        raise GptforgeError(f"empty corpus: the sources {sources} hold no text")
-    if empty:
-        warnings.append(f"{len(empty)} empty document(s) left out: {', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}")
-    return docs, warnings, len(empty)
+    corpus = _Corpus(sources, text_field, include, dataset_split)
+    docs = list(corpus.documents(survey=True))
+    corpus.finish_survey()
+    return docs, corpus.warnings, corpus.empty
+
+
+class _Corpus:
+    """The non-empty documents of the sources, to be read as often as needed: prepare reads them once to count
+    them, once to train a tokenizer and once to tokenize, so that it never holds the corpus (standard input, one
+    document, is read once and kept). The counting pass (`survey`) collects the warnings and the empty documents."""
+
+    def __init__(self, sources: list[str], text_field: str, include: tuple[str, ...] | list[str] | None,
+                 dataset_split: str):
+        not_one_string(sources, "sources")
+        if not sources:
+            raise GptforgeError("no sources given: name files, folders, globs, JSONL, parquet or arrow files, datasets "
+                                "folders, - (stdin) or a bundled corpus (e.g. shakespeare)")
+        self.sources, self.text_field, self.include, self.split = list(sources), text_field, include, dataset_split
+        for s in self.sources:  # a missing source is an error before any reading
+            if s != STDIN:
+                iter_source(s, text_field, [], include, dataset_split)
+        self.warnings: list[str] = []
+        self.count = self.bytes = self.empty = 0
+        self._stdin: list[Document] | None = None
+
+    def _all(self, warnings: list[str]) -> Iterator[Document]:
+        for s in self.sources:
+            if s == STDIN:
+                if self._stdin is None:
+                    self._stdin = list(_read_stdin(warnings))
+                yield from self._stdin
+            else:
+                yield from iter_source(s, self.text_field, warnings, self.include, self.split)
+
+    def documents(self, survey: bool = False) -> Iterator[Document]:
+        """The non-empty documents in order. With `survey`, also count them, their UTF-8 bytes and the empty ones,
+        and keep the readers' warnings (later passes would only repeat them)."""
+        empty: list[str] = []
+        for doc in self._all(self.warnings if survey else []):
+            if not doc.text:
+                if survey:
+                    self.empty += 1
+                    empty += [doc.name][:3 - len(empty)]
+                continue
+            if survey:
+                self.count += 1
+                self.bytes += len(doc.text.encode())
+            yield doc
+        if survey and self.empty:
+            self.warnings.append(f"{self.empty} empty document(s) left out: {', '.join(empty)}{', ...' if self.empty > 3 else ''}")
+
+    def finish_survey(self) -> None:
+        if not self.count:
+            raise GptforgeError(f"empty corpus: the sources {self.sources} hold no text")
 
 
 # --- splitting and tokenizing ---------------------------------------------------------------------------
+
+# A stream of documents that can be read again, the same each call (the sources re-read, or a list held).
+DocStream = Callable[[], Iterator[Document]]
+
 
 def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
     """Deterministic split by document: the same documents and seed always give the same split.
@@ -257,20 +389,28 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
     At least one document goes to each split when val_fraction > 0. A corpus of a single document is first
     cut at blank lines into about 100 pieces, so that it can still be split.
     """
+    stream, val = _split_plan(lambda: iter(docs), len(docs), val_fraction, seed)
+    pieces = list(stream())
+    return [d for d, v in zip(pieces, val) if not v], [d for d, v in zip(pieces, val) if v]
+
+
+def _split_plan(stream: DocStream, n: int, val_fraction: float, seed: int) -> tuple[DocStream, np.ndarray]:
+    """The documents to split (a single document cut into pieces) and, for document i, whether it goes to val.
+    Only the count is needed up front, so the split streams: `round(val_fraction * n)` documents (at least one,
+    at most n - 1) drawn by a permutation seeded with `seed` go to val; n bytes of mask, not the corpus."""
     if not 0.0 <= val_fraction < 1.0:
         raise GptforgeError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
-        return docs, []
-    if len(docs) == 1:
-        docs = _cut_at_blank_lines(docs[0], pieces=100)
-        if len(docs) < 2:
-            raise GptforgeError(f"{docs[0].name}: one document without blank lines cannot be split; add more documents or use --val-fraction 0")
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    order = np.random.default_rng(seed).permutation(len(docs))
-    val_idx = set(order[:n_val].tolist())
-    train = [d for i, d in enumerate(docs) if i not in val_idx]
-    val = [d for i, d in enumerate(docs) if i in val_idx]
-    return train, val
+        return stream, np.zeros(n, dtype=bool)
+    if n == 1:
+        pieces = _cut_at_blank_lines(next(stream()), pieces=100)
+        if len(pieces) < 2:
+            raise GptforgeError(f"{pieces[0].name}: one document without blank lines cannot be split; add more documents or use --val-fraction 0")
+        stream, n = (lambda: iter(pieces)), len(pieces)
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    val = np.zeros(n, dtype=bool)
+    val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return stream, val
 
 
 def _cut_at_blank_lines(doc: Document, pieces: int) -> list[Document]:
@@ -287,57 +427,127 @@ def _cut_at_blank_lines(doc: Document, pieces: int) -> list[Document]:
     return [Document(f"{doc.name}#{i}", t) for i, t in enumerate(out)]
 
 
-# A newline between two non-space characters is a pre-token boundary for byte-level BPE (GPT-2's split
-# pattern never joins "\n" to a neighbour that is not whitespace), so cutting there encodes identically.
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# Pre-token boundaries of GPT-2's split pattern, where cutting a text encodes identically: after a newline that
+# sits between two non-space characters (the pattern never joins "\n" to a neighbour that is not whitespace), and
+# before a single space between two printable ASCII characters (the space always opens the next pre-token, the
+# character before it always closes one). The space rule lets a huge single line be encoded in parallel too.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[!-~])(?= [!-~])")
 
 
-def _chunks(text: str, size: int) -> list[str]:
-    """Cut text at safe boundaries into pieces of about `size` characters, so one long document can be
-    encoded by many threads at once."""
-    if len(text) <= size:
-        return [text]
-    out, start = [], 0
+def _iter_chunks(text: str, size: int) -> Iterator[str]:
+    """Cut text at safe boundaries into pieces of about `size` characters, so that one long document is encoded by
+    many threads at once (and never held twice)."""
+    start = 0
     while len(text) - start > size:
         m = _SAFE_CUT.search(text, start + size)
         if m is None:
             break
-        out.append(text[start:m.end()])
-        start = m.end()
-    out.append(text[start:])
-    return out
+        yield text[start:m.start()]
+        start = m.start()
+    yield text[start:]
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    return list(_iter_chunks(text, size))
+
+
+def _cuttable(tokenizer: Tokenizer) -> bool:
+    """Does this tokenizer split text with GPT-2's pattern and nothing before it (so that _SAFE_CUT is safe)?"""
+    pre = tokenizer.hf.pre_tokenizer
+    return (isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space
+            and tokenizer.hf.normalizer is None)
+
+
+class _Encoder:
+    """`encode_batch` of a tokenizer as uint32 arrays: through fastencode's tiktoken path when the tokenizer is one
+    it reproduces by construction and the two agree on the first batch's text, else through HF tokenizers."""
+
+    PROBE_CHARS = 1 << 16
+
+    def __init__(self, tok: Tokenizer, fast: bool = True):
+        self.tok = tok
+        self.fast = fast_encoder(tok) if fast else None
+        self.name = "tiktoken" if self.fast is not None else "tokenizers"
+        self.warning: str | None = None
+        self._checked = False
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if self.fast is not None and not self._checked:
+            self._checked = True
+            probe, size = [], 0
+            for t in texts:
+                probe.append(t[:self.PROBE_CHARS - size])
+                size += len(probe[-1])
+                if size >= self.PROBE_CHARS:
+                    break
+            if not agrees(self.tok, self.fast, probe):
+                self.fast.close()
+                self.fast, self.name = None, "tokenizers"
+                self.warning = "tiktoken's ids differed from the tokenizer's on the first documents; encoded with HF tokenizers (slower)"
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
+        return [np.asarray(ids, dtype=np.uint32) for ids in self.tok.encode_batch(texts)]
+
+    def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
+
+
+def _encode_stream(encode: _Encoder, items: Iterator[tuple[Any, Document]], *, batch_chars: int = 1 << 20,
+                   chunk_chars: int = 8192, on_progress: Callable[[int], None] | None = None) -> Iterator[tuple[Any, np.ndarray]]:
+    """(tag, ids) for tagged documents, in order: each document's tokens then EOS. The ids of one batch come out
+    as one array per tag (first-seen order), so a tag's arrays concatenate to its documents' ids in order. A long
+    document is cut at safe boundaries and may span batches: memory is a batch and the current document."""
+    eos = np.array([encode.tok.eos_id], dtype=np.uint32)
+    cut = _cuttable(encode.tok)
+    pending: list[tuple[Any, str, bool]] = []  # (tag, text, last piece of its document)
+    size = 0
+
+    def flush() -> Iterator[tuple[Any, np.ndarray]]:
+        out: dict[Any, list[np.ndarray]] = {}
+        for (tag, _, last), ids in zip(pending, encode([t for _, t, _ in pending])):
+            out.setdefault(tag, []).extend((ids, eos) if last else (ids,))
+        if on_progress is not None:
+            on_progress(sum(len(t.encode()) for _, t, _ in pending))
+        for tag, arrays in out.items():
+            yield tag, np.concatenate(arrays)
+
+    for tag, doc in items:
+        pieces = _iter_chunks(doc.text, chunk_chars) if cut else iter([doc.text])
+        piece = next(pieces)
+        for following in pieces:
+            pending.append((tag, piece, False))
+            size, piece = size + len(piece), following
+            if size >= batch_chars:
+                yield from flush()
+                pending, size = [], 0
+        pending.append((tag, piece, True))
+        size += len(piece)
+        if size >= batch_chars:
+            yield from flush()
+            pending, size = [], 0
+    if pending:
+        yield from flush()
 
 
 def tokenize_documents(tokenizer: Tokenizer, docs: list[Document], *, batch_chars: int = 1 << 20,
-                       chunk_chars: int = 8192, on_progress=None) -> Iterator[np.ndarray]:
-    """Yield one int64 array per document (its tokens then EOS), encoding in parallel batches."""
-    from tokenizers import pre_tokenizers
-
-    cut = isinstance(tokenizer.hf.pre_tokenizer, pre_tokenizers.ByteLevel)
-    pending: list[tuple[int, list[str]]] = []  # (doc index, chunks)
-    pending_chars = 0
-
-    def flush() -> Iterator[np.ndarray]:
-        flat = [c for _, chunks in pending for c in chunks]
-        encoded = tokenizer.encode_batch(flat)
-        k = 0
-        for _, chunks in pending:
-            ids = [i for piece in encoded[k:k + len(chunks)] for i in piece]
-            k += len(chunks)
-            ids.append(tokenizer.eos_id)
-            yield np.asarray(ids, dtype=np.int64)
-        if on_progress is not None:
-            on_progress(sum(len(c.encode()) for c in flat))
-
-    for i, doc in enumerate(docs):
-        chunks = _chunks(doc.text, chunk_chars) if cut else [doc.text]
-        pending.append((i, chunks))
-        pending_chars += len(doc.text)
-        if pending_chars >= batch_chars:
-            yield from flush()
-            pending, pending_chars = [], 0
-    if pending:
-        yield from flush()
+                       chunk_chars: int = 8192, on_progress=None, fast: bool = True) -> Iterator[np.ndarray]:
+    """Yield one int64 array per document (its tokens then EOS), encoding in parallel batches (tiktoken's encoder
+    when it reproduces the tokenizer, see fastencode; `fast=False`: HF tokenizers always)."""
+    encode = _Encoder(tokenizer, fast)
+    held, parts = None, []
+    try:
+        for i, ids in _encode_stream(encode, enumerate(docs), batch_chars=batch_chars, chunk_chars=chunk_chars,
+                                     on_progress=on_progress):
+            if i != held and parts:
+                yield np.concatenate(parts).astype(np.int64)
+                parts = []
+            held = i
+            parts.append(ids)
+        if parts:
+            yield np.concatenate(parts).astype(np.int64)
+    finally:
+        encode.close()
 
 
 # --- writing shards -------------------------------------------------------------------------------------
@@ -388,6 +598,7 @@ class PrepareStats:
     tokenizer_seconds: float
     warnings: list[str]
     empty_documents: int = 0  # files (or JSONL lines) with no text, left out
+    encoder: str = "tokenizers"  # what encoded: "tiktoken" (fastencode) or "tokenizers"
 
     @property
     def bytes_per_token(self) -> float:
@@ -398,17 +609,38 @@ class PrepareStats:
         return self.bytes / 1e6 / max(self.seconds, 1e-9)
 
 
+# A tokenizer is trained on the training documents in order, up to this many characters: enough for any
+# vocabulary gptforge trains (BPE statistics settle long before), and a bound on the trainer's time and memory.
+TOKENIZER_SAMPLE_CHARS = 1 << 30
+
+
+def _training_texts(stream: DocStream, val: np.ndarray) -> Iterator[str]:
+    size = 0
+    for is_val, doc in zip(val, stream()):
+        if not is_val:
+            yield doc.text
+            size += len(doc.text)
+            if size >= TOKENIZER_SAMPLE_CHARS:
+                return
+
+
 def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None = None,
             vocab_size: int = PrepareConfig.vocab_size, val_fraction: float = PrepareConfig.val_fraction,
             seed: int = PrepareConfig.seed, text_field: str = PrepareConfig.text_field,
-            shard_tokens: int = PrepareConfig.shard_tokens, include: tuple[str, ...] = PrepareConfig.include,
-            progress: bool = True, overwrite: bool = False,
-            curate: Callable[[list[Document]], tuple[list[Document], dict]] | None = None) -> PrepareStats:
+            dataset_split: str = PrepareConfig.dataset_split, shard_tokens: int = PrepareConfig.shard_tokens,
+            include: tuple[str, ...] = PrepareConfig.include, progress: bool = True, overwrite: bool = False,
+            curate: Callable[[list[Document]], tuple[list[Document], dict]] | None = None,
+            fast: bool = True) -> PrepareStats:
     """Read sources, train (or load) the tokenizer, split by document, tokenize in parallel, write shards.
     The settings' defaults are PrepareConfig's (`gptforge prepare`'s flags).
 
+    The corpus streams: it is read once to count documents, once to train a tokenizer (when none is given) and
+    once to tokenize, each shard written as tokens come, so memory does not grow with the corpus. `fast=False`
+    encodes with HF tokenizers even where tiktoken's encoder reproduces the tokenizer (fastencode).
+
     `curate`, when given, maps the documents read to the documents kept and a summary stored in meta.json
-    (`gptforge prepare --curate` passes gptforge.curate's steps; they sit above this module, so they come in).
+    (`gptforge prepare --curate` passes gptforge.curate's steps; they sit above this module, so they come in);
+    its steps compare documents with each other, so the corpus is then held in memory.
 
     `out` is checked before any reading (outputs.check_out: not a file, not a source, not a non-empty folder
     unless `overwrite` and it is an earlier prepare's); everything is written to a temporary sibling that
@@ -418,69 +650,101 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str | Path | None
         raise GptforgeError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     out = check_out(out, "data", overwrite=overwrite,
                     inputs=[s for s in sources if Path(s).exists()] + ([tokenizer] if tokenizer else []))
-    docs, warnings, empty = _read_sources(sources, text_field, include)
-    curated = None
-    if curate is not None:
-        docs, curated = curate(docs)
-        if not docs:
-            raise GptforgeError("curation removed every document; see `gptforge curate SOURCE --dry-run` for why")
-    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    stream, n, corpus, curated = _survey(sources, text_field, include, dataset_split, curate)
+    stream, val = _split_plan(stream, n, val_fraction, seed)
 
     t0 = time.perf_counter()
-    tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.train((d.text for d in train_docs), vocab_size)
+    tok = Tokenizer.load(tokenizer) if tokenizer is not None else Tokenizer.train(_training_texts(stream, val), vocab_size)
     tokenizer_seconds = time.perf_counter() - t0
 
     dtype = token_dtype(tok.vocab_size)
-    total_bytes = sum(len(d.text.encode()) for d in train_docs + val_docs)
-    with staged(out, "prepared data") as tmp:
-        splits, seconds = _write_shards(tmp, tok, dtype, train_docs, val_docs, shard_tokens, total_bytes, progress)
-        tok.save(tmp / "tokenizer.json")
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "tokenizer": "tokenizer.json",
-            "tokenizer_fingerprint": tok.fingerprint,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "sources": list(sources),
-            "splits": splits,
-            **({"curate": curated} if curated is not None else {}),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    encode = _Encoder(tok, fast)
+    try:
+        with staged(out, "prepared data") as tmp:
+            splits, seconds = _write_shards(tmp, encode, dtype, stream, val, shard_tokens, corpus.bytes, progress)
+            tok.save(tmp / "tokenizer.json")
+            meta = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "dtype": dtype.name,
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "tokenizer": "tokenizer.json",
+                "tokenizer_fingerprint": tok.fingerprint,
+                "seed": seed,
+                "val_fraction": val_fraction,
+                "sources": list(sources),
+                "splits": splits,
+                **({"curate": curated} if curated is not None else {}),
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    finally:
+        encode.close()
     return PrepareStats(
         documents={s: splits[s]["documents"] for s in splits},
         tokens={s: splits[s]["tokens"] for s in splits},
-        bytes=total_bytes, seconds=seconds, tokenizer_seconds=tokenizer_seconds, warnings=warnings,
-        empty_documents=empty,
+        bytes=sum(splits[s]["bytes"] for s in splits), seconds=seconds, tokenizer_seconds=tokenizer_seconds,
+        warnings=corpus.warnings + ([encode.warning] if encode.warning else []),
+        empty_documents=corpus.empty, encoder=encode.name,
     )
 
 
-def _write_shards(out: Path, tok: Tokenizer, dtype: np.dtype, train_docs: list[Document], val_docs: list[Document],
+def _survey(sources: list[str], text_field: str, include, dataset_split: str,
+            curate: Callable[[list[Document]], tuple[list[Document], dict]] | None) -> tuple[DocStream, int, _Corpus, dict | None]:
+    """Read the sources once: the stream of their documents, how many there are, the corpus (its warnings and
+    empty count) and the curation summary. Curation, and a corpus of one document, hold their documents."""
+    corpus = _Corpus(sources, text_field, include, dataset_split)
+    if curate is not None:
+        docs = list(corpus.documents(survey=True))
+        corpus.finish_survey()
+        docs, curated = curate(docs)
+        if not docs:
+            raise GptforgeError("curation removed every document; see `gptforge curate SOURCE --dry-run` for why")
+        corpus.bytes = sum(len(d.text.encode()) for d in docs)
+        return (lambda: iter(docs)), len(docs), corpus, curated
+    first = None
+    for doc in corpus.documents(survey=True):
+        first = doc if corpus.count == 1 else None  # a one-document corpus is cut for the split: keep it
+    corpus.finish_survey()
+    if corpus.count == 1:
+        return (lambda: iter([first])), 1, corpus, None
+    return corpus.documents, corpus.count, corpus, None
+
+
+def _write_shards(out: Path, encode: _Encoder, dtype: np.dtype, stream: DocStream, val: np.ndarray,
                   shard_tokens: int, total_bytes: int, progress: bool) -> tuple[dict[str, Any], float]:
-    """Tokenize both splits into shard files in `out`; their meta.json entries and the seconds it took."""
+    """Tokenize the documents into train and val shard files in `out` as they stream; their meta.json entries and
+    the seconds it took."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    splits: dict[str, Any] = {}
+    writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
+    counts = {split: {"documents": 0, "bytes": 0} for split in writers}
+
+    def tagged() -> Iterator[tuple[str, Document]]:
+        seen = 0
+        for i, doc in enumerate(stream()):
+            if i >= len(val):
+                break
+            split = "val" if val[i] else "train"
+            counts[split]["documents"] += 1
+            counts[split]["bytes"] += len(doc.text.encode())
+            seen = i + 1
+            yield split, doc
+        if seen != len(val):
+            raise GptforgeError("the sources changed while prepare read them (a different number of documents); run again")
+
     t1 = time.perf_counter()
     columns = [TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("tokenizing", total=total_bytes)
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            writer = ShardWriter(out, split, dtype, shard_tokens)
-            try:
-                for ids in tokenize_documents(tok, split_docs, on_progress=lambda n: bar.advance(task, n)):
-                    writer.write(ids)
-            finally:
-                writer.close()
-            splits[split] = {
-                "documents": len(split_docs),
-                "tokens": sum(s["tokens"] for s in writer.shards),
-                "bytes": sum(len(d.text.encode()) for d in split_docs),
-                "shards": writer.shards,
-            }
+        try:
+            for split, ids in _encode_stream(encode, tagged(), on_progress=lambda n: bar.advance(task, n)):
+                writers[split].write(ids)
+        finally:
+            for w in writers.values():
+                w.close()
+    splits = {split: {"documents": counts[split]["documents"], "tokens": sum(s["tokens"] for s in w.shards),
+                      "bytes": counts[split]["bytes"], "shards": w.shards} for split, w in writers.items()}
     return splits, time.perf_counter() - t1
 
 

@@ -32,7 +32,8 @@ class PrepareConfig:
     vocab_size: int = flag_field(4096, "train a new byte-level BPE of this many tokens")
     val_fraction: float = flag_field(0.05, "share of documents held out for validation")
     seed: int = flag_field(1337, "seed of the document split")
-    text_field: str = flag_field(TEXT_FIELD, "JSONL field or parquet column that holds the text")
+    text_field: str = flag_field(TEXT_FIELD, "JSONL field, or parquet or arrow column, that holds the text")
+    dataset_split: str = flag_field("train", "the split read from a datasets DatasetDict folder (save_to_disk)")
     shard_tokens: int = flag_field(100_000_000, "most tokens per shard file")
     include: tuple[str, ...] = flag_field((), "PATTERN (repeatable): a folder source contributes the files whose name "
                                           "matches one (fnmatch, e.g. '*.py'; with a '/', the path below the folder), any "
