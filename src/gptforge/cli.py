@@ -21,7 +21,8 @@ from pathlib import Path
 from gptforge import __version__
 from gptforge.config import MODEL_PRESETS, LoRAConfig
 from gptforge.errors import GptforgeError
-from gptforge.settings import (CURATE_SEED, DEDUP_STEPS, INT4_GROUP_SIZE, INT4_GROUP_SIZES, LOAD_DEVICE, LOAD_DTYPE,
+from gptforge.settings import (CURATE_SEED, DEDUP_STEPS, INT4_GROUP_SIZE, INT4_GROUP_SIZES, KV_DTYPE, LOAD_DEVICE,
+                               LOAD_DTYPE, KVDtype,
                                RULES, TEXT_FIELD, BenchConfig, CurateConfig, DemoConfig, DistillConfig, EvalConfig,
                                ExportGgufConfig,
                                FinetuneSpec, PlanConfig, PrepareConfig, PruneConfig, SamplingParams, ServeConfig,
@@ -330,6 +331,9 @@ def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
                 threads_note="; 1 is much faster on a machine busy with other work")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
+    p.add_argument("--kv-dtype", default=KV_DTYPE, choices=typing.get_args(KVDtype),
+                   help=f"how the KV cache stores keys and values (default {KV_DTYPE}: the weights' dtype); bf16 or "
+                        "int8 take less memory at a little perplexity (docs/generate.md)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -359,7 +363,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
     options = field_values(args, SamplingParams) | {"stop": tuple(args.stop or ()),
-                                                    "compile": True if args.compile else None}
+                                                    "compile": True if args.compile else None,
+                                                    "kv_dtype": args.kv_dtype}
     if args.ignore_eos:
         options["stop_at_eos"] = False
     if args.chat:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from gptforge.errors import GptforgeError
 from gptforge.kvcache import KVCache
+from gptforge.prefix_cache import BLOCK, PrefixCache
 from gptforge.sampling import SamplingParams, TokenPicker, exp_noise, generator, policy_groups, token_logprobs
 from gptforge.text import TextRow, fit_prompts, stop_ids
 from gptforge.tokenizer import Tokenizer
@@ -31,6 +32,7 @@ class SeqEvent:
     logprob: float | None = None  # of `token` under the model, before penalties and filters (if asked)
     top: list[tuple[int, float]] | None = None  # the most likely ids and their logprobs (if asked)
     finish_reason: str | None = None  # "stop" or "length" on a sequence's last event: its row is free again
+    cached_tokens: int = 0  # of the sequence's prompt, those whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -45,6 +47,8 @@ class _Seq:
     length: int = 0  # tokens in its cache row: the slot its next fed token is written to
     generated: int = 0
     token: int = 0  # the last id sampled, fed at the next forward
+    cached: int = 0  # prompt tokens copied from the prefix cache
+    fed: list[int] = field(default_factory=list)  # ids fed after the prompt: its row holds prompt + fed
 
 
 class BatchEngine:
@@ -66,23 +70,36 @@ class BatchEngine:
     When nothing is decoding, nothing waits on the prefill, and everything pending is prefilled at once.
     Only `filling[0]` can be partly prefilled; it lives in row n, just past the decoding rows.
 
+    Prefix caching (`prefix_cache_tokens` > 0; prefix_cache.py): when a prompt starts its prefill, the keys
+    and values of its longest prefix of whole blocks seen before (prompts, and what earlier sequences
+    generated) are copied into its row, and only the rest is prefilled; at least its last token always is,
+    for the logits its first sample needs. Slot = position, so the copied keys sit where they were computed.
+    A prompt whose next blocks a prompt ahead of it in the same prefill is computing waits one forward and
+    takes them from the cache (a batch of prompts sharing a system prompt prefills it once).
+
     A sequence's tokens do not depend on its batch-mates: a greedy or seeded sequence decodes the same text
     alone as with others (up to the float rounding of batched matmuls, as for `generate_steps`' batches), and
-    the same as `complete` with the same options, however its prompt was chunked. Not thread-safe: one thread
-    (the server's scheduler) calls it.
+    the same as `complete` with the same options, however its prompt was chunked or taken from the prefix
+    cache. Not thread-safe: one thread (the server's scheduler) calls it. kv_dtype: the cache's storage
+    (kvcache.KVCache).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int, max_prefill_tokens: int | None = None):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int, max_prefill_tokens: int | None = None,
+                 *, prefix_cache_tokens: int = 0, kv_dtype: str = "auto"):
         if max_batch < 1:
             raise GptforgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise GptforgeError(f"max_prefill_tokens must be >= 1 (or None: no limit), got {max_prefill_tokens}")
+        if prefix_cache_tokens < 0:
+            raise GptforgeError(f"prefix_cache_tokens must be >= 0 (0: no prefix cache), got {prefix_cache_tokens}")
         cfg = model.config
         weight = next(model.parameters())
         self.model, self.tokenizer, self.max_batch, self.block_size = model, tokenizer, max_batch, cfg.block_size
         self.max_prefill_tokens = max_prefill_tokens
         self.device, self.vocab = weight.device, tokenizer.vocab_size
-        self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=weight.dtype, static=False)
+        self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=weight.dtype, static=False,
+                             kv_dtype=kv_dtype)
+        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens >= BLOCK else None
         self.logits = torch.zeros(max_batch, self.vocab, device=self.device)  # each row's next-token logits
         self.picker = TokenPicker(max_batch, self.vocab, self.device)  # each row's penalty state
         self.rows: list[_Seq] = []  # decoding: rows[i] lives in cache row i
@@ -122,16 +139,23 @@ class BatchEngine:
                              generator(params, self.device), TextRow(self.tokenizer, params.stop), ids, max_new))
         self.filling.extend(news)
         if self.max_prefill_tokens is None:
-            self._prefill(None)
+            self._prefill_all()
         return [s.id for s in news]
+
+    def _prefill_all(self) -> None:
+        while self.filling:  # one forward, unless a prompt waits for the prefix a prompt ahead computes
+            self._prefill(None)
 
     def _prefill(self, budget: int | None) -> None:
         """One forward over the first sequences of `filling`, at most `budget` token positions (None: all of
         them); those whose prompt is then complete join the decoding rows, to be sampled by the next step."""
-        take: list[tuple[_Seq, int]] = []  # (sequence, chunk length)
+        take: list[tuple[_Seq, int, int]] = []  # (sequence, its first slot in this forward, chunk length)
         T = 0  # the forward's width: the longest chunk
         for s in self.filling:
-            rest = len(s.prompt) - s.length
+            start = s.length if s.length or self.prefix is None else self._reusable(s, take)
+            if start is None:  # the prompt ahead computes the next blocks of this one: take them next forward
+                break
+            rest = len(s.prompt) - start
             if budget is None:
                 c = rest
             else:
@@ -140,29 +164,34 @@ class BatchEngine:
                 if widest < max(T, 1):
                     break
                 c = min(rest, widest)
-            take.append((s, c))
+            take.append((s, start, c))
             T = max(T, c)
             if c < rest:  # cut here; the rest of this prompt goes first at the next step
                 break
         if not take:
             return
         n, k, dev = len(self.rows), len(take), self.device
-        starts = torch.tensor([s.length for s, _ in take], device=dev)  # (k,)
-        chunk = torch.tensor([c for _, c in take], device=dev)  # (k,)
-        idx = torch.tensor([s.prompt[s.length: s.length + c] + [0] * (T - c) for s, c in take], device=dev)  # (k, T)
+        view = self.cache.rows(slice(n, n + k))
+        for i, (s, start, _) in enumerate(take):
+            if s.length == 0:
+                view.valid[i].zero_()  # the row may still hold a retired sequence
+                if start:  # the prefix cache's blocks, into its row
+                    self.cache.put_span(n + i, 0, self.prefix.lookup(s.prompt, start))
+                    s.length = s.cached = start
+        starts = torch.tensor([s.length for s, _, _ in take], device=dev)  # (k,)
+        chunk = torch.tensor([c for _, _, c in take], device=dev)  # (k,)
+        idx = torch.tensor([s.prompt[s.length: s.length + c] + [0] * (T - c) for s, _, c in take], device=dev)  # (k, T)
         # slot = position. A padding slot is clamped to the last one: a prompt never reaches it (at least one
         # token is always left to generate), so padding never overwrites a real key; it is marked invalid.
         slots = (starts[:, None] + torch.arange(T, device=dev)).clamp(max=self.block_size - 1)  # (k, T)
         real = torch.arange(T, device=dev) < chunk[:, None]  # (k, T)
-        view = self.cache.rows(slice(n, n + k))
-        for i, (s, _) in enumerate(take):
-            if s.length == 0:
-                view.valid[i].zero_()  # the row may still hold a retired sequence
         view.prepare(slots, real, end=int(slots.max()) + 1)
         logits = self.model(idx, slots, view, last=chunk - 1)[:, 0]  # (k, V): at each chunk's last token
-        for s, c in take:
+        for i, (s, _, c) in enumerate(take):
             s.length += c
-        done = [i for i, (s, _) in enumerate(take) if s.length == len(s.prompt)]  # a prefix of `take`
+            if self.prefix is not None:
+                self.prefix.insert(s.prompt[: s.length], self.cache, n + i)
+        done = [i for i, (s, _, _) in enumerate(take) if s.length == len(s.prompt)]  # a prefix of `take`
         if not done:
             return
         rows = torch.arange(n, n + len(done), device=dev)
@@ -170,6 +199,16 @@ class BatchEngine:
         self.picker.start(n, [take[i][0].prompt for i in done])
         self.rows.extend(self.filling[: len(done)])
         del self.filling[: len(done)]
+
+    def _reusable(self, s: _Seq, take: list[tuple[_Seq, int, int]]) -> int | None:
+        """Where a new prompt's prefill starts: after its longest cached prefix, leaving at least its last token
+        to compute; None when a prompt ahead in this forward computes a longer prefix of it (wait for that)."""
+        limit = len(s.prompt) - 1
+        hit = self.prefix.match(s.prompt, limit)
+        for t, start, c in take:
+            if _common(s.prompt[:limit], t.prompt[: start + c]) // BLOCK * BLOCK > hit:
+                return None
+        return hit
 
     def cancel(self, seq: int) -> bool:
         """Free a sequence's row now (its client went away); False if it is not live."""
@@ -186,13 +225,16 @@ class BatchEngine:
     def _move(self, src: int, dst: int, n: int) -> None:
         """Copy cache row `src`'s first n slots, and its per-row state, to row `dst`."""
         for kv in self.cache.layers:
-            kv.k[dst, :, :n] = kv.k[src, :, :n]
-            kv.v[dst, :, :n] = kv.v[src, :, :n]
+            for buf in kv.buffers():  # keys and values (and int8 scales)
+                buf[dst, :, :n] = buf[src, :, :n]
         for t in (self.cache.valid, self.logits):
             t[dst] = t[src]
         self.picker.move(src, dst)
 
     def _retire(self, r: int) -> None:
+        if self.prefix is not None:  # what it generated may open a later prompt (a chat's next turn)
+            s = self.rows[r]
+            self.prefix.insert(s.prompt + s.fed, self.cache, r)
         last = len(self.rows) - 1
         if r != last:  # the last row moves into the hole: the decoding rows stay 0..n-1
             self._move(last, r, self.rows[last].length)
@@ -210,7 +252,7 @@ class BatchEngine:
         to its clients then, so each token goes out one forward earlier and its delivery (another thread's
         Python work) overlaps the forward instead of following it."""
         if self.filling:
-            self._prefill(self.max_prefill_tokens if self.rows else None)
+            self._prefill(self.max_prefill_tokens) if self.rows else self._prefill_all()
         n = len(self.rows)
         if n == 0:
             return []
@@ -237,7 +279,7 @@ class BatchEngine:
     def _event(self, s: _Seq, tok: int, logprobs: tuple) -> SeqEvent:
         """Sequence s's event for its new id `tok`: the text it releases, and its end (stop, or length)."""
         s.generated, s.token = s.generated + 1, tok
-        ev = SeqEvent(s.id, tok, "")
+        ev = SeqEvent(s.id, tok, "", cached_tokens=s.cached)
         if s.params.logprobs or s.params.top_logprobs:
             ev.logprob = logprobs[0]
         if s.params.top_logprobs:
@@ -262,3 +304,13 @@ class BatchEngine:
         self.logits[:n] = self.model(ids, lens, view)[:, -1, : self.vocab].float()
         for s in self.rows:
             s.length += 1
+            s.fed.append(s.token)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -29,7 +29,7 @@ from gptforge.kvcache import KVCache
 from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
 from gptforge.sampling import SamplingParams, TokenPicker, exp_noise, generator, policy_groups, token_logprobs
-from gptforge.settings import LOAD_DEVICE, LOAD_DTYPE
+from gptforge.settings import KV_DTYPE, LOAD_DEVICE, LOAD_DTYPE
 from gptforge.text import TextRow, fit_prompts, prompt_ids, prompt_list, stop_ids
 from gptforge.tokenizer import Tokenizer
 
@@ -62,9 +62,11 @@ def compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
     return torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
 
 
-def _prefill(model: nn.Module, prompts: list[list[int]], length: int, static: bool) -> tuple[KVCache, torch.Tensor]:
-    """A cache of `length` slots per row holding the prompts, left-padded to the longest (T), and the logits
-    (B, V) of each prompt's last token. Each row's positions count from its first real token."""
+def _prefill(model: nn.Module, prompts: list[list[int]], length: int, static: bool,
+             kv_dtype: str = KV_DTYPE) -> tuple[KVCache, torch.Tensor]:
+    """A cache of `length` slots per row (keys and values stored as kv_dtype) holding the prompts, left-padded to
+    the longest (T), and the logits (B, V) of each prompt's last token. Each row's positions count from its
+    first real token."""
     weight = next(model.parameters())
     device = weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -73,7 +75,7 @@ def _prefill(model: nn.Module, prompts: list[list[int]], length: int, static: bo
     cols = torch.arange(T, device=device)
     real = cols[None, :] >= pad[:, None]  # (B, T)
     pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-    cache = KVCache(model.config, B, length, device=device, dtype=weight.dtype, static=static)
+    cache = KVCache(model.config, B, length, device=device, dtype=weight.dtype, static=static, kv_dtype=kv_dtype)
     cache.prepare(cols, real, end=T)
     return cache, model(idx, pos, cache, last=torch.full((B,), T - 1, device=device))[:, 0]
 
@@ -81,7 +83,7 @@ def _prefill(model: nn.Module, prompts: list[list[int]], length: int, static: bo
 @torch.no_grad()
 def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingParams, *, vocab_size: int,
                    stop_ids: tuple[int, ...] = (), finished: list[bool] | None = None,
-                   compile: bool | None = None) -> Iterator[Step]:
+                   compile: bool | None = None, kv_dtype: str = KV_DTYPE) -> Iterator[Step]:
     """Prefill the prompts (token ids) in one forward, then decode one token per row per step.
 
     A row finishes after any id in `stop_ids`; the caller may also finish rows by setting `finished[i]`
@@ -92,6 +94,9 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     CUDA only. On CPU the eager step on the native kernels (decode_layout) measured faster than the compiled
     one (the demo shape: 823 vs 756 tokens/s), and each new (batch, cache length) costs ~30 s of compilation
     on 2 cores (docs/BENCHMARKS.md).
+
+    kv_dtype: how the KV cache stores keys and values (settings.KV_DTYPES; kvcache.KVCache): auto is the
+    weights' dtype; bf16 or int8 take less memory at long context and batch, read back as the weights' dtype.
     """
     cfg = model.config
     prompts = fit_prompts(prompt_list(prompts), params, cfg.block_size)
@@ -105,7 +110,7 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     S = T + max_new
     if static:
         S = min(cfg.block_size, -(-S // 64) * 64)  # a few cache lengths, so a few graph captures, not one per call
-    cache, logits = _prefill(model, prompts, S, static)
+    cache, logits = _prefill(model, prompts, S, static, kv_dtype)
     picker = TokenPicker(B, vocab_size, device)
     picker.start(0, prompts)
     groups = policy_groups([params] * B)  # one setting for every row
@@ -172,7 +177,7 @@ class Completion:
 
 
 def _run(model: nn.Module, tokenizer: Tokenizer, prompts: list, params: SamplingParams,
-         results: list[Completion], compile: bool | None = None) -> Iterator[tuple[int, str]]:
+         results: list[Completion], compile: bool | None = None, kv_dtype: str = KV_DTYPE) -> Iterator[tuple[int, str]]:
     """Yield (row, text delta) as rows decode; fill `results` with one Completion per prompt."""
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     rows = [TextRow(tokenizer, params.stop) for _ in prompts]
@@ -181,7 +186,7 @@ def _run(model: nn.Module, tokenizer: Tokenizer, prompts: list, params: Sampling
     finished = [False] * len(prompts)
     stops = stop_ids(tokenizer, params)
     steps = generate_steps(model, ids, params, vocab_size=tokenizer.vocab_size, stop_ids=stops, finished=finished,
-                           compile=compile)
+                           compile=compile, kv_dtype=kv_dtype)
     for s in steps:
         for r, i in enumerate(s.ids):
             if i is None:
@@ -212,33 +217,34 @@ def _params(kwargs: dict) -> SamplingParams:
 
 
 def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int], *, compile: bool | None = None,
-           **options) -> Iterator[str]:
+           kv_dtype: str = KV_DTYPE, **options) -> Iterator[str]:
     """Yield the continuation of one `prompt` (text, or token ids) as text deltas, each valid UTF-8, as it is
     generated.
 
     options are the fields of SamplingParams (max_new_tokens, temperature, top_k, top_p, min_p, penalties,
     seed, stop, stop_at_eos, truncate_prompt), with its defaults. A stop string is never yielded, not even in part.
+    kv_dtype: the KV cache's storage (generate_steps).
     """
     results: list[Completion] = []
-    for _, delta in _run(model, tokenizer, [prompt], _params(options), results, compile):
+    for _, delta in _run(model, tokenizer, [prompt], _params(options), results, compile, kv_dtype):
         yield delta
 
 
 def stream_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], *,
-                 compile: bool | None = None, **options) -> Iterator[tuple[int, str]]:
+                 compile: bool | None = None, kv_dtype: str = KV_DTYPE, **options) -> Iterator[tuple[int, str]]:
     """Like `stream` for a list of prompts decoded together: yields (prompt index, text delta). A single string
     is refused (it is not a list of prompts; use `stream`)."""
     results: list[Completion] = []
-    yield from _run(model, tokenizer, prompt_list(prompts), _params(options), results, compile)
+    yield from _run(model, tokenizer, prompt_list(prompts), _params(options), results, compile, kv_dtype)
 
 
 def complete(model: nn.Module, tokenizer: Tokenizer, prompts: str | Sequence[str | Sequence[int]], *,
-             compile: bool | None = None, **options) -> Completion | list[Completion]:
+             compile: bool | None = None, kv_dtype: str = KV_DTYPE, **options) -> Completion | list[Completion]:
     """Completions (text, ids, finish reason, logprobs when asked) of a list of prompts decoded as one batch:
     one Completion per prompt. A single string is one prompt, and gets one Completion (not a list)."""
     results: list[Completion] = []
     batch = [prompts] if isinstance(prompts, str) else prompt_list(prompts)
-    for _ in _run(model, tokenizer, batch, _params(options), results, compile):
+    for _ in _run(model, tokenizer, batch, _params(options), results, compile, kv_dtype):
         pass
     return results[0] if isinstance(prompts, str) else results
 

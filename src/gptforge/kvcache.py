@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import native
+from gptforge.errors import GptforgeError
+
+# What `kv_dtype` names (settings.KV_DTYPES): the dtype the keys and values are stored in; None is the model's.
+STORAGE = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 class KVCache:
@@ -22,15 +26,31 @@ class KVCache:
     With `static=True` attention always spans all S slots (unwritten ones masked), so every decode step has
     the same shapes and can be captured once as a CUDA graph; otherwise it spans only the slots written so
     far, which reads less memory per step in eager mode.
+
+    kv_dtype stores the keys and values in another dtype than the model's (settings.KV_DTYPES): "bf16" halves
+    an fp32 model's cache, "int8" quarters it (one fp32 scale per token and head, absmax / 127, as KIVI and
+    llama.cpp's q8_0 cache keep one per group). They are widened back to the model's dtype when read, so the
+    attention math is the model's own (fp32 for an fp32 model); only the stored values are rounded.
     """
 
-    def __init__(self, cfg, batch: int, length: int, *, device: torch.device, dtype: torch.dtype, static: bool):
+    def __init__(self, cfg, batch: int, length: int, *, device: torch.device, dtype: torch.dtype, static: bool,
+                 kv_dtype: str = "auto"):
+        if kv_dtype not in STORAGE:
+            raise GptforgeError(f"kv_dtype must be one of {', '.join(STORAGE)}, got {kv_dtype!r}")
+        store = STORAGE[kv_dtype] or dtype
         shape = (batch, cfg.kv_heads, length, cfg.head_dim)
-        self.layers = [_LayerKV(self, torch.zeros(shape, device=device, dtype=dtype),
-                                torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+
+        def buffers() -> list[torch.Tensor]:  # keys, values, and with int8 a scale per token and head (B, K, S, 1)
+            kv = [torch.zeros(shape, device=device, dtype=store) for _ in range(2)]
+            scales = [torch.zeros(shape[:-1] + (1,), device=device) for _ in range(2)] if store == torch.int8 else []
+            return kv + scales
+
+        self.layers = [_LayerKV(self, *buffers()) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
-        self.length, self.static, self.dtype = length, static, dtype
-        self.native = device.type == "cpu" and not static and native.available()  # csrc/attention.cpp, block.cpp
+        self.length, self.static, self.dtype, self.store = length, static, dtype, store
+        # csrc/attention.cpp and block.cpp read and write the model's dtype: another storage dtype takes the
+        # PyTorch path (native/layout.py's DecodeBlock checks this flag too).
+        self.native = device.type == "cpu" and not static and native.available() and store == dtype
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self._zero = torch.zeros((), dtype=dtype, device=device)
         self.mask = self.valid[:, None, None, :]
@@ -38,7 +58,7 @@ class KVCache:
         if static and device.type == "cuda":
             # Buffers at fixed addresses are what lets a CUDA graph replay write into them (HF StaticCache does
             # the same); without this, cudagraph trees would copy them on every step or refuse to capture.
-            for t in [self.valid] + [b for kv in self.layers for b in (kv.k, kv.v)]:
+            for t in [self.valid] + [b for kv in self.layers for b in kv.buffers()]:
                 torch._dynamo.mark_static_address(t)
 
     def prepare(self, slots: torch.Tensor, real: torch.Tensor | None, end: int | None = None) -> None:
@@ -81,19 +101,41 @@ class KVCache:
     def _select(self, r: slice | torch.Tensor) -> KVCache:
         # Indexing by a slice gives views of the storage (rows), by a tensor of indices copies (copy_rows).
         out = KVCache.__new__(KVCache)
-        out.layers = [_LayerKV(out, kv.k[r], kv.v[r]) for kv in self.layers]
+        out.layers = [_LayerKV(out, *(b[r] for b in kv.buffers())) for kv in self.layers]
         out.valid = self.valid[r]
         out.length, out.static, out.dtype, out.native = self.length, self.static, self.dtype, self.native
+        out.store = self.store
         out._zero = self._zero
         out.slots, out.mask, out.end = self.slots, out.valid[:, None, None, :], self.end
         return out
+
+    def span(self, row: int, start: int, stop: int) -> list[torch.Tensor]:
+        """Copies of row `row`'s slots start..stop-1, every layer stacked: one (L, K, n, Hd) tensor per buffer
+        (keys, values, then with int8 their scales (L, K, n, 1)), in the storage dtype (the prefix cache's
+        blocks)."""
+        return [torch.stack(bufs) for bufs in zip(*(kv.buffers(row, start, stop) for kv in self.layers))]
+
+    def put_span(self, row: int, start: int, parts: list[torch.Tensor]) -> None:
+        """Write `span`'s tensors into row `row` from slot `start` on, and mark those slots valid."""
+        n = parts[0].shape[2]
+        for i, kv in enumerate(self.layers):
+            for buf, part in zip(kv.buffers(row, start, start + n), parts):
+                buf.copy_(part[i])
+        self.valid[row, start: start + n] = True
 
 
 class _LayerKV:
     """One layer's view of the cache: what CausalSelfAttention calls `kv.attend(q, k, v)` on."""
 
-    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
         self.cache, self.k, self.v = cache, k, v
+        self.k_scale, self.v_scale = k_scale, v_scale  # int8 storage only: (B, K, S, 1)
+
+    def buffers(self, row: int | None = None, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """The stored tensors (keys, values, and with int8 their scales), or views of one row's slots."""
+        bufs = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.k_scale is not None else [])
+        return bufs if row is None else [b[row, :, start:stop] for b in bufs]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this call's k, v (B, K, T, Hd) at the cache's slots; attention of q (B, H, T, Hd) over the
@@ -106,13 +148,30 @@ class _LayerKV:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, enable_gqa=q.shape[1] != k.shape[1])
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, Hd) at the cache's slots; the cached keys and values up to `cache.end`."""
-        c = self.cache
-        if c.slots.dim() == 1:
-            self.k.index_copy_(2, c.slots, k)  # (B, K, S, Hd) <- (B, K, T, Hd) at slots
-            self.v.index_copy_(2, c.slots, v)
+        """Write k, v (B, K, T, Hd) at the cache's slots; the cached keys and values up to `cache.end`, in k's
+        dtype (widened from the storage dtype when that is another one)."""
+        c, dtype = self.cache, k.dtype
+        if c.store == torch.int8:
+            (k, ks), (v, vs) = _quantize(k), _quantize(v)
+            self._write(self.k_scale, ks)
+            self._write(self.v_scale, vs)
+        self._write(self.k, k.to(c.store))
+        self._write(self.v, v.to(c.store))
+        k, v = self.k[:, :, : c.end], self.v[:, :, : c.end]
+        if c.store == torch.int8:
+            return k.to(dtype) * self.k_scale[:, :, : c.end].to(dtype), v.to(dtype) * self.v_scale[:, :, : c.end].to(dtype)
+        return k.to(dtype), v.to(dtype)  # no copy when the storage is the model's dtype
+
+    def _write(self, buf: torch.Tensor, x: torch.Tensor) -> None:
+        slots = self.cache.slots
+        if slots.dim() == 1:
+            buf.index_copy_(2, slots, x)  # (B, K, S, X) <- (B, K, T, X) at slots
         else:  # each row at its own slots (B, T)
-            at = c.slots[:, None, :, None].expand_as(k)  # (B, K, T, Hd)
-            self.k.scatter_(2, at, k)
-            self.v.scatter_(2, at, v)
-        return self.k[:, :, : c.end], self.v[:, :, : c.end]
+            buf.scatter_(2, slots[:, None, :, None].expand_as(x), x)
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, K, T, Hd) as int8 and one fp32 scale per token and head (B, K, T, 1): round(x / scale), with
+    scale = absmax / 127, so every value is within half a step of x."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-8) / 127  # (B, K, T, 1)
+    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale

@@ -156,6 +156,10 @@ def threshold_fields() -> list:
 # CPU (hardware.resolve_device), in bfloat16 on CUDA and float32 elsewhere (loader.resolve_dtype).
 LOAD_DEVICE = "auto"
 LOAD_DTYPE = "auto"
+# How generate and serve store the KV cache (kvcache.KVCache): auto is the weights' dtype; bf16 halves an fp32
+# cache, int8 (one scale per token and head) quarters it; read back as the weights' dtype (docs/generate.md).
+KVDtype = Literal["auto", "fp32", "bf16", "int8"]
+KV_DTYPE = "auto"
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,13 @@ class ServeConfig:
     max_prefill_tokens: int | None = flag_field(64, "prompt tokens prefilled between two decode steps; longer prompts "
                                                     "and waves of requests are prefilled in chunks over several steps, "
                                                     "so running streams keep flowing")
+    # Automatic prefix caching (engine.py, prefix_cache.py): a prompt opening with blocks of 16 tokens seen
+    # before reuses their keys and values; bytes per token: 2 x layers x kv heads x head size x the KV dtype's.
+    prefix_cache_tokens: int = flag_field(8192, "tokens of prompt keys/values kept for reuse by later prompts "
+                                                "sharing a prefix (least recently used dropped first); 0 turns "
+                                                "the prefix cache off")
+    kv_dtype: KVDtype = flag_field(KV_DTYPE, "how the KV cache stores keys and values: auto (the weights' dtype), "
+                                             "fp32, bf16 or int8 (less memory, a little perplexity)")
     max_tokens: int | None = flag_field(None, "most completion tokens per choice (default: the context)")
     max_n: int = 16  # most choices per request
     max_body_bytes: int = flag_field(1_000_000, "largest request body in bytes")
@@ -261,7 +272,8 @@ class ServeConfig:
         def bad(name: str, rule: str) -> GptforgeError:  # named as the field and as its flag
             return GptforgeError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {getattr(self, name)}")
 
-        for name, low in [("max_batch", 1), ("max_queue", 1), ("max_n", 1), ("max_body_bytes", 1)]:
+        for name, low in [("max_batch", 1), ("max_queue", 1), ("max_n", 1), ("max_body_bytes", 1),
+                          ("prefix_cache_tokens", 0)]:
             if getattr(self, name) < low:
                 raise bad(name, f">= {low}")
         for name in ("max_prompt_tokens", "max_tokens"):

@@ -95,7 +95,8 @@ class _Service:
         self.tok, self.cfg, self.name = tokenizer, cfg, model_name
         self.block_size = model.config.block_size
         self.metrics = Metrics()
-        engine = BatchEngine(model, tokenizer, cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens)
+        engine = BatchEngine(model, tokenizer, cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens,
+                             prefix_cache_tokens=cfg.prefix_cache_tokens, kv_dtype=cfg.kv_dtype)
         self.scheduler = Scheduler(engine, self.metrics, cfg.max_queue)
         self.parser = RequestParser(tokenizer, self.block_size, cfg, model_name)
         self.embedder = Embedder(model, tokenizer, cfg.embedding_pooling)
@@ -195,6 +196,12 @@ class _Call:
     def completion_tokens(self) -> int:
         return sum(len(c.tokens) for c in self.choices)
 
+    def cached_tokens(self) -> int:
+        """Prompt tokens read from the prefix cache, each prompt once (its choices' best)."""
+        n = self.req.n
+        cached = [c.tokens[0].cached_tokens if c.tokens else 0 for c in self.choices]
+        return sum(max(cached[i:i + n]) for i in range(0, len(cached), n))
+
     async def collect(self, request: Request) -> dict:
         """The whole answer; a client that leaves meanwhile cancels its jobs (checked every half second)."""
         pending, checked = len(self.jobs), time.monotonic()
@@ -222,7 +229,7 @@ class _Call:
             self.svc.scheduler.cancel(self.jobs)  # no-op for finished jobs; frees the others on any error
         events = [[ev for ev in c.tokens if ev.token not in j.stop_ids] for c, j in zip(self.choices, self.jobs)]
         return self.shape.response([c.text for c in self.choices], [c.finish_reason for c in self.choices], events,
-                                   self.completion_tokens())
+                                   self.completion_tokens(), self.cached_tokens())
 
     async def stream(self):
         """Server-sent events: one chunk per text delta, a finish chunk per choice, the usage, [DONE]."""
@@ -251,7 +258,7 @@ class _Call:
                     pending -= 1
                     yield self.shape.chunk(index, None if self.req.chat else "", item.finish_reason, held[index],
                                            len(c.text))
-        for line in self.shape.closing(self.completion_tokens()):
+        for line in self.shape.closing(self.completion_tokens(), self.cached_tokens()):
             yield line
 
 

@@ -373,10 +373,11 @@ class Shaper:
             return {"content": [self._logprob_entry(ev) for ev in events]}
         return self._legacy_logprobs(events, offset)
 
-    def usage(self, completion_tokens: int) -> dict:
+    def usage(self, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        """cached_tokens: of the prompt tokens, those read from the prefix cache (engine.SeqEvent)."""
         prompt = sum(len(p) for p in self.req.prompts)  # each prompt once, however many choices it has
         return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                "total_tokens": prompt + completion_tokens}
+                "total_tokens": prompt + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
     def _echoed(self, i: int, text: str, lp: dict | None) -> tuple[str, dict | None]:
         """Choice i's prompt before its text and, with logprobs, its tokens before the generated ones: the first
@@ -398,7 +399,7 @@ class Shaper:
                              "text_offset": offsets + [len(head) + o for o in lp["text_offset"]]}
 
     def response(self, texts: list[str], finish: list[str | None], events: list[list[SeqEvent]],
-                 completion_tokens: int) -> dict:
+                 completion_tokens: int, cached_tokens: int = 0) -> dict:
         """The whole answer: `events` per choice are the tokens whose logprobs are reported (no stop ids)."""
         choices = []
         for i, (text, reason, evs) in enumerate(zip(texts, finish, events)):
@@ -410,7 +411,8 @@ class Shaper:
                                 "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": lp})
-        return {**self.head, "object": self.object, "choices": choices, "usage": self.usage(completion_tokens)}
+        return {**self.head, "object": self.object, "choices": choices,
+                "usage": self.usage(completion_tokens, cached_tokens)}
 
     @staticmethod
     def sse(payload: dict) -> str:
@@ -438,10 +440,10 @@ class Shaper:
             payload["usage"] = None
         return self.sse(payload)
 
-    def closing(self, completion_tokens: int) -> list[str]:
+    def closing(self, completion_tokens: int, cached_tokens: int = 0) -> list[str]:
         """The usage chunk when asked for, then [DONE]."""
         usage = [self.sse({**self.head, "object": self.chunk_object, "choices": [],
-                           "usage": self.usage(completion_tokens)})] if self.req.include_usage else []
+                           "usage": self.usage(completion_tokens, cached_tokens)})] if self.req.include_usage else []
         return usage + ["data: [DONE]\n\n"]
 
     def error_event(self, e: APIError) -> str:
