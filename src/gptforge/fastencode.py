@@ -137,7 +137,7 @@ def _ranks(spec: dict) -> dict[bytes, int] | None:
 def fast_encoder(tok: Tokenizer, threads: int | None = None) -> FastEncoder | None:
     """A FastEncoder equal to `tok` by construction, or None (tiktoken missing, or a tokenizer whose ids tiktoken
     cannot reproduce). `threads` defaults to every core."""
-    if tiktoken is None:
+    if tiktoken is None or not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
         return None
     spec = json.loads(tok.hf.to_str())
     if _why_not(spec) is not None:
