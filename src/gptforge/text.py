@@ -15,10 +15,11 @@ from gptforge.tokenizer import Tokenizer
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids: text is encoded, token ids (a list or tuple of ints, e.g. a chat rendered by
-    Tokenizer.encode_chat) are taken as they are. An empty text starts a new document: the model saw EOS
-    before every document in training."""
+    Tokenizer.encode_chat) are taken as they are. Text starts a sequence, so it gets the tokenizer's BOS where it
+    puts one (Llama, Gemma, Mistral). An empty text starts a new document: the model saw EOS (or BOS) before every
+    document in training."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+        return tokenizer.encode(prompt, start=True) if prompt else list(tokenizer.start_ids or [tokenizer.eos_id])
     if isinstance(prompt, (list, tuple)) and _token_ids(prompt):
         return list(prompt)
     raise GptforgeError(f"a prompt is a string or a list of token ids (ints), got {_kind(prompt)}")
@@ -68,23 +69,24 @@ def fit_prompts(prompts: list[list[int]], p: SamplingParams, block_size: int) ->
 
 
 def stop_ids(tokenizer: Tokenizer, p: SamplingParams, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """The ids that end a sequence: `extra` (a server's end-of-turn marker), and EOS unless stop_at_eos is off."""
-    eos = (tokenizer.eos_id,) if p.stop_at_eos and tokenizer.eos_id not in extra else ()
+    """The ids that end a sequence: `extra` (a server's end-of-turn marker), and the end-of-sequence ids (EOS;
+    generation_config.json may name several) unless stop_at_eos is off."""
+    eos = tuple(i for i in tokenizer.eos_ids if i not in extra) if p.stop_at_eos else ()
     return (*extra, *eos)
 
 
 class TextRow:
     """The decoded text of one sequence as its ids arrive: complete UTF-8 only, stop strings cut off.
 
-    Byte-level BPE decodes a sequence to the concatenation of its parts' bytes, so ids are decoded in pieces
-    from the last point where the text was whole (no dangling UTF-8 byte), not from the start every time.
+    Ids are decoded incrementally by the tokenizer's StreamDecoder (a short window from the last point where the
+    text was whole, no dangling UTF-8 byte), not from the start every time.
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
         self.tok, self.stops = tokenizer, stops
         self.longest = max((len(s) for s in stops), default=0)
         self.text = ""  # decoded so far, complete characters only
-        self.piece: list[int] = []  # ids not yet decoded to complete characters
+        self.stream = tokenizer.stream_decoder()  # holds the ids not yet decoded to complete characters
         self.emitted = 0  # characters of text handed out
         self.stopped = False
 
@@ -98,13 +100,11 @@ class TextRow:
 
     def add(self, i: int) -> str:
         """Take one id; return the text that is now safe to hand out."""
-        self.piece.append(i)
-        piece = self.tok.decode(self.piece)
-        if piece.endswith("\ufffd"):  # the id ended inside a multi-byte character: wait for the rest
+        piece = self.stream.step(i)
+        if not piece:  # the id ended inside a multi-byte character: wait for the rest
             return ""
         start = max(0, len(self.text) - self.longest)
         self.text += piece
-        self.piece = []
         hits = [j for j in (self.text.find(s, start) for s in self.stops) if j >= 0]
         if hits:  # a stop string may straddle ids: it is searched for in the text, not in the ids
             self.text, self.stopped = self.text[: min(hits)], True
@@ -118,8 +118,7 @@ class TextRow:
 
     def flush(self) -> str:
         """The rest of the text, once the sequence has finished."""
-        if self.piece and not self.stopped:  # ended inside a character: the replacement char is the truth
-            self.text += self.tok.decode(self.piece)
-            self.piece = []
+        if not self.stopped:  # ended inside a character: the replacement char is the truth
+            self.text += self.stream.flush()
         out, self.emitted = self.text[self.emitted:], len(self.text)
         return out

@@ -5,8 +5,9 @@ data.BatchSampler: `batch(k)` depends only on (seed, k), so runs are reproducibl
 targets (-100 where nothing is learned); x is a small tensor bundle with a `.to(device)` (PackedBatch,
 ClassifyBatch) that the matching loss in run.py unpacks.
 
-Chat: each conversation becomes ids and an assistant mask (Tokenizer.encode_chat); targets are the next
-token where that token is assistant-written, else -100. Short conversations are packed, in order, into rows
+Chat: each conversation becomes ids and an assistant mask (Tokenizer.encode_chat: the model's own chat template,
+rendered as transformers renders it, the mask exact for any template); targets are the next token where that
+token is assistant-written, else -100. Short conversations are packed, in order, into rows
 of seq_len tokens; each token carries its conversation's id (`doc`) and its position within it (`pos`), so
 the model attends only within a conversation and positions restart at 0 (no cross-contamination; see
 Krell et al. 2021, "Efficient Sequence Packing without Cross-contamination").
@@ -82,12 +83,13 @@ class PackedBatch:
         return PackedBatch(*(t.to(device, non_blocking=non_blocking) for t in (self.idx, self.pos, self.doc)))
 
 
-def chat_example(tokenizer: Tokenizer, messages: Any, where: str) -> tuple[list[int], list[int]]:
-    """Inputs and targets of one conversation: targets[i] = ids[i+1] where ids[i+1] is assistant-written."""
+def chat_example(tokenizer: Tokenizer, messages: Any, where: str, tools: Any = None) -> tuple[list[int], list[int]]:
+    """Inputs and targets of one conversation: targets[i] = ids[i+1] where ids[i+1] is assistant-written.
+    `tools` (the record's JSON schemas, as OpenAI's fine-tuning format carries them) go to the template."""
     if not isinstance(messages, list):
         raise GptforgeError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
     try:
-        ids, mask = tokenizer.encode_chat(messages)
+        ids, mask = tokenizer.encode_chat(messages, tools=tools)
     except GptforgeError as e:
         raise GptforgeError(f"{where}: {e}") from None
     if not any(mask):
@@ -103,7 +105,7 @@ def read_chat(path: str | Path, tokenizer: Tokenizer) -> list[tuple[str, list[in
         where = f"{path}:{lineno}"
         if "messages" not in rec:
             raise GptforgeError(f"{where}: no \"messages\" field; each line is {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
-        out.append((where, *chat_example(tokenizer, rec["messages"], where)))
+        out.append((where, *chat_example(tokenizer, rec["messages"], where, rec.get("tools"))))
     return out
 
 
