@@ -38,7 +38,7 @@ EXPECTED = {
     "bench": {"--device", "--precision", "--micro-batch", "--seq-len", "--steps", "--decode-tokens", "--hardware",
               "--mfu", "--json"},
     "report": {"--out", "--task", "--limit", "--overwrite"},
-    "quantize": {"--method", "--group-size", "--out", "--overwrite"},
+    "quantize": {"--method", "--group-size", "--activations", "--out", "--overwrite"},
     "prune": {"--method", "--sparsity", "--pattern", "--data", "--recover-steps", "--out", "--overwrite"},
     "distill": {"--teacher", "--student", "--data", "--out", "--temperature", "--kl-weight", "--ce-weight"},
     "eval": {"--data", "--task", "--limit", "--shots", "--seed", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},

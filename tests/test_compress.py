@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from gptforge.checkpoint import write_checkpoint
 from gptforge.compress.distill import DistillConfig, DistillLoss, distill
+import gptforge.compress.quantize as Q
 from gptforge.compress.evaluate import eval_checkpoints
 from gptforge.compress.prune import block_linears, prune_model, shrink, structured_plan, structured_widths, unstructured_masks
-from gptforge.compress.quantize import QuantEmbedding, QuantLinear, dequantize, quantize_model, quantize_state_dict
+from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize, quantize_activations, quantize_model,
+                                        quantize_state_dict)
 from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
 from gptforge.data import TokenData, prepare
@@ -80,7 +82,7 @@ def test_one_row_kernels_equal_the_dequantized_matmul(method, group):
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384, bias=True)
-    ql = QuantLinear(lin, method, group)
+    ql = QuantLinear(lin, method, group, activations="weight-only")
     if method == "int8":
         ql.weight_q, ql.scales = Q.int8_codes(lin.weight.detach())
     else:
@@ -102,12 +104,88 @@ def test_one_row_kernels_equal_the_dequantized_matmul(method, group):
         torch.testing.assert_close(ql(x), F.linear(x, ql.dequantized(), lin.bias))
 
 
+@pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_dynamic_activations_equal_the_quantized_activations_product(method, group):
+    """The default numerics: every row count (the integer kernels up to 16 rows, oneDNN's int8 GEMM or the fp32
+    GEMM beyond) computes F.linear of the quantize-dequantized activations with the dequantized weights; the
+    path that ran is named; weight-only keeps the fp32 activations."""
+    from gptforge import native
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    ql = QuantLinear(lin, method, group)
+    assert ql.activations == "dynamic"
+    if method == "int8":
+        ql.weight_q, ql.scales = Q.int8_codes(lin.weight.detach())
+    else:
+        ql.weight_q, ql.scales, ql.zeros = Q.int4_codes(lin.weight.detach(), group)
+    for rows, path in ((1, native.ops.quant_path()), (16, native.ops.quant_path()),
+                       (40, "onednn" if method == "int8" else "fp32")):
+        x = torch.randn(1, rows, 256)
+        assert ql.path(x) == f"{method}-dynamic:{path}"
+        with torch.no_grad():
+            expected = F.linear(quantize_activations(x, group), ql.dequantized(), lin.bias)
+            torch.testing.assert_close(ql(x), expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(ql(x), F.linear(x, ql.dequantized(), lin.bias), rtol=1e-5, atol=1e-5)
+    ql.activations = "weight-only"
+    x = torch.randn(1, 1, 256)
+    assert ql.path(x) == "weight-only:native"
+    with torch.no_grad():
+        torch.testing.assert_close(ql(x), F.linear(x, ql.dequantized(), lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """The tiny model trained briefly on the prepared plays (a few seconds): real weight and activation
+    distributions for the quantized perplexity bounds."""
+    from gptforge.train import train
+
+    tc = TrainConfig(micro_batch=8, seq_len=64, max_steps=150, warmup_steps=10, lr=3e-3, eval_every=1000,
+                     eval_batches=1, log_every=1000, save_every=1000, tensorboard=False, threads=2)
+    cfg = RunConfig(model=model_preset("tiny"), train=tc, data=str(prepared), out=str(tmp_path_factory.mktemp("tr")))
+    torch.manual_seed(0)
+    model, _, _ = load_checkpoint(train(cfg, progress=False).checkpoint)
+    return model
+
+
+def _perplexity(model, windows: torch.Tensor, rows: int) -> float:
+    """exp(mean next-token loss) over the windows, `rows` tokens per forward (16: every matmul on the few-row
+    kernels; 64 x 4: the many-row paths)."""
+    losses = []
+    with torch.no_grad():
+        for chunk in windows.split(4 if rows > 16 else 1):
+            x = chunk[:, :rows]
+            logits = model(x[:, :-1])
+            losses.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none"))
+    return torch.cat(losses).mean().exp().item()
+
+
+@pytest.mark.parametrize("method, group, bound_pct", [("int8", None, 0.5), ("int4", 32, 5.0)])
+def test_quantized_perplexity_is_within_the_bounds_with_dynamic_activations(trained, prepared, method, group, bound_pct):
+    """Δ perplexity vs fp32 on held-out text: int8 <= 0.5%, int4 g32 <= 5%, with the activations quantized too,
+    on the decode kernels (17-token windows, 16 rows a product) and on the prefill paths (4 x 65 tokens)."""
+    from gptforge.data import BatchSampler, TokenData
+
+    batch = BatchSampler(TokenData(prepared).shards("val"), 32, 64, seed=5).batch(0)[0]  # (32, 65) held-out tokens
+    for rows in (17, 65):
+        fp32 = _perplexity(trained, batch, rows)
+        dynamic, _, _ = quantize_model(trained, method, group)
+        weight_only, _, _ = quantize_model(trained, method, group, activations="weight-only")
+        d_dyn = 100 * (_perplexity(dynamic, batch, rows) / fp32 - 1)
+        d_wo = 100 * (_perplexity(weight_only, batch, rows) / fp32 - 1)
+        assert abs(d_dyn) <= bound_pct, (rows, fp32, d_dyn, d_wo)
+        assert abs(d_wo) <= bound_pct, (rows, fp32, d_dyn, d_wo)
+        assert d_dyn != d_wo  # the activations really were quantized
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_output_head_is_quantized(tied):
     """The quantized model equals an fp model whose every matrix, the head included, is replaced by its
     dequantized codes: so the head really runs on the quantized table."""
     model = tiny(tie_embeddings=tied)
-    q, _, state = quantize_model(model, "int4", 32)
+    q, _, state = quantize_model(model, "int4", 32, activations="weight-only")
     assert isinstance(q.tok_emb, QuantEmbedding)
     assert "tok_emb.weight" not in state and "lm_head.weight" not in state
     if not tied:
@@ -130,6 +208,18 @@ def test_quantized_checkpoint_generates(ckpt, tmp_path):
     model, tok = load(dest, device="cpu")
     out = generate(model, tok, "the ", max_new_tokens=8, temperature=0.0)
     assert isinstance(out, str) and len(tok.encode(out)) >= 1
+
+
+def test_weight_only_activations_are_recorded_and_loaded(ckpt, tmp_path):
+    dest, section = quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "q"), activations="weight-only")
+    assert section["quantization"]["activations"] == "weight-only"
+    model, _, cfg = load_checkpoint(dest)
+    assert cfg.compression.quantization.activations == "weight-only"
+    assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"weight-only"}
+    with pytest.raises(GptforgeError, match="applies to int8 and int4"):
+        quantize_checkpoint(str(ckpt), "bf16", str(tmp_path / "c"), activations="dynamic")
+    with pytest.raises(GptforgeError, match="unknown activation quantization"):
+        quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "d"), activations="int4")
 
 
 def test_quantize_bad_input(ckpt, tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import native
-from gptforge.compress.quantize import dequantize, int4_codes, int8_codes
+from gptforge.compress.quantize import dequantize, int4_codes, int8_codes, quantize_activations
 from gptforge.config import ModelConfig
 from gptforge.model import GPT, Block, CausalSelfAttention
 
@@ -62,6 +62,93 @@ def test_int4_matches_dequantized_matmul(threads, n, k, group):
     for m in (1, 4, 7, 16):
         x = torch.randn(m, k)
         torch.testing.assert_close(native.linear_int4(x, q, s, lo), x @ dequantize(q, s, lo).t(), rtol=1e-5, atol=_tol(k))
+
+
+# --- int8 activations (csrc/qgemv.cpp) on every instruction-set path -------------------------------------------
+# The reference: the float64 product of the quantize-dequantized activations (quantize_activations: the same codes
+# the kernels make) with the dequantized weights. The kernels' sums are exact integers, scaled in fp32: int8 rounds
+# ~4 times per output, int4 once or twice per group plus a 16-lane sum, so |y - ref| <= (G + 16) u T with u = 2^-24,
+# G the groups per row (1 for int8) and T = sum_k |x_k| (|w_k| + 2 |lo_k|) + |b| (the magnitudes summed).
+QUANT_PATHS = ["avx512vnni", "avxvnni", "avx2", "scalar"]
+
+
+@pytest.fixture(params=QUANT_PATHS)
+def quant_path(request):
+    if request.param not in native.ops.quant_paths():
+        pytest.skip(f"this CPU lacks the instructions of the {request.param} path")
+    with native.ops.forced_quant_path(request.param):
+        assert native.ops.quant_path() == request.param
+        yield request.param
+
+
+def _assert_within_summation_bound(y, ref, terms, groups):
+    bound = (groups + 16) * 2.0 ** -24 * terms
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g} over the bound {bound[err > bound].min().item():.3g}"
+
+
+# (N, K): output-row tails of every tile (8, 6, 5, 4, 2, 1), K not a multiple of 64 or 32 (a zero-padded last vector)
+INT8_SHAPES = [(384, 256), (37, 96), (13, 40), (7, 768), (1, 16), (9, 100)]
+
+
+@pytest.mark.parametrize("n,k", INT8_SHAPES)
+def test_int8_dynamic_matches_quantized_activations_reference(quant_path, threads, n, k):
+    torch.manual_seed(n * k)
+    q, s = int8_codes(torch.randn(n, k))
+    b = torch.randn(n)
+    sums = native.ops.int8_row_sums(q)
+    assert torch.equal(sums, q.sum(1, dtype=torch.int32))
+    w = dequantize(q, s, None).double()
+    for m in (1, 2, 3, 4, 5, 8, 16, 17, 40):  # 17 and 40: more rows than the kernels take, oneDNN's int8 GEMM
+        x = torch.randn(1, m, k) * 3
+        y = native.ops.linear_int8_dynamic(x, q, s, sums, b)
+        assert y.shape == (1, m, n) and y.dtype == torch.float32
+        xq = quantize_activations(x).double()
+        _assert_within_summation_bound(y, xq @ w.t() + b.double(), xq.abs() @ w.abs().t() + b.abs().double(), 1)
+
+
+@pytest.mark.parametrize("n,k,group", [(384, 256, 32), (37, 128, 64), (13, 256, 128), (3, 64, 32), (7, 96, 32),
+                                       (5, 768, 32), (6, 384, 128)])
+def test_int4_dynamic_matches_quantized_activations_reference(quant_path, threads, n, k, group):
+    torch.manual_seed(n + k + group)
+    q, s, lo = int4_codes(torch.randn(n, k) + 0.3, group)
+    b = torch.randn(n)
+    w = dequantize(q, s, lo).double()
+    lo_k = lo.double().repeat_interleave(group, dim=1)
+    for m in (1, 2, 3, 4, 5, 7, 16):
+        x = torch.randn(m, k)
+        x[0, :group] *= 100  # one group far larger than the others: its own activation scale
+        y = native.ops.linear_int4_dynamic(x, q, s, lo, b)
+        xq = quantize_activations(x, group).double()
+        _assert_within_summation_bound(y, xq @ w.t() + b.double(), xq.abs() @ (w.abs() + 2 * lo_k.abs()).t() + b.abs().double(),
+                                       k // group)
+
+
+def test_dynamic_activation_codes_are_the_reference_codes():
+    """Round half to even at exact halves, the clamp, a zero row and a bf16 input: the kernels quantize exactly as
+    quantize_activations does (a one-hot weight reads single codes back)."""
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 63.5, -127.0], [0.0] * 8])
+    q, s = torch.eye(8, dtype=torch.int8), torch.ones(8)
+    y = native.ops.linear_int8_dynamic(x, q, s, native.ops.int8_row_sums(q))
+    assert torch.equal(y, quantize_activations(x))
+    assert torch.equal(y[0], torch.tensor([127.0, 0.0, 2.0, 2.0, -0.0, -2.0, 64.0, -127.0]))
+    yb = native.ops.linear_int8_dynamic(x.bfloat16(), q, s, native.ops.int8_row_sums(q))
+    assert yb.dtype == torch.bfloat16
+
+
+def test_quant_paths_are_chosen_from_the_cpu_and_a_missing_one_is_refused():
+    paths = native.ops.quant_paths()
+    assert paths[-1] == "scalar" and native.ops.quant_path() == paths[0]
+    flags = native.build.cpu_flags().split()
+    assert ("avx512vnni" in paths) == all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    assert ("avx2" in paths) == ("avx2" in flags)
+    missing = [p for p in QUANT_PATHS if p not in paths]
+    if missing:
+        with pytest.raises(RuntimeError, match="lacks the instructions"):
+            torch.ops.gptforge_qgemv.set_isa(missing[0])
+    with pytest.raises(RuntimeError, match="unknown path"):
+        torch.ops.gptforge_qgemv.set_isa("avx9000")
+    assert native.ops.quant_path() == paths[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

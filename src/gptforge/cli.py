@@ -457,6 +457,9 @@ def _quantize_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
     p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, "
+    p.add_argument("--activations", choices=["dynamic", "weight-only"],
+                   help="int8/int4 on CPU: dynamic (default) also quantizes each row's activations to int8 when "
+                        "multiplying, on the integer dot-product instructions; weight-only keeps them fp32")
                                                   f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {INT4_GROUP_SIZE})")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _overwrite_flag(p, "checkpoint")
@@ -466,7 +469,8 @@ def _quantize_parser(sub, common: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from gptforge.compress.run import quantize_checkpoint
 
-    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size, overwrite=args.overwrite)
+    dest, section = quantize_checkpoint(args.checkpoint, args.method, args.out, args.group_size, overwrite=args.overwrite,
+                                        activations=args.activations)
     size = (dest / "model.safetensors").stat().st_size
     print(f"wrote {dest} ({section['quantization']}, model.safetensors {size / 1e6:.2f} MB); "
           f"compare: gptforge eval {args.checkpoint} {dest} --data DIR")

@@ -333,6 +333,9 @@ class PruningConfig:
     measured_sparsity: float | None = None
     pattern: str | None = None  # N:M, e.g. "2:4"
     heads: str | None = None  # structured: attention heads per layer, "before->after"
+    # int8/int4 on CPU: "dynamic" quantizes each row's activations to int8 and multiplies on the integer dot
+    # products (the default, also when absent); "weight-only" keeps fp32 activations (compress/quantize.py)
+    activations: Literal["dynamic", "weight-only"] | None = None
     mlp_channels: str | None = None  # structured: MLP width, "before->after"
     params: str | None = None  # structured: parameters, "before->after"
     recover_steps: int | None = None  # steps of recovery training after pruning

@@ -1,4 +1,5 @@
-"""Weight-only quantization (int8 per output channel, int4 in groups) and bf16/fp16 casts.
+"""Quantization (int8 per output channel, int4 in groups; activations int8 per row when multiplied) and
+bf16/fp16 casts.
 
 Compression is a state-dict transform plus a module swap (gpt-fast's `quantize.py` shape):
 `quantize_state_dict` turns fp32 matrices into integer codes and scales; `swap_modules` replaces each
@@ -39,6 +40,13 @@ def check_method(method: str, group_size: int | None = None) -> None:
         raise GptforgeError(f"--group-size applies to int4 only, not {method}; leave it out")
     if method == "int4" and group_size is not None and group_size not in INT4_GROUP_SIZES:
         raise GptforgeError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
+
+
+def check_activations(activations: str, method: str | None = None) -> None:
+    if activations not in ACTIVATIONS:
+        raise GptforgeError(f"unknown activation quantization {activations!r}; use one of {', '.join(ACTIVATIONS)}")
+    if method is not None and method in CASTS:
+        raise GptforgeError(f"--activations applies to int8 and int4, not {method}; leave it out")
 
 
 # --- the codes: w ~ q * scale (int8, symmetric per row); w ~ q * scale + lo (int4, asymmetric per group) ----
@@ -106,6 +114,27 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, dt
 # skips the native kernels, "dequant" both. More rows (prefill, evaluation) always dequantize: one pass over the
 # matrix, shared by every row (1024 rows: 0.8 ms vs 64 ms with the aten kernels).
 KERNELS = ("native", "aten", "dequant")
+#
+# Activations (the checkpoint's `activations`, ACTIVATIONS below): "dynamic" (the default) quantizes each input
+# row to int8 when the product is made (symmetric, max|x| / 127; per group of the weight's groups for int4) and
+# multiplies on the CPU's integer dot products (native/csrc/qgemv.cpp: AVX-512 VNNI, AVX-VNNI or AVX2, picked at
+# run time; int8 prefills on oneDNN's int8 GEMM). It computes the fp32 product of the quantize-dequantized
+# activations with the dequantized weights, reads the same 1 or 0.5 bytes a weight and multiplies 4-8x more
+# weights per cycle than widening them to fp32 (docs/BENCHMARKS.md). Its error on top of the weights' is half
+# an activation step per input; Δ perplexity stays within the weight-only bounds (tests/test_compress.py).
+# "weight-only" keeps the fp32 activations (the KERNELS paths above): the reference, and the numerics on every
+# device where the integer kernels do not run (CUDA, no compiler, torch.compile).
+ACTIVATIONS = ("dynamic", "weight-only")
+
+
+def quantize_activations(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """x with each row (or each group of `group` inputs) rounded to its int8 grid, back in x's dtype: exactly the
+    activations the dynamic kernels multiply (round half to even of x / s, s = max(max|x| / 127, 1e-12), in fp32)."""
+    xf = x.float()
+    xs = xf.reshape(*x.shape[:-1], -1, group or x.shape[-1])
+    s = (xs.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    return (torch.round(xs / s).clamp(-127, 127) * s).reshape(x.shape).to(x.dtype)
+
 
 def _int4_kernel_args(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor):
     """Codes in the layout of torch._weight_int4pack_mm_for_cpu, and its (K/g, N, 2) scale/zero table, where
@@ -120,12 +149,14 @@ class QuantizedMatrix(nn.Module):
     """Shared by the Linear and Embedding replacements: the codes, their dequantization, the matmul."""
 
     def __init__(self, out_features: int, in_features: int, method: str, group_size: int | None, device=None,
-                 kernel: str = "native"):
+                 kernel: str = "native", activations: str = "dynamic"):
         super().__init__()
         if kernel not in KERNELS:
             raise GptforgeError(f"unknown quantized matmul kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+        check_activations(activations)
         self.shape = torch.Size((out_features, in_features))
-        self.method, self.group_size, self.kernel = method, group_size, kernel
+        self.method, self.group_size, self.kernel, self.activations = method, group_size, kernel, activations
+        self._row_sums = None  # int8, dynamic: each code row's sum, computed on first use
         if method == "int8":
             self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(out_features, device=device))
@@ -149,7 +180,26 @@ class QuantizedMatrix(nn.Module):
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
 
+    def path(self, x: torch.Tensor) -> str:
+        """Which product a call with input x runs: "int8-dynamic:avx512vnni", "int8-dynamic:onednn" (many rows),
+        "int4-dynamic:fp32" (many rows: fp32 GEMM on the same quantized activations), "weight-only:native", ..."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self._dynamic(x):
+            if rows <= native.MAX_ROWS:
+                return f"{self.method}-dynamic:{native.quant_path()}"
+            return f"{self.method}-dynamic:{'onednn' if self.method == 'int8' else 'fp32'}"
+        if self.kernel == "native" and x.dtype == torch.float32 and native.usable(x):
+            return "weight-only:native"
+        one_row = x.device.type == "cpu" and x.dtype == torch.float32 and rows == 1
+        return "weight-only:aten" if one_row and self.kernel in ("native", "aten") else "weight-only:dequant"
+
+    def _dynamic(self, x: torch.Tensor) -> bool:
+        return (self.activations == "dynamic" and self.kernel == "native" and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and native.available())
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._dynamic(x):
+            return self._dynamic_matmul(x, bias)
         if self.kernel == "native" and x.dtype == torch.float32 and native.usable(x):
             if self.method == "int8":
                 return native.linear_int8(x, self.weight_q, self.scales, bias)
@@ -160,6 +210,17 @@ class QuantizedMatrix(nn.Module):
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y if bias is None else y + bias.to(y.dtype)
+
+    def _dynamic_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.method == "int8":
+            if self._row_sums is None:
+                self._row_sums = native.int8_row_sums(self.weight_q)
+            return native.linear_int8_dynamic(x, self.weight_q, self.scales, self._row_sums, bias)
+        if x.numel() <= native.MAX_ROWS * x.shape[-1]:
+            return native.linear_int4_dynamic(x, self.weight_q, self.scales, self.zeros, bias)
+        # A prefill: the same quantized activations through the fp32 GEMM (one dequantization shared by every row).
+        return F.linear(quantize_activations(x, self.group_size), self.dequantized(x.dtype),
+                        None if bias is None else bias.to(x.dtype))
 
     def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -182,12 +243,14 @@ class QuantizedMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
-        return f"out={self.shape[0]}, in={self.shape[1]}, {self.method}{g}"
+        return f"out={self.shape[0]}, in={self.shape[1]}, {self.method}{g}, activations={self.activations}"
 
 
 class QuantLinear(QuantizedMatrix):
-    def __init__(self, linear: nn.Linear, method: str, group_size: int | None, kernel: str = "native"):
-        super().__init__(linear.out_features, linear.in_features, method, group_size, linear.weight.device, kernel)
+    def __init__(self, linear: nn.Linear, method: str, group_size: int | None, kernel: str = "native",
+                 activations: str = "dynamic"):
+        super().__init__(linear.out_features, linear.in_features, method, group_size, linear.weight.device, kernel,
+                         activations)
         self.bias = linear.bias  # fp32, as are norms: they are a rounding error of the size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,8 +258,10 @@ class QuantLinear(QuantizedMatrix):
 
 
 class QuantEmbedding(QuantizedMatrix):
-    def __init__(self, emb: nn.Embedding, method: str, group_size: int | None, kernel: str = "native"):
-        super().__init__(emb.num_embeddings, emb.embedding_dim, method, group_size, emb.weight.device, kernel)
+    def __init__(self, emb: nn.Embedding, method: str, group_size: int | None, kernel: str = "native",
+                 activations: str = "dynamic"):
+        super().__init__(emb.num_embeddings, emb.embedding_dim, method, group_size, emb.weight.device, kernel,
+                         activations)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.rows(idx)
@@ -252,26 +317,32 @@ def swap_modules(model: nn.Module, section: dict[str, Any], kernel: str = "nativ
     matmuls on `kernel` (KERNELS); a tied head follows its table. In place; works on a meta-device model, whose new
     buffers are then assigned by load_state_dict."""
     method, group = section["method"], section.get("group_size")
+    activations = section.get("activations") or "dynamic"
     if method in CASTS:
         return model
     for name, m in _targets(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         quant = QuantLinear if isinstance(m, nn.Linear) else QuantEmbedding
-        setattr(parent, attr, quant(m, method, group, kernel))
+        setattr(parent, attr, quant(m, method, group, kernel, activations))
     if type(getattr(model, "lm_head", None)) is TiedHead:
         model.lm_head = QuantTiedHead(model.tok_emb)
     return model
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
+def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
+                   activations: str | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
     """A quantized copy of `model` (built on meta, loaded with assign=True, exactly as a checkpoint loads),
-    its `compression` section and its state dict."""
+    its `compression` section and its state dict. `activations` (ACTIVATIONS; int8/int4 only) is recorded in the
+    section when given; absent, the model multiplies with dynamic activations."""
     from gptforge.model import GPT
 
+    if activations is not None:
+        check_activations(activations, method)
     state = quantize_state_dict(model, method, group_size)
     int4 = {"group_size": group_size or INT4_GROUP_SIZE, "packing": INT4_PACKING} if method == "int4" else {}
-    section = {"quantization": {"method": method, **int4}}
+    acts = {"activations": activations} if activations is not None else {}
+    section = {"quantization": {"method": method, **int4, **acts}}
     with torch.device("meta"):
         new = GPT(model.config)
     apply_compression(new, section_from_dict(CompressionConfig, section, "compression"))
@@ -285,6 +356,8 @@ def apply_compression(model: nn.Module, section: CompressionConfig | None) -> nn
     if q is None:
         return model
     check_method(q.method, q.group_size)
+    if q.activations is not None:
+        check_activations(q.activations, q.method)
     if q.method == "int4" and q.packing != INT4_PACKING:
         raise GptforgeError(f"this int4 checkpoint packs its codes as {q.packing or 'neighbour pairs'!r}, which "
                             f"this gptforge no longer reads ({INT4_PACKING!r}); quantize its fp32 parent again")

@@ -16,7 +16,7 @@ import torch
 
 from gptforge.checkpoint import unwrap, write_checkpoint
 from gptforge.compress.prune import apply_masks, calibration_batches, check_args, parse_pattern, prune_model
-from gptforge.compress.quantize import check_method, quantize_model
+from gptforge.compress.quantize import check_activations, check_method, quantize_model
 from gptforge.config import CompressionConfig, RunConfig, section_from_dict
 from gptforge.data import TokenData
 from gptforge.errors import GptforgeError
@@ -27,17 +27,19 @@ from gptforge.train import next_token_loss, train
 
 
 def quantize_checkpoint(src: str, method: str, out: str, group_size: int | None = None,
-                        overwrite: bool = False) -> tuple[Any, dict]:
+                        overwrite: bool = False, activations: str | None = None) -> tuple[Any, dict]:
     """Read a checkpoint, quantize it, write the same directory format (no trainer state: it is for inference).
     `out` follows outputs.check_out: refused if it is `src` or any non-empty folder but an earlier checkpoint
-    with `overwrite`."""
+    with `overwrite`. `activations` (int8/int4: dynamic or weight-only) is recorded when given."""
     check_method(method, group_size)
+    if activations is not None:
+        check_activations(activations, method)
     check_out(out, "checkpoint", overwrite=overwrite, inputs=[src])
     model, tokenizer, cfg = load_checkpoint(src)
     if cfg.compression is not None and cfg.compression.quantization is not None:
         raise GptforgeError(f"{src} is already quantized ({cfg.compression.quantization.to_dict()}); quantize its fp32 parent")
     model = model.float()
-    _, section, state = quantize_model(model, method, group_size)
+    _, section, state = quantize_model(model, method, group_size, activations)
     section = {**(cfg.compression.to_dict() if cfg.compression else {}), **section}
     compression = section_from_dict(CompressionConfig, section, "compression")
     dest = write_checkpoint(Path(out), dataclasses.replace(cfg, compression=compression), tokenizer, model_state=state)

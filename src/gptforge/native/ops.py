@@ -1,4 +1,5 @@
-"""Few-row CPU matrix products for decoding, over fp32, bf16, fp16, int8 and int4 weights (csrc/gemv.cpp).
+"""Few-row CPU matrix products for decoding, over fp32, bf16, fp16, int8 and int4 weights (csrc/gemv.cpp), and
+int8/int4 products with dynamically quantized activations on the CPU's integer dot products (csrc/qgemv.cpp).
 
 A decode step multiplies one row per sequence by every weight matrix, so its speed is the rate at which the
 weights stream from memory. The kernels read each weight once per call, widen it to fp32 in registers and keep
@@ -8,6 +9,9 @@ there. docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -50,3 +54,46 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch
     """x @ w^T (+ bias) for int4 codes packed as quantize.int4_codes packs them (N, K/2), w = code * scale + lo
     per group, scale and lo fp16 (N, groups)."""
     return _out(torch.ops.gptforge_gemv.gemv_int4(_rows(x), q, scale, lo, _bias(bias)), x)
+
+
+# --- int8 activations (csrc/qgemv.cpp): the weight-only kernels above are the reference and the other option ----
+
+def linear_int8_dynamic(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (q * scale[:, None])^T (+ bias) with x quantized to int8 per row (symmetric, max|x| / 127), any number
+    of rows: the integer kernels up to MAX_ROWS rows, oneDNN's int8 GEMM beyond; `row_sums` is
+    int8_row_sums(q), computed once per matrix. In x's dtype."""
+    return torch.ops.gptforge_qgemv.int8_linear(x, q, scale, row_sums, bias)
+
+
+def linear_int4_dynamic(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ bias) for packed int4 codes (as linear_int4), x quantized to int8 per group of the weight's
+    groups, up to MAX_ROWS rows. In x's dtype."""
+    return torch.ops.gptforge_qgemv.int4_linear(x, q, scale, lo, bias)
+
+
+def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
+    """The int32 sum of each row of int8 codes (N,): the VNNI paths' correction for their +128 activation offset."""
+    return torch.ops.gptforge_qgemv.int8_row_sums(q)
+
+
+def quant_path() -> str:
+    """The instruction set the int8-activation kernels run on: avx512vnni, avxvnni, avx2 or scalar."""
+    return str(torch.ops.gptforge_qgemv.isa())
+
+
+def quant_paths() -> list[str]:
+    """Every path this CPU can run, best first (the tests force each in turn)."""
+    return list(torch.ops.gptforge_qgemv.isas())
+
+
+@contextmanager
+def forced_quant_path(name: str) -> Iterator[None]:
+    """Run the int8-activation kernels on path `name` inside the block (a test hook; a path this CPU lacks is an
+    error), then go back to the one before."""
+    before = torch.ops.gptforge_qgemv.set_isa(name)
+    try:
+        yield
+    finally:
+        torch.ops.gptforge_qgemv.set_isa(before)
