@@ -39,6 +39,7 @@ class Job:
     seq: int | None = None  # the engine's id, once admitted
     done: bool = False
     last: float | None = None  # when its previous token came out
+    constraint: Any = None  # a sampling.Constraint its tokens follow (structured output, forced tool calls)
 
 
 @dataclass
@@ -244,12 +245,13 @@ class Scheduler:
         m, engine = self.metrics, self.engine
         if admit:
             try:  # prefilled by the next steps: at most max_prefill_tokens positions per step
-                for j, seq in zip(admit, engine.add_many([(j.prompt, j.params, j.stop_ids) for j in admit])):
+                seqs = [(j.prompt, j.params, j.stop_ids, j.constraint) for j in admit]
+                for j, seq in zip(admit, engine.add_many(seqs)):
                     j.seq = seq
             except GptforgeError:  # requests are validated before; this is a last line of defence
                 for j in admit:
                     try:
-                        j.seq = engine.add(j.prompt, j.params, j.stop_ids)
+                        j.seq = engine.add(j.prompt, j.params, j.stop_ids, j.constraint)
                     except GptforgeError as e:
                         j.done = True
                         self._send([(j, APIError(400, str(e)))])
