@@ -17,7 +17,8 @@ import torch.nn as nn
 from gptforge.errors import GptforgeError
 from gptforge.kvcache import KVCache
 from gptforge.prefix_cache import BLOCK, PrefixCache
-from gptforge.sampling import SamplingParams, TokenPicker, exp_noise, generator, policy_groups, token_logprobs
+from gptforge.sampling import (Constraint, SamplingParams, TokenPicker, exp_noise, generator, policy_groups,
+                               token_logprobs)
 from gptforge.text import TextRow, fit_prompts, stop_ids
 from gptforge.tokenizer import Tokenizer
 
@@ -47,6 +48,7 @@ class _Seq:
     length: int = 0  # tokens in its cache row: the slot its next fed token is written to
     generated: int = 0
     token: int = 0  # the last id sampled, fed at the next forward
+    constraint: Constraint | None = None  # a grammar its tokens follow (structured output, forced tool calls)
     cached: int = 0  # prompt tokens copied from the prefix cache
     fed: list[int] = field(default_factory=list)  # ids fed after the prompt: its row holds prompt + fed
 
@@ -115,28 +117,33 @@ class BatchEngine:
     def free(self) -> int:
         return self.max_batch - self.live
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = ()) -> int:
+    def add(self, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = (),
+            constraint: Constraint | None = None) -> int:
         """Take a new sequence into a free row (prefilled now, or over the next steps with max_prefill_tokens);
         returns its id. It ends at any of `stop_ids` or, with params.stop_at_eos, the tokenizer's EOS (finish
-        reason "stop", the id reported but never in the text), a stop string, max_new_tokens or a full context."""
-        return self.add_many([(prompt_ids, params, stop_ids)])[0]
+        reason "stop", the id reported but never in the text), a stop string, max_new_tokens or a full context.
+        With a `constraint`, every token is one its grammar allows, and the sequence also ends ("stop") when the
+        grammar is complete."""
+        return self.add_many([(prompt_ids, params, stop_ids, constraint)])[0]
 
     @torch.no_grad()
-    def add_many(self, seqs: list[tuple[list[int], SamplingParams, tuple[int, ...]]]) -> list[int]:
-        """`add` for several sequences at once, prefilled together (one right-padded forward, each row at its
-        own slots): a wave of k arrivals stalls the running batch for about one prefill instead of k."""
+    def add_many(self, seqs: list[tuple]) -> list[int]:
+        """`add` for several sequences at once, (prompt ids, params, stop ids[, constraint]) each, prefilled
+        together (one right-padded forward, each row at its own slots): a wave of k arrivals stalls the running
+        batch for about one prefill instead of k."""
         if len(seqs) > self.free:
             raise GptforgeError(f"{len(seqs)} sequences but {self.free} of {self.max_batch} rows free; "
                                 "call step() until enough are retired")
         news = []
-        for ids, params, extra_stops in seqs:  # every check first: a bad one adds none
+        for ids, params, extra_stops, *constraint in seqs:  # every check first: a bad one adds none
             ids = fit_prompts([ids], params, self.block_size)[0]
             max_new = min(params.max_new_tokens, self.block_size - len(ids))
             if max_new <= 0:
                 raise GptforgeError(f"nothing to generate: max_new_tokens is {params.max_new_tokens} and the "
                                     f"prompt uses {len(ids)} of the context's {self.block_size} tokens")
             news.append(_Seq(next(self._ids), params, stop_ids(self.tokenizer, params, tuple(extra_stops)),
-                             generator(params, self.device), TextRow(self.tokenizer, params.stop), ids, max_new))
+                             generator(params, self.device), TextRow(self.tokenizer, params.stop), ids, max_new,
+                             constraint=constraint[0] if constraint else None))
         self.filling.extend(news)
         if self.max_prefill_tokens is None:
             self._prefill_all()
@@ -272,7 +279,10 @@ class BatchEngine:
         def noise(rows: list[int]) -> torch.Tensor:  # each row's own stream: what a batch of one would draw
             return torch.cat([exp_noise((1, self.vocab), self.rows[r].gen, self.device) for r in rows])
 
-        ids = self.picker.pick(logits, policy_groups(params), noise)
+        masked = [r for r, s in enumerate(self.rows) if s.constraint is not None]
+        for r in masked:
+            self.rows[r].constraint.fill_mask(self.picker.bitmask[r])
+        ids = self.picker.pick(logits, policy_groups(params), noise, masked)
         host = [t.tolist() for t in (ids, *token_logprobs(logits, ids, params))]
         return host[0], list(zip(*host[1:])) if len(host) > 1 else [()] * n
 
@@ -286,6 +296,10 @@ class BatchEngine:
             k = s.params.top_logprobs
             ev.top = list(zip(logprobs[2][:k], logprobs[1][:k]))
         ev.text, stopped = s.text.take(tok, s.stop_ids)
+        if not stopped and s.constraint is not None:
+            s.constraint.advance(tok)
+            if s.constraint.finished:  # nothing more can follow: ending now saves a step for the stop id
+                ev.text, stopped = ev.text + s.text.flush(), True
         if stopped:
             ev.finish_reason = "stop"
         elif s.generated >= s.max_new:

@@ -14,6 +14,7 @@ import socket
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -32,6 +33,7 @@ from .embeddings import Embedder
 from .metrics import Metrics
 from .protocol import APIError, Parsed, RequestParser, Shaper, parse_body
 from .scheduler import Job, Scheduler
+from .tools import CallStream
 
 DRAIN_LINGER = 0.5  # seconds after SIGTERM that idle keep-alive connections still get answers (503), at least
 
@@ -153,7 +155,8 @@ class _Service:
         call.shape.echo = [s for s in scores for _ in range(req.n)]
         p = req.params[0]
         if p.max_new_tokens == 0 or (p.max_new_tokens == 1 and p.temperature == 0 and p.repetition_penalty == 1
-                                     and p.presence_penalty == 0 and p.frequency_penalty == 0):
+                                     and p.presence_penalty == 0 and p.frequency_penalty == 0
+                                     and req.grammar is None):
             events = [[] if p.max_new_tokens == 0 else [self._greedy_event(s.next, req)] for s in call.shape.echo]
             texts = [ev[0].text if ev else "" for ev in events]
             finish = [ev[0].finish_reason if ev else "length" for ev in events]
@@ -187,8 +190,10 @@ class _Call:
         self.svc, self.req = svc, req
         self.queue: asyncio.Queue = asyncio.Queue()
         now = time.monotonic()
+        grammars = svc.parser.grammars
         self.jobs = [Job(prompt, req.params[i * req.n + j], req.stop_ids, i * req.n + j, self.queue,
-                         now + svc.cfg.request_timeout, now)
+                         now + svc.cfg.request_timeout, now,
+                         constraint=grammars.matcher(req.grammar, req.stop_ids) if req.grammar else None)
                      for i, prompt in enumerate(req.prompts) for j in range(req.n)]
         self.choices = [_Choice() for _ in self.jobs]
         self.shape = Shaper(svc.tok, req, svc.name)
@@ -237,6 +242,8 @@ class _Call:
             yield line
         pending = len(self.jobs)
         held: list[list[SeqEvent]] = [[] for _ in self.jobs]  # tokens whose text has not come out yet
+        tools = self.req.tools if self.req.tools is not None and self.req.tools.parses else None
+        calls = [CallStream(tools) for _ in self.jobs] if tools else None  # text -> content and tool calls
         while pending:
             index, item = await self.queue.get()
             if isinstance(item, APIError):
@@ -250,16 +257,34 @@ class _Call:
             if item.text or item.finish_reason:
                 offset = len(c.text)
                 c.text += item.text
-                if item.text:
+                if item.text and calls is None:
                     yield self.shape.chunk(index, item.text, None, held[index], offset)
                     held[index] = []
+                elif calls is not None:
+                    parts = calls[index].feed(item.text) + (calls[index].close() if item.finish_reason else [])
+                    for line in self._tool_deltas(index, parts, held[index]):
+                        yield line
                 if item.finish_reason:
                     c.finish_reason = item.finish_reason
+                    if calls is not None and calls[index].sent and c.finish_reason == "stop":
+                        c.finish_reason = "tool_calls"
                     pending -= 1
-                    yield self.shape.chunk(index, None if self.req.chat else "", item.finish_reason, held[index],
+                    yield self.shape.chunk(index, None if self.req.chat else "", c.finish_reason, held[index],
                                            len(c.text))
         for line in self.shape.closing(self.completion_tokens(), self.cached_tokens()):
             yield line
+
+
+    def _tool_deltas(self, index: int, parts: list[tuple[str, Any]], held: list[SeqEvent]) -> list[str]:
+        """The chunks of CallStream's parts: content deltas (with the logprobs held so far) and tool calls."""
+        lines = []
+        for kind, value in parts:
+            if kind == "content":
+                lines.append(self.shape.chunk(index, value, None, list(held), 0))
+                held.clear()
+            else:
+                lines += self.shape.tool_call_chunks(index, *value)
+        return lines
 
 
 class _EventStream(StreamingResponse):

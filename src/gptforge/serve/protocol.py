@@ -21,7 +21,11 @@ from gptforge.errors import GptforgeError
 from gptforge.sampling import SamplingParams
 from gptforge.settings import ServeConfig
 from gptforge.text import prompt_ids
-from gptforge.tokenizer import CHAT_ROLES, Tokenizer
+from gptforge.tokenizer import Tokenizer
+
+from .grammar import GrammarError, Grammars, response_format_grammar, tool_call_grammar
+from .grammar import choice_grammar, json_schema_grammar, regex_grammar
+from .tools import ToolError, ToolSpec, parse_tools, render_messages, split_calls
 
 # OpenAI's documented defaults (API reference of /v1/completions and /v1/chat/completions) for a field a
 # request leaves out. The server keeps these rather than SamplingParams' library defaults, so an OpenAI client
@@ -151,10 +155,14 @@ _SAMPLING = [("temperature", _NUM, lambda v: 0 <= v <= 2, "in [0, 2]"),
              ("presence_penalty", _NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
              ("frequency_penalty", _NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
              ("repetition_penalty", _NUM, lambda v: v > 0, "> 0")]
+# Constrained output: OpenAI's response_format, and vLLM's extensions (a regex, a fixed choice, a schema).
+_GUIDED = {"guided_regex": regex_grammar, "guided_choice": choice_grammar, "guided_json": json_schema_grammar}
 _COMMON_FIELDS = {"model", "max_tokens", "stop", "n", "seed", "stream", "stream_options", "logprobs", "user",
-                  "ignore_eos"} | {name for name, *_ in _SAMPLING}
+                  "ignore_eos", "response_format", *_GUIDED} | {name for name, *_ in _SAMPLING}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
+                                 "parallel_tool_calls"}
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -171,6 +179,8 @@ class Parsed:
     logprobs: int | None  # completions: top alternatives per token; chat: top_logprobs (None: no logprobs)
     user: str | None = None
     echo: bool = False  # completions: the prompt comes back first, with its tokens' logprobs (the first null)
+    grammar: str | None = None  # llguidance's grammar every choice follows (grammar.py), None: free text
+    tools: ToolSpec | None = None  # chat: the functions offered, and how the answer is read for calls
 
 
 class RequestParser:
@@ -180,6 +190,7 @@ class RequestParser:
         self.tok, self.block, self.cfg, self.name = tokenizer, block_size, cfg, model_name
         self.max_prompt = min(cfg.max_prompt_tokens or block_size - 1, block_size - 1)
         self.max_tokens = min(cfg.max_tokens or block_size, block_size)
+        self.grammars = Grammars(tokenizer)
 
     def model(self, body: dict) -> None:
         name = _field(body, "model", (str,))
@@ -211,6 +222,7 @@ class RequestParser:
         parsed = self._finish({**body, "max_tokens": None} if score_only else body, False, prompts, n, stop_ids,
                               logprobs, OPENAI_DEFAULTS["completion_max_tokens"])
         parsed.echo = echo
+        parsed.grammar = self._grammar(body)
         if score_only:
             parsed.params = [replace(p, max_new_tokens=0) for p in parsed.params]
         return parsed
@@ -225,7 +237,18 @@ class RequestParser:
             raise APIError(400, f"the model '{self.name}' has no chat template (its tokenizer lacks the "
                                 "<|im_start|>/<|im_end|> tokens); use /v1/completions, or fine-tune it for chat",
                            param="messages", code="no_chat_template")
-        ids = self._chat_ids(messages)
+        try:
+            tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        except ToolError as e:
+            raise APIError(400, e.message, param=e.param, code=e.code) from None
+        ids = self._chat_ids(messages, tools)
+        grammar = self._grammar(body)
+        if tools is not None and tools.called:
+            if grammar is not None:
+                raise APIError(400, "a forced tool call ('tool_choice' required or a named function) cannot be "
+                                    "combined with 'response_format' or a guided_* field", param="tool_choice",
+                               code="invalid_value")
+            grammar = self._tool_grammar(tools)
         if _field(body, "logprobs", (bool,), False):
             logprobs = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_LOGPROBS,
                               f"in 0..{MAX_LOGPROBS}")
@@ -238,36 +261,107 @@ class RequestParser:
             body = {**body, "max_tokens": _field(body, "max_completion_tokens", (int,))}
         ignore_eos = _field(body, "ignore_eos", (bool,), False)
         stop_ids = () if ignore_eos else (self.tok.im_end_id, self.tok.eos_id)
-        return self._finish(body, True, [ids], self._n(body), stop_ids, logprobs, None)
+        parsed = self._finish(body, True, [ids], self._n(body), stop_ids, logprobs, None)
+        parsed.grammar, parsed.tools = grammar, tools
+        return parsed
 
-    def _chat_ids(self, messages: Any) -> list[int]:
-        """The conversation in the chat template, each message checked first (400 naming the message)."""
+    def _grammar(self, body: dict) -> str | None:
+        """The grammar of the request's response_format or guided_* field (at most one), checked against the
+        tokenizer; a 400 names what cannot be compiled (an unsupported schema keyword, a bad regex)."""
+        given = [k for k in ("response_format", *_GUIDED) if body.get(k) is not None]
+        if len(given) > 1:
+            raise APIError(400, f"{' and '.join(given)} both constrain the output; send one of them",
+                           param=given[1], code="invalid_value")
+        if not given:
+            return None
+        name = given[0]
+        try:
+            grammar = response_format_grammar(body[name]) if name == "response_format" else \
+                _GUIDED[name](body[name], name)
+            where = "response_format.json_schema.schema" if name == "response_format" and \
+                body[name].get("type") == "json_schema" else name
+            return None if grammar is None else self.grammars.check(grammar, where)
+        except GrammarError as e:
+            raise APIError(e.status, e.message, param=e.param, code=e.code) from None
+
+    def _tool_grammar(self, tools: ToolSpec) -> str:
+        for i, (name, params) in enumerate(tools.functions.items()):  # each schema on its own: a 400 names it
+            try:
+                self.grammars.check(json_schema_grammar(params, f"tools[{i}].function.parameters"),
+                                    f"tools[{i}].function.parameters")
+            except GrammarError as e:
+                raise APIError(e.status, e.message, param=e.param, code=e.code) from None
+        grammar = tool_call_grammar([(n, tools.functions[n]) for n in tools.called],
+                                    many=tools.parallel and tools.choice == "required")
+        return self.grammars.check(grammar, "tools")
+
+    def _chat_ids(self, messages: Any, tools: ToolSpec | None = None) -> list[int]:
+        """The conversation in the chat template, each message checked first (400 naming the message). Tools
+        go through the model's template when it renders them (it mentions `tools`), else through
+        tools.render_messages' ChatML layout."""
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty array of {role, content} objects", param="messages",
                            code="invalid_type")
-        flat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise APIError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:  # (a non-string role is never in it)
-                raise APIError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got "
-                                    f"{json.dumps(role)[:40]}", param="messages", code="invalid_value")
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages[{i}].content", code="unsupported")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string or an array of text parts, got "
-                                    f"{json.dumps(content)[:40]}", param=f"messages[{i}].content",
-                               code="invalid_type")
-            flat.append({"role": role, "content": content})
+        flat = [self._message(i, m) for i, m in enumerate(messages)]
+        template = getattr(self.tok, "chat_template", None) or ""
         try:
-            return self.tok.encode_chat(flat, add_generation_prompt=True)[0]
+            if "tools" in template:  # a tools-aware template (an imported Qwen, Hermes, Llama 3.1...)
+                for m in flat:  # templates take the arguments as an object, not as OpenAI's JSON string
+                    for c in m.get("tool_calls", ()):
+                        c.update(type="function", function={"name": c["name"], "arguments": c["arguments"]})
+                return self.tok.encode_chat(flat, add_generation_prompt=True,
+                                            tools=tools.tools_json if tools else None)[0]
+            return self.tok.encode_chat(render_messages(flat, tools), add_generation_prompt=True)[0]
         except GptforgeError as e:  # checked above; a last line of defence
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
+
+    def _message(self, i: int, m: Any) -> dict:
+        """messages[i] checked: {role, content} plus an assistant's tool_calls ({name, arguments} each, the
+        arguments parsed) or a tool result's tool_call_id."""
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:  # (a non-string role is never in it)
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}, got "
+                                f"{json.dumps(role)[:40]}", param="messages", code="invalid_value")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages[{i}].content", code="unsupported")
+            content = "".join(p["text"] for p in content)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""  # an assistant turn that only calls tools
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or an array of text parts, got "
+                                f"{json.dumps(content)[:40]}", param=f"messages[{i}].content",
+                           code="invalid_type")
+        out: dict = {"role": role, "content": content}
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise APIError(400, f"messages[{i}].tool_call_id must be the string id of the call this answers",
+                               param=f"messages[{i}].tool_call_id", code="missing_field")
+            out["tool_call_id"] = m["tool_call_id"]
+        if calls is not None:
+            out["tool_calls"] = [self._past_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in
+                                 enumerate(calls if isinstance(calls, list) else [calls])]
+        return out
+
+    @staticmethod
+    def _past_call(where: str, c: Any) -> dict:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)):
+            raise APIError(400, f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                                "\"arguments\": a JSON string}}}}", param=where, code="invalid_type")
+        try:
+            arguments = json.loads(fn["arguments"])
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"{where}.function.arguments must be a JSON object in a string, got "
+                                f"{fn['arguments'][:40]!r}", param=f"{where}.function.arguments", code="invalid_value")
+        return {"id": c.get("id"), "name": fn["name"], "arguments": arguments}
 
     def _known(self, body: dict, allowed: set[str]) -> None:
         extra = sorted(k for k, v in body.items() if k not in allowed and v is not None)
@@ -407,8 +501,13 @@ class Shaper:
             if self.echo is not None:
                 text, lp = self._echoed(i, text, lp)
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                                "finish_reason": reason})
+                message: dict = {"role": "assistant", "content": text}
+                if self.req.tools is not None and self.req.tools.parses:
+                    message["content"], calls = split_calls(text, self.req.tools)
+                    if calls:
+                        message["tool_calls"] = calls
+                        reason = "tool_calls" if reason == "stop" else reason
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": lp})
         return {**self.head, "object": self.object, "choices": choices,
@@ -439,6 +538,15 @@ class Shaper:
         if self.req.include_usage:
             payload["usage"] = None
         return self.sse(payload)
+
+    def tool_call_chunks(self, index: int, k: int, call: dict) -> list[str]:
+        """Choice `index`'s k-th call, as OpenAI streams one: its id and name (arguments ""), then the
+        arguments (here whole: they are sent once the call is complete and known to be one)."""
+        fn = call["function"]
+        head = {"index": k, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+        return [self.sse({**self.head, "object": self.chunk_object, "choices": [
+            {"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}]})
+            for delta in (head, {"index": k, "function": {"arguments": fn["arguments"]}})]
 
     def closing(self, completion_tokens: int, cached_tokens: int = 0) -> list[str]:
         """The usage chunk when asked for, then [DONE]."""
