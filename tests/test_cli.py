@@ -26,7 +26,7 @@ EXPECTED = {
     "generate": {"--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--device",
                  "--top-p", "--min-p", "--repetition-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
                  "--ignore-eos", "--truncate-prompt", "--dtype", "--compile", "--threads", "--chat", "--system",
-                 "--kv-dtype"},
+                 "--kv-dtype", "--verbose"},
     "serve": {"--host", "--port", "--model-name", "--api-key", "--max-batch", "--max-queue", "--max-prompt-tokens",
               "--max-prefill-tokens", "--prefix-cache-tokens", "--kv-dtype", "--max-tokens", "--max-body-bytes", "--request-timeout", "--shutdown-timeout",
               "--adapter", "--embedding-pooling", "--device", "--dtype", "--threads"},

@@ -210,6 +210,19 @@ def test_quantized_checkpoint_generates(ckpt, tmp_path):
     assert isinstance(out, str) and len(tok.encode(out)) >= 1
 
 
+def test_generate_verbose_names_the_kernels(ckpt, tmp_path, capsys):
+    from gptforge import native
+    from gptforge.cli import main
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    dest, _ = quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "q8"))
+    assert main(["generate", str(dest), "--prompt", "the king " * 20, "--max-new-tokens", "2", "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert f"matmuls, decode step: 9 int8-dynamic:{native.ops.quant_path()}" in err  # 2 blocks x 4 + the head
+    assert "9 int8-dynamic:onednn" in err  # the prompt's rows
+
+
 def test_weight_only_activations_are_recorded_and_loaded(ckpt, tmp_path):
     dest, section = quantize_checkpoint(str(ckpt), "int8", str(tmp_path / "q"), activations="weight-only")
     assert section["quantization"]["activations"] == "weight-only"

@@ -336,6 +336,8 @@ def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
                         "int8 take less memory at a little perplexity (docs/generate.md)")
     p.set_defaults(func=cmd_generate)
 
+    p.add_argument("--verbose", action="store_true",
+                   help="print to stderr which kernel runs each matrix product (decode steps and the prompt)")
 
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
@@ -364,6 +366,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
     options = field_values(args, SamplingParams) | {"stop": tuple(args.stop or ()),
                                                     "compile": True if args.compile else None,
+    if args.verbose:
+        from gptforge.compress.quantize import matmul_paths
+
+        prompt_rows = max(1, len(tokenizer.encode(prompt)))
+        for what, rows in (("decode step", 1), (f"prompt ({prompt_rows} rows)", prompt_rows)):
+            paths = ", ".join(f"{n} {p}" for p, n in matmul_paths(model, rows).items())
+            print(f"matmuls, {what}: {paths}", file=sys.stderr)
                                                     "kv_dtype": args.kv_dtype}
     if args.ignore_eos:
         options["stop_at_eos"] = False

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from gptforge.config import CompressionConfig, section_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.model import TiedHead
+from gptforge.native import DecodeLinear, DecodeTiedHead
 from gptforge.native import ops as native
 from gptforge.settings import INT4_GROUP_SIZE, INT4_GROUP_SIZES
 
@@ -275,6 +276,28 @@ class QuantTiedHead(TiedHead):
         return self.table.matmul(x)
 
 
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def matmul_paths(model: nn.Module, rows: int) -> dict[str, int]:
+    """How many of `model`'s matrix products run on each path (QuantizedMatrix.path's names; "fp32:native" /
+    "bf16:native" / "fp32:aten" for float Linears and heads) for an input of `rows` rows on its device: what
+    `gptforge generate --verbose` prints and the benchmarks record."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantTiedHead) or isinstance(m, QuantLinear):
+            mat = m.table if isinstance(m, QuantTiedHead) else m
+            path = mat.path(torch.empty(rows, mat.shape[1], device=mat.weight_q.device))
+        elif isinstance(m, (nn.Linear, TiedHead)):
+            w = m.table.weight if isinstance(m, TiedHead) else m.weight
+            kernels = w.device.type == "cpu" and rows <= native.MAX_ROWS and isinstance(m, (DecodeLinear, DecodeTiedHead))
+            path = f"{_DTYPE_NAMES.get(w.dtype, str(w.dtype))}:{'native' if kernels else 'aten'}"
+        else:
+            continue
+        out[path] = out.get(path, 0) + 1
+    return out
 
 
 # --- the state-dict transform and the module swap ------------------------------------------------------------
