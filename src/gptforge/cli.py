@@ -334,10 +334,10 @@ def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default=KV_DTYPE, choices=typing.get_args(KVDtype),
                    help=f"how the KV cache stores keys and values (default {KV_DTYPE}: the weights' dtype); bf16 or "
                         "int8 take less memory at a little perplexity (docs/generate.md)")
-    p.set_defaults(func=cmd_generate)
-
     p.add_argument("--verbose", action="store_true",
                    help="print to stderr which kernel runs each matrix product (decode steps and the prompt)")
+    p.set_defaults(func=cmd_generate)
+
 
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
@@ -364,8 +364,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = "" if args.chat else _read_prompt(args)
     _set_threads(args.threads)
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    options = field_values(args, SamplingParams) | {"stop": tuple(args.stop or ()),
-                                                    "compile": True if args.compile else None,
     if args.verbose:
         from gptforge.compress.quantize import matmul_paths
 
@@ -373,6 +371,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for what, rows in (("decode step", 1), (f"prompt ({prompt_rows} rows)", prompt_rows)):
             paths = ", ".join(f"{n} {p}" for p, n in matmul_paths(model, rows).items())
             print(f"matmuls, {what}: {paths}", file=sys.stderr)
+    options = field_values(args, SamplingParams) | {"stop": tuple(args.stop or ()),
+                                                    "compile": True if args.compile else None,
                                                     "kv_dtype": args.kv_dtype}
     if args.ignore_eos:
         options["stop_at_eos"] = False
@@ -466,10 +466,10 @@ def _quantize_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("--method", required=True, help="int8, int4, bf16 or fp16")
     p.add_argument("--group-size", type=int, help="int4: input columns sharing one scale, "
+                                                  f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {INT4_GROUP_SIZE})")
     p.add_argument("--activations", choices=["dynamic", "weight-only"],
                    help="int8/int4 on CPU: dynamic (default) also quantizes each row's activations to int8 when "
                         "multiplying, on the integer dot-product instructions; weight-only keeps them fp32")
-                                                  f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {INT4_GROUP_SIZE})")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _overwrite_flag(p, "checkpoint")
     p.set_defaults(func=cmd_quantize)

@@ -318,6 +318,9 @@ class QuantizationConfig:
     method: Literal["int8", "int4", "bf16", "fp16"]
     group_size: int | None = None  # int4: input columns per scale and minimum
     packing: str | None = None  # int4: the layout of the codes, checked on load (a layout change is refused)
+    # int8/int4 on CPU: "dynamic" quantizes each row's activations to int8 and multiplies on the integer dot
+    # products (the default, also when absent); "weight-only" keeps fp32 activations (compress/quantize.py)
+    activations: Literal["dynamic", "weight-only"] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _section_dict(self)
@@ -333,9 +336,6 @@ class PruningConfig:
     measured_sparsity: float | None = None
     pattern: str | None = None  # N:M, e.g. "2:4"
     heads: str | None = None  # structured: attention heads per layer, "before->after"
-    # int8/int4 on CPU: "dynamic" quantizes each row's activations to int8 and multiplies on the integer dot
-    # products (the default, also when absent); "weight-only" keeps fp32 activations (compress/quantize.py)
-    activations: Literal["dynamic", "weight-only"] | None = None
     mlp_channels: str | None = None  # structured: MLP width, "before->after"
     params: str | None = None  # structured: parameters, "before->after"
     recover_steps: int | None = None  # steps of recovery training after pruning
