@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -35,6 +35,10 @@ from .protocol import APIError, Parsed, RequestParser, Shaper, parse_body
 from .scheduler import Job, Scheduler
 from .tools import CallStream
 
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # the page at /: one file, inline CSS and JS
+# The page may load nothing but itself and talk to nothing but this server.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self' data:; base-uri 'none'; form-action 'none'")
 DRAIN_LINGER = 0.5  # seconds after SIGTERM that idle keep-alive connections still get answers (503), at least
 
 
@@ -333,6 +337,12 @@ def _closing(send):
 
 
 def _add_routes(app: FastAPI, svc: _Service) -> None:
+    page = CHAT_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/")
+    async def chat_page():
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+
     @app.get("/health")
     async def health():
         if svc.scheduler.draining:
