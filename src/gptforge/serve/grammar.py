@@ -63,17 +63,17 @@ def json_schema_grammar(schema: Any, param: str) -> str:
 
 
 def regex_grammar(pattern: Any, param: str) -> str:
-    _require(param)
     if not isinstance(pattern, str) or not pattern:
         raise GrammarError(f"'{param}' must be a non-empty regular expression string", param, code="invalid_value")
+    _require(param)
     return llguidance.LLMatcher.grammar_from_regex(pattern)
 
 
 def choice_grammar(choices: Any, param: str) -> str:
     """Exactly one of the strings in `choices`."""
-    _require(param)
     if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
         raise GrammarError(f"'{param}' must be a non-empty array of non-empty strings", param, code="invalid_value")
+    _require(param)
     # Lark string literals take JSON's escapes.
     return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
 

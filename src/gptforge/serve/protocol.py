@@ -24,6 +24,7 @@ from gptforge.text import prompt_ids
 from gptforge.tokenizer import Tokenizer
 
 from .grammar import GrammarError, Grammars, response_format_grammar, tool_call_grammar
+from .grammar import available as grammar_available
 from .grammar import choice_grammar, json_schema_grammar, regex_grammar
 from .tools import ToolError, ToolSpec, parse_tools, render_messages, split_calls
 
@@ -242,12 +243,16 @@ class RequestParser:
         except ToolError as e:
             raise APIError(400, e.message, param=e.param, code=e.code) from None
         ids = self._chat_ids(messages, tools)
+        forced = tools is not None and tools.called
+        if forced and any(body.get(k) is not None and body.get(k) != {"type": "text"}
+                          for k in ("response_format", *_GUIDED)):
+            raise APIError(400, "a forced tool call ('tool_choice' required or a named function) cannot be "
+                                "combined with 'response_format' or a guided_* field", param="tool_choice",
+                           code="invalid_value")
         grammar = self._grammar(body)
-        if tools is not None and tools.called:
-            if grammar is not None:
-                raise APIError(400, "a forced tool call ('tool_choice' required or a named function) cannot be "
-                                    "combined with 'response_format' or a guided_* field", param="tool_choice",
-                               code="invalid_value")
+        if tools is not None:
+            self._check_parameters(tools)
+        if forced:
             grammar = self._tool_grammar(tools)
         if _field(body, "logprobs", (bool,), False):
             logprobs = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_LOGPROBS,
@@ -284,16 +289,28 @@ class RequestParser:
         except GrammarError as e:
             raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
-    def _tool_grammar(self, tools: ToolSpec) -> str:
-        for i, (name, params) in enumerate(tools.functions.items()):  # each schema on its own: a 400 names it
+    def _check_parameters(self, tools: ToolSpec) -> None:
+        """Each function's parameters compile as a JSON schema (a 400 names the function and the keyword), so
+        a request is refused alike whether or not this answer forces a call. Without the grammar library the
+        schemas are not checked, and only a forced call needs it (a 501)."""
+        if not grammar_available() and not tools.called:
+            return
+        for i, params in enumerate(tools.functions.values()):
+            where = f"tools[{i}].function.parameters"
             try:
-                self.grammars.check(json_schema_grammar(params, f"tools[{i}].function.parameters"),
-                                    f"tools[{i}].function.parameters")
+                self.grammars.check(json_schema_grammar(params, where), where)
             except GrammarError as e:
                 raise APIError(e.status, e.message, param=e.param, code=e.code) from None
-        grammar = tool_call_grammar([(n, tools.functions[n]) for n in tools.called],
-                                    many=tools.parallel and tools.choice == "required")
-        return self.grammars.check(grammar, "tools")
+
+    def _tool_grammar(self, tools: ToolSpec) -> str:
+        """The grammar of a forced answer: calls of the functions tool_choice allows (several when required
+        and parallel)."""
+        try:
+            grammar = tool_call_grammar([(n, tools.functions[n]) for n in tools.called],
+                                        many=tools.parallel and tools.choice == "required")
+            return self.grammars.check(grammar, "tools")
+        except GrammarError as e:
+            raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
     def _chat_ids(self, messages: Any, tools: ToolSpec | None = None) -> list[int]:
         """The conversation in the chat template, each message checked first (400 naming the message). Tools
