@@ -128,11 +128,12 @@ def _set_threads(threads: int | None) -> None:
 
 def _prepare_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into train/val token shards",
-                       description="Read text files, folders, globs, JSONL, parquet, stdin or a bundled corpus; train or load a "
-                                   "byte-level BPE tokenizer; write train/val token shards and meta.json.")
+                       description="Read text files, folders, globs, JSONL, parquet, Arrow, datasets folders, stdin or a "
+                                   "bundled corpus as streams; train or load a tokenizer; write train/val token shards "
+                                   "and meta.json.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="text files, folders (searched recursively), globs, .jsonl or .parquet files (.gz/.zst too), - for stdin, "
-                        "or a bundled corpus name (shakespeare)")
+                   help="text files, folders (searched recursively), globs, .jsonl, .parquet or .arrow files (.gz/.zst too), "
+                        "datasets save_to_disk folders, - for stdin, or a bundled corpus name (shakespeare)")
     p.add_argument("--out", required=True, help="directory to write the shards, tokenizer.json and meta.json into")
     p.add_argument("--tokenizer", help="use this tokenizer.json (or a folder with it, or with GPT-2's vocab.json + merges.txt)")
     # --vocab-size ... --shard-tokens: PrepareConfig's fields; left None when not given (--vocab-size then means
@@ -164,7 +165,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"documents: train {stats.documents['train']:,}, val {stats.documents['val']:,}{empty}")
     print(f"tokens:    train {stats.tokens['train']:,}, val {stats.tokens['val']:,}")
     print(f"bytes/token {stats.bytes_per_token:.2f}; tokenized {stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f} s "
-          f"({stats.mb_per_s:.2f} MB/s); tokenizer {'loaded' if args.tokenizer else 'trained'} in {stats.tokenizer_seconds:.1f} s")
+          f"({stats.mb_per_s:.2f} MB/s, {stats.encoder}); tokenizer {'loaded' if args.tokenizer else 'trained'} in "
+          f"{stats.tokenizer_seconds:.1f} s")
     print(f"wrote {args.out}/meta.json, tokenizer.json and the shards; next: gptforge train --data {args.out} --out runs/NAME")
 
 
