@@ -43,7 +43,7 @@ EXPECTED = {
     "distill": {"--teacher", "--student", "--data", "--out", "--temperature", "--kl-weight", "--ce-weight"},
     "eval": {"--data", "--task", "--limit", "--shots", "--seed", "--batches", "--batch-size", "--seq-len", "--decode-tokens", "--threads", "--json"},
     "import-hf": {"--out", "--overwrite"},
-    "export-hf": {"--out", "--overwrite"},
+    "export-hf": {"--out", "--overwrite", "--architecture"},
     "export-gguf": {"--out", "--type", "--overwrite"},
     "finetune": {"--data", "--out", "--method", "--task", "--val-data", "--val-fraction", "--lora-rank", "--lora-alpha",
                  "--lora-dropout", "--lora-targets"},

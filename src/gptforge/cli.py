@@ -604,11 +604,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def _import_hf_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("import-hf", parents=[common], help="convert a local Hugging Face GPT-2 or Llama folder",
+    p = sub.add_parser("import-hf", parents=[common], help="convert a local Hugging Face model folder",
                        description="Read config.json, model.safetensors (or pytorch_model.bin, loaded with "
                                    "weights_only=True) and tokenizer.json (or vocab.json + merges.txt) from a local "
-                                   "folder and write a gptforge checkpoint. Supported: GPT2LMHeadModel, "
-                                   "LlamaForCausalLM. See docs/finetune.md.")
+                                   "folder and write a gptforge checkpoint. Supported: GPT-2, Llama (incl. Llama 3 "
+                                   "RoPE scaling), Qwen2/2.5, Qwen3, Mistral, Phi-3; what a family needs and gptforge "
+                                   "lacks is refused naming the config key. See docs/interop.md.")
     p.add_argument("folder", metavar="DIR", help="a Hugging Face model folder (e.g. from save_pretrained)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _overwrite_flag(p, "checkpoint")
@@ -625,10 +626,13 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 def _export_hf_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export-hf", parents=[common], help="write a checkpoint as a Hugging Face folder",
                        description="GPT-2-style models (learned positions, LayerNorm, GELU) become GPT2LMHeadModel, "
-                                   "Llama-style ones (rotary, RMSNorm, SwiGLU) LlamaForCausalLM; anything else is "
-                                   "refused naming the field. LoRA adapters are merged into their base first.")
+                                   "Llama-style ones (rotary, RMSNorm, SwiGLU) LlamaForCausalLM, or Qwen2 (q/k/v "
+                                   "biases), Qwen3 (q/k norms), Mistral (sliding window); anything else is refused "
+                                   "naming the field. LoRA adapters are merged into their base first. See docs/interop.md.")
     p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("--out", required=True, help="folder to write config.json, model.safetensors and the tokenizer into")
+    p.add_argument("--architecture", help="the HF class to write, e.g. Phi3ForCausalLM (default: the first of GPT2, "
+                                          "Llama, Qwen2, Qwen3, Mistral, Phi3 that expresses the model)")
     _overwrite_flag(p, "Hugging Face export")
     p.set_defaults(func=cmd_export_hf)
 
@@ -636,7 +640,7 @@ def _export_hf_parser(sub, common: argparse.ArgumentParser) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from gptforge.interop import export_hf
 
-    dest, arch = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    dest, arch = export_hf(args.checkpoint, args.out, overwrite=args.overwrite, architecture=args.architecture)
     print(f"wrote {dest} ({arch}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json); "
           f"load with transformers.AutoModelForCausalLM.from_pretrained({str(dest)!r})")
 

@@ -51,6 +51,13 @@ class ModelConfig:
     zero_init_proj: bool = False  # attn.proj, mlp.down (and an untied head) start at zero
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2; modded-nanogpt)
     value_embeds: int = 0  # extra token tables added to the values of the first and last this-many layers
+    # Variants of imported families (docs/interop.md); the defaults build the plain GPT above.
+    qkv_bias: bool = False  # biases on the query/key/value projection even when `bias` is off (Qwen2)
+    sliding_window: int | None = None  # each query sees only the latest this-many positions, itself included (Mistral)
+    rope_factor: float | None = None  # Llama 3 RoPE frequency scaling (rope_type llama3); None: plain RoPE
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: wavelengths above original_context / this are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: wavelengths below original_context / this are kept
+    rope_original_context: int = 8192  # llama3 scaling: the context the model was pretrained at
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
@@ -70,6 +77,12 @@ class ModelConfig:
             raise GptforgeError(f"model.head_size must be >= 1 or null, got {self.head_size}")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise GptforgeError(f"model.logit_softcap must be > 0 or null, got {self.logit_softcap}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise GptforgeError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.rope_factor is not None and not (self.rope_factor > 0 and self.rope_original_context >= 1
+                                                 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise GptforgeError("model.rope_factor needs rope_factor > 0, rope_original_context >= 1 and "
+                                "0 < rope_low_freq_factor < rope_high_freq_factor")
         if not 0 <= 2 * self.value_embeds <= self.n_layer:
             raise GptforgeError(f"model.value_embeds ({self.value_embeds}) must be between 0 and n_layer / 2 "
                                 f"({self.n_layer // 2}): each table feeds one of the first and one of the last layers")
@@ -105,7 +118,7 @@ class ModelConfig:
         d, hd, f, b = self.d_model, self.head_dim, self.mlp_width, int(self.bias)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         qkv_out = (self.n_head + 2 * self.kv_heads) * hd
-        attn = d * qkv_out + b * qkv_out + self.n_head * hd * d + b * d
+        attn = d * qkv_out + int(self.bias or self.qkv_bias) * qkv_out + self.n_head * hd * d + b * d
         if self.mlp == "swiglu":
             mlp = 3 * d * f + b * (2 * f + d)
         else:
@@ -128,9 +141,11 @@ class ModelConfig:
 
         N counts the weights that take part in a matmul for every token: every block's matrices and the
         output head (tied or not), not the embedding lookups. 6N is the forward (2N) plus backward (4N)
-        matmul cost; 12*L*d*T is attention's QK^T and AV products over a context of T = seq_len tokens.
+        matmul cost; 12*L*d*T is attention's QK^T and AV products over a context of T = seq_len tokens (at most
+        sliding_window of them when the window is shorter).
         """
         t = self.block_size if seq_len is None else seq_len
+        t = t if self.sliding_window is None else min(t, self.sliding_window)
         n = self.num_params(embeddings=False) + self.padded_vocab_size * self.d_model
         return 6 * n + 12 * self.n_layer * self.d_model * t
 

@@ -47,10 +47,13 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> P
     return write_checkpoint(Path(out), RunConfig(model=cfg), tokenizer, model_state=model.state_dict())
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str]:
+def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
+              architecture: str | None = None) -> tuple[Path, str]:
     """Write a checkpoint as an HF folder that `AutoModelForCausalLM` and `AutoTokenizer` load offline.
 
-    Returns (folder, architecture). A LoRA checkpoint is merged into its base first (gptforge.loader does it).
+    Returns (folder, architecture): `architecture` (e.g. "Phi3ForCausalLM") when given, else the first family
+    of hf.FORMATS that expresses the model; either way a model it cannot express is refused naming the field.
+    A LoRA checkpoint is merged into its base first (gptforge.loader does it).
     `out` follows outputs.check_out (`overwrite` replaces only an earlier export); written via a temporary folder.
     """
     dest = check_out(out, "hf", overwrite=overwrite, inputs=[checkpoint])
@@ -60,7 +63,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
         method = run.compression.quantization.method
         raise GptforgeError(f"{ckpt} is quantized ({method}); export its unquantized parent (HF folders hold float weights)")
     cfg = run.model
-    fmt = choose_format(cfg)
+    fmt = choose_format(cfg, architecture)
     model, tokenizer, _ = load_checkpoint(ckpt)
     state = to_hf_state({k: v.float() for k, v in model.state_dict().items()}, cfg, fmt)
     with staged(dest, "Hugging Face export", need=sum(v.numel() * v.element_size() for v in state.values())) as tmp:

@@ -48,6 +48,7 @@ class KVCache:
         self.layers = [_LayerKV(self, *buffers()) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.length, self.static, self.dtype, self.store = length, static, dtype, store
+        self.window = cfg.sliding_window  # a sliding attention window (Mistral) in the mask; None: causal only
         # csrc/attention.cpp and block.cpp read and write the model's dtype: another storage dtype takes the
         # PyTorch path (native/layout.py's DecodeBlock checks this flag too).
         self.native = device.type == "cpu" and not static and native.available() and store == dtype
@@ -72,7 +73,10 @@ class KVCache:
             # slot. Three ops instead of the general mask's dozen; with the penalty bookkeeping skipped when no
             # penalty is on, the demo model decoded 7% faster.
             self.valid.index_fill_(1, slots, True)
-            self.mask = torch.where(self.valid[:, None, None, : self.end], self._zero, float("-inf"))
+            allowed = self.valid[:, None, None, : self.end]  # (B, 1, 1, end)
+            if self.window is not None:
+                allowed = allowed & (torch.arange(self.end, device=slots.device) > slots - self.window)
+            self.mask = torch.where(allowed, self._zero, float("-inf"))
             return
         if real is None:
             real = torch.ones(self.valid.shape[0], slots.shape[-1], dtype=torch.bool, device=slots.device)
@@ -82,6 +86,8 @@ class KVCache:
             self.valid.scatter_(1, slots, real)
         s = torch.arange(self.end, device=slots.device)
         causal = s <= slots[..., None]  # (T, end) or (B, T, end)
+        if self.window is not None:  # the latest `window` slots only, the query's own included (slots are positions)
+            causal = causal & (s > slots[..., None] - self.window)
         # A padding query may see only itself: a row of all-masked keys would make SDPA return NaN, and the
         # NaN would reach real tokens through 0 * NaN in the next layer's attention over the cached values.
         allowed = (self.valid[:, None, : self.end] & causal) | (s == slots[..., None])  # (B, T, end)
@@ -105,6 +111,7 @@ class KVCache:
         out.valid = self.valid[r]
         out.length, out.static, out.dtype, out.native = self.length, self.static, self.dtype, self.native
         out.store = self.store
+        out.window = self.window
         out._zero = self._zero
         out.slots, out.mask, out.end = self.slots, out.valid[:, None, None, :], self.end
         return out

@@ -1,8 +1,9 @@
 """The GPT: token (and position) embeddings, a stack of pre-norm blocks, a final norm and the output head.
 
 Variants that change the math (learned vs rotary positions, LayerNorm vs RMSNorm, GELU vs SwiGLU vs ReLU²
-MLP, QK-norm, logit soft-cap) are chosen once, when the model is built, as modules (nn.Identity where a
-variant is off); forward passes carry no per-variant flags beyond the rotary tables and value embeddings.
+MLP, QK-norm, logit soft-cap, a sliding attention window) are chosen once, when the model is built, as modules
+(nn.Identity where a variant is off); forward passes carry no per-variant flags beyond the rotary tables (whose
+frequencies Llama 3's RoPE scaling adjusts) and value embeddings.
 Nothing here knows about compile, DDP, LoRA or quantization: those wrap a built model from outside.
 
 Shapes: B batch, T sequence length, D d_model, H query heads, K key/value heads, Hd head size, V padded vocab.
@@ -31,14 +32,23 @@ def make_dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(pos: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles pos * theta^(-2i/Hd) (Su et al. 2021), each (T, Hd), fp32.
 
     Computed per call from the positions rather than stored as buffers: it costs T*Hd multiplies, keeps the
     model free of non-persistent state (so a meta-device build loads cleanly) and accepts any positions.
     Per-row positions pos (B, T) (a left-padded batch) give tables (B, T, Hd).
+
+    With cfg.rope_factor (Llama 3.1's "llama3" RoPE scaling, for a context longer than rope_original_context):
+    frequencies whose wavelength exceeds original_context / low_freq_factor are divided by the factor, those
+    shorter than original_context / high_freq_factor kept, and the ones between blended linearly.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    hd = cfg.head_dim
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)  # (Hd/2,)
+    if cfg.rope_factor is not None:
+        ratio = cfg.rope_original_context * inv_freq / (2 * math.pi)  # original context / wavelength
+        blend = ((ratio - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+        inv_freq = (1 - blend) * inv_freq / cfg.rope_factor + blend * inv_freq  # (Hd/2,)
     angles = pos.float()[..., None] * inv_freq  # (..., T, Hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (..., T, Hd): the "rotate half" layout used by HF Llama
     return angles.cos(), angles.sin()
@@ -64,7 +74,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, value_gate: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2 biases q, k and v but not the output projection
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -77,7 +88,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
                 ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask (B, 1, T, T) bool, when given, replaces the plain causal mask (packed documents). kv, when
+        """mask (B, 1, T, T) or (T, T) bool, when given, replaces the plain causal mask (GPT.attn_mask). kv, when
         given, is one layer's view of a KV cache (gptforge.generate.KVCache): `kv.attend` writes this call's
         keys and values into it and the queries attend to every cached position its mask allows. ve
         (B, T, K*Hd) is this layer's value-embedding lookup, None for layers without one."""
@@ -165,6 +176,39 @@ class SoftCap(nn.Module):
         return f"cap={self.cap}"
 
 
+class CausalMask(nn.Module):
+    """Which keys each query may attend to in a forward without a KV cache: None (SDPA's own is_causal path)
+    unless documents are packed (doc (B, T), each token's document id), then causal within a document."""
+
+    def forward(self, doc: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+        if doc is None:
+            return None
+        return (self.allowed(T, device) & (doc[:, :, None] == doc[:, None, :]))[:, None]  # (B, 1, T, T)
+
+    def allowed(self, T: int, device: torch.device) -> torch.Tensor:
+        return torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+
+
+class SlidingWindowMask(CausalMask):
+    """Causal, and each query sees only the latest `window` positions, itself included (Mistral; Beltagy et al.
+    2020, Longformer), in every layer. A KV cache applies the same window in its own mask (kvcache.py)."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, doc: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
+        allowed = self.allowed(T, device)  # (T, T)
+        return allowed if doc is None else (allowed & (doc[:, :, None] == doc[:, None, :]))[:, None]  # (B, 1, T, T)
+
+    def allowed(self, T: int, device: torch.device) -> torch.Tensor:
+        back = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)  # (T, T): query - key
+        return (back >= 0) & (back < self.window)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}"
+
+
 def value_embed_layers(cfg: ModelConfig) -> dict[int, int]:
     """Layer -> value-embedding table: table i feeds layer i and layer n_layer - k + i (k = value_embeds),
     the U shape of modded-nanogpt, which shares each table between an early and a late layer."""
@@ -213,6 +257,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
         self.drop = make_dropout(cfg.dropout)
+        self.attn_mask = SlidingWindowMask(cfg.sliding_window) if cfg.sliding_window is not None else CausalMask()
         self.ve_layers = value_embed_layers(cfg)
         self.value_embeds = nn.ModuleList(
             nn.Embedding(cfg.padded_vocab_size, cfg.kv_heads * cfg.head_dim) for _ in range(cfg.value_embeds))
@@ -253,14 +298,12 @@ class GPT(nn.Module):
         default. With a KV cache (gptforge.generate.KVCache, for generation) idx are only the new tokens: their
         keys and values join the cached ones, and the cache's mask says which each may attend to. doc (B, T),
         for sequences packed from several documents, is each token's document id: attention stays causal and
-        within a document (finetune/data.py packs chats this way); without it SDPA runs its is_causal path.
+        within a document (finetune/data.py packs chats this way); without it (and without a sliding window) SDPA
+        runs its is_causal path.
         last (B,), for a prefill, is the one position per row whose logits are wanted: (B, 1, V) are returned,
         and the head (a quarter of a small model's prefill FLOPs) skips the other positions."""
-        mask = None
-        if doc is not None:
-            causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()  # (T, T)
-            mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         B, T = idx.shape
+        mask = self.attn_mask(doc, T, idx.device) if cache is None else None  # a cache brings its own mask
         if pos is None:
             pos = torch.arange(T, device=idx.device)
         if T > self.config.block_size:
@@ -270,7 +313,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)  # (B, T, D) + (T, D) or (B, T, D)
         else:
-            rope = rotary_tables(pos, self.config.head_dim, self.config.rope_theta)  # 2 x (T, Hd) or (B, T, Hd)
+            rope = rotary_tables(pos, self.config)  # 2 x (T, Hd) or (B, T, Hd)
             if pos.dim() == 2:
                 rope = (rope[0][:, None], rope[1][:, None])  # 2 x (B, 1, T, Hd): broadcast over heads
         x = self.drop(x)

@@ -65,8 +65,8 @@ def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         both = cfg.norm == "layernorm" and bias
         return [(f"{name}.weight", (width,))] + ([(f"{name}.bias", (width,))] if both else [])
 
-    def linear(name: str, out: int, inp: int) -> list[tuple[str, tuple[int, ...]]]:
-        return [(f"{name}.weight", (out, inp))] + ([(f"{name}.bias", (out,))] if bias else [])
+    def linear(name: str, out: int, inp: int, biased: bool = bias) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{name}.weight", (out, inp))] + ([(f"{name}.bias", (out,))] if biased else [])
 
     shapes = [("tok_emb.weight", (v, d))] + ([("pos_emb.weight", (cfg.block_size, d))]
                                             if cfg.pos_encoding == "learned" else [])
@@ -75,7 +75,7 @@ def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(cfg.n_layer):
         at = f"blocks.{i}.attn"
         shapes += norm(f"blocks.{i}.norm1") + ([(f"{at}.value_gate", (1,))] if i in gated else [])
-        shapes += linear(f"{at}.qkv", qkv, d) + linear(f"{at}.proj", d, cfg.n_head * hd)
+        shapes += linear(f"{at}.qkv", qkv, d, bias or cfg.qkv_bias) + linear(f"{at}.proj", d, cfg.n_head * hd)
         if cfg.qk_norm:  # gains only, whatever the norm type (RMSNorm per head dim)
             shapes += [(f"{at}.q_norm.weight", (hd,)), (f"{at}.k_norm.weight", (hd,))]
         shapes += norm(f"blocks.{i}.norm2")

@@ -246,7 +246,7 @@ def shrink(model: nn.Module, plan: StructuredPlan) -> nn.Module:
         rows, cols = _qkv_rows(cfg, plan.groups[i]), _proj_cols(cfg, plan.groups[i])
         ch = torch.tensor(plan.channels[i])
         state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][rows]
-        if cfg.bias:
+        if cfg.bias or cfg.qkv_bias:
             state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][rows]
         state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, cols]
         for name in ("mlp.up", "mlp.gate"):

@@ -50,7 +50,10 @@ class DecodeTiedHead(TiedHead):
 
 def _runnable(block: nn.Module) -> bool:
     """Whether the block op computes this block: a plain Block whose Linears are all DecodeLinears (not quantized,
-    not LoRA), norms and MLP of the kinds the op knows, one eps for every norm, no dropout."""
+    not LoRA), norms and MLP of the kinds the op knows, one eps for every norm, no dropout. The imported families'
+    variants need no check here: a sliding window lives in the KV cache's mask, which the op reads; Qwen2's q/k/v
+    biases without an output bias are the schema's separate qkv_bias / proj_bias; Llama 3 RoPE scaling changes only
+    the rotary tables the op is handed (tests/test_families.py compares the op's decode with a forward)."""
     if type(block) is not Block:
         return False
     attn, mlp = block.attn, block.mlp
