@@ -4,6 +4,8 @@
     python benchmarks/serve_load.py --seconds 10             # a short run
     python benchmarks/serve_load.py --model gpt2-blocks               # a ~90M model whose decode is DRAM-bound (~6 min)
     python benchmarks/serve_load.py --checkpoint runs/demo/run --levels 1,16
+    python benchmarks/serve_load.py --scenario prefix        # prefix cache: time to first token, miss vs hit (~1 min)
+    python benchmarks/serve_load.py --scenario chat          # prefix cache: multi-turn chat, cache on vs off (~4 min)
 
 The server is started here (`gptforge serve CKPT --port 0 --max-batch 32 --threads T`). Without --checkpoint it
 serves a random-init model (speed does not depend on what the weights say) with a 4096-token BPE trained on
@@ -28,6 +30,19 @@ stream that ended without [DONE] or with fewer tokens than asked), aggregate out
 tokens over the level's wall time), time to first token and inter-token latency (gap between successive
 streamed chunks) at p50 and p99. Then the targets: zero errors and lost requests; tokens/s at 16 clients
 >= 4x one client's; p99 inter-token latency at 16 clients <= 3x one client's. Results go to a JSON file.
+
+Two scenarios measure the prefix cache (docs/serve.md), on `--model long` unless told (the `shakespeare`
+preset with a 2048-token context: a 1,000-token prefix needs more than its 256):
+
+- `--scenario prefix`: time to first token of a 1,000-token prefix + 20 new tokens (token-id prompts, one token
+  asked, one request at a time), on a miss (a prefix never sent) and on a hit (the same prefix, 20 other new
+  tokens), alternating miss, hit, miss, hit, in `--reps` server processes; the medians and their ratio
+  (target >= 5x), and the cached_tokens the hits reported.
+- `--scenario chat`: `--levels` clients (default 8) each hold multi-turn conversations (a shared system prompt,
+  then turns of a ~100-token user message and a 32-token reply, the whole conversation resent each turn, 8
+  turns, then a new conversation) for `--seconds`; a server with the prefix cache and one with
+  `--prefix-cache-tokens 0` alternate, `--reps` processes each; aggregate output tokens/s, medians and ratio
+  (target >= 2x).
 """
 
 from __future__ import annotations
@@ -45,7 +60,8 @@ from pathlib import Path
 import httpx
 
 
-MODELS = ("shakespeare", "gpt2-blocks")
+MODELS = ("shakespeare", "gpt2-blocks", "long")
+SCENARIOS = ("load", "prefix", "chat")
 
 
 def build_checkpoint(dest: Path, model: str = "shakespeare") -> Path:
@@ -64,6 +80,8 @@ def build_checkpoint(dest: Path, model: str = "shakespeare") -> Path:
     tok = Tokenizer.train(texts, vocab_size=4096)
     if model == "shakespeare":
         cfg = model_preset("shakespeare")
+    elif model == "long":  # the prefix-cache scenarios: a 1,000-token prefix, conversations of ~1,300 tokens
+        cfg = dataclasses.replace(model_preset("shakespeare"), block_size=2048)
     elif model == "gpt2-blocks":
         # GPT-2's 50k vocabulary would add a 154 MB head that the BPE trained here cannot use; a 256-token
         # context keeps the KV cache of 32 rows at 600 MB (1024 would be 2.4 GB) and is all the load needs
@@ -169,10 +187,12 @@ async def warm_up(url: str, texts: list[str]) -> None:
         raise SystemExit(f"warm-up requests failed: {stats['error_samples']}")
 
 
-def start_server(ckpt: Path, threads: int, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, threads: int, max_batch: int, log: Path,
+                 prefix_cache_tokens: int | None = None) -> tuple[subprocess.Popen, str]:
+    extra = [] if prefix_cache_tokens is None else ["--prefix-cache-tokens", str(prefix_cache_tokens)]
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(ckpt), "--port", "0", "--model-name",
-                             "bench", "--max-batch", str(max_batch), "--max-queue", "256", "--threads", str(threads)],
-                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+                             "bench", "--max-batch", str(max_batch), "--max-queue", "256", "--threads", str(threads),
+                             *extra], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     line = proc.stdout.readline()
     m = re.search(r"at (http://[\d.]+:\d+)/v1", line)
     if not m:
@@ -189,26 +209,168 @@ def start_server(ckpt: Path, threads: int, max_batch: int, log: Path) -> tuple[s
     raise SystemExit(f"the server never became healthy; see {log}")
 
 
+# --- the prefix cache's scenarios --------------------------------------------------------------------------
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def ttft_scenario(ckpt: Path, args, tmp: Path) -> dict:
+    """Miss and hit times to first token, alternating, in args.reps server processes."""
+    import random
+
+    from gptforge.checkpoint import read_config
+
+    vocab = read_config(ckpt).model.vocab_size
+    rng = random.Random(0)
+    miss, hit, cached = [], [], []
+    for rep in range(args.reps):
+        proc, url = start_server(ckpt, args.threads, args.max_batch, tmp / f"prefix{rep}.log", args.prefix_cache_tokens)
+        try:
+            with httpx.Client(timeout=120) as client:
+                def ask(ids: list[int]) -> tuple[float, int]:
+                    t0 = time.perf_counter()
+                    r = client.post(url + "/v1/completions", json={"model": "bench", "prompt": ids, "max_tokens": 1,
+                                                                   "temperature": 0})
+                    dt = time.perf_counter() - t0
+                    r.raise_for_status()
+                    return dt, r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+                new = lambda n: [rng.randrange(256, vocab) for _ in range(n)]  # noqa: E731
+                ask(new(1020))  # warm-up: allocator, code paths
+                for _ in range(args.rounds):
+                    prefix = new(1000)  # never sent before: a miss
+                    miss.append(ask(prefix + new(20))[0])
+                    dt, c = ask(prefix + new(20))  # the same prefix, other new tokens: a hit
+                    hit.append(dt)
+                    cached.append(c)
+        finally:
+            _stop(proc)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    row = {"rounds": len(miss), "miss_ttft_ms": round(med(miss) * 1000, 2), "hit_ttft_ms": round(med(hit) * 1000, 2),
+           "speedup": round(med(miss) / med(hit), 2), "cached_tokens_on_hit": sorted(set(cached))}
+    row["target_met"] = row["speedup"] >= 5
+    print(f"1,000-token prefix + 20 new: miss {row['miss_ttft_ms']} ms, hit {row['hit_ttft_ms']} ms (median of "
+          f"{row['rounds']}), {row['speedup']}x; cached_tokens on a hit: {row['cached_tokens_on_hit']}", flush=True)
+    return row
+
+
+async def _conversation_loop(client: httpx.AsyncClient, url: str, k: int, stop_at: float, stats: dict,
+                             texts: list[str], turns: int, max_tokens: int) -> None:
+    """Client k: conversations of `turns` turns, each resent whole, until stop_at."""
+    system = {"role": "system", "content": texts[0] * 3}  # the same for every client: ~100 tokens
+    j = k
+    while time.perf_counter() < stop_at:
+        messages = [system]
+        for _ in range(turns):
+            if time.perf_counter() >= stop_at:
+                return
+            messages.append({"role": "user", "content": texts[j % len(texts)] * 3})  # ~100 tokens
+            j += 7
+            body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0.8,
+                    "ignore_eos": True}
+            try:
+                r = await client.post(url + "/v1/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                stats["errors"] += 1
+                stats["error_samples"].append(repr(e)[:200])
+                return
+            if r.status_code != 200:
+                stats["errors"] += 1
+                stats["error_samples"].append(f"{r.status_code} {r.text[:200]}")
+                return
+            out = r.json()
+            usage = out["usage"]
+            stats["turns"] += 1
+            stats["tokens"] += usage["completion_tokens"]
+            stats["prompt_tokens"] += usage["prompt_tokens"]
+            stats["cached_tokens"] += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            messages.append({"role": "assistant", "content": out["choices"][0]["message"]["content"]})
+
+
+async def _chat_run(url: str, clients: int, seconds: float, texts: list[str], turns: int, max_tokens: int) -> dict:
+    stats = {"turns": 0, "tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "errors": 0, "error_samples": []}
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(_conversation_loop(client, url, k, start + seconds, stats, texts, turns, max_tokens)
+                               for k in range(clients)))
+        wall = time.perf_counter() - start
+    return {**stats, "seconds": round(wall, 2), "tokens_per_s": round(stats["tokens"] / wall, 1),
+            "error_samples": stats["error_samples"][:5]}
+
+
+def chat_scenario(ckpt: Path, args, tmp: Path) -> dict:
+    """Multi-turn chat load, the prefix cache on and off alternating (args.reps processes each)."""
+    clients = int(args.levels.split(",")[0]) if args.levels != "1,4,16,32" else 8
+    texts = prompts()
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for rep in range(args.reps):
+        for mode in ("on", "off"):
+            bound = args.prefix_cache_tokens if mode == "on" else 0
+            proc, url = start_server(ckpt, args.threads, args.max_batch, tmp / f"chat-{mode}{rep}.log", bound)
+            try:
+                row = asyncio.run(_chat_run(url, clients, args.seconds, texts, args.turns, args.max_tokens))
+            finally:
+                _stop(proc)
+            runs[mode].append(row)
+            print(f"cache {mode:>3}: {row['tokens_per_s']:>7.1f} output tok/s, {row['turns']} turns, prompt tokens "
+                  f"{row['prompt_tokens']} of which cached {row['cached_tokens']}, errors {row['errors']}", flush=True)
+    med = {m: sorted(r["tokens_per_s"] for r in rs)[len(rs) // 2] for m, rs in runs.items()}
+    ratio = med["on"] / max(med["off"], 1e-9)
+    print(f"multi-turn chat, {clients} clients: {med['on']} vs {med['off']} output tok/s (medians), {ratio:.2f}x",
+          flush=True)
+    return {"clients": clients, "turns": args.turns, "runs": runs, "median_tokens_per_s": med,
+            "ratio": round(ratio, 2), "target_met": ratio >= 2,
+            "errors": sum(r["errors"] for rs in runs.values() for r in rs)}
+
+
+def prefix_main(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model if args.model != "shakespeare" else "long"
+        ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / f"{model}-random", model)
+        fn = ttft_scenario if args.scenario == "prefix" else chat_scenario
+        result = {"scenario": args.scenario, "checkpoint": str(args.checkpoint or f"random-init {model}"),
+                  "server_threads": args.threads, "prefix_cache_tokens": args.prefix_cache_tokens,
+                  **fn(ckpt, args, Path(tmp))}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0 if result.get("errors", 0) == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scenario", default="load", choices=SCENARIOS,
+                    help="load: streaming clients per level (default); prefix, chat: the prefix cache (see above)")
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: a random-init --model)")
     ap.add_argument("--model", default="shakespeare", choices=MODELS,
-                    help="the random-init model served without --checkpoint (default shakespeare; see above)")
-    ap.add_argument("--levels", default="1,4,16,32", help="concurrent clients per level (default 1,4,16,32)")
-    ap.add_argument("--seconds", type=float, default=60.0, help="time per level (default 60)")
+                    help="the random-init model served without --checkpoint (default shakespeare, long for the "
+                         "prefix-cache scenarios; see above)")
+    ap.add_argument("--levels", default="1,4,16,32", help="concurrent clients per level (default 1,4,16,32; "
+                                                          "chat: the first, default 8)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="time per level or chat run (default 60)")
+    ap.add_argument("--prefix-cache-tokens", type=int, default=None,
+                    help="the server's --prefix-cache-tokens (default: its own; 0 turns the cache off)")
+    ap.add_argument("--reps", type=int, default=3, help="prefix, chat: server processes per setting (default 3)")
+    ap.add_argument("--rounds", type=int, default=8, help="prefix: miss/hit pairs per process (default 8)")
+    ap.add_argument("--turns", type=int, default=8, help="chat: turns per conversation (default 8)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64)")
     ap.add_argument("--threads", type=int, default=1,
                     help="the server's torch threads (default 1: the other core runs HTTP and these clients)")
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
     ap.add_argument("--out", default="serve_load.json", help="JSON results file (default serve_load.json)")
     args = ap.parse_args(argv)
+    if args.scenario != "load":
+        if args.max_tokens == 64:
+            args.max_tokens = 32  # chat replies
+        return prefix_main(args)
     levels = [int(x) for x in args.levels.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / f"{args.model}-random",
                                                                                args.model)
         log = Path(tmp) / "server.log"
-        proc, url = start_server(ckpt, args.threads, args.max_batch, log)
+        proc, url = start_server(ckpt, args.threads, args.max_batch, log, args.prefix_cache_tokens)
         try:
             texts = prompts()
             asyncio.run(warm_up(url, texts))
