@@ -7,6 +7,7 @@ settings and random stream, retires the finished and feeds the rest in one forwa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.errors import GptforgeError
+from gptforge.finetune.lora import AdapterSet
 from gptforge.kvcache import KVCache
 from gptforge.prefix_cache import BLOCK, PrefixCache
 from gptforge.sampling import (Constraint, SamplingParams, TokenPicker, exp_noise, generator, policy_groups,
@@ -48,6 +50,7 @@ class _Seq:
     length: int = 0  # tokens in its cache row: the slot its next fed token is written to
     generated: int = 0
     token: int = 0  # the last id sampled, fed at the next forward
+    adapter: int = -1  # the LoRA adapter its rows take (an index into the engine's AdapterSet; -1: the base)
     constraint: Constraint | None = None  # a grammar its tokens follow (structured output, forced tool calls)
     cached: int = 0  # prompt tokens copied from the prefix cache
     fed: list[int] = field(default_factory=list)  # ids fed after the prompt: its row holds prompt + fed
@@ -87,7 +90,7 @@ class BatchEngine:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int, max_prefill_tokens: int | None = None,
-                 *, prefix_cache_tokens: int = 0, kv_dtype: str = "auto"):
+                 *, prefix_cache_tokens: int = 0, kv_dtype: str = "auto", adapters: AdapterSet | None = None):
         if max_batch < 1:
             raise GptforgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
@@ -101,7 +104,9 @@ class BatchEngine:
         self.device, self.vocab = weight.device, tokenizer.vocab_size
         self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=weight.dtype, static=False,
                              kv_dtype=kv_dtype)
-        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens >= BLOCK else None
+        # Keys and values depend on a row's adapter; the cache is keyed by tokens alone, so it serves the base only.
+        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens >= BLOCK and adapters is None else None
+        self.adapters = adapters  # LoRA adapters stacked into the model (finetune.lora.apply_adapters), chosen per row
         self.logits = torch.zeros(max_batch, self.vocab, device=self.device)  # each row's next-token logits
         self.picker = TokenPicker(max_batch, self.vocab, self.device)  # each row's penalty state
         self.rows: list[_Seq] = []  # decoding: rows[i] lives in cache row i
@@ -118,19 +123,23 @@ class BatchEngine:
         return self.max_batch - self.live
 
     def add(self, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = (),
-            constraint: Constraint | None = None) -> int:
+            constraint: Constraint | None = None, adapter: int = -1) -> int:
         """Take a new sequence into a free row (prefilled now, or over the next steps with max_prefill_tokens);
         returns its id. It ends at any of `stop_ids` or, with params.stop_at_eos, the tokenizer's EOS (finish
         reason "stop", the id reported but never in the text), a stop string, max_new_tokens or a full context.
         With a `constraint`, every token is one its grammar allows, and the sequence also ends ("stop") when the
-        grammar is complete."""
-        return self.add_many([(prompt_ids, params, stop_ids, constraint)])[0]
+        grammar is complete. `adapter` picks one of the model's LoRA adapters (-1: the base)."""
+        return self.add_many([(prompt_ids, params, stop_ids, constraint)], adapters=[adapter])[0]
 
     @torch.no_grad()
-    def add_many(self, seqs: list[tuple]) -> list[int]:
+    def add_many(self, seqs: list[tuple], adapters: list[int] | None = None) -> list[int]:
         """`add` for several sequences at once, (prompt ids, params, stop ids[, constraint]) each, prefilled
         together (one right-padded forward, each row at its own slots): a wave of k arrivals stalls the running
-        batch for about one prefill instead of k."""
+        batch for about one prefill instead of k. `adapters`: each one's adapter (default: the base)."""
+        adapters = adapters or [-1] * len(seqs)
+        known = len(self.adapters.names) if self.adapters is not None else 0
+        if any(not -1 <= a < known for a in adapters):
+            raise GptforgeError(f"adapter index out of range: this engine holds {known} adapter(s)")
         if len(seqs) > self.free:
             raise GptforgeError(f"{len(seqs)} sequences but {self.free} of {self.max_batch} rows free; "
                                 "call step() until enough are retired")
@@ -144,6 +153,8 @@ class BatchEngine:
             news.append(_Seq(next(self._ids), params, stop_ids(self.tokenizer, params, tuple(extra_stops)),
                              generator(params, self.device), TextRow(self.tokenizer, params.stop), ids, max_new,
                              constraint=constraint[0] if constraint else None))
+        for s, a in zip(news, adapters):
+            s.adapter = a
         self.filling.extend(news)
         if self.max_prefill_tokens is None:
             self._prefill_all()
@@ -193,7 +204,8 @@ class BatchEngine:
         slots = (starts[:, None] + torch.arange(T, device=dev)).clamp(max=self.block_size - 1)  # (k, T)
         real = torch.arange(T, device=dev) < chunk[:, None]  # (k, T)
         view.prepare(slots, real, end=int(slots.max()) + 1)
-        logits = self.model(idx, slots, view, last=chunk - 1)[:, 0]  # (k, V): at each chunk's last token
+        with self._adapters([s.adapter for s, _, _ in take]):
+            logits = self.model(idx, slots, view, last=chunk - 1)[:, 0]  # (k, V): at each chunk's last token
         for i, (s, _, c) in enumerate(take):
             s.length += c
             if self.prefix is not None:
@@ -216,6 +228,10 @@ class BatchEngine:
             if _common(s.prompt[:limit], t.prompt[: start + c]) // BLOCK * BLOCK > hit:
                 return None
         return hit
+
+    def _adapters(self, rows: list[int]):
+        """The context of a forward whose row i takes adapter rows[i]."""
+        return self.adapters.use(rows) if self.adapters is not None else contextlib.nullcontext()
 
     def cancel(self, seq: int) -> bool:
         """Free a sequence's row now (its client went away); False if it is not live."""
@@ -315,7 +331,8 @@ class BatchEngine:
         ids = torch.tensor([[s.token] for s in self.rows], device=self.device)  # (n, 1)
         view = self.cache.rows(slice(0, n))
         view.prepare(lens, torch.ones_like(ids, dtype=torch.bool), end=max(s.length for s in self.rows) + 1)
-        self.logits[:n] = self.model(ids, lens, view)[:, -1, : self.vocab].float()
+        with self._adapters([s.adapter for s in self.rows]):
+            self.logits[:n] = self.model(ids, lens, view)[:, -1, : self.vocab].float()
         for s in self.rows:
             s.length += 1
             s.fed.append(s.token)

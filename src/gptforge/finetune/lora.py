@@ -10,7 +10,9 @@ only them. `merge_lora` folds B A into W and swaps plain nn.Linear back in, for 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -80,3 +82,99 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def is_lora_key(key: str) -> bool:
     return key.endswith((".lora_a", ".lora_b"))
+
+
+# --- several adapters of one base, chosen per row (the server's --adapter) ------------------------------------
+
+class _Selection(threading.local):
+    """Each thread's current row mask (None: every row is the base's). Thread-local: the server's decode loop and
+    its embeddings worker run forwards of the same model at once, each for its own rows."""
+
+    mask: torch.Tensor | None = None
+
+
+class MultiLoRALinear(nn.Module):
+    """A linear module (any: nn.Linear, a native or quantized one) plus the low-rank updates of n adapters, each
+    row of a batch taking its own adapter's (or none):
+        y[b] = base(x[b]) + ((x[b] A^T) * mask[b]) B^T,
+    A (n R, in) and B (out, n R) the adapters' matrices stacked in blocks of R = the largest rank (zero-padded;
+    an adapter that leaves this module out has zeros), B pre-scaled by each adapter's alpha / r, and mask[b] the
+    one-hot block of row b's adapter (all zeros for the base: the delta is exactly +0, so a base row computes
+    what the base alone computes). One product over all adapters instead of a loop over them: at a few rows and
+    ranks of 8-64, the extra columns cost less than a second Python-level pass would (S-LoRA, Sheng et al. 2023,
+    gathers per row instead, which pays off at many adapters)."""
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, selection: _Selection):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_a", a, persistent=False)  # (n R, in)
+        self.register_buffer("lora_b", b, persistent=False)  # (out, n R)
+        self.selection = selection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        mask = self.selection.mask  # (B, 1, n R) or (1, 1, n R)
+        if mask is None:
+            return y
+        return y + F.linear(F.linear(x, self.lora_a) * mask, self.lora_b)
+
+
+class AdapterSet:
+    """The adapters `apply_adapters` put into a model, by name; `use` selects each row's for the forwards inside."""
+
+    def __init__(self, names: list[str], rank: int, device: torch.device, dtype: torch.dtype):
+        self.names, self.rank = list(names), rank
+        self.selection = _Selection()
+        n = len(names)
+        # row j: adapter j's block of ones; the last row (index -1): the base, all zeros
+        self.table = torch.zeros(n + 1, n * rank, device=device, dtype=dtype)
+        for j in range(n):
+            self.table[j, j * rank:(j + 1) * rank] = 1
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    @contextlib.contextmanager
+    def use(self, rows: int | list[int]):
+        """Within: each row of a forward takes adapter rows[i] (-1: the base), or every row adapter `rows`."""
+        ids = [rows] if isinstance(rows, int) else rows
+        old = self.selection.mask
+        if all(i < 0 for i in ids):
+            self.selection.mask = None
+        else:
+            self.selection.mask = self.table[torch.tensor(ids, device=self.table.device)][:, None]  # (B, 1, n R)
+        try:
+            yield
+        finally:
+            self.selection.mask = old
+
+
+def apply_adapters(model: nn.Module, adapters: list[tuple[str, LoRAConfig, dict[str, torch.Tensor]]]) -> AdapterSet:
+    """Swap each Linear that any adapter targets for a MultiLoRALinear holding every adapter's update (in place).
+
+    `adapters`: (name, the LoRA settings it was trained with, its lora_a / lora_b tensors by state-dict key, as
+    a LoRA checkpoint holds them). Every key must land on a module: a mismatch is an error naming it."""
+    w = next(model.parameters())
+    rank = max(cfg.rank for _, cfg, _ in adapters)
+    aset = AdapterSet([name for name, _, _ in adapters], rank, w.device, w.dtype)
+    used: set[tuple[int, str]] = set()
+    for path, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            key = f"{path}.{child_name}" if path else child_name
+            if not isinstance(child, nn.Linear) or not any(f"{key}.lora_a" in s for _, _, s in adapters):
+                continue
+            a = torch.zeros(len(adapters) * rank, child.in_features, device=w.device, dtype=w.dtype)
+            b = torch.zeros(child.out_features, len(adapters) * rank, device=w.device, dtype=w.dtype)
+            for j, (_, cfg, state) in enumerate(adapters):
+                if f"{key}.lora_a" not in state:
+                    continue
+                a[j * rank: j * rank + cfg.rank] = state[f"{key}.lora_a"]
+                b[:, j * rank: j * rank + cfg.rank] = state[f"{key}.lora_b"].float() * (cfg.alpha / cfg.rank)
+                used.update({(j, f"{key}.lora_a"), (j, f"{key}.lora_b")})
+            setattr(module, child_name, MultiLoRALinear(child, a, b, aset.selection))
+    for j, (name, _, state) in enumerate(adapters):
+        extra = sorted(k for k in state if (j, k) not in used)
+        if extra:
+            raise GptforgeError(f"adapter {name}: {extra[0]} names no Linear of the base model"
+                                f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}")
+    return aset

@@ -8,6 +8,7 @@ stream), the app that wires them, then `serve`, which binds the socket and runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import signal
 import socket
@@ -25,16 +26,22 @@ from starlette.requests import ClientDisconnect
 
 from gptforge.engine import BatchEngine, SeqEvent
 from gptforge.errors import GptforgeError
+from gptforge.finetune.lora import AdapterSet
 from gptforge.generate import load
 from gptforge.settings import LOAD_DEVICE, LOAD_DTYPE, ServeConfig
 from gptforge.tokenizer import Tokenizer
 
+from .adapters import load_with_adapters
 from .embeddings import Embedder
 from .metrics import Metrics
 from .protocol import APIError, Parsed, RequestParser, Shaper, parse_body
 from .scheduler import Job, Scheduler
 from .tools import CallStream
 
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # the page at /: one file, inline CSS and JS
+# The page may load nothing but itself and talk to nothing but this server.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self' data:; base-uri 'none'; form-action 'none'")
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # the page at /: one file, inline CSS and JS
 # The page may load nothing but itself and talk to nothing but this server.
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
@@ -97,14 +104,17 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 class _Service:
     """The model behind the routes: auth, body reading, and running parsed requests through the scheduler."""
 
-    def __init__(self, model, tokenizer: Tokenizer, cfg: ServeConfig, model_name: str):
-        self.tok, self.cfg, self.name = tokenizer, cfg, model_name
+    def __init__(self, model, tokenizer: Tokenizer, cfg: ServeConfig, model_name: str,
+                 adapters: AdapterSet | None = None):
+        self.tok, self.cfg, self.name, self.adapters = tokenizer, cfg, model_name, adapters
+        self.model_ids = [model_name, *(adapters.names if adapters else ())]  # what a request's `model` may name
         self.block_size = model.config.block_size
         self.metrics = Metrics()
         engine = BatchEngine(model, tokenizer, cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens,
-                             prefix_cache_tokens=cfg.prefix_cache_tokens, kv_dtype=cfg.kv_dtype)
+                             prefix_cache_tokens=cfg.prefix_cache_tokens, kv_dtype=cfg.kv_dtype,
+                             adapters=adapters)
         self.scheduler = Scheduler(engine, self.metrics, cfg.max_queue)
-        self.parser = RequestParser(tokenizer, self.block_size, cfg, model_name)
+        self.parser = RequestParser(tokenizer, self.block_size, cfg, model_name, tuple(self.model_ids[1:]))
         self.embedder = Embedder(model, tokenizer, cfg.embedding_pooling)
         self.created = int(time.time())
 
@@ -133,11 +143,19 @@ class _Service:
             chunks.append(chunk)
         return parse_body(b"".join(chunks))
 
-    def model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "gptforge",
+    def model_card(self, name: str) -> dict:
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "gptforge",
                 "max_model_len": self.block_size}
+        return card if name == self.name else {**card, "parent": self.name}  # a LoRA adapter of the base
+
+    def adapter(self, index: int):
+        """A context factory: forwards inside take adapter `index` (-1: the base)."""
+        return (lambda: self.adapters.use(index)) if index >= 0 else contextlib.nullcontext
 
     async def run(self, request: Request, req: Parsed) -> dict | Response:
+        if req.echo and req.adapter >= 0:
+            raise APIError(400, f"'echo' is not supported for an adapter ('{req.model}'); ask the base "
+                                f"'{self.name}', or without echo", param="echo", code="unsupported")
         if req.echo:
             return await self.run_echo(request, req)
         call = _Call(self, req)
@@ -197,10 +215,11 @@ class _Call:
         grammars = svc.parser.grammars
         self.jobs = [Job(prompt, req.params[i * req.n + j], req.stop_ids, i * req.n + j, self.queue,
                          now + svc.cfg.request_timeout, now,
-                         constraint=grammars.matcher(req.grammar, req.stop_ids) if req.grammar else None)
+                         constraint=grammars.matcher(req.grammar, req.stop_ids) if req.grammar else None,
+                         adapter=req.adapter)
                      for i, prompt in enumerate(req.prompts) for j in range(req.n)]
         self.choices = [_Choice() for _ in self.jobs]
-        self.shape = Shaper(svc.tok, req, svc.name)
+        self.shape = Shaper(svc.tok, req, req.model or svc.name)
 
     def completion_tokens(self) -> int:
         return sum(len(c.tokens) for c in self.choices)
@@ -343,6 +362,12 @@ def _add_routes(app: FastAPI, svc: _Service) -> None:
     async def chat_page():
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
 
+    page = CHAT_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/")
+    async def chat_page():
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+
     @app.get("/health")
     async def health():
         if svc.scheduler.draining:
@@ -359,16 +384,16 @@ def _add_routes(app: FastAPI, svc: _Service) -> None:
     async def models(request: Request):
         svc.authorize(request)
         svc.metrics.request("/v1/models", 200)
-        return {"object": "list", "data": [svc.model_card()]}
+        return {"object": "list", "data": [svc.model_card(name) for name in svc.model_ids]}
 
     @app.get("/v1/models/{name:path}")
     async def model_info(name: str, request: Request):
         svc.authorize(request)
-        if name != svc.name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{svc.name}'",
-                           code="model_not_found")
+        if name not in svc.model_ids:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves "
+                                f"{', '.join(repr(m) for m in svc.model_ids)}", code="model_not_found")
         svc.metrics.request(_endpoint(request), 200)
-        return svc.model_card()
+        return svc.model_card(name)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -384,18 +409,19 @@ def _add_routes(app: FastAPI, svc: _Service) -> None:
     async def embeddings(request: Request):
         svc.authorize(request)
         req = svc.embedder.parse(await svc.read_json(request))
-        svc.parser.model({"model": req.model})
-        out = await svc.embedder.answer(req)
+        out = await svc.embedder.answer(req, svc.adapter(svc.parser.model({"model": req.model})))
         svc.metrics.request(_endpoint(request), 200)
         return out
 
 
-def create_app(model, tokenizer: Tokenizer, cfg: ServeConfig, model_name: str) -> FastAPI:
-    """The FastAPI app serving `model` as `model_name`: routes, scheduler lifecycle, error handlers.
+def create_app(model, tokenizer: Tokenizer, cfg: ServeConfig, model_name: str,
+               adapters: AdapterSet | None = None) -> FastAPI:
+    """The FastAPI app serving `model` as `model_name`, and the LoRA adapters stacked into it (serve.adapters) each
+    as the model id of its name: routes, scheduler lifecycle, error handlers.
 
     `app.state` holds the `scheduler`, the `metrics` and `in_flight` (a one-item list: requests being answered).
     """
-    svc = _Service(model, tokenizer, cfg, model_name)
+    svc = _Service(model, tokenizer, cfg, model_name, adapters)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -462,9 +488,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint: str | Path, cfg: ServeConfig, *, device: str = LOAD_DEVICE, dtype: str = LOAD_DTYPE) -> None:
     """Load a checkpoint and serve it until SIGTERM / Ctrl-C (which drain in-flight requests first)."""
-    model, tokenizer = load(checkpoint, device=device, dtype=dtype)
     name = cfg.model_name or Path(checkpoint).resolve().name
-    app = create_app(model, tokenizer, cfg, name)
+    if name in dict(cfg.adapters):
+        raise GptforgeError(f"--adapter {name}: the base is already served as '{name}'; name the adapter otherwise")
+    adapters = None
+    if cfg.adapters:
+        model, tokenizer, adapters = load_with_adapters(checkpoint, cfg.adapters, device, dtype)
+    else:
+        model, tokenizer = load(checkpoint, device=device, dtype=dtype)
+    app = create_app(model, tokenizer, cfg, name, adapters)
     sock = _bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
@@ -472,7 +504,8 @@ def serve(checkpoint: str | Path, cfg: ServeConfig, *, device: str = LOAD_DEVICE
     url = f"http://{'[' + host + ']' if sock.family == socket.AF_INET6 else host}:{port}"
     print(f"serving {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context "
           f"{model.config.block_size}, batch {cfg.max_batch}) at {url}/v1"
-          f"{' (API key required)' if cfg.api_key else ''}; Ctrl-C or SIGTERM to stop", flush=True)
+          f"{' (API key required)' if cfg.api_key else ''}"
+          f"{'; adapters ' + ', '.join(adapters.names) if adapters else ''}; Ctrl-C or SIGTERM to stop", flush=True)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place of the
     # default ones, that ends the process normally (exit 0) instead of by the signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -179,6 +179,8 @@ class Parsed:
     include_usage: bool
     logprobs: int | None  # completions: top alternatives per token; chat: top_logprobs (None: no logprobs)
     user: str | None = None
+    model: str = ""  # the model id asked for: the base's or an adapter's (the response names it back)
+    adapter: int = -1  # the --adapter it names (index in their order), -1: the base
     echo: bool = False  # completions: the prompt comes back first, with its tokens' logprobs (the first null)
     grammar: str | None = None  # llguidance's grammar every choice follows (grammar.py), None: free text
     tools: ToolSpec | None = None  # chat: the functions offered, and how the answer is read for calls
@@ -187,19 +189,26 @@ class Parsed:
 class RequestParser:
     """Turns a request body into a Parsed against this model's tokenizer, context and the server's limits."""
 
-    def __init__(self, tokenizer: Tokenizer, block_size: int, cfg: ServeConfig, model_name: str):
+    def __init__(self, tokenizer: Tokenizer, block_size: int, cfg: ServeConfig, model_name: str,
+                 adapters: tuple[str, ...] = ()):
         self.tok, self.block, self.cfg, self.name = tokenizer, block_size, cfg, model_name
+        self.adapters = list(adapters)  # the LoRA adapters' model ids, in --adapter order
         self.max_prompt = min(cfg.max_prompt_tokens or block_size - 1, block_size - 1)
         self.max_tokens = min(cfg.max_tokens or block_size, block_size)
         self.grammars = Grammars(tokenizer)
 
-    def model(self, body: dict) -> None:
+    def model(self, body: dict) -> int:
+        """The adapter the request's model names: its index among --adapter, -1 for the base."""
         name = _field(body, "model", (str,))
         if name is None:
             raise APIError(400, "'model' is required", param="model", code="missing_field")
-        if name != self.name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.name}'",
-                           param="model", code="model_not_found")
+        if name == self.name:
+            return -1
+        if name in self.adapters:
+            return self.adapters.index(name)
+        served = ", ".join(f"'{m}'" for m in [self.name, *self.adapters])
+        raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
     def completion(self, body: dict) -> Parsed:
         self._known(body, _COMPLETION_FIELDS)
@@ -446,7 +455,8 @@ class RequestParser:
         params = [SamplingParams(**base, seed=None if seed is None else (seed + j) % 2**64)
                   for _ in prompts for j in range(n)]
         return Parsed(chat, prompts, n, params, stop_ids, _field(body, "stream", (bool,), False),
-                      _field(stream_options, "include_usage", (bool,), False), logprobs, _field(body, "user", (str,)))
+                      _field(stream_options, "include_usage", (bool,), False), logprobs, _field(body, "user", (str,)),
+                      model=body["model"], adapter=self.model(body))
 
 
 # --- responses ---------------------------------------------------------------------------------------------

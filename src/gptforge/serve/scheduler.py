@@ -40,6 +40,7 @@ class Job:
     done: bool = False
     last: float | None = None  # when its previous token came out
     constraint: Any = None  # a sampling.Constraint its tokens follow (structured output, forced tool calls)
+    adapter: int = -1  # the LoRA adapter it decodes with (the engine's AdapterSet index), -1: the base
 
 
 @dataclass
@@ -246,12 +247,12 @@ class Scheduler:
         if admit:
             try:  # prefilled by the next steps: at most max_prefill_tokens positions per step
                 seqs = [(j.prompt, j.params, j.stop_ids, j.constraint) for j in admit]
-                for j, seq in zip(admit, engine.add_many(seqs)):
+                for j, seq in zip(admit, engine.add_many(seqs, adapters=[j.adapter for j in admit])):
                     j.seq = seq
             except GptforgeError:  # requests are validated before; this is a last line of defence
                 for j in admit:
                     try:
-                        j.seq = engine.add(j.prompt, j.params, j.stop_ids, j.constraint)
+                        j.seq = engine.add(j.prompt, j.params, j.stop_ids, j.constraint, adapter=j.adapter)
                     except GptforgeError as e:
                         j.done = True
                         self._send([(j, APIError(400, str(e)))])
