@@ -7,12 +7,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import hftok
+from gptforge import load
 from gptforge.chat_template import render, render_spans
+from gptforge.checkpoint import write_checkpoint
+from gptforge.config import ModelConfig, RunConfig
 from gptforge.errors import GptforgeError
 from gptforge.finetune.data import IGNORE_INDEX, chat_example
+from gptforge.finetune.run import finetune
+from gptforge.generate import stream
+from gptforge.model import GPT
+from gptforge.settings import FinetuneSpec
 from gptforge.tokenizer import Tokenizer
+from test_finetune import train_cfg, write_chats
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,7 +232,8 @@ def test_render_and_ids_equal_transformers(family):
         text = theirs.apply_chat_template(messages, tokenize=False, **options)
         assert ours.render_chat(messages, **options) == text, (name, options)
         ids = theirs.apply_chat_template(messages, tokenize=True, return_dict=True, **options)["input_ids"]
-        assert ours.encode_chat(messages, **options)[0] == ids, (name, options)
+        assert ours.encode_chat(messages, **options)[0] == ids == ours.encode_chat_ids(messages, **options), \
+            (name, options)
 
 
 def test_assistant_mask_is_the_assistant_text_and_its_end_of_turn(family):
@@ -334,3 +344,64 @@ def test_bad_templates_and_messages_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(GptforgeError, match="message 1: needs a string"):
         tok.encode_chat([TURNS[0], {"role": "assistant"}])
+
+
+def test_chat_finetune_and_generate_use_the_checkpoints_own_template(tmp_path):
+    """A checkpoint whose tokenizer came from an HF folder (Llama 3 shape): chat SFT learns in its template (no
+    ChatML markers added), the run's checkpoint carries template, BOS and stop tokens, and a chat prompt rendered
+    from it streams until the template's end-of-turn token."""
+    build, config, generation, end = FAMILIES["llama3"]
+    tok = Tokenizer.load(hftok.hf_folder(tmp_path / "hf", build(), config, generation))
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, vocab_size=tok.vocab_size, block_size=128)
+    torch.manual_seed(0)
+    base = write_checkpoint(tmp_path / "base", RunConfig(model=cfg), tok, model_state=GPT(cfg).state_dict())
+    r = finetune(train_cfg(tmp_path / "run", steps=4, seq_len=128), base, FinetuneSpec("full", "chat"),
+                 data=str(write_chats(tmp_path / "c.jsonl", 12)), progress=False)
+    model, again = load(r.train.checkpoint)
+    assert again.vocab_size == tok.vocab_size and again.chat_template == LLAMA3
+    assert (again.eos_ids, again.start_ids, again.im_end_id) == (tok.eos_ids, tok.start_ids, tok.hf.token_to_id(end))
+    theirs = transformers.AutoTokenizer.from_pretrained(r.train.checkpoint)
+    messages = [{"role": "user", "content": "after two"}]
+    ids = again.encode_chat(messages, add_generation_prompt=True)[0]
+    assert ids == theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = "".join(stream(model, again, ids, max_new_tokens=8, temperature=0, stop=(end,)))
+    assert end not in out
+
+
+# Qwen3's shape: reasoning is written only in the turns after the last user message; earlier turns lose it.
+QWEN3 = """{%- set ns = namespace(last_query=-1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == 'user' and ns.last_query < 0 %}
+        {%- set ns.last_query = messages | length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if loop.index0 > ns.last_query and message.reasoning_content %}
+            {{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- message.content + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def test_mask_when_later_turns_rewrite_earlier_ones(tmp_path):
+    folder = hftok.hf_folder(tmp_path, hftok.byte_level(CHATML_SPECIALS),
+                             {"chat_template": QWEN3, "eos_token": "<|im_end|>"})
+    ours, theirs = Tokenizer.load(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [TURNS[0], {**TURNS[1], "reasoning_content": "A greeting."}, TURNS[2],
+                {**TURNS[3], "reasoning_content": "Look outside."}]
+    ids, mask = ours.encode_chat(messages)
+    assert ids == theirs.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert "A greeting." not in ours.decode(ids)  # the first turn's reasoning is dropped once a user follows
+    assert ours.decode([i for i, m in zip(ids, mask) if m]) == (
+        "A friend, my lord.<|im_end|><think>\nLook outside.\n</think>\n\nIt is sunny, with wind from the west.<|im_end|>")
+    with pytest.raises(GptforgeError, match="message 1: .*differently.*generation"):
+        ours.encode_chat([TURNS[0], {"role": "assistant", "content": "", "reasoning_content": "x"}, TURNS[2]])

@@ -222,3 +222,16 @@ def test_bad_hf_tokenizer_files_are_one_line_errors(tmp_path):
     with pytest.raises(GptforgeError, match="not a valid tokenizer.json") as e:
         Tokenizer.load(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_unused_settings_and_sentencepiece_model_alone(tmp_path):
+    """A pad or bos token the vocabulary lacks is left unused (pad falls back to EOS); a folder with only
+    SentencePiece's tokenizer.model names the conversion."""
+    hftok.hf_folder(tmp_path / "a", hftok.sentencepiece(SPM_SPECIALS), {"eos_token": "</s>", "pad_token": "<pad>",
+                                                                         "bos_token": "<bos>"})
+    t = Tokenizer.load(tmp_path / "a")
+    assert (t.pad_id, t.bos_id, t.start_ids) == (t.eos_id, None, (1,))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(GptforgeError, match="tokenizer.model but no tokenizer.json.*save_pretrained"):
+        Tokenizer.load(tmp_path / "b")

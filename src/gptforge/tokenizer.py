@@ -116,21 +116,19 @@ class Tokenizer:
         if eos is None:
             raise GptforgeError("the tokenizer names no end-of-sequence token; set \"eos_token\" in the "
                                 "tokenizer_config.json beside tokenizer.json (e.g. \"</s>\" or \"<|endoftext|>\")")
-        self.eos_id: int = self._id_of("eos_token", eos)
-        extra = [self._id_of(STOP_TOKENS_KEY, t) for t in self.config.get(STOP_TOKENS_KEY, [])]
-        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *stop_ids, *extra]))
-        bos = _content(self.config.get("bos_token"))
-        self.bos_id: int | None = self._id_of("bos_token", bos) if bos is not None else None
-        pad = _content(self.config.get("pad_token"))
-        self.pad_id: int = self._id_of("pad_token", pad) if pad is not None else self.eos_id
-        self.start_ids: tuple[int, ...] = self._start_ids()
-
-    def _id_of(self, what: str, token: str) -> int:
-        i = self.hf.token_to_id(token)
-        if i is None:
-            raise GptforgeError(f"tokenizer_config.json's {what} {token!r} is not in tokenizer.json's vocabulary; "
+        self.eos_id: int = hf.token_to_id(eos) if hf.token_to_id(eos) is not None else -1
+        if self.eos_id < 0:
+            raise GptforgeError(f"tokenizer_config.json's eos_token {eos!r} is not in tokenizer.json's vocabulary; "
                                 "fix the config (or use the tokenizer.json it was written for)")
-        return i
+        extra = self.config.get(STOP_TOKENS_KEY)
+        extra = [hf.token_to_id(t) for t in extra if isinstance(t, str)] if isinstance(extra, list) else []
+        extra = [i for i in extra if i is not None]
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *stop_ids, *extra]))
+        # A bos or pad token the vocabulary lacks is left unused (transformers would add it as a new token).
+        self.bos_id: int | None = hf.token_to_id(_content(self.config.get("bos_token")) or "")
+        pad = hf.token_to_id(_content(self.config.get("pad_token")) or "")
+        self.pad_id: int = pad if pad is not None else self.eos_id
+        self.start_ids: tuple[int, ...] = self._start_ids()
 
     def _start_ids(self) -> tuple[int, ...]:
         """The ids a sequence starts with: what the post-processor puts before the text (BOS for Llama, Gemma,
@@ -173,6 +171,9 @@ class Tokenizer:
                 p = p / TOKENIZER_FILE
             elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
                 return cls.from_gpt2_files(p / "vocab.json", p / "merges.txt")
+            elif (p / "tokenizer.model").is_file():
+                raise GptforgeError(f"{p} holds a SentencePiece tokenizer.model but no {TOKENIZER_FILE}; convert it "
+                                    "once with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
             else:
                 raise GptforgeError(f"{p} holds neither {TOKENIZER_FILE} nor vocab.json + merges.txt")
         if not p.is_file():
@@ -376,6 +377,13 @@ class Tokenizer:
         mask = [any(_overlaps(a, b, s, e) for s, e in spans) for a, b in enc.offsets]
         return enc.ids, mask
 
+    def encode_chat_ids(self, messages: list[dict], *, add_generation_prompt: bool = False, tools: list | None = None,
+                        documents: list | None = None, **variables) -> list[int]:
+        """encode_chat's ids alone, without finding the assistant spans (a prompt needs no mask): one render."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                documents=documents, **variables)
+        return self.hf.encode(text, add_special_tokens=False).ids
+
     def _assistant_spans(self, messages, add_generation_prompt, tools, documents, variables):
         if chat_template.has_generation_blocks(self._template_for(tools)):
             return self._render(messages, add_generation_prompt, tools, documents, variables, spans=True)
@@ -392,6 +400,13 @@ class Tokenizer:
                 before = ""
             upto = self.render_chat(messages[:i + 1], tools=tools, documents=documents, **variables)
             start, end = _common_prefix(before, text), _common_prefix(upto, text)
+            if end < len(upto):  # the template writes this turn otherwise once later turns follow (Qwen3 drops
+                content = m.get("content")  # old reasoning): read it from the whole text, up to its content's end
+                if not (isinstance(content, str) and content.strip() and content.strip() in text[start:]):
+                    raise GptforgeError(f"message {i}: the chat template writes this assistant turn differently once "
+                                        "later turns follow, so its tokens cannot be found; mark the assistant text "
+                                        "with {% generation %} ... {% endgeneration %} in the template")
+                end = len(text)
             close = self._turn_close(text[start:end], m.get("content"))
             if close > 0:
                 spans.append((start, start + close))
