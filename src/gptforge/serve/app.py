@@ -42,10 +42,6 @@ CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # the page at /: one
 # The page may load nothing but itself and talk to nothing but this server.
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
                "img-src 'self' data:; base-uri 'none'; form-action 'none'")
-CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # the page at /: one file, inline CSS and JS
-# The page may load nothing but itself and talk to nothing but this server.
-PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-               "img-src 'self' data:; base-uri 'none'; form-action 'none'")
 DRAIN_LINGER = 0.5  # seconds after SIGTERM that idle keep-alive connections still get answers (503), at least
 
 
@@ -356,12 +352,6 @@ def _closing(send):
 
 
 def _add_routes(app: FastAPI, svc: _Service) -> None:
-    page = CHAT_PAGE.read_text(encoding="utf-8")
-
-    @app.get("/")
-    async def chat_page():
-        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
-
     page = CHAT_PAGE.read_text(encoding="utf-8")
 
     @app.get("/")
