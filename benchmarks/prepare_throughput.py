@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -59,28 +60,30 @@ def one_run(which: str, corpus: str, tokenizer: str) -> None:
 
     if which.startswith("gptforge"):
         with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             stats = prepare([corpus], Path(out) / "d", tokenizer=tokenizer, val_fraction=0.05, progress=False,
                             include=("*.py",), fast=which == "gptforge")
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(json.dumps({"mb_per_s": stats.mb_per_s, "wall_mb_per_s": stats.bytes / 1e6 / wall, "bytes": stats.bytes,
-                          "encoder": stats.encoder, "tokens": sum(stats.tokens.values()), "peak_rss_mb": peak_rss_mb()}))
+                          "mb_per_cpu_s": stats.bytes / 1e6 / cpu, "encoder": stats.encoder,
+                          "tokens": sum(stats.tokens.values()), "peak_rss_mb": peak_rss_mb()}))
         return
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(Path(corpus).rglob("*.py"))]
     n_bytes = sum(len(t.encode()) for t in texts)
     tok = Tokenizer.load(tokenizer)
+    t0, c0 = time.perf_counter(), time.process_time()
     if which == "hf_encode_batch":
-        t0 = time.perf_counter()
         tokens = sum(len(e.ids) for e in tok.hf.encode_batch(texts, add_special_tokens=False))
     else:
         enc = fast_encoder(tok).encoding
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if which == "tiktoken":
             tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(texts))
         else:
             tokens = sum(len(enc.encode_ordinary(t)) for t in texts)
-    dt = time.perf_counter() - t0
-    print(json.dumps({"mb_per_s": n_bytes / 1e6 / dt, "bytes": n_bytes, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"mb_per_s": n_bytes / 1e6 / dt, "mb_per_cpu_s": n_bytes / 1e6 / cpu, "bytes": n_bytes,
+                      "tokens": tokens, "peak_rss_mb": peak_rss_mb()}))
 
 
 def copy_corpus(files: list[Path], root: Path, dest: Path) -> None:
@@ -109,9 +112,23 @@ def rss_at_two_sizes(files: list[Path], tokenizer: str, tmp: Path) -> dict:
     return out
 
 
-def main() -> None:
-    from alternate import alternate
+def alternate_all(variants: dict[str, list[str]], rounds: int) -> dict[str, dict]:
+    """alternate.alternate, keeping each process's other figures too: the median of every numeric key, the runs of
+    mb_per_s (the CPU-time rate, mb_per_cpu_s, counts every thread: it shows what a loaded machine hides in wall
+    time, and what threads cost in CPU)."""
+    from alternate import measure
 
+    out: dict[str, list[dict]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, cmd in variants.items():
+            out[name].append(measure(cmd))
+            print(f"round {r + 1} {name}: {out[name][-1]['mb_per_s']:.4g} MB/s", file=sys.stderr, flush=True)
+    return {name: {"runs": [x["mb_per_s"] for x in runs], "median": statistics.median(x["mb_per_s"] for x in runs),
+                   **{k: statistics.median(x[k] for x in runs) for k in ("wall_mb_per_s", "mb_per_cpu_s", "peak_rss_mb")
+                      if k in runs[0]}} for name, runs in out.items()}
+
+
+def main() -> None:
     from gptforge.tokenizer import Tokenizer
 
     ap = argparse.ArgumentParser()
@@ -133,7 +150,7 @@ def main() -> None:
         me = [sys.executable, __file__, "--one"]
         variants = {name: me + [name, str(corpus), tok_path] for name in
                     ("gptforge", "gptforge_hf", "hf_encode_batch", "tiktoken", "tiktoken_1thread") if name not in args.skip}
-        res = alternate(variants, "mb_per_s", rounds=args.rounds)
+        res = alternate_all(variants, args.rounds)
         res["corpus_mb"] = sum(f.stat().st_size for f in files) / 1e6
         res["vocab_size"] = args.vocab_size
         for peer in ("tiktoken", "tiktoken_1thread", "hf_encode_batch"):
