@@ -5,11 +5,22 @@ shared machine, where other jobs swing wall time by 2x but disturb a process's o
     PYTHONPATH=src          python benchmarks/decode_step_cpu.py static demo 1 0     # B, alternate A B A B ...
     python benchmarks/decode_step_cpu.py engine demo 8 0.8
 
+    python benchmarks/decode_step_cpu.py formats gpt2 --threads 1,2 --rounds 3   # formats and kernel paths
+
 static: `generate_steps` on a batch of 64-token prompts, (t(65 tokens) - t(1 token)) / 64, min of 7 repeats.
 engine: `BatchEngine.step` with `batch` sequences of 32-token prompts, 48 steps, min of 5 repeats.
 shape: demo (the `shakespeare` preset) or tiny (1 layer, d 16, vocab 4096: the policy's own cost dominates).
 temperature > 0 adds top-p 0.95. One JSON line: wall_ms and cpu_ms per step. Runs against trees from before
 the decode policy's split too (generate.py then held BatchEngine and decode_layout), for the A side.
+
+formats: random weights of a shape (gpt2: the 124M preset; demo) written once as checkpoints in fp32, bf16, int8
+and int4 g32 (each int format with dynamic and weight-only activations), each loaded in a fresh process as
+`gptforge generate` loads it (gptforge.load), per thread count: batch-1 greedy decode tokens/s (128 tokens after
+a 16-token prompt, the first token's time left out), prefill tokens/s of 512 tokens (one forward; the shape's
+block size if shorter), the weight bytes a decode step reads (every matrix product's codes, scales and minima),
+GB/s = bytes x tokens/s and its fraction of the read bandwidth measured in the same round (a `torch.sum` over
+1 GiB, best of 5, in its own process), the matmul paths that ran (quantize.matmul_paths) and the process's peak
+RSS. Processes alternate format by format (benchmarks/alternate.py's `measure`), medians of --rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,7 +85,133 @@ def engine_step(model, batch: int, temperature: float) -> list[tuple[float, floa
     return out
 
 
+# --- formats -----------------------------------------------------------------------------------------------------
+FORMATS = {"fp32": (None, None), "bf16": ("bf16", None), "int8": ("int8", "dynamic"),
+           "int8-weight-only": ("int8", "weight-only"), "int4": ("int4", "dynamic"),
+           "int4-weight-only": ("int4", "weight-only")}
+
+
+def write_formats(shape: str, work: Path) -> dict[str, Path]:
+    """The shape's random-weight checkpoint in every format (kept in `work`: a second run reuses them)."""
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.compress.run import quantize_checkpoint
+    from gptforge.config import RunConfig
+
+    cfg = model_preset("gpt2" if shape == "gpt2" else "shakespeare")
+    out = {"fp32": work / f"{shape}-fp32"}
+    if not out["fp32"].exists():
+        torch.manual_seed(0)
+        tok = Tokenizer.train(["abc def ghi"] * 10, vocab_size=300)
+        write_checkpoint(out["fp32"], RunConfig(model=cfg), tok, model_state=GPT(cfg).state_dict())
+    for name, (method, acts) in FORMATS.items():
+        if method is not None:
+            out[name] = work / f"{shape}-{name}"
+            if not out[name].exists():
+                quantize_checkpoint(str(out["fp32"]), method, str(out[name]), 32 if method == "int4" else None,
+                                    activations=acts)
+    return out
+
+
+def step_bytes(model) -> int:
+    """Bytes of weights a batch-1 decode step reads: every matrix product's weight (codes, scales, minima)."""
+    from gptforge.compress.quantize import QuantizedMatrix, QuantTiedHead
+    from gptforge.model import TiedHead
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantTiedHead):
+            m = m.table
+        if isinstance(m, QuantizedMatrix) and not isinstance(m, torch.nn.Embedding):
+            total += sum(t.numel() * t.element_size() for t in (m.weight_q, m.scales, m.zeros) if t is not None)
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, TiedHead):
+            total += m.table.weight.numel() * m.table.weight.element_size()
+    return total
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(ckpt: str, fmt: str, threads: int) -> dict:
+    from gptforge.compress.evaluate import decode_speed
+    from gptforge.compress.quantize import matmul_paths
+    from gptforge.generate import load
+
+    torch.set_num_threads(threads)
+    model, tok = load(ckpt, dtype="bfloat16" if fmt == "bf16" else None)
+    vocab = model.config.vocab_size
+    tps = decode_speed(model, vocab, 128)
+    n = min(512, model.config.block_size)
+    x = torch.randint(0, vocab, (1, n))
+    with torch.no_grad():
+        model(x[:, :64])
+        t0 = time.perf_counter()
+        model(x)
+        prefill = n / (time.perf_counter() - t0)
+    nbytes = step_bytes(model)
+    return {"format": fmt, "threads": threads, "decode_tok_s": tps, "prefill_tok_s": prefill, "prefill_tokens": n,
+            "bytes_per_token": nbytes, "gb_s": nbytes * tps / 1e9, "paths_decode": matmul_paths(model, 1),
+            "paths_prefill": matmul_paths(model, n), "peak_rss_mb": peak_rss_mb()}
+
+
+def bandwidth(threads: int) -> dict:
+    torch.set_num_threads(threads)
+    big = torch.ones(256 * 1024 * 1024)  # 1 GiB of fp32
+    big.sum()
+    best = min(clock(big.sum)[0] for _ in range(5))
+    return {"gb_s": big.numel() * 4 / best / 1e9}
+
+
+def formats_main(shape: str, threads: list[int], rounds: int, work: Path, only: list[str]) -> None:
+    import statistics
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    ckpts = write_formats(shape, work)
+    me = [sys.executable, __file__]
+    rows = []
+    for t in threads:
+        runs: dict[str, list[dict]] = {name: [] for name in ["bandwidth", *only]}
+        for r in range(rounds):
+            for name in runs:
+                cmd = me + (["bandwidth", str(t)] if name == "bandwidth" else ["worker", str(ckpts[name]), name, str(t)])
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs[name].append(json.loads(out.strip().splitlines()[-1]))
+                print(f"threads {t} round {r + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+        bw = statistics.median(x["gb_s"] for x in runs.pop("bandwidth"))
+        for name, res in runs.items():
+            med = {k: statistics.median(x[k] for x in res) for k in ("decode_tok_s", "prefill_tok_s", "gb_s", "peak_rss_mb")}
+            rows.append({**res[0], **med, "read_bw_gb_s": bw, "bw_fraction": med["gb_s"] / bw,
+                         "decode_runs": [x["decode_tok_s"] for x in res]})
+    print(json.dumps({"shape": shape, "rounds": rounds, "rows": rows}, indent=1))
+
+
 def main() -> None:
+    if sys.argv[1] == "worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return
+    if sys.argv[1] == "bandwidth":
+        print(json.dumps(bandwidth(int(sys.argv[2]))))
+        return
+    if sys.argv[1] == "formats":
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("mode")
+        p.add_argument("shape", choices=["gpt2", "demo"])
+        p.add_argument("--threads", default="1,2")
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--work", default="/tmp/gptforge-decode-formats")
+        p.add_argument("--only", default=",".join(FORMATS), help="formats, comma-separated: " + ", ".join(FORMATS))
+        a = p.parse_args()
+        formats_main(a.shape, [int(t) for t in a.threads.split(",")], a.rounds, Path(a.work), a.only.split(","))
+        return
     mode, shape, batch, temperature = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     torch.set_num_threads(1)
     torch.manual_seed(0)
