@@ -342,7 +342,7 @@ class _Corpus:
                                 "folders, - (stdin) or a bundled corpus (e.g. shakespeare)")
         self.sources, self.text_field, self.include, self.split = list(sources), text_field, include, dataset_split
         for s in self.sources:  # a missing source is an error before any reading
-            if s != STDIN:
+            if s != STDIN and not (s in CORPORA and not Path(s).exists()):  # (a bundled corpus would load here)
                 iter_source(s, text_field, [], include, dataset_split)
         self.warnings: list[str] = []
         self.count = self.bytes = self.empty = 0
