@@ -216,3 +216,23 @@ def test_without_the_library_a_request_names_the_extra(monkeypatch):
             parser.completion({"model": "tiny", "prompt": "x", **body})
         assert e.value.status == 501 and "gptforge[structured]" in e.value.message
     assert parser.completion({"model": "tiny", "prompt": "x", "response_format": {"type": "text"}}).grammar is None
+
+
+def test_token_bitmask_masks_exactly_the_zero_bits_per_row():
+    from gptforge.sampling import SamplingParams, TokenPicker, apply_token_bitmask, policy_groups
+    gen = torch.Generator().manual_seed(0)
+    V = 70  # not a multiple of 32: the last word's spare bits are ignored
+    allowed = torch.rand(3, V, generator=gen) < 0.3
+    words = torch.zeros(3, 3, dtype=torch.int64)
+    for r, i in allowed.nonzero().tolist():
+        words[r, i // 32] |= 1 << (i % 32)
+    bitmask = (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+    logits = torch.randn(3, V, generator=gen)
+    out = apply_token_bitmask(logits, bitmask)
+    assert torch.equal(out.isfinite(), allowed) and torch.equal(out[allowed], logits[allowed])
+    picker = TokenPicker(3, V, torch.device("cpu"))
+    picker.bitmask[:] = bitmask
+    greedy = policy_groups([SamplingParams(temperature=0)] * 3)
+    ids = picker.pick(logits, greedy, None, [1])  # row 1 constrained, rows 0 and 2 free
+    assert ids[0] == logits[0].argmax() and ids[2] == logits[2].argmax()
+    assert ids[1] == logits[1].masked_fill(~allowed[1], float("-inf")).argmax()

@@ -15,6 +15,7 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 import torch
 
 from gptforge.tokenizer import Tokenizer
@@ -148,19 +149,22 @@ class Grammars:
 
 class Matcher:
     """A sampling.Constraint over an llguidance matcher. The sequence's own stop ids are allowed exactly when the
-    grammar accepts (the ids llguidance would allow then are the tokenizer-wide ones, which differ by endpoint)."""
+    grammar accepts (the ids llguidance would allow then are the tokenizer-wide ones, which differ by endpoint).
+
+    The mask is computed when the step asks for it, not overlapped with the forward: it takes a few microseconds
+    on the demo tokenizer, and handing it to a worker thread measured slower on 2 busy cores (docs/BENCHMARKS.md)."""
 
     def __init__(self, matcher, stop_ids: tuple[int, ...], ends: list[int]):
         self.m, self.stops, self.ends = matcher, stop_ids, ends
 
     def fill_mask(self, out: torch.Tensor) -> None:
         self.m.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
-        accepting = self.m.is_accepting()
+        words = out.numpy().view(np.uint32)
         for t in self.ends:
-            _set_bit(out, t, False)
-        if accepting:
+            words[t // 32] &= ~np.uint32(1 << (t % 32))
+        if self.m.is_accepting():
             for t in self.stops:
-                _set_bit(out, t, True)
+                words[t // 32] |= np.uint32(1 << (t % 32))
 
     def advance(self, token: int) -> None:
         self.m.consume_token(token)
@@ -168,10 +172,3 @@ class Matcher:
     @property
     def finished(self) -> bool:
         return self.m.is_stopped()
-
-
-def _set_bit(words: torch.Tensor, i: int, on: bool) -> None:
-    w, b = divmod(i, 32)
-    v = int(words[w]) & 0xFFFFFFFF
-    v = v | (1 << b) if on else v & ~(1 << b)
-    words[w] = v - (1 << 32) if v >= 1 << 31 else v  # back to int32's range
