@@ -248,14 +248,31 @@ def _read_stdin(warnings: list[str]) -> Iterator[Document]:
     yield Document("<stdin>", text)
 
 
-def _wanted(rel: Path, include: tuple[str, ...] | list[str] | None) -> bool:
-    """Does a folder contribute this file? Not when hidden; with --include patterns, when one matches its name (or,
-    for a pattern with a '/', its path below the folder); else when it has a known suffix."""
-    if any(part.startswith(".") for part in rel.parts):
+def _wanted(rel: str, include: tuple[str, ...] | list[str] | None) -> bool:
+    """Does a folder contribute this file (`rel`: its path below the folder, with '/')? Not when hidden; with
+    --include patterns, when one matches its name (or, for a pattern with a '/', its path below the folder); else
+    when it has a known suffix."""
+    parts = rel.split("/")
+    if any(part.startswith(".") for part in parts):
         return False
     if include:
-        return any(fnmatch.fnmatch(rel.as_posix() if "/" in pat else rel.name, pat) for pat in include)
-    return rel.name.endswith(tuple(FOLDER_SUFFIXES))
+        return any(fnmatch.fnmatch(rel if "/" in pat else parts[-1], pat) for pat in include)
+    return rel.endswith(tuple(FOLDER_SUFFIXES))
+
+
+def _folder_files(folder: Path, include: tuple[str, ...] | list[str] | None) -> list[Path]:
+    """The files a folder contributes, found recursively (hidden folders not entered, symlinked folders not
+    followed, as Path.rglob), in Path order. os.walk and plain strings: prepare walks a folder once per pass, and
+    pathlib's walk cost as much as reading a folder of small files."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        below = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+        for name in filenames:
+            rel = name if below == "." else f"{below}/{name}"
+            if _wanted(rel, include) and os.path.isfile(os.path.join(dirpath, name)):
+                found.append(rel)
+    return [folder / rel for rel in sorted(found, key=lambda rel: rel.split("/"))]
 
 
 def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
@@ -290,7 +307,7 @@ def iter_source(source: str, text_field: str, warnings: list[str],
     elif path.is_dir() and _is_dataset(path):
         files = _dataset_files(path, dataset_split)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _wanted(p.relative_to(path), include))
+        files = _folder_files(path, include)
         if not files:
             if include:
                 raise GptforgeError(f"folder {path} holds no files matching --include {' '.join(include)}")
