@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from gptforge.serve.tools import CLOSE as CLOSE_TAG
+from gptforge.serve.tools import OPEN as OPEN_TAG
 from gptforge.serve.tools import CallStream, parse_tools, render_messages, split_calls
 from gptforge.tokenizer import Tokenizer
 from serverproc import Server
@@ -180,3 +182,27 @@ def test_default_rendering_lists_tools_calls_and_results():
     assert out[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "lookup"' in out[0]["content"]
     assert out[2]["content"] == CALL.replace('"Rome", "unit": "C"', '"Rome", "unit": "C"')
     assert out[3]["content"] == "<tool_response>\n21 C\n</tool_response>\n<tool_response>\nsunny\n</tool_response>"
+
+
+def test_a_tools_aware_template_renders_the_request(tmp_path):
+    """A checkpoint whose template renders tools (Qwen2.5's) gets the tools, the past call and the result
+    through it, exactly as the template renders them from transformers-style messages."""
+    import hftok
+    from test_chat_template import CHATML_SPECIALS, QWEN
+
+    from gptforge.serve import RequestParser, ServeConfig
+
+    tok = Tokenizer.load(hftok.hf_folder(tmp_path, hftok.byte_level(CHATML_SPECIALS, plain=[OPEN_TAG, CLOSE_TAG]),
+                                         {"chat_template": QWEN, "eos_token": "<|im_end|>",
+                                          "pad_token": "<|endoftext|>", "bos_token": None}))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Rome", "unit": "C"}'}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21"}]
+    parsed = RequestParser(tok, 8192, ServeConfig(), "m").chat({"model": "m", "messages": messages, "tools": TOOLS})
+    expected = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}}]},
+                {"role": "tool", "content": "21"}]
+    assert tok.decode(parsed.prompts[0]) == tok.render_chat(expected, add_generation_prompt=True,
+                                                            tools=SPEC.tools_json)
+    assert "<tools>" in tok.decode(parsed.prompts[0]) and '"Rome"' in tok.decode(parsed.prompts[0])
