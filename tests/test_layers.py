@@ -26,7 +26,7 @@ LAYERS = {
     # 5: checkpoint -> ready model
     "loader": 5,  # not "load": that name is the package's own gptforge.load(), which a submodule would shadow
     # 6: what runs a model: the loop, decoding, planning, evaluation, and the verbs built on them
-    "train": 6, "sampling": 6, "kvcache": 6, "text": 6, "generate": 6, "engine": 6, "plan": 6, "eval": 6,
+    "train": 6, "sampling": 6, "kvcache": 6, "prefix_cache": 6, "text": 6, "generate": 6, "engine": 6, "plan": 6, "eval": 6,
     "compress.evaluate": 6, "compress.distill": 6, "compress.run": 6, "finetune.run": 6, "curate": 6,
     "interop": 6, "gguf_export": 6,
     # 7: services and reports over those
