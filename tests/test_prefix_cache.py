@@ -168,3 +168,51 @@ def test_eviction_keeps_outputs_exact(model, tok):
 def test_bad_bound_is_a_clear_error(model, tok):
     with pytest.raises(GptforgeError, match="prefix_cache_tokens must be >= 0"):
         BatchEngine(model, tok, max_batch=2, prefix_cache_tokens=-1)
+
+
+# --- through the server ---------------------------------------------------------------------------------------
+def test_the_server_reports_cached_tokens_and_answers_as_without_the_cache(tmp_path_factory):
+    from serverproc import Server
+
+    from gptforge.checkpoint import write_checkpoint
+
+    text = ["the quick brown fox jumps over the lazy dog. " * 40, "to be or not to be, that is the question. " * 40]
+    tok = Tokenizer.train(text, vocab_size=320)
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=64, vocab_size=384, block_size=512)
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("pc") / "tiny", RunConfig(model=cfg), tok,
+                            model_state=GPT(cfg).state_dict())
+    logs = tmp_path_factory.mktemp("log")
+    system = {"role": "system", "content": "you answer as the fox would, over the lazy dog, to be or not. " * 3}
+    turn1 = [system, {"role": "user", "content": "the quick brown fox?"}]
+
+    def session(server) -> list:
+        client, out = server.client(), []
+        for kw in ({"temperature": 0}, {"temperature": 0.9, "seed": 3}):  # a miss, then the same prompt: a hit
+            r = client.chat.completions.create(model="tiny", messages=turn1, max_tokens=12, **kw)
+            out.append((r.choices[0].message.content, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+        turn2 = turn1 + [{"role": "assistant", "content": out[0][0]}, {"role": "user", "content": "and the dog?"}]
+        chunks = list(client.chat.completions.create(model="tiny", messages=turn2, max_tokens=12, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        out.append(("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), usage.prompt_tokens,
+                    usage.prompt_tokens_details.cached_tokens))
+        r = client.completions.create(model="tiny", prompt=system["content"] + " lazy", max_tokens=10, n=2,
+                                      temperature=0.8, seed=9)  # two choices of one prompt: counted once
+        out.append(([c.text for c in r.choices], r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+        return out
+
+    results = []
+    for i, args in enumerate([("--max-prefill-tokens", "8"), ("--prefix-cache-tokens", "0")]):
+        server = Server(ckpt, logs / f"server{i}.log", "--model-name", "tiny", *args)
+        try:
+            results.append(session(server))
+        finally:
+            assert server.stop() == 0
+    on, off = results
+    assert [r[:2] for r in on] == [r[:2] for r in off]  # the same texts and prompt counts
+    assert [r[2] for r in off] == [0, 0, 0, 0]
+    first, again, turn2, choices = on
+    assert first[2] == 0 and again[2] == (again[1] - 1) // BLOCK * BLOCK > 0  # all but the last partial block
+    assert turn2[2] >= first[1] // BLOCK * BLOCK  # the whole first turn at least
+    assert 0 < choices[2] < choices[1]
