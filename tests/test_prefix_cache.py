@@ -216,3 +216,14 @@ def test_the_server_reports_cached_tokens_and_answers_as_without_the_cache(tmp_p
     assert first[2] == 0 and again[2] == (again[1] - 1) // BLOCK * BLOCK > 0  # all but the last partial block
     assert turn2[2] >= first[1] // BLOCK * BLOCK  # the whole first turn at least
     assert 0 < choices[2] < choices[1]
+
+
+def test_a_sliding_window_model_decodes_the_same(tok):
+    # Mistral's window: the copied keys sit at their positions, and the mask hides those out of the window.
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_size=264, block_size=256,
+                            pos_encoding="rotary", norm="rmsnorm", mlp="swiglu", bias=False, sliding_window=24)).eval()
+    waves = [[(SYSTEM + ids(30, 20), GREEDY)], [(SYSTEM + ids(31, 9), SEEDED), (SYSTEM + ids(30, 20), GREEDY)]]
+    got = drive(BatchEngine(model, tok, max_batch=2, prefix_cache_tokens=1024), waves)
+    same(got, drive(BatchEngine(model, tok, max_batch=2), waves))
+    assert got[2] == [0, 32, 48]
