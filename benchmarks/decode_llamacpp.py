@@ -77,12 +77,14 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompt: list[int]) -> di
 def worker_llama(gguf_path: str, threads: int, prompt: list[int]) -> dict:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=PROMPT + NEW + 8, n_batch=PROMPT, n_threads=threads,
+    # n_batch=1: the prompt goes in one token at a time (prefill is not timed): llama-cpp-python 0.3.36's
+    # multi-token batches crash in the repacked-weight (AMX) path on our CPU for q8_0/q4_0 (tests/test_gguf.py)
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=PROMPT + NEW + 8, n_batch=1, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
 
     def run(n: int) -> None:
         llm.reset()  # a fresh prefill each time (generate would otherwise reuse the cached prompt)
-        for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), 1):
+        for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True), 1):
             if i == n:
                 break
 

@@ -235,45 +235,44 @@ def test_output_policy(tmp_path, tokenizer, capsys):
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
-    """A GPT-2-shaped and a Llama-shaped model trained 80 steps on the plays: peaked predictions, so that greedy
-    tokens are a real comparison and not a coin toss between near-equal logits."""
+    """A GPT-2-shaped and a Llama-shaped model trained 40 steps on the plays: predictions that follow the text, so
+    that greedy tokens are a real comparison and not a coin toss between the near-equal logits of random weights."""
     out = {}
     for arch in ("gpt2", "llama"):
         cfg = ModelConfig(vocab_size=512, **SHAPES[arch])
-        tc = TrainConfig(micro_batch=8, seq_len=64, max_steps=80, warmup_steps=5, lr=3e-3, eval_every=1000,
+        tc = TrainConfig(micro_batch=8, seq_len=64, max_steps=40, warmup_steps=5, lr=3e-3, eval_every=1000,
                          eval_batches=1, log_every=1000, save_every=1000, seed=1)
         run = RunConfig(model=cfg, train=tc, data=str(prepared), out=str(tmp_path_factory.mktemp(arch)))
         out[arch] = train(run, progress=False).checkpoint
     return out
 
 
-def llama_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
-
-
 @needs_llama
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("kind, atol", [("f32", 2e-3), ("q8_0", 0.25)])
+@pytest.mark.parametrize("kind, atol", [("f32", 2e-3), ("q8_0", 0.1)])
 def test_llama_cpp_runs_the_file(trained, tmp_path, arch, kind, atol):
-    """Logits of every prompt position within `atol` of ours (f32: float summation order only; q8_0: llama.cpp
-    also rounds the activations to 8 bits), and 32 greedy tokens equal."""
+    """Logits of every prompt position within `atol` of ours, and 32 greedy tokens equal. Measured (2026-12-05):
+    max |logit difference| 8e-5 (gpt2) and 6.4e-4 (llama) in f32, the order of float sums and llama.cpp's own
+    rope/norm arithmetic; 0.011 and 0.031 in q8_0, where llama.cpp also rounds the activations to 8 bits per
+    block (our reference is the fp32 model); logits here span about +-5."""
     path, _ = export_gguf(trained[arch], tmp_path / "m.gguf", kind)
     model, tok, _ = load_checkpoint(trained[arch])
     ids = tok.encode(TEXT)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False)
+    # n_batch=1: tokens go in one at a time. llama-cpp-python 0.3.36's multi-token batches crash (SIGSEGV) in its
+    # repacked-weight (AMX) path on this CPU for q8_0/q4_0 files, its own quantizer's output included.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=1, n_threads=1, logits_all=True, verbose=False)
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # the tokenizer metadata reads as ours
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0, :, :tok.vocab_size].numpy()
-    theirs = llama_logits(llm, ids)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
     assert np.abs(ours - theirs).max() <= atol
     n = 32
     prompt = ids[:12]
     want = generate_tokens(model, prompt, vocab_size=tok.vocab_size, max_new_tokens=n, temperature=0.0)
     llm.reset()
     got = []
-    for t in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+    for t in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):  # llama.cpp's greedy sampler
         got.append(t)
         if len(got) == n:
             break
