@@ -227,3 +227,40 @@ def test_a_sliding_window_model_decodes_the_same(tok):
     got = drive(BatchEngine(model, tok, max_batch=2, prefix_cache_tokens=1024), waves)
     same(got, drive(BatchEngine(model, tok, max_batch=2), waves))
     assert got[2] == [0, 32, 48]
+
+
+def test_each_lora_adapter_has_its_own_blocks(tmp_path):
+    # Keys and values depend on a row's adapter: the same prompt through the base and an adapter shares nothing.
+    from test_serve_adapters import CFG, TEXT, make_adapter
+
+    from gptforge.checkpoint import write_checkpoint
+    from gptforge.config import LoRAConfig
+    from gptforge.serve.adapters import load_with_adapters
+
+    tok = Tokenizer.train(TEXT, vocab_size=320)
+    torch.manual_seed(0)
+    base = write_checkpoint(tmp_path / "base", RunConfig(model=CFG), tok, model_state=GPT(CFG).state_dict())
+    a = make_adapter(tmp_path / "a", base, tok, LoRAConfig(rank=4, alpha=8.0), seed=1)
+    model, tok, aset = load_with_adapters(base, [("a", str(a))], "cpu", "float32")
+    prompt = tok.encode(TEXT[0][:150])
+    assert len(prompt) > 2 * BLOCK
+
+    def run(prefix_cache_tokens: int):
+        engine = BatchEngine(model, tok, 2, prefix_cache_tokens=prefix_cache_tokens, adapters=aset)
+        out = []
+        for rows in ([-1, 0], [0, -1]):
+            seqs = engine.add_many([(prompt, GREEDY, ())] * 2, adapters=rows)
+            got = {s: [] for s in seqs}
+            cached = {}
+            while engine.live:
+                for ev in engine.step():
+                    got[ev.seq].append(ev.token)
+                    cached[ev.seq] = ev.cached_tokens
+            out.append(([got[s] for s in seqs], [cached[s] for s in seqs]))
+        return out
+
+    on, off = run(4096), run(0)
+    assert [t for t, _ in on] == [t for t, _ in off]
+    assert on[0][0][0] != on[0][0][1]  # the adapter changes what is decoded
+    hit = (len(prompt) - 1) // BLOCK * BLOCK
+    assert [c for _, c in on] == [[0, 0], [hit, hit]]  # each adapter's own blocks, none of the other's

@@ -104,8 +104,8 @@ class BatchEngine:
         self.device, self.vocab = weight.device, tokenizer.vocab_size
         self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=weight.dtype, static=False,
                              kv_dtype=kv_dtype)
-        # Keys and values depend on a row's adapter; the cache is keyed by tokens alone, so it serves the base only.
-        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens >= BLOCK and adapters is None else None
+        # Keys and values depend on a row's adapter: each adapter's blocks form chains of their own (_root).
+        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens >= BLOCK else None
         self.adapters = adapters  # LoRA adapters stacked into the model (finetune.lora.apply_adapters), chosen per row
         self.logits = torch.zeros(max_batch, self.vocab, device=self.device)  # each row's next-token logits
         self.picker = TokenPicker(max_batch, self.vocab, self.device)  # each row's penalty state
@@ -194,7 +194,7 @@ class BatchEngine:
             if s.length == 0:
                 view.valid[i].zero_()  # the row may still hold a retired sequence
                 if start:  # the prefix cache's blocks, into its row
-                    self.cache.put_span(n + i, 0, self.prefix.lookup(s.prompt, start))
+                    self.cache.put_span(n + i, 0, self.prefix.lookup(s.prompt, start, _root(s)))
                     s.length = s.cached = start
         starts = torch.tensor([s.length for s, _, _ in take], device=dev)  # (k,)
         chunk = torch.tensor([c for _, _, c in take], device=dev)  # (k,)
@@ -209,7 +209,7 @@ class BatchEngine:
         for i, (s, _, c) in enumerate(take):
             s.length += c
             if self.prefix is not None:
-                self.prefix.insert(s.prompt[: s.length], self.cache, n + i)
+                self.prefix.insert(s.prompt[: s.length], self.cache, n + i, _root(s))
         done = [i for i, (s, _, _) in enumerate(take) if s.length == len(s.prompt)]  # a prefix of `take`
         if not done:
             return
@@ -223,9 +223,9 @@ class BatchEngine:
         """Where a new prompt's prefill starts: after its longest cached prefix, leaving at least its last token
         to compute; None when a prompt ahead in this forward computes a longer prefix of it (wait for that)."""
         limit = len(s.prompt) - 1
-        hit = self.prefix.match(s.prompt, limit)
+        hit = self.prefix.match(s.prompt, limit, _root(s))
         for t, start, c in take:
-            if _common(s.prompt[:limit], t.prompt[: start + c]) // BLOCK * BLOCK > hit:
+            if t.adapter == s.adapter and _common(s.prompt[:limit], t.prompt[: start + c]) // BLOCK * BLOCK > hit:
                 return None
         return hit
 
@@ -257,7 +257,7 @@ class BatchEngine:
     def _retire(self, r: int) -> None:
         if self.prefix is not None:  # what it generated may open a later prompt (a chat's next turn)
             s = self.rows[r]
-            self.prefix.insert(s.prompt + s.fed, self.cache, r)
+            self.prefix.insert(s.prompt + s.fed, self.cache, r, _root(s))
         last = len(self.rows) - 1
         if r != last:  # the last row moves into the hole: the decoding rows stay 0..n-1
             self._move(last, r, self.rows[last].length)
@@ -336,6 +336,11 @@ class BatchEngine:
         for s in self.rows:
             s.length += 1
             s.fed.append(s.token)
+
+
+def _root(s: _Seq) -> str | None:
+    """The prefix cache's chain root of a sequence's blocks: one per LoRA adapter, None for the base."""
+    return None if s.adapter < 0 else f"adapter {s.adapter}"
 
 
 def _common(a: list[int], b: list[int]) -> int:
