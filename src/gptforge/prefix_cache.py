@@ -42,15 +42,11 @@ class PrefixCache:
         self.capacity = max_tokens // BLOCK
         self.blocks: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()  # oldest first
         self._ids = itertools.count()
-        self.hit_tokens = self.lookup_tokens = 0  # counters, for the server's /metrics and the tests
+        self.hit_tokens = 0  # tokens handed out by lookups, in all
 
     @property
     def tokens(self) -> int:
         return len(self.blocks) * BLOCK
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for e in self.blocks.values() for p in e.parts)
 
     def _chain(self, tokens: list[int], limit: int, root) -> list[_Entry]:
         """The cached entries of tokens' first blocks, up to `limit` tokens: the longest cached prefix."""
@@ -77,7 +73,6 @@ class PrefixCache:
         """The cached keys and values of tokens' longest cached prefix of at most `limit` tokens, as
         KVCache.span's tensors (L, K, n, Hd) with n a multiple of BLOCK; None when not even one block is."""
         chain = self._chain(tokens, limit, root)
-        self.lookup_tokens += len(tokens)
         if not chain:
             return None
         self._touch(chain)
