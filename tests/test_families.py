@@ -214,6 +214,11 @@ def test_sliding_window_changes_what_attention_sees():
         a, b = full(idx), windowed(idx)
     torch.testing.assert_close(a[:, :3], b[:, :3])
     assert (a[:, 3:] - b[:, 3:]).abs().amax(-1).min() > 1e-4
+    # Packed documents: the window and the document boundary both hold.
+    doc = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]])
+    mask = windowed.attn_mask(doc, 8, idx.device)[0, 0]  # (T, T)
+    q, k = torch.arange(8)[:, None], torch.arange(8)[None]
+    assert torch.equal(mask, (k <= q) & (q - k < 3) & (doc[0][:, None] == doc[0][None]))
 
 
 def write_config(tmp_path, config: dict):
@@ -305,3 +310,14 @@ def test_real_shaped_tokenizer_travels_through_import_and_export(tmp_path, name,
     gen = json.loads((out / "generation_config.json").read_text())
     ends = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert gen["bos_token_id"] == tok.bos_id and set(tok.chat_stop_ids) == set(ends)
+
+
+def test_plan_counts_the_new_fields():
+    """qkv_bias adds the q/k/v biases to the parameter count; a window shorter than the context bounds the
+    attention FLOPs (12 L d T with T the tokens a query sees)."""
+    plain, biased = family_config(), family_config(qkv_bias=True)
+    assert biased.num_params() - plain.num_params() == 2 * (4 + 2 * 2) * 8  # 2 layers x (H + 2K) * Hd
+    assert biased.num_params() == sum(p.numel() for p in GPT(biased).parameters())
+    windowed = family_config(sliding_window=8)
+    assert plain.flops_per_token(64) - windowed.flops_per_token(64) == 12 * 2 * 32 * (64 - 8)
+    assert windowed.flops_per_token(4) == plain.flops_per_token(4)

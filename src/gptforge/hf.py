@@ -193,6 +193,8 @@ FORMATS = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3)}
 UNIVERSAL = {"dropout", "zero_init_proj"}
 # Families we know and refuse, with what stands in the way (import-hf names them rather than "not supported").
 REFUSED = {
+    "GemmaForCausalLM": "(1 + w) RMSNorm gains, the sqrt(d_model) embedding scale and a GeGLU MLP (hidden_activation) "
+                        "have no gptforge model variant",
     "Gemma2ForCausalLM": "attention logit soft-capping (attn_logit_softcapping), post-attention and post-feedforward "
                          "norms, (1 + w) RMSNorm gains, a GeGLU MLP (hidden_activation) and alternating local/global "
                          "layers (layer_types) have no gptforge model variant",
@@ -201,8 +203,6 @@ REFUSED = {
                          "own rope_local_base_freq (layer_types) have no gptforge model variant",
 }
 REFUSED["Gemma3ForConditionalGeneration"] = REFUSED["Gemma3ForCausalLM"]
-REFUSED["GemmaForCausalLM"] = ("(1 + w) RMSNorm gains, the sqrt(d_model) embedding scale and a GeGLU MLP "
-                               "(hidden_activation) have no gptforge model variant")
 
 
 # --- checking what a format can express ----------------------------------------------------------------------
