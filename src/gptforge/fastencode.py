@@ -136,7 +136,7 @@ def _ranks(spec: dict) -> dict[bytes, int] | None:
 
 def fast_encoder(tok: Tokenizer, threads: int | None = None) -> FastEncoder | None:
     """A FastEncoder equal to `tok` by construction, or None (tiktoken missing, or a tokenizer whose ids tiktoken
-    cannot reproduce). `threads` defaults to every core."""
+    cannot reproduce). `threads` defaults to every core this process may run on."""
     if tiktoken is None or not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
         return None
     spec = json.loads(tok.hf.to_str())
@@ -150,7 +150,12 @@ def fast_encoder(tok: Tokenizer, threads: int | None = None) -> FastEncoder | No
         return None
     encoding = tiktoken.Encoding(f"gptforge-{tok.fingerprint}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                  special_tokens=specials)
-    return FastEncoder(encoding, threads or os.cpu_count() or 1)
+    return FastEncoder(encoding, threads or _cores())
+
+
+def _cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), where the OS says; else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def agrees(tok: Tokenizer, fast: FastEncoder, texts: list[str]) -> bool:
