@@ -19,7 +19,8 @@ from gptforge.finetune.data import IGNORE_INDEX, chat_example
 from gptforge.finetune.run import finetune
 from gptforge.generate import stream
 from gptforge.model import GPT
-from gptforge.settings import FinetuneSpec
+from gptforge.serve.protocol import RequestParser
+from gptforge.settings import FinetuneSpec, ServeConfig
 from gptforge.tokenizer import Tokenizer
 from test_finetune import train_cfg, write_chats
 
@@ -405,3 +406,20 @@ def test_mask_when_later_turns_rewrite_earlier_ones(tmp_path):
         "A friend, my lord.<|im_end|><think>\nLook outside.\n</think>\n\nIt is sunny, with wind from the west.<|im_end|>")
     with pytest.raises(GptforgeError, match="message 1: .*differently.*generation"):
         ours.encode_chat([TURNS[0], {"role": "assistant", "content": "", "reasoning_content": "x"}, TURNS[2]])
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3"])
+def test_server_requests_use_the_template_and_its_stops(name, tmp_path):
+    """/v1/chat/completions renders the model's template (tools included) into apply_chat_template's ids and stops
+    at the end of turn and every end id; /v1/completions' text prompt gets the tokenizer's BOS."""
+    build, config, generation, _ = FAMILIES[name]
+    folder = hftok.hf_folder(tmp_path, build(), config, generation)
+    ours, theirs = Tokenizer.load(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    parser = RequestParser(ours, 4096, ServeConfig(), "m")
+    messages = [SYSTEM, TURNS[0]]
+    chat = parser.chat({"model": "m", "messages": messages, "tools": TOOLS})
+    assert chat.prompts == [theirs.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True,
+                                                       return_dict=True)["input_ids"]]
+    assert chat.stop_ids == ours.chat_stop_ids and len(chat.stop_ids) >= 2
+    completion = parser.completion({"model": "m", "prompt": "hello"})
+    assert completion.prompts == [theirs("hello")["input_ids"]] and completion.stop_ids == ours.eos_ids

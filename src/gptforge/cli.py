@@ -389,15 +389,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _chat(model, tokenizer, system: str | None, options: dict) -> None:
     """An interactive session: each line of standard input is a user turn; the reply streams until the model
-    ends its turn (<|im_end|>), and the whole conversation is the next turn's prompt (the tokenizer's ChatML
-    template, as fine-tuning and the server use it). Ends at end of input."""
+    ends its turn (its template's end-of-turn token, e.g. <|im_end|>), and the whole conversation is the next
+    turn's prompt (the model's own chat template, as fine-tuning and the server use it). Ends at end of input."""
     from gptforge.generate import stream
-    from gptforge.tokenizer import IM_END
 
     if not tokenizer.has_chat_template:
         tokenizer.encode_chat([])  # raises the error that names the fix
     messages = [{"role": "system", "content": system}] if system else []
-    options = {**options, "stop": (*options["stop"], IM_END)}
+    options = {**options, "stop": (*options["stop"], tokenizer.decode([tokenizer.im_end_id]))}
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -407,7 +406,7 @@ def _chat(model, tokenizer, system: str | None, options: dict) -> None:
         if not line:
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        ids = tokenizer.encode_chat_ids(messages, add_generation_prompt=True)
         reply = []
         sys.stdout.write("assistant> ")
         for delta in stream(model, tokenizer, ids, **options):

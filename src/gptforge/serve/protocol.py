@@ -228,7 +228,7 @@ class RequestParser:
         n = self._n(body)
         if _field(body, "best_of", (int,), n) != n:
             raise APIError(400, "'best_of' other than n is not supported", param="best_of", code="unsupported")
-        stop_ids = () if _field(body, "ignore_eos", (bool,), False) else (self.tok.eos_id,)
+        stop_ids = () if _field(body, "ignore_eos", (bool,), False) else self.tok.eos_ids
         parsed = self._finish({**body, "max_tokens": None} if score_only else body, False, prompts, n, stop_ids,
                               logprobs, OPENAI_DEFAULTS["completion_max_tokens"])
         parsed.echo = echo
@@ -274,7 +274,7 @@ class RequestParser:
         if body.get("max_completion_tokens") is not None:
             body = {**body, "max_tokens": _field(body, "max_completion_tokens", (int,))}
         ignore_eos = _field(body, "ignore_eos", (bool,), False)
-        stop_ids = () if ignore_eos else (self.tok.im_end_id, self.tok.eos_id)
+        stop_ids = () if ignore_eos else self.tok.chat_stop_ids  # end of turn, and every end-of-sequence id
         parsed = self._finish(body, True, [ids], self._n(body), stop_ids, logprobs, None)
         parsed.grammar, parsed.tools = grammar, tools
         return parsed
@@ -335,9 +335,9 @@ class RequestParser:
                 for m in flat:  # templates take the arguments as an object, not as OpenAI's JSON string
                     for c in m.get("tool_calls", ()):
                         c.update(type="function", function={"name": c["name"], "arguments": c["arguments"]})
-                return self.tok.encode_chat(flat, add_generation_prompt=True,
-                                            tools=tools.tools_json if tools else None)[0]
-            return self.tok.encode_chat(render_messages(flat, tools), add_generation_prompt=True)[0]
+                return self.tok.encode_chat_ids(flat, add_generation_prompt=True,
+                                                tools=tools.tools_json if tools else None)
+            return self.tok.encode_chat_ids(render_messages(flat, tools), add_generation_prompt=True)
         except GptforgeError as e:  # checked above; a last line of defence
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
 
