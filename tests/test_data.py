@@ -528,3 +528,23 @@ def test_parquet_shards_feed_train(tmp_path, plays_dir, capsys):
                      log_every=10, save_every=20, seed=0)
     result = train(RunConfig(model=model_preset("tiny"), train=tc, data=str(data), out=str(tmp_path / "run")), progress=False)
     assert result.steps == 20 and result.final_val_loss < result.first_val_loss - 0.5
+
+
+def test_encoder_falls_back_to_hf_tokenizers(tmp_path, monkeypatch, small_tokenizer):
+    """Without tiktoken, or when tiktoken's ids differ from HF's on the first batch, prepare encodes with HF
+    tokenizers (the latter with a warning) and writes the same shards."""
+    import gptforge.data as data
+    import gptforge.fastencode as fastencode
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _TEXTS))
+    ref = prepare([str(src)], tmp_path / "ref", tokenizer=small_tokenizer, progress=False, fast=False)
+    monkeypatch.setattr(fastencode, "tiktoken", None)
+    a = prepare([str(src)], tmp_path / "a", tokenizer=small_tokenizer, progress=False)
+    assert a.encoder == "tokenizers" and not a.warnings
+    monkeypatch.undo()
+    pytest.importorskip("tiktoken")
+    monkeypatch.setattr(data, "agrees", lambda *args: False)
+    b = prepare([str(src)], tmp_path / "b", tokenizer=small_tokenizer, progress=False)
+    assert b.encoder == "tokenizers" and any("tiktoken's ids differed" in w for w in b.warnings)
+    assert _shards(tmp_path / "ref") == _shards(tmp_path / "a") == _shards(tmp_path / "b")
