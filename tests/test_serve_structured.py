@@ -52,7 +52,8 @@ LISTS = {
 NESTED = {
     "type": "object",
     "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {
-        "c": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 2}},
+        "c": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5},
+              "minItems": 2, "maxItems": 2}},
         "required": ["c"], "additionalProperties": False}}, "required": ["b"], "additionalProperties": False},
         "ok": {"const": True}},
     "required": ["a", "ok"],

@@ -18,8 +18,9 @@ import torch
 
 from gptforge.settings import SamplingParams
 
-__all__ = ["Constraint", "SamplingParams", "TokenPicker", "apply_penalties", "apply_token_bitmask", "exp_noise", "generator", "min_p_filter",
-           "policy_groups", "sample", "sampling_probs", "token_logprobs", "top_k_filter", "top_p_filter"]
+__all__ = ["Constraint", "SamplingParams", "TokenPicker", "apply_penalties", "apply_token_bitmask", "exp_noise",
+           "generator", "min_p_filter", "policy_groups", "sample", "sampling_probs", "token_logprobs", "top_k_filter",
+           "top_p_filter"]
 
 # Exp(1) draws (len(rows), V) for the given rows of a step: the static batch draws them from one stream,
 # BatchEngine from each row's own.

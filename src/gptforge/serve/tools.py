@@ -72,11 +72,12 @@ def parse_tools(tools: Any, tool_choice: Any, parallel: Any) -> ToolSpec | None:
             raise ToolError(f"'{where}.function.name' must be 1-64 letters, digits, _ or -, got "
                             f"{json.dumps(name)[:40]}", f"{where}.function.name")
         if name in functions:
-            raise ToolError(f"'{where}.function.name': the function '{name}' is offered twice", f"{where}.function.name")
+            raise ToolError(f"'{where}.function.name': the function '{name}' is offered twice",
+                            f"{where}.function.name")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
-            raise ToolError(f"'{where}.function.parameters' must be a JSON Schema object", f"{where}.function.parameters",
-                            "invalid_type")
+            raise ToolError(f"'{where}.function.parameters' must be a JSON Schema object",
+                            f"{where}.function.parameters", "invalid_type")
         if not isinstance(fn.get("description", ""), str):
             raise ToolError(f"'{where}.function.description' must be a string", f"{where}.function.description",
                             "invalid_type")
