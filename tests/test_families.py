@@ -261,7 +261,7 @@ def test_gemma2_from_transformers_is_refused_naming_its_fields(tmp_path, tok):
 def test_export_refuses_an_architecture_that_cannot_express_the_model(tmp_path):
     with pytest.raises(GptforgeError, match=r"as Phi3ForCausalLM: qkv_bias=True \(no Phi3ForCausalLM equivalent\)"):
         choose_format(family_config(qkv_bias=True), "Phi3ForCausalLM")
-    with pytest.raises(GptforgeError, match=r"as LlamaForCausalLM: sliding_window=8 \(no LlamaForCausalLM equivalent\)"):
+    with pytest.raises(GptforgeError, match=r"as LlamaForCausalLM: sliding_window=8 \(no LlamaForCausalLM equiv"):
         choose_format(family_config(sliding_window=8), "LlamaForCausalLM")
     with pytest.raises(GptforgeError, match=r"unknown Hugging Face architecture 'Gemma2ForCausalLM'; choose one of: "
                                             r"GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM"):
@@ -321,3 +321,53 @@ def test_plan_counts_the_new_fields():
     windowed = family_config(sliding_window=8)
     assert plain.flops_per_token(64) - windowed.flops_per_token(64) == 12 * 2 * 32 * (64 - 8)
     assert windowed.flops_per_token(4) == plain.flops_per_token(4)
+
+
+# config.json of the released models (keys that matter kept; no weights), with their published parameter counts.
+REAL_CONFIGS = {
+    "qwen2.5-0.5b": (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", hidden_size=896,
+                          intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                          max_position_embeddings=32768, max_window_layers=24, rms_norm_eps=1e-06,
+                          rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
+                          tie_word_embeddings=True, vocab_size=151936), 494032768),
+    "qwen3-0.6b": (dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False, head_dim=128,
+                        hidden_act="silu", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=40960,
+                        max_window_layers=28, rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000,
+                        sliding_window=None, use_sliding_window=False, tie_word_embeddings=True, vocab_size=151936),
+                   596049920),
+    "phi-3-mini-4k": (dict(architectures=["Phi3ForCausalLM"], model_type="phi3", attention_bias=False,
+                           hidden_act="silu", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                           original_max_position_embeddings=4096, pad_token_id=32000, rms_norm_eps=1e-05,
+                           rope_scaling=None, rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False,
+                           vocab_size=32064), 3821079552),
+    "mistral-7b-v0.1": (dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu",
+                             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-05,
+                             rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False, vocab_size=32000),
+                        7241732096),
+    "llama-3.2-1b": (dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, head_dim=64,
+                          hidden_act="silu", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                          mlp_bias=False, rms_norm_eps=1e-05, rope_theta=500000.0, tie_word_embeddings=True,
+                          vocab_size=128256, rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                                               original_max_position_embeddings=8192,
+                                                               rope_type="llama3")), 1235814400),
+}
+
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_released_configs_map_to_the_variant_and_count_their_parameters(name):
+    """Each family's real config.json reads as the right variant, and `gptforge plan`'s count of the model it
+    builds equals the released model's parameter count (vocabulary padding aside)."""
+    hf, published = REAL_CONFIGS[name]
+    cfg, fmt = model_config_from_hf(hf)
+    assert fmt.name == hf["architectures"][0]
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    assert cfg.num_params() - padding == published
+    variant = {"qwen2.5-0.5b": dict(qkv_bias=True, sliding_window=None), "qwen3-0.6b": dict(qk_norm=True, head_dim=128),
+               "phi-3-mini-4k": dict(sliding_window=2047), "mistral-7b-v0.1": dict(sliding_window=4096),
+               "llama-3.2-1b": dict(rope_factor=32.0, rope_original_context=8192, tie_embeddings=True)}[name]
+    assert {k: getattr(cfg, k) for k in variant} == variant
