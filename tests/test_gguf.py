@@ -34,6 +34,8 @@ SHAPES = {
                   norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, rope_theta=5000.0, norm_eps=1e-6),
     "qwen3": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64, pos_encoding="rotary",
                   norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True),
+    "qwen2": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64, pos_encoding="rotary",
+                  norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=True),
     "arcee": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64, pos_encoding="rotary",
                   norm="rmsnorm", mlp="relu2", bias=False),
 }
@@ -45,13 +47,17 @@ def tokenizer(prepared) -> Tokenizer:
     return Tokenizer.load(prepared / "tokenizer.json")  # a 512-token BPE trained on four plays
 
 
-def random_checkpoint(tmp_path, tokenizer, arch: str, **over):
+def random_checkpoint(tmp_path, tokenizer, arch: str, scale: float = 1.0, **over):
+    """Random weights (matrices times `scale`: larger logits, decided greedy picks) with non-trivial norms and
+    biases, so that a mix-up of them shows."""
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, **{**SHAPES[arch], **over})
     model = GPT(cfg)
-    with torch.no_grad():  # non-trivial norms and biases, so that a mix-up of them shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+            else:
+                p.mul_(scale)
     return write_checkpoint(tmp_path / f"ckpt-{arch}", RunConfig(model=cfg), tokenizer, model_state=model.state_dict())
 
 
@@ -106,6 +112,9 @@ def expected(state: dict, cfg: ModelConfig, arch: str, n_vocab: int) -> dict[str
             out[g + "attn_q_norm.weight"] = state[b + "attn.q_norm.weight"]
             out[g + "attn_k_norm.weight"] = state[b + "attn.k_norm.weight"]
         out |= {g + "attn_q.weight": wq, g + "attn_k.weight": wk, g + "attn_v.weight": wv}
+        if cfg.qkv_bias:
+            out |= dict(zip([g + "attn_q.bias", g + "attn_k.bias", g + "attn_v.bias"],
+                            state[b + "attn.qkv.bias"].split([q, kv, kv])))
         for ours, theirs in (("attn.proj", "attn_output"), ("mlp.gate", "ffn_gate"), ("mlp.up", "ffn_up"),
                              ("mlp.down", "ffn_down")):
             if b + ours + ".weight" in state:  # no gate in arcee's ReLU² MLP
@@ -117,7 +126,7 @@ def expected(state: dict, cfg: ModelConfig, arch: str, n_vocab: int) -> dict[str
 
 # --- read back with gguf's reader ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "arcee"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3", "arcee"])
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_tensors_read_back_equal_the_weights(tmp_path, tokenizer, arch, kind):
     ckpt = random_checkpoint(tmp_path, tokenizer, arch)
@@ -170,6 +179,19 @@ def test_metadata_and_tokenizer(tmp_path, tokenizer):
     r2, _ = read(export_gguf(random_checkpoint(tmp_path, tokenizer, "gpt2"), tmp_path / "g.gguf", "f32")[0])
     assert field(r2, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
     assert field(r2, "general.file_type") == gguf.LlamaFileType.ALL_F32
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, tokenizer):
+    over = dict(rope_theta=500000.0, rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                rope_original_context=32)
+    _, tensors = read(export_gguf(random_checkpoint(tmp_path, tokenizer, "llama", **over), tmp_path / "m.gguf", "f32")[0])
+    # Meta's llama3 rule, written out: wavelengths above original/low divided by the factor, below original/high
+    # kept, a linear blend between; the file holds plain / scaled per pair
+    inv = 500000.0 ** (-np.arange(0, 16, 2) / 16)
+    ratio = 32 / (2 * np.pi / inv)
+    blend = np.clip((ratio - 1.0) / (4.0 - 1.0), 0, 1)
+    want = inv / ((1 - blend) * inv / 8.0 + blend * inv)
+    assert np.allclose(values(tensors["rope_freqs.weight"]), want, rtol=1e-5)
 
 
 def test_a_model_without_biases_gets_zero_biases_for_gpt2(tmp_path, tokenizer):
@@ -277,3 +299,25 @@ def test_llama_cpp_runs_the_file(trained, tmp_path, arch, kind, atol):
         if len(got) == n:
             break
     assert got == list(want)[:n]
+
+
+@needs_llama
+@pytest.mark.parametrize("arch, over", [("qwen2", {}), ("qwen3", {}), ("arcee", {}),
+                                        ("llama", dict(rope_theta=500000.0, rope_factor=8.0, rope_original_context=16))])
+def test_llama_cpp_runs_each_family(tmp_path, tokenizer, arch, over):
+    """The other architectures (and Llama 3's RoPE scaling, where positions past 16 see the scaled frequencies) on
+    random weights scaled up 4x: f32 logits within 2e-3 of ours and 24 greedy tokens equal."""
+    ckpt = random_checkpoint(tmp_path, tokenizer, arch, scale=4.0, **over)
+    path, name = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    assert name == arch
+    model, tok, _ = load_checkpoint(ckpt)
+    ids = tok.encode(TEXT)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=1, n_threads=1, logits_all=True, verbose=False)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0, :, :tok.vocab_size].numpy()
+    llm.eval(ids)
+    assert np.abs(ours - np.array(llm.scores[:len(ids)])).max() <= 2e-3
+    want = list(generate_tokens(model, ids[:8], vocab_size=tok.vocab_size, max_new_tokens=24, temperature=0.0))
+    llm.reset()
+    got = [t for _, t in zip(range(24), llm.generate(ids[:8], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True))]
+    assert got == want

@@ -13,6 +13,7 @@ this table does not know) is refused with the field named. Layouts that differ f
   The q and k rows of each head are permuted so that llama.cpp's pairs are our pairs: the same permutation
   llama.cpp's convert_hf_to_gguf.py applies to HF Llama folders. `qwen2`/`qwen3` rotate halves as we do.
 - llama.cpp's `gpt2` needs every bias and LayerNorm bias: a model trained without them gets zeros (same function).
+- Llama 3's RoPE scaling (rope_factor) becomes llama.cpp's `rope_freqs.weight`: a divisor per rotary pair.
 - Our token table is padded to a multiple of 64 rows; GGUF holds exactly the tokenizer's tokens (ids above it are
   never sampled by gptforge either).
 Types: f32, f16, bf16 cast every matrix; q8_0 and q4_0 quantize every matrix whose rows are a multiple of 32 wide
@@ -37,6 +38,7 @@ from gptforge.checkpoint import read_config, resolve_checkpoint
 from gptforge.config import ModelConfig
 from gptforge.errors import GptforgeError
 from gptforge.loader import load_checkpoint
+from gptforge.model import rotary_tables
 from gptforge.outputs import check_out_file, staged_file
 from gptforge.settings import ExportGgufConfig
 from gptforge.tokenizer import CHATML_TEMPLATE, Tokenizer
@@ -112,7 +114,8 @@ ARCHES = (GPT2, LLAMA, QWEN2, QWEN3, ARCEE)
 # this table learns it.
 CARRIED = {"n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "vocab_size", "block_size", "rope_theta", "norm_eps",
            "bias", "tie_embeddings", "head_size", "dropout", "zero_init_proj", "pos_encoding", "norm", "mlp", "qk_norm",
-           "qkv_bias", "sliding_window"}
+           "qkv_bias", "sliding_window", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+           "rope_original_context"}
 WHY = {"logit_softcap": "llama.cpp's {arch} architecture has no final-logit soft-cap",
        "value_embeds": "llama.cpp has no value-embedding tables"}
 
@@ -190,10 +193,23 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch,
         if ours in ("tok_emb.weight", "lm_head.weight"):
             t = t[:n_vocab]
         out[name] = t.float().contiguous()
+    if cfg.pos_encoding == "rotary" and cfg.rope_factor is not None:
+        out["rope_freqs.weight"] = rope_freq_factors(cfg)
     leftover = sorted(set(state) - used)
     if leftover:
         raise GptforgeError(f"weights the GGUF {arch.name} table does not map: {', '.join(leftover[:5])}")
     return out
+
+
+def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3's RoPE scaling as llama.cpp takes it: one divisor per rotary pair (`rope_freqs.weight`), the plain
+    frequency over the scaled one. Read off our own rotary tables at position 1 (angle = frequency), so the file
+    carries exactly the scaling the model computes."""
+    def freqs(c: ModelConfig) -> torch.Tensor:
+        cos, sin = rotary_tables(torch.ones(1), c)
+        return torch.atan2(sin, cos)[0, :c.head_dim // 2].double()  # (Hd/2,): each pair's angle per position
+
+    return (freqs(dataclasses.replace(cfg, rope_factor=None)) / freqs(cfg)).float()
 
 
 def encode_tensor(name: str, t: torch.Tensor, qtype: str) -> tuple[np.ndarray, str]:
