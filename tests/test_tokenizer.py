@@ -1,10 +1,12 @@
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hftok
+from gptforge.data import TokenData, prepare
 from gptforge.errors import GptforgeError
 from gptforge.text import TextRow, prompt_ids
 from gptforge.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer
@@ -235,3 +237,20 @@ def test_unused_settings_and_sentencepiece_model_alone(tmp_path):
     (tmp_path / "b" / "tokenizer.model").write_bytes(b"\x00")
     with pytest.raises(GptforgeError, match="tokenizer.model but no tokenizer.json.*save_pretrained"):
         Tokenizer.load(tmp_path / "b")
+
+
+def test_prepare_with_an_hf_sentencepiece_tokenizer(tmp_path):
+    """prepare loads an HF folder's tokenizer with its settings: each document is written as the tokenizer starts
+    a sequence (BOS), its ids, then its EOS, and the shards decode back to the documents."""
+    folder = hftok.hf_folder(tmp_path / "hf", hftok.sentencepiece(SPM_SPECIALS),
+                             {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages[0].content }}"})
+    docs = ["The quick brown fox ✓.", "Who art thou?", "漢字 and more\n\ntext"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([str(tmp_path / "c.jsonl")], tmp_path / "data", tokenizer=str(folder), val_fraction=0.0, progress=False)
+    data = TokenData(tmp_path / "data")
+    tok = data.tokenizer()
+    assert (tok.eos_id, tok.start_ids, tok.chat_template) == (2, (1,), "{{ messages[0].content }}")
+    ids = np.concatenate(data.shards("train")).tolist()
+    assert ids == [i for d in docs for i in (1, *tok.encode(d), 2)]
+    segments = np.split(np.array(ids), np.flatnonzero(np.array(ids) == 2)[:-1] + 1)
+    assert [tok.decode(seg[1:-1].tolist()) for seg in segments] == docs

@@ -514,18 +514,23 @@ class _Encoder:
 
 def _encode_stream(encode: _Encoder, items: Iterator[tuple[Any, Document]], *, batch_chars: int = 1 << 20,
                    chunk_chars: int = 8192, on_progress: Callable[[int], None] | None = None) -> Iterator[tuple[Any, np.ndarray]]:
-    """(tag, ids) for tagged documents, in order: each document's tokens then EOS. The ids of one batch come out
+    """(tag, ids) for tagged documents, in order: each document's start (BOS, for tokenizers that start a sequence
+    with one), its tokens, then EOS. The ids of one batch come out
     as one array per tag (first-seen order), so a tag's arrays concatenate to its documents' ids in order. A long
     document is cut at safe boundaries and may span batches: memory is a batch and the current document."""
     eos = np.array([encode.tok.eos_id], dtype=np.uint32)
+    start = [np.array(encode.tok.start_ids, dtype=np.uint32)] if encode.tok.start_ids else []
     cut = _cuttable(encode.tok)
     pending: list[tuple[Any, str, bool]] = []  # (tag, text, last piece of its document)
     size = 0
+    after_last = True  # the next piece starts a document
 
     def flush() -> Iterator[tuple[Any, np.ndarray]]:
+        nonlocal after_last
         out: dict[Any, list[np.ndarray]] = {}
         for (tag, _, last), ids in zip(pending, encode([t for _, t, _ in pending])):
-            out.setdefault(tag, []).extend((ids, eos) if last else (ids,))
+            out.setdefault(tag, []).extend([*(start if after_last else []), ids, *([eos] if last else [])])
+            after_last = last
         if on_progress is not None:
             on_progress(sum(len(t.encode()) for _, t, _ in pending))
         for tag, arrays in out.items():
@@ -551,8 +556,8 @@ def _encode_stream(encode: _Encoder, items: Iterator[tuple[Any, Document]], *, b
 
 def tokenize_documents(tokenizer: Tokenizer, docs: list[Document], *, batch_chars: int = 1 << 20,
                        chunk_chars: int = 8192, on_progress=None, fast: bool = True) -> Iterator[np.ndarray]:
-    """Yield one int64 array per document (its tokens then EOS), encoding in parallel batches (tiktoken's encoder
-    when it reproduces the tokenizer, see fastencode; `fast=False`: HF tokenizers always)."""
+    """Yield one int64 array per document (its start ids, its tokens, then EOS), encoding in parallel batches
+    (tiktoken's encoder when it reproduces the tokenizer, see fastencode; `fast=False`: HF tokenizers always)."""
     encode = _Encoder(tokenizer, fast)
     held, parts = None, []
     try:
