@@ -501,4 +501,4 @@ class StreamDecoder:
         before = self.tok.decode(self.ids[self.prefix:self.read])
         text = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
-        return text[len(before):] if text.startswith(before) else text
+        return text[_common_prefix(before, text):]  # `before` was handed out already
