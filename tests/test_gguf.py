@@ -321,3 +321,35 @@ def test_llama_cpp_runs_each_family(tmp_path, tokenizer, arch, over):
     llm.reset()
     got = [t for _, t in zip(range(24), llm.generate(ids[:8], top_k=1, temp=0.0, repeat_penalty=1.0, reset=True))]
     assert got == want
+
+
+@needs_llama
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llama_cpp_splits_text_as_the_tokenizer_does(tmp_path, plays_dir, pre):
+    """A BPE trained here behind each pre-tokenizer llama.cpp knows by name: llama.cpp's ids equal ours on text with
+    digits, contractions, runs of spaces and newlines, and non-ASCII letters."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from gptforge.gguf_export import SPLITS
+    from gptforge.tokenizer import SPECIAL_TOKENS
+
+    hf = HFTokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt-2", "smollm"))
+    hf.pre_tokenizer = {"gpt-2": byte_level,
+                        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        }.get(pre) or pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS.get(pre, "")),
+                                                                                    "isolated"), byte_level])
+    hf.decoder = decoders.ByteLevel()
+    texts = [p.read_text() for p in sorted(plays_dir.iterdir())[:2]]
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(hf)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **SHAPES["gpt2"])
+    ckpt = write_checkpoint(tmp_path / "ckpt", RunConfig(model=cfg), tok, model_state=GPT(cfg).state_dict())
+    path, _ = export_gguf(ckpt, tmp_path / "m.gguf", "f16")
+    assert field(read(path)[0], "tokenizer.ggml.pre") == pre
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    text = ("In 1597, they'd've said: 'I'LL pay 12345 ducats'!\n\n  Café  naïve   Ωμέγα\tend 3.14159 "
+            "won't WE'RE\r\n  \n" + TEXT)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)

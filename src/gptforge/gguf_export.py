@@ -234,14 +234,21 @@ SPLITS = {
 }
 
 
+def _byte_level(p: dict, regex: bool) -> bool:
+    return p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex and not p.get("add_prefix_space")
+
+
 def _pre_tokenizer_name(pre: dict | None) -> str:
-    """llama.cpp's name for the pre-tokenizer of a tokenizer.json: GPT-2's regex inside ByteLevel, or a known Split
-    regex followed by a regex-free ByteLevel."""
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+    """llama.cpp's name for the pre-tokenizer of a tokenizer.json: GPT-2's regex inside ByteLevel (`gpt-2`; after
+    single digits split off, `smollm`), or a known Split regex followed by a regex-free ByteLevel."""
+    pre = pre or {}
+    if _byte_level(pre, True):
         return "gpt-2"
-    parts = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
-    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
-            and not parts[1].get("use_regex", True)):
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
+            and _byte_level(parts[1], True)):
+        return "smollm"
+    if len(parts) == 2 and parts[0].get("type") == "Split" and _byte_level(parts[1], False):
         pattern = parts[0].get("pattern", {}).get("Regex")
         for name, regex in SPLITS.items():
             if pattern == regex:
@@ -258,9 +265,10 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int) -> Non
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise GptforgeError(f"the tokenizer is a {model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} "
                             "decoder; GGUF export handles byte-level BPE (llama.cpp's gpt2 tokenizer) only")
-    if spec.get("normalizer"):
-        raise GptforgeError(f"the tokenizer normalizes text ({spec['normalizer'].get('type')}); llama.cpp's gpt2 "
-                            "tokenizer does not, so their token ids would differ")
+    norm = (spec.get("normalizer") or {}).get("type")
+    if norm not in (None, "NFC"):  # NFC (Qwen2's) changes no text already in NFC, as nearly all text is
+        raise GptforgeError(f"the tokenizer normalizes text ({norm}); llama.cpp's gpt2 tokenizer does not, so their "
+                            "token ids would differ")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [gguf.TokenType.UNUSED] * n_vocab
     for text, i in model["vocab"].items():
