@@ -515,9 +515,9 @@ class _Encoder:
 def _encode_stream(encode: _Encoder, items: Iterator[tuple[Any, Document]], *, batch_chars: int = 1 << 20,
                    chunk_chars: int = 8192, on_progress: Callable[[int], None] | None = None) -> Iterator[tuple[Any, np.ndarray]]:
     """(tag, ids) for tagged documents, in order: each document's start (BOS, for tokenizers that start a sequence
-    with one), its tokens, then EOS. The ids of one batch come out
-    as one array per tag (first-seen order), so a tag's arrays concatenate to its documents' ids in order. A long
-    document is cut at safe boundaries and may span batches: memory is a batch and the current document."""
+    with one), its tokens, then EOS. The ids of one batch come out as one array per tag (first-seen order), so a
+    tag's arrays concatenate to its documents' ids in order. A long document is cut at safe boundaries and may span
+    batches: memory is a batch and the current document."""
     eos = np.array([encode.tok.eos_id], dtype=np.uint32)
     start = [np.array(encode.tok.start_ids, dtype=np.uint32)] if encode.tok.start_ids else []
     cut = _cuttable(encode.tok)
