@@ -4,8 +4,10 @@ Phi-3 and SmolLM2's ChatML), over tokenizers built here in the matching styles (
 
 from __future__ import annotations
 
+import enum
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -423,3 +425,14 @@ def test_server_requests_use_the_template_and_its_stops(name, tmp_path):
     assert chat.stop_ids == ours.chat_stop_ids and len(chat.stop_ids) >= 2
     completion = parser.completion({"model": "m", "prompt": "hello"})
     assert completion.prompts == [theirs("hello")["input_ids"]] and completion.stop_ids == ours.eos_ids
+
+
+def test_inputs_reach_the_sandbox_as_plain_json():
+    """Rich objects are rebuilt from JSON types (a str enum is its value, a numpy scalar its number); anything
+    else is an inert "<TypeName>", as transformers does."""
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    template = "{{ messages[0].role }}|{{ messages[0].n + 1 }}|{{ messages[0].x }}|{{ flag }}"
+    got = render(template, [{"role": Role.USER, "n": np.int64(2), "x": object()}], flag=np.bool_(False))
+    assert got == "user|3|<object>|False"

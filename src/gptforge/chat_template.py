@@ -118,9 +118,10 @@ def plain(value: Any) -> Any:
     """`value` rebuilt from JSON types only: whatever else reaches the sandbox becomes an inert "<TypeName>"."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for base in (bool, str, int, float):  # subclasses (enums, numpy scalars) lose their extra methods
+    # Subclasses (a str enum, numpy's float64) lose their extra methods; __str__ & co give the plain value.
+    for base, plain_value in ((str, str.__str__), (int, int.__int__), (float, float.__float__)):
         if isinstance(value, base):
-            return base(value)
+            return plain_value(value)
     if isinstance(value, Mapping):
         return {plain(k): plain(v) for k, v in value.items()}
     if isinstance(value, list):
