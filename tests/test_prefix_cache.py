@@ -202,11 +202,12 @@ def test_the_server_reports_cached_tokens_and_answers_as_without_the_cache(tmp_p
         out.append(([c.text for c in r.choices], r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
         return out
 
-    results = []
+    results, metric = [], []
     for i, args in enumerate([("--max-prefill-tokens", "8"), ("--prefix-cache-tokens", "0")]):
         server = Server(ckpt, logs / f"server{i}.log", "--model-name", "tiny", *args)
         try:
             results.append(session(server))
+            metric.append(server.metric("gptforge_prompt_tokens_cached_total"))
         finally:
             assert server.stop() == 0
     on, off = results
@@ -216,6 +217,8 @@ def test_the_server_reports_cached_tokens_and_answers_as_without_the_cache(tmp_p
     assert first[2] == 0 and again[2] == (again[1] - 1) // BLOCK * BLOCK > 0  # all but the last partial block
     assert turn2[2] >= first[1] // BLOCK * BLOCK  # the whole first turn at least
     assert 0 < choices[2] < choices[1]
+    # /metrics counts each sequence's: the two choices of the last request apart
+    assert metric == [again[2] + turn2[2] + choices[2], 0]
 
 
 def test_a_sliding_window_model_decodes_the_same(tok):

@@ -44,6 +44,7 @@ class Metrics:
         self.errors: collections.Counter = collections.Counter()  # (status, code) -> error answers
         self.finished: collections.Counter = collections.Counter()  # finish reason -> sequences
         self.prompt_tokens = self.completion_tokens = self.steps = 0
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.ttft = Histogram("gptforge_time_to_first_token_seconds", "Arrival to first generated token.",
                               [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
         self.itl = Histogram("gptforge_inter_token_latency_seconds", "Time between a sequence's successive tokens.",
@@ -75,6 +76,8 @@ class Metrics:
                            [f'gptforge_sequences_finished_total{{reason="{r}"}} {n}'
                             for r, n in sorted(self.finished.items())])
             for name, help, v in [("prompt_tokens_total", "Prompt tokens admitted.", self.prompt_tokens),
+                                  ("prompt_tokens_cached_total", "Prompt tokens read from the prefix cache, not "
+                                   "prefilled (each sequence's).", self.cached_tokens),
                                   ("completion_tokens_total", "Tokens generated.", self.completion_tokens),
                                   ("decode_steps_total", "Batched decode steps run.", self.steps)]:
                 out += _family(name, "counter", help, [f"gptforge_{name} {v}"])

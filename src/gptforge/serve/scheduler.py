@@ -279,6 +279,7 @@ class Scheduler:
                 j = self.live[ev.seq]
                 if j.last is None:
                     m.ttft.observe(now - j.arrived)
+                    m.cached_tokens += ev.cached_tokens
                 else:
                     m.itl.observe(now - j.last)
                 j.last = now
