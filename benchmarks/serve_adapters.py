@@ -4,6 +4,7 @@ spread over 4 LoRA adapters against 8 clients on the base alone (a server withou
     python benchmarks/serve_adapters.py                       # 3 A/B pairs of 20 s levels (~3 min)
     python benchmarks/serve_adapters.py --seconds 8 --reps 2  # a short run
     python benchmarks/serve_adapters.py --model gpt2-blocks   # an 88M base whose decode is DRAM-bound
+    python benchmarks/serve_adapters.py --engine              # the engine step's CPU time alone, in-process
 
 The base is serve_load's random-init `shakespeare` model (4 layers, d 256, 4.2M parameters; speed does not depend
 on what the weights say) and each adapter a rank-8 LoRA of every Linear of its blocks (alpha 16, random non-zero
@@ -115,6 +116,44 @@ def one_run(ckpt: Path, adapters: list[tuple[str, Path]], args, log: Path, texts
             "itl_p50_ms": round(1000 * (percentile(s["itl"], 50) or 0), 2), "error_samples": s["error_samples"][:3]}
 
 
+def engine_steps(base: Path, adapters: list[tuple[str, Path]], reps: int, steps: int = 40) -> dict:
+    """In-process CPU ms of one BatchEngine step of 8 sequences (one thread): the base model alone (native decode
+    blocks), the adapter model with rows on 4 adapters, and the adapter model with base rows only; alternating."""
+    import torch
+
+    from gptforge.engine import BatchEngine
+    from gptforge.generate import load as load_base
+    from gptforge.sampling import SamplingParams
+    from gptforge.serve.adapters import load_with_adapters
+
+    torch.set_num_threads(1)
+    plain, tok = load_base(base)
+    stacked, _, aset = load_with_adapters(base, [(n, str(p)) for n, p in adapters], "cpu", "auto")
+    params = SamplingParams(max_new_tokens=10**6, temperature=0.8, stop_at_eos=False)
+    ids = tok.encode("to be or not to be, that is the question")
+
+    def step_ms(model, aset, rows) -> float:
+        engine = BatchEngine(model, tok, 8, adapters=aset)
+        engine.add_many([(ids, params, ())] * 8, adapters=rows)
+        for _ in range(3):
+            engine.step()
+        t0 = time.process_time()
+        for _ in range(steps):
+            engine.step()
+        return (time.process_time() - t0) / steps * 1000
+
+    cases = {"base alone": (plain, None, None), "mixed on adapters": (stacked, aset, [0, 1, 2, 3] * 2),
+             "base rows on the adapter model": (stacked, aset, [-1] * 8)}
+    out = {k: [] for k in cases}
+    for _ in range(reps):
+        for k, case in cases.items():
+            out[k].append(step_ms(*case))
+    med = {k: round(statistics.median(v), 2) for k, v in out.items()}
+    print("engine step, CPU ms (median of %d): %s; mixed/base %.2fx" % (reps, med, med["base alone"] /
+                                                                     med["mixed on adapters"]))
+    return {"step_cpu_ms": med, "ratio": round(med["base alone"] / med["mixed on adapters"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=20.0, help="length of each run")
@@ -123,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="the server's --threads")
     p.add_argument("--model", default="shakespeare", choices=MODELS, help="the base (serve_load.build_checkpoint)")
+    p.add_argument("--engine", action="store_true", help="only the in-process engine step's CPU time (no server)")
     p.add_argument("--out", default="serve_adapters.json")
     args = p.parse_args(argv)
     texts = prompts()
@@ -130,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         base = build_checkpoint(tmp / "base", args.model)
         adapters = build_adapters(base, tmp)
+        if args.engine:
+            Path(args.out).write_text(json.dumps(engine_steps(base, adapters, max(args.reps, 3)), indent=1))
+            return 0
         runs: dict[str, list[dict]] = {"base": [], "mixed": []}
         for rep in range(args.reps):
             for kind, ads in (("base", []), ("mixed", adapters)):

@@ -123,7 +123,7 @@ class MultiLoRALinear(nn.Module):
         y, h = z[..., : self.out_features], z[..., self.out_features:]  # x W^T + bias, x A^T
         mask = self.selection.mask  # (B, 1, n R) or (1, 1, n R); None: every row is the base's
         if mask is None:
-            return y.contiguous()
+            return y  # a strided view, as the halves of a split are
         update = (h * mask).reshape(-1, h.shape[-1])  # (B T, n R): the other adapters' columns zeroed
         return torch.addmm(y.reshape(-1, self.out_features), update, self.lora_bt).view(*x.shape[:-1], -1)
 
