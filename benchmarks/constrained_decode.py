@@ -43,7 +43,7 @@ def measure(checkpoint: str, mode: str, batch: int, threads: int, lengths_file: 
     model, tok = load(checkpoint)
     engine = BatchEngine(model, tok, batch)
     grammars = Grammars(tok)
-    grammar = grammars.check(response_format_grammar({"type": "json_object"}), "response_format")
+    grammar = grammars.compile(response_format_grammar({"type": "json_object"}), "response_format")
     prompt = tok.encode(PROMPT)
     # The free rows end where the previous json_object run's rows ended: the same rows, as long, at the same
     # steps, so both modes run the same forwards and differ only in the constraint's work.

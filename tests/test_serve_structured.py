@@ -193,7 +193,7 @@ def test_an_unsupported_schema_is_a_400_naming_it(server):
 def test_eos_is_allowed_only_where_the_grammar_accepts():
     tok = Tokenizer.train(TEXT, vocab_size=320)
     grammars = grammar_mod.Grammars(tok)
-    m = grammars.matcher(grammars.check(grammar_mod.regex_grammar("[0-9]+", "r"), "r"), (tok.eos_id,))
+    m = grammars.matcher(grammars.compile(grammar_mod.regex_grammar("[0-9]+", "r"), "r"), (tok.eos_id,))
     mask = torch.zeros((tok.vocab_size + 31) // 32, dtype=torch.int32)
 
     def allowed(i: int) -> bool:

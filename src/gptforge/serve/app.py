@@ -211,7 +211,7 @@ class _Call:
         grammars = svc.parser.grammars
         self.jobs = [Job(prompt, req.params[i * req.n + j], req.stop_ids, i * req.n + j, self.queue,
                          now + svc.cfg.request_timeout, now,
-                         constraint=grammars.matcher(req.grammar, req.stop_ids) if req.grammar else None,
+                         constraint=None if req.grammar is None else grammars.matcher(req.grammar, req.stop_ids),
                          adapter=req.adapter)
                      for i, prompt in enumerate(req.prompts) for j in range(req.n)]
         self.choices = [_Choice() for _ in self.jobs]
@@ -292,7 +292,6 @@ class _Call:
                                            len(c.text))
         for line in self.shape.closing(self.completion_tokens(), self.cached_tokens()):
             yield line
-
 
     def _tool_deltas(self, index: int, parts: list[tuple[str, Any]], held: list[SeqEvent]) -> list[str]:
         """The chunks of CallStream's parts: content deltas (with the logprobs held so far) and tool calls."""

@@ -4,9 +4,9 @@ enforced token by token through sampling.Constraint.
 
 llguidance was chosen by measurement (benchmarks/grammar_libs.py, docs/BENCHMARKS.md): on the demo tokenizer its
 mask costs under 10 us a token, as the others', it compiles a schema in milliseconds (outlines-core needs 10-22 s
-to index free-form JSON) and installs as one 8 MB wheel with no dependencies (xgrammar pulls triton, 1 GB). It reads our tokenizer.json
-as it is, so every tokenizer the checkpoint format holds works, and it names the schema keywords it does not
-implement, which the server answers as a 400.
+to index free-form JSON) and installs as one 8 MB wheel with no dependencies (xgrammar pulls triton, 1 GB). It
+reads our tokenizer.json as it is, so every tokenizer the checkpoint format holds works, and it names the schema
+keywords it does not implement, which the server answers as a 400.
 """
 
 from __future__ import annotations
@@ -135,16 +135,18 @@ class Grammars:
             self._ll = llguidance.LLTokenizer(self.tok.hf.to_str(), n_vocab=self.tok.vocab_size, eos_token=self.ends)
         return self._ll
 
-    def check(self, grammar: str, param: str) -> str:
-        """`grammar`, once llguidance has compiled it against this tokenizer; a 400 naming the problem (an
-        unsupported schema keyword, a bad regex) otherwise."""
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll)
-        if is_error:
-            raise GrammarError(f"'{param}': {messages[0].strip()}", param)
-        return grammar
+    def compile(self, grammar: str, param: str):
+        """`grammar` compiled against this tokenizer: a matcher at its start, which `matcher` copies for each
+        sequence (a copy takes ~20 us, a compile milliseconds); a 400 naming the problem (an unsupported schema
+        keyword, a bad regex) if it does not compile."""
+        compiled = llguidance.LLMatcher(self.ll, grammar, log_level=0)
+        if compiled.is_error():
+            raise GrammarError(f"'{param}': {compiled.get_error().strip()}", param)
+        return compiled
 
-    def matcher(self, grammar: str, stop_ids: tuple[int, ...]) -> Matcher:
-        return Matcher(llguidance.LLMatcher(self.ll, grammar, log_level=0), stop_ids, self.ends)
+    def matcher(self, compiled, stop_ids: tuple[int, ...]) -> Matcher:
+        """A sequence's own Matcher, from `compile`'s result."""
+        return Matcher(compiled.deep_copy(), stop_ids, self.ends)
 
 
 class Matcher:

@@ -182,7 +182,7 @@ class Parsed:
     model: str = ""  # the model id asked for: the base's or an adapter's (the response names it back)
     adapter: int = -1  # the --adapter it names (index in their order), -1: the base
     echo: bool = False  # completions: the prompt comes back first, with its tokens' logprobs (the first null)
-    grammar: str | None = None  # llguidance's grammar every choice follows (grammar.py), None: free text
+    grammar: Any = None  # the compiled grammar every choice follows (grammar.Grammars.compile), None: free text
     tools: ToolSpec | None = None  # chat: the functions offered, and how the answer is read for calls
 
 
@@ -279,7 +279,7 @@ class RequestParser:
         parsed.grammar, parsed.tools = grammar, tools
         return parsed
 
-    def _grammar(self, body: dict) -> str | None:
+    def _grammar(self, body: dict) -> Any:
         """The grammar of the request's response_format or guided_* field (at most one), checked against the
         tokenizer; a 400 names what cannot be compiled (an unsupported schema keyword, a bad regex)."""
         given = [k for k in ("response_format", *_GUIDED) if body.get(k) is not None]
@@ -294,7 +294,7 @@ class RequestParser:
                 _GUIDED[name](body[name], name)
             where = "response_format.json_schema.schema" if name == "response_format" and \
                 body[name].get("type") == "json_schema" else name
-            return None if grammar is None else self.grammars.check(grammar, where)
+            return None if grammar is None else self.grammars.compile(grammar, where)
         except GrammarError as e:
             raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
@@ -307,17 +307,17 @@ class RequestParser:
         for i, params in enumerate(tools.functions.values()):
             where = f"tools[{i}].function.parameters"
             try:
-                self.grammars.check(json_schema_grammar(params, where), where)
+                self.grammars.compile(json_schema_grammar(params, where), where)
             except GrammarError as e:
                 raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
-    def _tool_grammar(self, tools: ToolSpec) -> str:
+    def _tool_grammar(self, tools: ToolSpec) -> Any:
         """The grammar of a forced answer: calls of the functions tool_choice allows (several when required
         and parallel)."""
         try:
             grammar = tool_call_grammar([(n, tools.functions[n]) for n in tools.called],
                                         many=tools.parallel and tools.choice == "required")
-            return self.grammars.check(grammar, "tools")
+            return self.grammars.compile(grammar, "tools")
         except GrammarError as e:
             raise APIError(e.status, e.message, param=e.param, code=e.code) from None
 
