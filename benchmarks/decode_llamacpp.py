@@ -11,7 +11,7 @@ trained on the bundled corpus) is converted once per format, each side in its ow
 blocks of 32 with one scale, the peers of int8 per channel and int4-g32). Each measurement is a fresh process:
 load, a 32-token prompt, greedy decoding with no end-of-text stop, decode rate = 255 / (time(256 new tokens) -
 time(1 new token)) so that prefill is left out, median of 3 inside the process; peak RSS of the process
-(ru_maxrss) at the end. Ours loads as `gptforge generate` does (gptforge.load: the CPU decode layout; bf16
+(VmHWM) at the end. Ours loads as `gptforge generate` does (gptforge.load: the CPU decode layout; bf16
 asked for explicitly). llama.cpp's side runs llama_cpp.Llama.generate with top_k=1 (its greedy sampler), the KV
 cache reset before each timing. Processes alternate ours, llama.cpp, ours, ... (benchmarks/alternate.py's
 `measure`), --rounds each, per format and thread count; medians are quoted. Without llama-cpp-python installed
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import sys
@@ -39,7 +38,12 @@ FORMATS = {  # ours (gptforge quantize --method, None: as is) -> the GGUF type o
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries the parent's high-water mark across
+    fork + exec into it, so every worker would report the driver's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return float("nan")
 
 
 def timed(run) -> float:
