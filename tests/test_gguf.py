@@ -4,7 +4,6 @@ equal greedy tokens and logits within a stated bound, for f32 and q8_0, GPT-2 an
 
 from __future__ import annotations
 
-import dataclasses
 
 import gguf
 import numpy as np
