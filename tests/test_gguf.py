@@ -352,3 +352,33 @@ def test_llama_cpp_splits_text_as_the_tokenizer_does(tmp_path, plays_dir, pre):
     text = ("In 1597, they'd've said: 'I'LL pay 12345 ducats'!\n\n  Café  naïve   Ωμέγα\tend 3.14159 "
             "won't WE'RE\r\n  \n" + TEXT)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+
+
+@needs_llama
+@pytest.mark.parametrize("scheme", ["normalizer", "metaspace"])
+def test_llama_cpp_splits_sentencepiece_text_as_the_tokenizer_does(tmp_path, plays_dir, scheme):
+    """A SentencePiece-style BPE (spaces as U+2581 with one before the text, byte fallback: Llama 2's layout, in
+    either of the two ways HF writes it) goes in as llama.cpp's `llama` tokenizer: equal ids, including characters
+    outside the vocabulary, which both spell as <0xNN> bytes."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if scheme == "normalizer":
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    texts = [p.read_text()[:200_000] for p in sorted(plays_dir.iterdir())[:2]]
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=900, special_tokens=specials, show_progress=False))
+    tok = Tokenizer(hf, {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>", "add_bos_token": True})
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **SHAPES["llama"])
+    ckpt = write_checkpoint(tmp_path / "ckpt", RunConfig(model=cfg), tok, model_state=GPT(cfg).state_dict())
+    path, _ = export_gguf(ckpt, tmp_path / "m.gguf", "f16")
+    r, _ = read(path)
+    assert field(r, "tokenizer.ggml.model") == "llama" and field(r, "tokenizer.ggml.add_bos_token") is True
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    text = "In 1597, they'd said: 'I'LL pay 12345 ducats'!\n\n  Caf\u00e9  na\u00efve   \u03a9\u03bc\u03ad\u03b3\u03b1 \u2603 " + TEXT
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)

@@ -18,14 +18,16 @@ this table does not know) is refused with the field named. Layouts that differ f
   never sampled by gptforge either).
 Types: f32, f16, bf16 cast every matrix; q8_0 and q4_0 quantize every matrix whose rows are a multiple of 32 wide
 (else f16, as convert_hf_to_gguf.py does); vectors (norms, biases) and the position table stay f32.
-The tokenizer goes in as llama.cpp's `gpt2` BPE (tokens, token types, merges, the pre-tokenizer's llama.cpp
-name, end-of-text and end-of-turn ids) with the chat template. Parity with llama.cpp: tests/test_gguf.py.
+The tokenizer goes in as llama.cpp's `gpt2` BPE (byte-level: tokens, token types, merges, the pre-tokenizer's
+llama.cpp name) or `llama` (SentencePiece BPE with byte fallback: tokens, scores from the merge ranks, types), with
+its special ids and chat template. Parity with llama.cpp: tests/test_gguf.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -257,18 +259,11 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
                         f"gptforge knows (GPT-2's byte-level regex, or a Split of {', '.join(SPLITS)})")
 
 
-def add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int) -> None:
-    """The byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id, their types, merges, special ids,
-    and the chat template (llama-cpp-python renders it for chat completions)."""
-    spec = json.loads(tokenizer.hf.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise GptforgeError(f"the tokenizer is a {model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} "
-                            "decoder; GGUF export handles byte-level BPE (llama.cpp's gpt2 tokenizer) only")
-    norm = (spec.get("normalizer") or {}).get("type")
-    if norm not in (None, "NFC"):  # NFC (Qwen2's) changes no text already in NFC, as nearly all text is
-        raise GptforgeError(f"the tokenizer normalizes text ({norm}); llama.cpp's gpt2 tokenizer does not, so their "
-                            "token ids would differ")
+def _tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Every id's text and llama.cpp token type: the model's vocabulary NORMAL (byte-fallback pieces <0xNN> BYTE,
+    the unknown piece UNKNOWN), added special tokens CONTROL, other added ones USER_DEFINED, ids past the tokenizer
+    (none: n_vocab is its size) UNUSED."""
+    model = spec["model"]
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [gguf.TokenType.UNUSED] * n_vocab
     for text, i in model["vocab"].items():
@@ -276,12 +271,86 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int) -> Non
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if model.get("byte_fallback"):
+        for i, text in enumerate(tokens):
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+                types[i] = gguf.TokenType.BYTE
+            elif text == model.get("unk_token"):
+                types[i] = gguf.TokenType.UNKNOWN
+    return tokens, types
+
+
+def _merges(model: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def _add_byte_level(w: gguf.GGUFWriter, spec: dict, n_vocab: int) -> None:
+    """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens, types, merges and the pre-tokenizer's name."""
+    norm = (spec.get("normalizer") or {}).get("type")
+    if norm not in (None, "NFC"):  # NFC (Qwen2's) changes no text already in NFC, as nearly all text is
+        raise GptforgeError(f"the tokenizer normalizes text ({norm}); llama.cpp's gpt2 tokenizer does not, so their "
+                            "token ids would differ")
+    tokens, types = _tokens(spec, n_vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    w.add_token_merges(_merges(spec["model"]))
+
+
+def _space_prefix(spec: dict) -> bool | None:
+    """SentencePiece's whitespace handling, as HF converts it: spaces become "▁" and one is put before the text
+    (a Prepend + Replace normalizer, or a Metaspace pre-tokenizer that does not split). True/False: whether the
+    prefix is added; None: some other scheme llama.cpp's SentencePiece tokenizer does not have."""
+    norm, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm else []
+    kinds = [(n.get("type"), n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content")) for n in steps]
+    if not pre and kinds in ([("Prepend", "▁", None, None), ("Replace", None, " ", "▁")],
+                             [("Replace", None, " ", "▁")]):
+        return len(kinds) == 2
+    if not norm and pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" and not pre.get("split", True):
+        return pre.get("prepend_scheme", "always") != "never"
+    return None
+
+
+def _add_sentencepiece(w: gguf.GGUFWriter, spec: dict, n_vocab: int) -> None:
+    """A SentencePiece BPE converted by HF (byte fallback, "▁" for spaces: Llama 2, Mistral, TinyLlama) as
+    llama.cpp's `llama` tokenizer model. That tokenizer merges the adjacent pair whose result scores highest, so each
+    token scores minus the rank of the merge that first makes it: the order HF's merges apply."""
+    prefix = _space_prefix(spec)
+    if prefix is None:
+        raise GptforgeError("the tokenizer's SentencePiece whitespace scheme (normalizer "
+                            f"{(spec.get('normalizer') or {}).get('type')}, pre-tokenizer "
+                            f"{(spec.get('pre_tokenizer') or {}).get('type')}) has no llama.cpp equivalent")
+    tokens, types = _tokens(spec, n_vocab)
+    index = {t: i for i, t in enumerate(tokens)}
+    scores = [0.0] * n_vocab
+    for rank, merge in reversed(list(enumerate(_merges(spec["model"])))):  # the first merge making a token wins
+        i = index.get(merge.replace(" ", ""))
+        if i is not None:
+            scores[i] = -float(rank)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(prefix)
+    if (unk := spec["model"].get("unk_token")) in index:
+        w.add_unk_token_id(index[unk])
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int) -> None:
+    """The tokenizer as llama.cpp's `gpt2` (byte-level BPE) or `llama` (SentencePiece BPE with byte fallback)
+    tokenizer model, its special ids, and the chat template (llama-cpp-python renders it for chat completions)."""
+    spec = json.loads(tokenizer.hf.to_str())
+    model, decoder = spec.get("model", {}), (spec.get("decoder") or {}).get("type")
+    if model.get("type") == "BPE" and decoder == "ByteLevel":
+        _add_byte_level(w, spec, n_vocab)
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        _add_sentencepiece(w, spec, n_vocab)
+    else:
+        raise GptforgeError(f"the tokenizer is a {model.get('type')} model with a {decoder} decoder; GGUF export "
+                            "handles byte-level BPE (llama.cpp's gpt2 tokenizer) and SentencePiece BPE with byte "
+                            "fallback (llama.cpp's llama tokenizer)")
     # Our own tokenizers prepend nothing (bos = eos, as export-hf writes); an imported one may start with a BOS
     bos, start = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "start_ids", ())
     w.add_bos_token_id(tokenizer.eos_id if bos is None else bos)
