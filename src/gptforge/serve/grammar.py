@@ -126,8 +126,10 @@ class Grammars:
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self._ll = None
-        # The ids llguidance allows once the grammar accepts: every id that ends a sequence anywhere here.
-        self.ends = [tokenizer.eos_id] + ([tokenizer.im_end_id] if tokenizer.has_chat_template else [])
+        # The ids llguidance allows once the grammar accepts: every id that ends a sequence on either endpoint
+        # (Matcher then keeps only the sequence's own).
+        chat = tokenizer.chat_stop_ids if tokenizer.has_chat_template else ()
+        self.ends = list(dict.fromkeys([*tokenizer.eos_ids, *chat]))
 
     @property
     def ll(self):
