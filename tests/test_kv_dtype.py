@@ -92,8 +92,10 @@ def test_perplexity_within_bounds_of_the_fp32_cache(trained, prepared):
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 def test_generate_and_the_engine_run_on_it(trained, kv_dtype):
     model, tok = trained
-    prompts = ["ROMEO:\nWhat light through yonder window breaks?", "KING HENRY:\nOnce more unto the breach, dear friends"]
-    assert all(17 <= len(tok.encode(q)) <= 48 for q in prompts), [len(tok.encode(q)) for q in prompts]  # a block to reuse
+    prompts = ["ROMEO:\nWhat light through yonder window breaks?",
+               "KING HENRY:\nOnce more unto the breach, dear friends"]
+    sizes = [len(tok.encode(q)) for q in prompts]
+    assert all(17 <= n <= 48 for n in sizes), sizes  # a whole block to reuse, room for 16 new tokens
     got = complete(model, tok, prompts, max_new_tokens=16, temperature=0, stop_at_eos=False, kv_dtype=kv_dtype)
     engine = BatchEngine(model, tok, max_batch=2, kv_dtype=kv_dtype, prefix_cache_tokens=256)
     assert not engine.cache.native  # the native decode op reads fp32 caches only: the PyTorch path runs instead

@@ -190,7 +190,8 @@ def test_the_server_reports_cached_tokens_and_answers_as_without_the_cache(tmp_p
         client, out = server.client(), []
         for kw in ({"temperature": 0}, {"temperature": 0.9, "seed": 3}):  # a miss, then the same prompt: a hit
             r = client.chat.completions.create(model="tiny", messages=turn1, max_tokens=12, **kw)
-            out.append((r.choices[0].message.content, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+            usage = r.usage
+            out.append((r.choices[0].message.content, usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens))
         turn2 = turn1 + [{"role": "assistant", "content": out[0][0]}, {"role": "user", "content": "and the dog?"}]
         chunks = list(client.chat.completions.create(model="tiny", messages=turn2, max_tokens=12, temperature=0,
                                                      stream=True, stream_options={"include_usage": True}))

@@ -164,10 +164,10 @@ class _LayerKV:
             self._write(self.v_scale, vs)
         self._write(self.k, k.to(c.store))
         self._write(self.v, v.to(c.store))
-        k, v = self.k[:, :, : c.end], self.v[:, :, : c.end]
+        k, v = self.k[:, :, : c.end].to(dtype), self.v[:, :, : c.end].to(dtype)  # no copy if stored in dtype
         if c.store == torch.int8:
-            return k.to(dtype) * self.k_scale[:, :, : c.end].to(dtype), v.to(dtype) * self.v_scale[:, :, : c.end].to(dtype)
-        return k.to(dtype), v.to(dtype)  # no copy when the storage is the model's dtype
+            return k * self.k_scale[:, :, : c.end].to(dtype), v * self.v_scale[:, :, : c.end].to(dtype)
+        return k, v
 
     def _write(self, buf: torch.Tensor, x: torch.Tensor) -> None:
         slots = self.cache.slots
