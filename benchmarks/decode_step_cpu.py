@@ -6,6 +6,7 @@ shared machine, where other jobs swing wall time by 2x but disturb a process's o
     python benchmarks/decode_step_cpu.py engine demo 8 0.8
 
     python benchmarks/decode_step_cpu.py formats gpt2 --threads 1,2 --rounds 3   # formats and kernel paths
+    python benchmarks/decode_step_cpu.py kernels 1                                # the quantized products alone
 
 static: `generate_steps` on a batch of 64-token prompts, (t(65 tokens) - t(1 token)) / 64, min of 7 repeats.
 engine: `BatchEngine.step` with `batch` sequences of 32-token prompts, 48 steps, min of 5 repeats.
@@ -20,7 +21,8 @@ a 16-token prompt, the first token's time left out), prefill tokens/s of 512 tok
 block size if shorter), the weight bytes a decode step reads (every matrix product's codes, scales and minima),
 GB/s = bytes x tokens/s and its fraction of the read bandwidth measured in the same round (a `torch.sum` over
 1 GiB, best of 5, in its own process), the matmul paths that ran (quantize.matmul_paths) and the process's peak
-RSS. Processes alternate format by format (benchmarks/alternate.py's `measure`), medians of --rounds.
+RSS after loading and decoding (before the prefill, whose 512 rows of logits are not a decode's memory).
+Processes alternate format by format (benchmarks/alternate.py's `measure`), medians of --rounds.
 """
 
 from __future__ import annotations
@@ -114,14 +116,16 @@ def write_formats(shape: str, work: Path) -> dict[str, Path]:
 
 def step_bytes(model) -> int:
     """Bytes of weights a batch-1 decode step reads: every matrix product's weight (codes, scales, minima)."""
-    from gptforge.compress.quantize import QuantizedMatrix, QuantTiedHead
+    from gptforge.compress.quantize import QuantEmbedding, QuantizedMatrix, QuantTiedHead
     from gptforge.model import TiedHead
 
     total = 0
     for m in model.modules():
+        if isinstance(m, QuantEmbedding):
+            continue  # a lookup reads one row (a tied table is counted as the head)
         if isinstance(m, QuantTiedHead):
             m = m.table
-        if isinstance(m, QuantizedMatrix) and not isinstance(m, torch.nn.Embedding):
+        if isinstance(m, QuantizedMatrix):
             total += sum(t.numel() * t.element_size() for t in (m.weight_q, m.scales, m.zeros) if t is not None)
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
@@ -147,6 +151,7 @@ def worker(ckpt: str, fmt: str, threads: int) -> dict:
     model, tok = load(ckpt, dtype="bfloat16" if fmt == "bf16" else None)
     vocab = model.config.vocab_size
     tps = decode_speed(model, vocab, 128)
+    rss = peak_rss_mb()  # load + decode (the prefill below holds 512 rows of logits)
     n = min(512, model.config.block_size)
     x = torch.randint(0, vocab, (1, n))
     with torch.no_grad():
@@ -157,7 +162,7 @@ def worker(ckpt: str, fmt: str, threads: int) -> dict:
     nbytes = step_bytes(model)
     return {"format": fmt, "threads": threads, "decode_tok_s": tps, "prefill_tok_s": prefill, "prefill_tokens": n,
             "bytes_per_token": nbytes, "gb_s": nbytes * tps / 1e9, "paths_decode": matmul_paths(model, 1),
-            "paths_prefill": matmul_paths(model, n), "peak_rss_mb": peak_rss_mb()}
+            "paths_prefill": matmul_paths(model, n), "peak_rss_mb": rss}
 
 
 def bandwidth(threads: int) -> dict:
@@ -192,7 +197,63 @@ def formats_main(shape: str, threads: list[int], rounds: int, work: Path, only: 
     print(json.dumps({"shape": shape, "rounds": rounds, "rows": rows}, indent=1))
 
 
+def kernels_main(threads: int) -> None:
+    """The products alone, thread CPU time (a shared machine disturbs it less than wall time), medians of 30:
+    weights per second of each path at 1, 4 and 16 rows for the `gpt2` block matrices (in cache: 2.4 MB int8)
+    and for 16 such sets (out of cache: 113 MB int8), and the 512-row prefill of those four matrices, int8
+    dynamic (oneDNN) vs fp32 (PyTorch's GEMM). One JSON line."""
+    import statistics
+
+    from gptforge.compress.quantize import int4_codes, int8_codes
+    from gptforge.native import available, ops
+
+    assert available(), "the native kernels could not be built"
+    torch.set_num_threads(threads)
+    timer = time.thread_time if threads == 1 else time.perf_counter
+
+    def rate(fn, weights: int, n: int = 30) -> float:
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = timer()
+            fn()
+            ts.append(timer() - t0)
+        return weights / statistics.median(ts) / 1e9
+
+    torch.manual_seed(0)
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    mats = []
+    for n, k in shapes * 16:
+        w = torch.randn(n, k)
+        q, s = int8_codes(w)
+        mats.append((w, q, s, ops.int8_row_sums(q), *int4_codes(w, 32)))
+    out: dict = {"threads": threads, "paths": ops.quant_paths(), "g_weights_per_s": {}}
+    for where, ms in (("in_cache", mats[:4]), ("out_of_cache", mats)):
+        nw = sum(m[0].numel() for m in ms)
+        for rows in (1, 4, 16):
+            xs = {k: torch.randn(rows, k) for k in (768, 3072)}
+            res = {"fp32": rate(lambda: [ops.linear(xs[m[0].shape[1]], m[0]) for m in ms], nw),
+                   "int8_weight_only": rate(lambda: [ops.linear_int8(xs[m[0].shape[1]], m[1], m[2]) for m in ms], nw),
+                   "int4_weight_only": rate(lambda: [ops.linear_int4(xs[m[0].shape[1]], *m[4:]) for m in ms], nw)}
+            for path in ops.quant_paths()[:3]:
+                with ops.forced_quant_path(path):
+                    res[f"int8_dynamic_{path}"] = rate(
+                        lambda: [ops.linear_int8_dynamic(xs[m[0].shape[1]], m[1], m[2], m[3]) for m in ms], nw)
+                    res[f"int4_dynamic_{path}"] = rate(
+                        lambda: [ops.linear_int4_dynamic(xs[m[0].shape[1]], *m[4:]) for m in ms], nw)
+            out["g_weights_per_s"][f"{where}_rows{rows}"] = {k: round(v, 2) for k, v in res.items()}
+    xs = {k: torch.randn(512, k) for k in (768, 3072)}
+    ms = mats[:4]
+    fp32 = rate(lambda: [torch.nn.functional.linear(xs[m[0].shape[1]], m[0]) for m in ms], 1, 5)
+    int8 = rate(lambda: [ops.linear_int8_dynamic(xs[m[0].shape[1]], m[1], m[2], m[3]) for m in ms], 1, 5)
+    out["prefill512_int8_dynamic_over_fp32"] = round(int8 / fp32, 2)
+    print(json.dumps(out))
+
+
 def main() -> None:
+    if sys.argv[1] == "kernels":
+        kernels_main(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+        return
     if sys.argv[1] == "worker":
         print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return

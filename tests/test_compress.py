@@ -138,11 +138,11 @@ def test_dynamic_activations_equal_the_quantized_activations_product(method, gro
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
-    """The tiny model trained briefly on the prepared plays (a few seconds): real weight and activation
-    distributions for the quantized perplexity bounds."""
+    """The tiny model trained briefly on the prepared plays (60 steps, a few seconds on a quiet machine): real
+    weight and activation distributions for the quantized perplexity bounds."""
     from gptforge.train import train
 
-    tc = TrainConfig(micro_batch=8, seq_len=64, max_steps=150, warmup_steps=10, lr=3e-3, eval_every=1000,
+    tc = TrainConfig(micro_batch=8, seq_len=32, max_steps=60, warmup_steps=5, lr=5e-3, eval_every=1000,
                      eval_batches=1, log_every=1000, save_every=1000, tensorboard=False, threads=2)
     cfg = RunConfig(model=model_preset("tiny"), train=tc, data=str(prepared), out=str(tmp_path_factory.mktemp("tr")))
     torch.manual_seed(0)

@@ -195,8 +195,10 @@ class QuantizedMatrix(nn.Module):
         return "weight-only:aten" if one_row and self.kernel in ("native", "aten") else "weight-only:dequant"
 
     def _dynamic(self, x: torch.Tensor) -> bool:
+        # Not when a gradient must reach x: the integer ops have none (rounding would zero it anyway).
         return (self.activations == "dynamic" and self.kernel == "native" and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and native.available())
+                and x.dtype in (torch.float32, torch.bfloat16) and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling() and native.available())
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._dynamic(x):

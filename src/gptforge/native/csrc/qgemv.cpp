@@ -349,10 +349,23 @@ const float* bias_of(const std::optional<at::Tensor>& bias, int64_t N, std::opti
   return keep->data_ptr<float>();
 }
 
-// Sum of each int8 weight row (the VNNI paths' offset correction): computed once per matrix by the caller.
+// Sum of each int8 weight row (the VNNI paths' offset correction): computed once per matrix by the caller. A plain
+// loop: q.sum(1, dtype=int32) widened the whole matrix to int32 first (+154 MB of peak memory for `gpt2`'s head).
 at::Tensor int8_row_sums(const at::Tensor& q) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "int8_row_sums: q must be int8 (N, K)");
-  return q.sum(1, /*keepdim=*/false, at::kInt).contiguous();
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.device().is_cpu(),
+              "int8_row_sums: q must be contiguous int8 (N, K) on CPU");
+  const int64_t N = q.size(0), K = q.size(1);
+  at::Tensor out = at::empty({N}, q.options().dtype(at::kInt));
+  const int8_t* p = q.data_ptr<int8_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < K; ++k) total += p[n * K + k];
+      o[n] = total;
+    }
+  });
+  return out;
 }
 
 // y = x @ dequant(q)^T (+ bias) with x quantized per row; any number of rows.
