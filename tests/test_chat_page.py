@@ -19,7 +19,8 @@ from gptforge.model import GPT
 from gptforge.tokenizer import Tokenizer
 from serverproc import KEY, Server
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (pip install -e .[browser])")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="the browser test needs selenium (pip install -e .[browser])")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
