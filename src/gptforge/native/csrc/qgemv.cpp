@@ -126,13 +126,22 @@ inline VI dot8(VI acc, VI w, VI xs) { return _mm512_dpbusd_epi32(acc, xs, w); }
 inline VI dot4(VI acc, VI c, VI xq) { return _mm512_dpbusd_epi32(acc, c, xq); }
 inline VI nib_hi(VI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
 inline VI nib_lo(VI v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
+// A row's scales and minima, 16 at a time, the last few under a mask (a row of `gpt2` has 24 groups: per-row
+// costs like these were most of the int4 product's time at K = 768, scalar).
 inline void widen_halves(const uint16_t* s, const uint16_t* l, int64_t G, float* sc, float* lz) {
-  int64_t g = 0;
-  for (; g + 16 <= G; g += 16) {
-    _mm512_storeu_ps(sc + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g))));
-    _mm512_storeu_ps(lz + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l + g))));
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (G - g)) - 1);
+    _mm512_mask_storeu_ps(sc + g, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s + g)));
+    _mm512_mask_storeu_ps(lz + g, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, l + g)));
   }
-  for (; g < G; ++g) sc[g] = _cvtsh_ss(s[g]), lz[g] = _cvtsh_ss(l[g]);
+}
+inline float zterm(const float* lz, const float* zs, int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (G - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, lz + g), _mm512_maskz_loadu_ps(k, zs + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 // The activations' quantization, 16 at a time (the same IEEE division and round-half-even as the scalar code).
 inline float amax(const float* x, int64_t n) {
@@ -196,6 +205,11 @@ inline void widen_halves(const uint16_t* s, const uint16_t* l, int64_t G, float*
   }
   for (; g < G; ++g) sc[g] = _cvtsh_ss(s[g]), lz[g] = _cvtsh_ss(l[g]);
 }
+inline float zterm(const float* lz, const float* zs, int64_t G) {
+  float z = 0;
+  for (int64_t g = 0; g < G; ++g) z += lz[g] * zs[g];
+  return z;
+}
 #include "qgemv_body.h"
 }  // namespace avxvnni
 #pragma GCC pop_options
@@ -243,6 +257,11 @@ inline void widen_halves(const uint16_t* s, const uint16_t* l, int64_t G, float*
     _mm256_storeu_ps(lz + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(l + g))));
   }
   for (; g < G; ++g) sc[g] = _cvtsh_ss(s[g]), lz[g] = _cvtsh_ss(l[g]);
+}
+inline float zterm(const float* lz, const float* zs, int64_t G) {
+  float z = 0;
+  for (int64_t g = 0; g < G; ++g) z += lz[g] * zs[g];
+  return z;
 }
 #include "qgemv_body.h"
 }  // namespace avx2

@@ -149,9 +149,8 @@ void i4_block(const I4Args& a, int64_t m0, int64_t n, float* sc, float* lz, VI i
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MB; ++i) {
       const int64_t m = m0 + i, c = n + r;
-      float z = 0;  // sum_g lo[c, g] * sx[m, g] * sum(xq in group g)
-      for (int64_t g = 0; g < a.G; ++g) z += lz[r * a.G + g] * a.zs[m * a.G + g];
-      a.y[m * a.N + c] = dots[r * MB + i] + z + (a.bias ? a.bias[c] : 0.f);
+      // + sum_g lo[c, g] * s[m, g] * sum(xq in group g)
+      a.y[m * a.N + c] = dots[r * MB + i] + zterm(lz + r * a.G, a.zs + m * a.G, a.G) + (a.bias ? a.bias[c] : 0.f);
     }
 }
 
