@@ -148,6 +148,15 @@ CASES = [
     ("export-hf", "export-hf {W}/ckpt --out {W}/file.txt", "existing file"),
     ("export-hf", "export-hf {W}/q --out {W}/new", "quantized"),
     ("export-hf", "export-hf {W}/no-such --out {W}/new", "checkpoint not found"),
+    # export-gguf
+    ("export-gguf", "export-gguf {W}/no-such --out {W}/new.gguf", "checkpoint not found"),
+    ("export-gguf", "export-gguf {W}/ckpt --out {W}/file.txt", "--overwrite"),
+    ("export-gguf", "export-gguf {W}/ckpt --out {W}/file.txt --overwrite", "not a GGUF"),
+    ("export-gguf", "export-gguf {W}/ckpt --out {W}/precious", "folder"),
+    ("export-gguf", "export-gguf {W}/ckpt --out {W}/ckpt/model.gguf", "inside the input"),
+    ("export-gguf", "export-gguf {W}/q --out {W}/new.gguf", "quantized"),
+    ("export-gguf", "export-gguf {W}/truncated --out {W}/new.gguf", "truncated"),
+    ("export-gguf", "export-gguf {W}/ckpt --out {W}/new.gguf --type q5_k", "unknown --type"),
     # finetune
     ("finetune", "finetune {W}/no-such --data {W}/data --out {W}/new", "checkpoint not found"),
     ("finetune", "finetune {W}/ckpt --data {W}/data --out {W}/precious", "new --out"),
