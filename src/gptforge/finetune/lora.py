@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from gptforge.config import LoRAConfig
 from gptforge.errors import GptforgeError
+from gptforge.native.schema import AdaptedLinear
 
 
 class LoRALinear(nn.Linear):
@@ -93,7 +94,7 @@ class _Selection(threading.local):
     mask: torch.Tensor | None = None
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(AdaptedLinear):
     """An nn.Linear plus the low-rank updates of n adapters, each row of a batch taking its own adapter's (or none):
         y[b] = x[b] W^T + bias + ((x[b] A^T) * mask[b]) B^T,
     A (n R, in) and B (out, n R) the adapters' matrices stacked in blocks of R = the largest rank (zero-padded;
@@ -102,7 +103,8 @@ class MultiLoRALinear(nn.Module):
     one (out + n R, in) Linear, so a single product gives both x W^T and x A^T; then one more product adds every
     row's update: at a few rows, products cost their fixed overhead more than their FLOPs, so three ops per
     Linear (instead of a loop over adapters) is what keeps a mixed batch near the base's speed. (S-LoRA, Sheng
-    et al. 2023, gathers each row's matrices instead, which pays off at many adapters.)"""
+    et al. 2023, gathers each row's matrices instead, which pays off at many adapters.) The CPU decode layout runs
+    a block of these as one native op, which reads what native.schema.AdaptedLinear names."""
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, selection: _Selection):
         super().__init__()

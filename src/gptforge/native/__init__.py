@@ -10,7 +10,7 @@ model (layout.py). docs/BENCHMARKS.md has the measurements.
 from gptforge.native.build import available, library_path
 from gptforge.native.layout import DecodeBlock, DecodeLinear, DecodeTiedHead, decode_layout
 from gptforge.native.ops import MAX_ROWS, linear, linear_int4, linear_int8, usable
-from gptforge.native.schema import BlockLayout, BlockParams
+from gptforge.native.schema import AdaptedLinear, BlockLayout, BlockParams
 
 __all__ = ["available", "library_path", "DecodeBlock", "DecodeLinear", "DecodeTiedHead", "decode_layout", "MAX_ROWS",
-           "linear", "linear_int4", "linear_int8", "usable", "BlockLayout", "BlockParams"]
+           "linear", "linear_int4", "linear_int8", "usable", "AdaptedLinear", "BlockLayout", "BlockParams"]

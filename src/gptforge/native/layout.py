@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gptforge.model import Block, TiedHead
 from gptforge.native.build import available
-from gptforge.native.schema import MLP_KIND, NORM_KIND, BlockLayout, BlockParams
+from gptforge.native.schema import MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -48,19 +48,35 @@ class DecodeTiedHead(TiedHead):
         return torch.ops.gptforge_gemv.linear(x, self.table.weight, None)
 
 
+def _native_linear(m: nn.Module) -> bool:
+    """A DecodeLinear, or an AdaptedLinear (LoRA adapters served per row) whose fused Linear is one."""
+    return type(m) is DecodeLinear or (isinstance(m, AdaptedLinear) and type(m.fused) is DecodeLinear)
+
+
+def _selections(linears: list[nn.Module]) -> list:
+    """The distinct row selections of a block's AdaptedLinears (one AdapterSet: at most one)."""
+    return list({id(m.selection): m.selection for m in linears if isinstance(m, AdaptedLinear)}.values())
+
+
+def _linears(block: Block) -> list[nn.Module]:
+    attn, mlp = block.attn, block.mlp
+    return [attn.qkv, attn.proj, mlp.up, mlp.down] + ([mlp.gate] if hasattr(mlp, "gate") else [])
+
+
 def _runnable(block: nn.Module) -> bool:
-    """Whether the block op computes this block: a plain Block whose Linears are all DecodeLinears (not quantized,
-    not LoRA), norms and MLP of the kinds the op knows, one eps for every norm, no dropout. The imported families'
-    variants need no check here: a sliding window lives in the KV cache's mask, which the op reads; Qwen2's q/k/v
-    biases without an output bias are the schema's separate qkv_bias / proj_bias; Llama 3 RoPE scaling changes only
-    the rotary tables the op is handed (tests/test_families.py compares the op's decode with a forward)."""
+    """Whether the block op computes this block: a plain Block whose Linears are all DecodeLinears (not quantized)
+    or AdaptedLinears over one (adapters of one AdapterSet), norms and MLP of the kinds the op knows, one eps for
+    every norm, no dropout. The imported families' variants need no check here: a sliding window lives in the KV
+    cache's mask, which the op reads; Qwen2's q/k/v biases without an output bias are the schema's separate
+    qkv_bias / proj_bias; Llama 3 RoPE scaling changes only the rotary tables the op is handed
+    (tests/test_families.py compares the op's decode with a forward)."""
     if type(block) is not Block:
         return False
     attn, mlp = block.attn, block.mlp
-    linears = [attn.qkv, attn.proj, mlp.up, mlp.down] + ([mlp.gate] if hasattr(mlp, "gate") else [])
+    linears = _linears(block)
     norms = [block.norm1, block.norm2, *(n for n in (attn.q_norm, attn.k_norm) if not isinstance(n, nn.Identity))]
     eps = {n.eps for n in norms}
-    return (type(mlp) in MLP_KIND and all(type(m) is DecodeLinear for m in linears)
+    return (type(mlp) in MLP_KIND and all(_native_linear(m) for m in linears) and len(_selections(linears)) <= 1
             and all(type(n) in NORM_KIND for n in norms) and type(block.norm1) is type(block.norm2)
             and block.norm1.weight is not None and len(eps) == 1 and None not in eps
             and all(isinstance(d, nn.Identity) for d in (attn.resid_drop, mlp.drop)))
@@ -71,6 +87,10 @@ class DecodeBlock(Block):
     (csrc/block.cpp): the same ATen ops as Block.forward, issued from C++, with the matmuls on the few-row kernels
     and the attention on csrc/attention.cpp. Every other call (a prefill, no cache, training, torch.compile) runs
     Block.forward. Its tensors reach the op through the named schema of schema.py.
+
+    A block whose Linears hold LoRA adapters served per row (schema.AdaptedLinear) runs the op too: the op adds
+    each row's update, and the row mask is read from the adapters' thread-local selection at every call (it
+    changes every step, and the server's embeddings thread runs the same model with its own rows).
 
     Why: the demo model's Python block issues ~20 ops per layer, and at its size their fixed costs, not the
     weights, bound a decode step (docs/BENCHMARKS.md has the before and after).
@@ -90,6 +110,8 @@ class DecodeBlock(Block):
         new.layout = BlockLayout.of(block)
         new._param_list, new._layout_list = new.params.as_list(), new.layout.as_list()  # built once, per call reused
         new.eps = float(block.norm1.eps)
+        selections = _selections(_linears(block))
+        new._selection = selections[0] if selections else None  # None: no Linear of this block holds adapters
         return new
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
@@ -98,8 +120,9 @@ class DecodeBlock(Block):
             return super().forward(x, rope, kv, ve, mask)
         c = kv.cache
         cos, sin = rope if rope is not None else (None, None)
+        lora_mask = self._selection.mask if self._selection is not None else None
         return torch.ops.gptforge_decode.block(x, self._param_list, self._layout_list, self.eps, kv.k, kv.v, c.slots,
-                                               c.mask, cos, sin, ve)
+                                               c.mask, cos, sin, ve, lora_mask)
 
 
 def decode_layout(model: nn.Module) -> nn.Module:

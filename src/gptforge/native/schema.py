@@ -14,6 +14,10 @@ BlockParams (None where a variant has no such tensor):
     norm2_weight, norm2_bias        the MLP's pre-norm
     up_weight, up_bias, down_weight, down_bias   the MLP's matrices
     gate_weight, gate_bias          SwiGLU's gate, SwiGLU only
+    qkv_lora, proj_lora, up_lora, down_lora, gate_lora
+                                    a Linear holding LoRA adapters served per row (layout.AdaptedLinear): its
+                                    pre-scaled B^T (n R, out); its weight and bias above are then the fused ones
+                                    (out + n R rows: A under W), and the op's `lora_mask` picks each row's adapter
 BlockLayout: n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²); the
 norms' one eps is passed beside it as a float.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -38,6 +43,33 @@ def _weight(m: nn.Module | None) -> torch.Tensor | None:
 
 def _bias(m: nn.Module | None) -> torch.Tensor | None:
     return None if m is None else getattr(m, "bias", None)
+
+
+class RowSelection(Protocol):
+    mask: torch.Tensor | None
+
+
+class AdaptedLinear(nn.Module):
+    """What the block op reads from a Linear holding low-rank updates chosen per row (finetune.lora's
+    MultiLoRALinear implements it; the native layer cannot import the transforms above it):
+        fused      an nn.Linear (out + n R, in): the base weight W with the adapters' A stacked under it
+        lora_bt    the adapters' B^T, pre-scaled, (n R, out)
+        selection  its `.mask` (B, 1, n R) of the current thread's forward, or None: every row the base's
+    Its forward must compute z = fused(x); z[..., :out] + ((z[..., out:] * mask) @ lora_bt)."""
+
+    fused: nn.Linear
+    lora_bt: torch.Tensor
+    selection: RowSelection
+
+
+def _linear(m: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias, lora_bt) of a block's Linear, None for one the variant does not have: an AdaptedLinear
+    hands its fused Linear's tensors."""
+    if m is None:
+        return None, None, None
+    if isinstance(m, AdaptedLinear):
+        return m.fused.weight, m.fused.bias, m.lora_bt
+    return m.weight, m.bias, None
 
 
 @dataclass(frozen=True)
@@ -61,18 +93,22 @@ class BlockParams:
     down_bias: torch.Tensor | None
     gate_weight: torch.Tensor | None
     gate_bias: torch.Tensor | None
+    qkv_lora: torch.Tensor | None
+    proj_lora: torch.Tensor | None
+    up_lora: torch.Tensor | None
+    down_lora: torch.Tensor | None
+    gate_lora: torch.Tensor | None
 
     @classmethod
     def of(cls, block: Block) -> "BlockParams":
         attn, mlp = block.attn, block.mlp
-        gate = getattr(mlp, "gate", None)
-        return cls(norm1_weight=block.norm1.weight, norm1_bias=_bias(block.norm1),
-                   qkv_weight=attn.qkv.weight, qkv_bias=attn.qkv.bias,
-                   proj_weight=attn.proj.weight, proj_bias=attn.proj.bias,
-                   q_norm_weight=_weight(attn.q_norm), k_norm_weight=_weight(attn.k_norm), value_gate=attn.value_gate,
-                   norm2_weight=block.norm2.weight, norm2_bias=_bias(block.norm2),
-                   up_weight=mlp.up.weight, up_bias=mlp.up.bias, down_weight=mlp.down.weight, down_bias=mlp.down.bias,
-                   gate_weight=_weight(gate), gate_bias=_bias(gate))
+        fields = dict(norm1_weight=block.norm1.weight, norm1_bias=_bias(block.norm1),
+                      q_norm_weight=_weight(attn.q_norm), k_norm_weight=_weight(attn.k_norm),
+                      value_gate=attn.value_gate, norm2_weight=block.norm2.weight, norm2_bias=_bias(block.norm2))
+        for name, m in (("qkv", attn.qkv), ("proj", attn.proj), ("up", mlp.up), ("down", mlp.down),
+                        ("gate", getattr(mlp, "gate", None))):
+            fields[f"{name}_weight"], fields[f"{name}_bias"], fields[f"{name}_lora"] = _linear(m)
+        return cls(**fields)
 
     def as_list(self) -> list[torch.Tensor | None]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]

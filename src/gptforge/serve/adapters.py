@@ -4,8 +4,8 @@ model id of its own, all in one batch.
 Each adapter checkpoint is checked against the base (a LoRA fine-tune of it: the same model config and
 tokenizer, a language model, not a classifier), its lora_a / lora_b tensors are stacked into the base's Linears
 (finetune.lora.apply_adapters: every request row takes its own adapter's low-rank update, or none), and only
-then is the CPU decode layout applied, which routes the base products through the native kernels and leaves
-the blocks holding adapters to PyTorch.
+then is the CPU decode layout applied, which runs each block's decode step, adapters' updates included, as one
+native op (native/csrc/block.cpp).
 """
 
 from __future__ import annotations

@@ -10,11 +10,18 @@
 // which builds the list. `param_fields()` and `layout_fields()` return the names here; schema.py compares them with
 // its own when the library is loaded, so a change on one side only is an error, not a silent misreading.
 // A parameter a variant does not have is None.
+//
+// LoRA adapters served per row (finetune/lora.py's MultiLoRALinear): such a Linear hands the op its fused weight
+// (W with every adapter's A stacked under it, (out + n R, in)) and its `lora_bt` (every adapter's B^T, pre-scaled,
+// (n R, out)); the op's `lora_mask` (B, 1, n R) or (1, 1, n R) holds each row's adapter as a block of ones (None:
+// every row is the base's, whose result is then the base's own, bit for bit).
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
 #include <ATen/ops/relu.h>
@@ -24,6 +31,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <iterator>
 #include <optional>
 #include <string>
@@ -38,12 +46,13 @@ using Params = c10::List<std::optional<at::Tensor>>;
 // The params list, in order (schema.py's BlockParams).
 enum Param : int64_t {
   kNorm1Weight, kNorm1Bias, kQkvWeight, kQkvBias, kProjWeight, kProjBias, kQNormWeight, kKNormWeight, kValueGate,
-  kNorm2Weight, kNorm2Bias, kUpWeight, kUpBias, kDownWeight, kDownBias, kGateWeight, kGateBias, kParams
+  kNorm2Weight, kNorm2Bias, kUpWeight, kUpBias, kDownWeight, kDownBias, kGateWeight, kGateBias,
+  kQkvLora, kProjLora, kUpLora, kDownLora, kGateLora, kParams
 };
 const char* const kParamFields[kParams] = {
     "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "q_norm_weight",
     "k_norm_weight", "value_gate", "norm2_weight", "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias",
-    "gate_weight", "gate_bias"};
+    "gate_weight", "gate_bias", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora"};
 
 // The layout list, in order (schema.py's BlockLayout): norm 0 LayerNorm, 1 RMSNorm; mlp 0 GELU, 1 SwiGLU, 2 ReLU².
 enum Layout : int64_t { kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kLayout };
@@ -60,9 +69,63 @@ at::Tensor req(const Params& p, Param i) {
   return *t;
 }
 
+// z = [x W^T + b | x A^T] of a Linear holding adapters (M rows, out + nR columns): its first `out` columns plus
+// each row's low-rank update, ((x A^T) * mask) B^T, as MultiLoRALinear.forward computes it. In fp32 the update is
+// a loop over the columns each row's mask keeps (R of its n R: one adapter's), fused with the copy out of z: the
+// two ATen calls it replaces (a mask multiply and an addmm over all n R columns) cost more in fixed overhead than
+// these ~B R out multiply-adds (8 x 8 x 1024 for an MLP's up at batch 8). Within fp32 rounding of that path
+// (the order of the sum differs).
+at::Tensor lora_update(const at::Tensor& z, const at::Tensor& bt, const at::Tensor& mask) {
+  const int64_t nR = bt.size(0), out = bt.size(1);
+  TORCH_CHECK(z.size(-1) == out + nR, "decode block: a LoRA Linear's fused product has ", z.size(-1),
+              " columns, its lora_bt ", nR, " x ", out);
+  const int64_t M = z.numel() / (out + nR), Mm = mask.numel() / std::max<int64_t>(nR, 1);
+  TORCH_CHECK(mask.size(-1) == nR && (Mm == 1 || Mm == M), "decode block: lora_mask must be (B, 1, ", nR,
+              ") or (1, 1, ", nR, ")");
+  std::vector<int64_t> shape(z.sizes().begin(), z.sizes().end());
+  shape.back() = out;
+  if (z.scalar_type() != at::kFloat || bt.scalar_type() != at::kFloat || mask.scalar_type() != at::kFloat) {
+    at::Tensor h = z.narrow(-1, out, nR) * mask;  // other dtypes: MultiLoRALinear.forward's own two ops
+    return at::addmm(z.narrow(-1, 0, out).reshape({M, out}), h.reshape({M, nR}), bt).view(shape);
+  }
+  at::Tensor zc = z.contiguous(), btc = bt.contiguous(), mc = mask.contiguous();
+  at::Tensor y = at::empty(shape, z.options());
+  const float* zp = zc.data_ptr<float>();
+  const float* bp = btc.data_ptr<float>();
+  const float* mp = mc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> acc(out);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* zr = zp + m * (out + nR);
+    const float* mr = mp + (Mm == 1 ? 0 : m) * nR;
+    float* __restrict a = acc.data();
+    std::fill(a, a + out, 0.0f);
+    for (int64_t r = 0; r < nR; ++r) {
+      if (mr[r] == 0.0f) continue;  // another adapter's column (or a base row): its product is +0
+      const float c = zr[out + r] * mr[r];
+      const float* __restrict br = bp + r * out;
+      for (int64_t o = 0; o < out; ++o) a[o] += c * br[o];
+    }
+    float* __restrict yr = yp + m * out;
+    for (int64_t o = 0; o < out; ++o) yr[o] = zr[o] + a[o];  // as addmm: the update summed first, then added
+  }
+  return y;
+}
+
 struct Block {
   int64_t H, Kh, Hd, norm, mlp;
   double eps;
+  const Params& p;
+  const std::optional<at::Tensor>& lora_mask;
+
+  // x W^T + b through the few-row kernels, plus the rows' LoRA updates where the Linear holds adapters.
+  at::Tensor linear(const at::Tensor& x, Param w, Param b, Param lora) const {
+    at::Tensor z = gptforge::linear(x, req(p, w), opt(p, b));
+    std::optional<at::Tensor> bt = opt(p, lora);
+    if (!bt.has_value()) return z;
+    if (!lora_mask.has_value()) return z.narrow(-1, 0, bt->size(1));  // base rows only: a view, as the split is
+    return lora_update(z, *bt, *lora_mask);
+  }
 
   at::Tensor normed(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {
     const int64_t D = x.size(-1);
@@ -81,7 +144,7 @@ struct Block {
 at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef layout, double eps, const at::Tensor& kc,
                         const at::Tensor& vc, const at::Tensor& slots, const at::Tensor& mask,
                         const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                        const std::optional<at::Tensor>& ve) {
+                        const std::optional<at::Tensor>& ve, const std::optional<at::Tensor>& lora_mask) {
   TORCH_CHECK(p.size() == kParams, "decode block: expected ", kParams, " parameters, got ", p.size());
   TORCH_CHECK(layout.size() == kLayout, "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp)");
   TORCH_CHECK(x.dim() == 3, "decode block: x must be (B, T, D)");
@@ -89,12 +152,12 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
   // The op is for inference on frozen weights (native.DecodeBlock calls it for an eval-mode decode step), so the ops it
   // issues skip the dispatcher's autograd and view-tracking layers: ~9 us less a block at one thread.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Block blk{layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kNorm], layout[kMlp], eps};
+  const Block blk{layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kNorm], layout[kMlp], eps, p, lora_mask};
   const int64_t B = x.size(0), T = x.size(1), H = blk.H, Kh = blk.Kh, Hd = blk.Hd;
 
   // Attention: x + proj(attend(rotary(norm(q)), rotary(norm(k)), v)).
   at::Tensor h = blk.normed(x, req(p, kNorm1Weight), opt(p, kNorm1Bias));
-  at::Tensor fused = gptforge::linear(h, req(p, kQkvWeight), opt(p, kQkvBias));  // (B, T, (H + 2K) * Hd)
+  at::Tensor fused = blk.linear(h, kQkvWeight, kQkvBias, kQkvLora);  // (B, T, (H + 2K) * Hd)
   std::vector<at::Tensor> qkv = fused.split_with_sizes({H * Hd, Kh * Hd, Kh * Hd}, -1);
   at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
   if (ve.has_value()) v = v + req(p, kValueGate) * *ve;  // (B, T, K*Hd)
@@ -111,26 +174,26 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
   }
   at::Tensor y = gptforge::decode_attention(q, k, v, kc, vc, slots, mask);  // (B, H, T, Hd)
   y = y.transpose(1, 2).reshape({B, T, H * Hd});
-  at::Tensor out = x + gptforge::linear(y, req(p, kProjWeight), opt(p, kProjBias));
+  at::Tensor out = x + blk.linear(y, kProjWeight, kProjBias, kProjLora);
 
   // MLP: out + down(act(up(norm(out)))).
   h = blk.normed(out, req(p, kNorm2Weight), opt(p, kNorm2Bias));
   at::Tensor a;
   if (blk.mlp == 0) {
-    a = at::gelu(gptforge::linear(h, req(p, kUpWeight), opt(p, kUpBias)), "tanh");
+    a = at::gelu(blk.linear(h, kUpWeight, kUpBias, kUpLora), "tanh");
   } else if (blk.mlp == 1) {
-    a = at::silu(gptforge::linear(h, req(p, kGateWeight), opt(p, kGateBias))) * gptforge::linear(h, req(p, kUpWeight), opt(p, kUpBias));
+    a = at::silu(blk.linear(h, kGateWeight, kGateBias, kGateLora)) * blk.linear(h, kUpWeight, kUpBias, kUpLora);
   } else {
-    a = at::square(at::relu(gptforge::linear(h, req(p, kUpWeight), opt(p, kUpBias))));
+    a = at::square(at::relu(blk.linear(h, kUpWeight, kUpBias, kUpLora)));
   }
-  return out + gptforge::linear(a, req(p, kDownWeight), opt(p, kDownBias));
+  return out + blk.linear(a, kDownWeight, kDownBias, kDownLora);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(gptforge_decode, m) {
   m.def("block(Tensor x, Tensor?[] params, int[] layout, float eps, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slots, Tensor mask, Tensor? cos, Tensor? sin, Tensor? ve) -> Tensor");
+        "Tensor slots, Tensor mask, Tensor? cos, Tensor? sin, Tensor? ve, Tensor? lora_mask=None) -> Tensor");
   m.def("param_fields() -> str[]", &param_fields);
   m.def("layout_fields() -> str[]", &layout_fields);
 }
