@@ -471,6 +471,70 @@ def test_decode_layout_keeps_values_and_greedy_output(model):
                                    atol=ATOL, rtol=0)
 
 
+STEP_VARIANTS = {  # the whole-step op's variants (native/step.py): each norm, MLP and position kind, GQA, soft-cap
+    "llama": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_size=300, block_size=48, pos_encoding="rotary",
+                  norm="rmsnorm", mlp="swiglu", bias=False),
+    "gpt2": dict(n_layer=2, n_head=4, d_model=64, vocab_size=300, block_size=48),
+    "relu2-softcap": dict(n_layer=2, n_head=2, n_kv_head=1, d_model=64, vocab_size=300, block_size=48,
+                          pos_encoding="rotary", mlp="relu2", bias=False, logit_softcap=15.0, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("variant", STEP_VARIANTS)
+def test_whole_step_op_equals_the_block_path(variant, monkeypatch):
+    """generate_steps runs a decode-layout model's step as one native call (csrc/step.cpp); its tokens equal the
+    per-block path's, its logprobs, logits and cache writes agree to rounding (its norms sum in another order), with
+    left padding; without the op the path is the block op's."""
+    from gptforge import native
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    model = native.decode_layout(GPT(ModelConfig(**STEP_VARIANTS[variant])).eval())
+    step = DecodeStep.of(model)
+    assert step is not None
+    calls, call = [], DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
+    p = SamplingParams(max_new_tokens=12, temperature=0, logprobs=True)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    fused = list(generate_steps(model, prompts, p, vocab_size=300))
+    assert len(calls) == 11  # every decode step after the prefill
+    with monkeypatch.context() as m:
+        m.setattr(DecodeStep, "of", classmethod(lambda cls, model: None))
+        plain = list(generate_steps(model, prompts, p, vocab_size=300))
+    assert [s.ids for s in fused] == [s.ids for s in plain]
+    torch.testing.assert_close(torch.tensor([s.logprobs for s in fused]), torch.tensor([s.logprobs for s in plain]),
+                               atol=ATOL, rtol=0)
+    with torch.no_grad():  # one step's logits and cache writes, op against the model's forward
+        caches, out = [], []
+        for run in (lambda c, ids, pos: model(ids, pos, c)[:, -1], lambda c, ids, pos: step(ids, pos, c)):
+            cache, logits = G._prefill(model, prompts, 8, False)
+            cache.prepare(torch.tensor([5]), None, 6)
+            out.append(run(cache, logits.argmax(-1)[:, None], torch.tensor([[5], [2]])))
+            caches.append(torch.cat([torch.cat([kv.k, kv.v]) for kv in cache.layers]))
+    torch.testing.assert_close(out[0], out[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(caches[0], caches[1], atol=ATOL, rtol=0)
+
+
+def test_whole_step_op_runs_only_what_it_covers():
+    """bf16 weights, QK-norm, value embeddings, quantized matrices and a model without the decode layout keep the
+    model's own forward (DecodeStep.of is None)."""
+    from gptforge import native
+    from gptforge.compress.quantize import quantize_model
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    cfg = STEP_VARIANTS["llama"]
+    assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg)).eval())) is not None
+    assert DecodeStep.of(GPT(ModelConfig(**cfg)).eval()) is None
+    assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg)).eval().to(torch.bfloat16))) is None
+    assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg, qk_norm=True)).eval())) is None
+    assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg, value_embeds=1)).eval())) is None
+    assert DecodeStep.of(native.decode_layout(quantize_model(GPT(ModelConfig(**cfg)).eval(), "int8")[0])) is None
+    assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg)).train())) is None
+
 # --- continuous batching (BatchEngine, the server's decoder) ---------------------------------------------------
 @pytest.fixture
 def one_thread():

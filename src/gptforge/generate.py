@@ -28,6 +28,7 @@ from gptforge.hardware import resolve_device
 from gptforge.kvcache import KVCache
 from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
+from gptforge.native.step import DecodeStep
 from gptforge.sampling import SamplingParams, TokenPicker, exp_noise, generator, policy_groups, token_logprobs
 from gptforge.settings import KV_DTYPE, LOAD_DEVICE, LOAD_DTYPE
 from gptforge.text import TextRow, fit_prompts, prompt_ids, prompt_list, stop_ids
@@ -117,6 +118,10 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     gen = generator(params, device)  # one stream for the batch: its rows draw different numbers
     noise = lambda rows: exp_noise((len(rows), vocab_size), gen, device)  # noqa: E731
     step = compiled_step(device.type) if static else _decode_step
+    # The whole eager step as one native call where the op covers the model (native/step.py), else its forward.
+    whole = None if static else DecodeStep.of(model)
+    if whole is not None and not whole.usable(cache, B):
+        whole = None
     # CUDA: sync with the host only every few steps; the rows that finished in between just run on.
     sync_every = 8 if device.type == "cuda" else 1
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1)
@@ -138,6 +143,9 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
         slot = slot_table[n : n + 1]  # a view: no host-to-device copy inside the loop
         if static:
             logits = step(model, cache, ids[:, None], next_pos + n, slot).clone()  # clone: graph outputs are reused
+        elif whole is not None:
+            cache.prepare(slot, None, T + n + 1)
+            logits = whole(ids[:, None], next_pos + n, cache)
         else:
             logits = step(model, cache, ids[:, None], next_pos + n, slot, T + n + 1)
 

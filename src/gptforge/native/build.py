@@ -27,9 +27,10 @@ from torch.utils import cpp_extension
 from gptforge.native.schema import check_schema
 
 CSRC = Path(__file__).parent / "csrc"
-# The matmuls, the attention of a decode step over the KV cache and a whole block's decode step: one library.
+# The matmuls, the attention of a decode step over the KV cache, a whole block's decode step and a whole model's
+# (step.cpp): one library.
 # HEADERS are hashed with the sources into the library's name.
-SOURCES = [CSRC / name for name in ("gemv.cpp", "qgemv.cpp", "attention.cpp", "block.cpp")]
+SOURCES = [CSRC / name for name in ("gemv.cpp", "qgemv.cpp", "attention.cpp", "block.cpp", "step.cpp")]
 HEADERS = [CSRC / "kernels.h", CSRC / "qgemv_body.h", CSRC / "qgemv_avx256.h"]
 # -fopenmp: at::parallel_for is a header template, so without it the kernels' loops over output rows ran on one
 # thread whatever torch.set_num_threads said; libgomp.so.1 is torch's own, already loaded.
