@@ -522,6 +522,8 @@ def test_whole_step_op_runs_only_what_it_covers():
     model's own forward (DecodeStep.of is None)."""
     from gptforge import native
     from gptforge.compress.quantize import quantize_model
+    from gptforge.config import LoRAConfig
+    from gptforge.finetune.lora import apply_adapters, apply_lora, is_lora_key
     from gptforge.native.step import DecodeStep
 
     if not native.available():
@@ -534,6 +536,11 @@ def test_whole_step_op_runs_only_what_it_covers():
     assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg, value_embeds=1)).eval())) is None
     assert DecodeStep.of(native.decode_layout(quantize_model(GPT(ModelConfig(**cfg)).eval(), "int8")[0])) is None
     assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg)).train())) is None
+    served = GPT(ModelConfig(**cfg)).eval()
+    lora = LoRAConfig(rank=2)
+    state = {k: v for k, v in apply_lora(GPT(ModelConfig(**cfg)), lora).state_dict().items() if is_lora_key(k)}
+    apply_adapters(served, [("a", lora, state)])
+    assert DecodeStep.of(native.decode_layout(served)) is None  # the block op adds each row's adapter
 
 # --- continuous batching (BatchEngine, the server's decoder) ---------------------------------------------------
 @pytest.fixture

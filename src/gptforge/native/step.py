@@ -2,7 +2,7 @@
 
 `DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation (so a model changed between
 generations is read afresh) when the op covers it: an eval-mode fp32 GPT whose blocks are all DecodeBlocks (the
-block op's variants) without QK-norm or value embeddings, and a tied head or an unbiased DecodeLinear one. Else it
+block op's variants) without QK-norm, value embeddings or adapters served per row, and a tied head or an unbiased DecodeLinear one. Else it
 is None and the caller keeps the model's forward (the per-block op).
 
 Why: at the 6-layer, 384-wide shape the block op's ATen ops and the Python around them cost ~0.9 ms a token beside
@@ -33,7 +33,8 @@ def _covered(model: nn.Module) -> bool:
     cfg, blocks, head = model.config, list(model.blocks), model.lm_head
     norms = [model.norm_f, *(n for b in blocks for n in (b.norm1, b.norm2))]
     head_ok = type(head) is DecodeTiedHead or (type(head) is DecodeLinear and head.bias is None)
-    return (all(type(b) is DecodeBlock for b in blocks) and cfg.value_embeds == 0 and not cfg.qk_norm and head_ok
+    plain = all(type(b) is DecodeBlock and b._selection is None for b in blocks)  # no LoRA adapters served per row
+    return (plain and cfg.value_embeds == 0 and not cfg.qk_norm and head_ok
             and type(model.norm_f) is type(blocks[0].norm1) and type(model.norm_f) in NORM_KIND
             and len({n.eps for n in norms}) == 1 and model.norm_f.weight is not None
             and isinstance(model.drop, nn.Identity) and isinstance(model.softcap, (nn.Identity, SoftCap))
