@@ -226,7 +226,8 @@ def kernels_main(threads: int) -> None:
     for n, k in shapes * 16:
         w = torch.randn(n, k)
         q, s = int8_codes(w)
-        mats.append((w, q, s, ops.int8_row_sums(q), *int4_codes(w, 32)))
+        q4 = int4_codes(w, 32)
+        mats.append((w, q, s, ops.int8_row_sums(q), *q4, ops.int4_pack(*q4)))
     out: dict = {"threads": threads, "paths": ops.quant_paths(), "g_weights_per_s": {}}
     for where, ms in (("in_cache", mats[:4]), ("out_of_cache", mats)):
         nw = sum(m[0].numel() for m in ms)
@@ -234,13 +235,13 @@ def kernels_main(threads: int) -> None:
             xs = {k: torch.randn(rows, k) for k in (768, 3072)}
             res = {"fp32": rate(lambda: [ops.linear(xs[m[0].shape[1]], m[0]) for m in ms], nw),
                    "int8_weight_only": rate(lambda: [ops.linear_int8(xs[m[0].shape[1]], m[1], m[2]) for m in ms], nw),
-                   "int4_weight_only": rate(lambda: [ops.linear_int4(xs[m[0].shape[1]], *m[4:]) for m in ms], nw)}
+                   "int4_weight_only": rate(lambda: [ops.linear_int4(xs[m[0].shape[1]], *m[4:7]) for m in ms], nw)}
             for path in ops.quant_paths()[:3]:
                 with ops.forced_quant_path(path):
                     res[f"int8_dynamic_{path}"] = rate(
                         lambda: [ops.linear_int8_dynamic(xs[m[0].shape[1]], m[1], m[2], m[3]) for m in ms], nw)
                     res[f"int4_dynamic_{path}"] = rate(
-                        lambda: [ops.linear_int4_dynamic(xs[m[0].shape[1]], *m[4:]) for m in ms], nw)
+                        lambda: [ops.linear_int4_dynamic(xs[m[0].shape[1]], m[7], m[0].shape[0]) for m in ms], nw)
             out["g_weights_per_s"][f"{where}_rows{rows}"] = {k: round(v, 2) for k, v in res.items()}
     xs = {k: torch.randn(512, k) for k in (768, 3072)}
     ms = mats[:4]

@@ -67,8 +67,8 @@ def test_int4_matches_dequantized_matmul(threads, n, k, group):
 # --- int8 activations (csrc/qgemv.cpp) on every instruction-set path -------------------------------------------
 # The reference: the float64 product of the quantize-dequantized activations (quantize_activations: the same codes
 # the kernels make) with the dequantized weights. The kernels' sums are exact integers, scaled in fp32: int8 rounds
-# ~4 times per output, int4 once or twice per group plus a 16-lane sum, so |y - ref| <= (G + 16) u T with u = 2^-24,
-# G the groups per row (1 for int8) and T = sum_k |x_k| (|w_k| + 2 |lo_k|) + |b| (the magnitudes summed).
+# ~4 times per output, int4 in two chains of G fp32 terms (scaled sums, minima) added at the end, so |y - ref| <=
+# (G + 16) u T with u = 2^-24, G the groups per row (1 for int8) and T = sum_k |x_k| (|w_k| + 2 |lo_k|) + |b|.
 QUANT_PATHS = ["avx512vnni", "avxvnni", "avx2", "scalar"]
 
 
@@ -108,20 +108,33 @@ def test_int8_dynamic_matches_quantized_activations_reference(quant_path, thread
 
 
 @pytest.mark.parametrize("n,k,group", [(384, 256, 32), (37, 128, 64), (13, 256, 128), (3, 64, 32), (7, 96, 32),
-                                       (5, 768, 32), (6, 384, 128)])
+                                       (5, 768, 32), (6, 384, 128), (9, 512, 256), (4, 192, 96)])
 def test_int4_dynamic_matches_quantized_activations_reference(quant_path, threads, n, k, group):
     torch.manual_seed(n + k + group)
     q, s, lo = int4_codes(torch.randn(n, k) + 0.3, group)
     b = torch.randn(n)
     w = dequantize(q, s, lo).double()
     lo_k = lo.double().repeat_interleave(group, dim=1)
-    for m in (1, 2, 3, 4, 5, 7, 16):
+    packed = native.ops.int4_pack(q, s, lo)
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 16):
         x = torch.randn(m, k)
         x[0, :group] *= 100  # one group far larger than the others: its own activation scale
-        y = native.ops.linear_int4_dynamic(x, q, s, lo, b)
+        y = native.ops.linear_int4_dynamic(x, packed, n, b)
         xq = quantize_activations(x, group).double()
         _assert_within_summation_bound(y, xq @ w.t() + b.double(), xq.abs() @ (w.abs() + 2 * lo_k.abs()).t() + b.abs().double(),
                                        k // group)
+
+
+def test_int4_tiles_hold_the_same_bytes_and_a_mismatch_is_refused():
+    q, s, lo = int4_codes(torch.randn(20, 64), 32)
+    packed = native.ops.int4_pack(q, s, lo)
+    assert packed.shape == (2, 2, 64 + 8 * 32) and packed.dtype == torch.uint8
+    q32, s32, lo32 = int4_codes(torch.randn(32, 64), 32)  # no padding rows: exactly the checkpoint's bytes
+    assert native.ops.int4_pack(q32, s32, lo32).numel() == q32.numel() + 2 * (s32.numel() + lo32.numel())
+    with pytest.raises(RuntimeError, match="int4_pack"):
+        native.ops.linear_int4_dynamic(torch.randn(1, 64), packed, 40)
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        native.ops.linear_int4_dynamic(torch.randn(17, 64), packed, 20)
 
 
 def test_dynamic_activation_codes_are_the_reference_codes():

@@ -158,6 +158,7 @@ class QuantizedMatrix(nn.Module):
         self.shape = torch.Size((out_features, in_features))
         self.method, self.group_size, self.kernel, self.activations = method, group_size, kernel, activations
         self._row_sums = None  # int8, dynamic: each code row's sum, computed on first use
+        self._packed = None  # int4, dynamic: the codes, scales and minima in native.int4_pack's tiles, on first use
         if method == "int8":
             self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(out_features, device=device))
@@ -177,6 +178,10 @@ class QuantizedMatrix(nn.Module):
         for k, v in keep.items():
             setattr(self, k, v.to(fn(v.new_empty(0)).device))
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._row_sums = self._packed = self._kernel_cache = None  # derived from the codes being replaced
+        super()._load_from_state_dict(*args, **kwargs)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
@@ -220,7 +225,9 @@ class QuantizedMatrix(nn.Module):
                 self._row_sums = native.int8_row_sums(self.weight_q)
             return native.linear_int8_dynamic(x, self.weight_q, self.scales, self._row_sums, bias)
         if x.numel() <= native.MAX_ROWS * x.shape[-1]:
-            return native.linear_int4_dynamic(x, self.weight_q, self.scales, self.zeros, bias)
+            if self._packed is None:
+                self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
+            return native.linear_int4_dynamic(x, self._packed, self.shape[0], bias)
         # A prefill: the same quantized activations through the fp32 GEMM (one dequantization shared by every row).
         return F.linear(quantize_activations(x, self.group_size), self.dequantized(x.dtype),
                         None if bias is None else bias.to(x.dtype))

@@ -66,11 +66,17 @@ def linear_int8_dynamic(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, r
     return torch.ops.gptforge_qgemv.int8_linear(x, q, scale, row_sums, bias)
 
 
-def linear_int4_dynamic(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w^T (+ bias) for packed int4 codes (as linear_int4), x quantized to int8 per group of the weight's
-    groups, up to MAX_ROWS rows. In x's dtype."""
-    return torch.ops.gptforge_qgemv.int4_linear(x, q, scale, lo, bias)
+def int4_pack(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The layout linear_int4_dynamic reads, made once per matrix from packed int4 codes (as linear_int4) and
+    their fp16 scales and minima: tiles of 16 output rows, (ceil(N / 16), groups, 64 + 8 * group) uint8, the same
+    bytes per weight. The checkpoint keeps the codes as they are; this is derived from them."""
+    return torch.ops.gptforge_qgemv.int4_pack(q, scale, lo)
+
+
+def linear_int4_dynamic(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ bias) for the int4 matrix of n output rows that int4_pack laid out, x quantized to int8 per group
+    of the weight's groups, up to MAX_ROWS rows. In x's dtype."""
+    return torch.ops.gptforge_qgemv.int4_linear(x, packed, n, bias)
 
 
 def int8_row_sums(q: torch.Tensor) -> torch.Tensor:

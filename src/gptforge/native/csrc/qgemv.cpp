@@ -22,6 +22,10 @@
 // path), so one library built anywhere holds them all. More than kMaxRows rows (a prefill) with int8 weights go
 // to at::_int_mm (oneDNN: AMX or VNNI where the CPU has them) with the same quantized activations and the same
 // exact int32 sums.
+//
+// int4 weights are read in their own layout, made once per matrix by int4_pack from the checkpoint's tensors: tiles
+// of 16 output rows whose 4-byte runs interleave, so a vector's int32 lanes are 16 (or 8) output rows and the
+// activations are broadcast (the row-major layout needed a scale per 4-byte lane and a 16-lane sum per row).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -60,13 +64,19 @@ struct I8Args {
   float* y;              // (M, N)
 };
 
+// The int4 kernels' activations, per block of kActRows input rows and per group, one record of 64 (1 + h/4) bytes:
+// each row's (s[m, g], s[m, g] * sum of the group's xq) as two fp32, then per 4-byte chunk c of the group's packed
+// bytes, each row's 4 codes of the first half (xa) and 4 of the second (xb): what one tile step reads sits in one
+// record, at offsets fixed at compile time.
+constexpr int kActRows = 8;
+// How far ahead of the tile step the int4 kernels prefetch: one tile is a single stream of 7.5 KB (gpt2), and the
+// hardware prefetchers stop at each 4 KB page; 1 KB ahead read ~7% more GB/s out of cache (shared machine, A/B).
+constexpr int64_t kPrefetch = 1024;
+
 struct I4Args {
-  const int8_t *xa, *xb;  // (M, Khp) the two planes of activations, laid out as the packed bytes, zero-padded
-  const float* sxe;       // (M, Khp / 4) the activation scale of each 4-byte lane's group
-  const float* zs;        // (M, G) s[m, g] * sum of xq over group g
-  int64_t M, Kh, Khp, G, Gp, h, N;  // h = g / 2 bytes per group; Gp = G + 16 (padded scale rows)
-  const uint8_t* q;                 // (N, Kh)
-  const uint16_t *scale, *lo;       // (N, G) fp16
+  const uint8_t* act;           // (ceil(M / kActRows), G, arec) the activation records
+  int64_t M, G, h, N, rec, arec;  // h = g / 2 bytes per group; rec = 64 + 16 h bytes per tile and group
+  const uint8_t* p;             // (ceil(N / 16), G, rec) the packed tiles (int4_pack)
   const float* bias;
   float* y;
 };
@@ -85,22 +95,32 @@ void int8_rows(const I8Args& a, int64_t n0, int64_t n1) {
     }
 }
 
-void int4_rows(const I4Args& a, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
+void int4_rows(const I4Args& a, int64_t t0, int64_t t1) {
+  for (int64_t n = t0 * 16; n < std::min(a.N, t1 * 16); ++n) {
+    const uint8_t* tile = a.p + (n / 16) * a.G * a.rec;
+    const int64_t r = n % 16;
     for (int64_t m = 0; m < a.M; ++m) {
-      float s = 0;
+      float s = 0, z = 0;
       for (int64_t g = 0; g < a.G; ++g) {
+        const uint8_t* p = tile + g * a.rec;
+        const uint8_t* x = a.act + ((m / kActRows) * a.G + g) * a.arec + 8 * (m % kActRows);
+        uint16_t sc, lz;
+        float sz[2];
+        std::memcpy(&sc, p + 2 * r, 2);
+        std::memcpy(&lz, p + 32 + 2 * r, 2);
+        std::memcpy(sz, x, 8);
         int32_t d = 0;
         for (int64_t j = 0; j < a.h; ++j) {
-          const int64_t k = g * a.h + j;
-          const uint8_t b = a.q[n * a.Kh + k];
-          d += (b >> 4) * a.xa[m * a.Khp + k] + (b & 15) * a.xb[m * a.Khp + k];
+          const uint8_t b = p[64 + 64 * (j / 4) + 4 * r + j % 4];
+          const auto* xq = reinterpret_cast<const int8_t*>(x + 64 * (j / 4 + 1));
+          d += (b >> 4) * xq[j % 4] + (b & 15) * xq[4 + j % 4];
         }
-        s += static_cast<float>(d) * half_to_float(a.scale[n * a.G + g]) * a.sxe[m * (a.Khp / 4) + g * a.h / 4] +
-             half_to_float(a.lo[n * a.G + g]) * a.zs[m * a.G + g];
+        s += static_cast<float>(d) * (half_to_float(sc) * sz[0]);
+        z += half_to_float(lz) * sz[1];
       }
-      a.y[m * a.N + n] = s + (a.bias ? a.bias[n] : 0.f);
+      a.y[m * a.N + n] = (s + z) + (a.bias ? a.bias[n] : 0.f);
     }
+  }
 }
 }  // namespace scalar
 
@@ -115,34 +135,23 @@ using VF = __m512;
 inline VI zero() { return _mm512_setzero_si512(); }
 inline VF zerof() { return _mm512_setzero_ps(); }
 inline VI loadb(const void* p) { return _mm512_loadu_si512(p); }
-inline VF loadf(const float* p) { return _mm512_loadu_ps(p); }
 inline VF tof(VI v) { return _mm512_cvtepi32_ps(v); }
 inline VF mulf(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF fmaf(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline int32_t hsum(VI v) { return _mm512_reduce_add_epi32(v); }
-inline float hsumf(VF v) { return _mm512_reduce_add_ps(v); }
-inline VF permf(VI idx, VF v) { return _mm512_permutexvar_ps(idx, v); }
+inline VF addf(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF setf(float s) { return _mm512_set1_ps(s); }
+inline void storef(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VI dot8(VI acc, VI w, VI xs) { return _mm512_dpbusd_epi32(acc, xs, w); }
 inline VI dot4(VI acc, VI c, VI xq) { return _mm512_dpbusd_epi32(acc, c, xq); }
 inline VI nib_hi(VI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
 inline VI nib_lo(VI v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
-// A row's scales and minima, 16 at a time, the last few under a mask (a row of `gpt2` has 24 groups: per-row
-// costs like these were most of the int4 product's time at K = 768, scalar).
-inline void widen_halves(const uint16_t* s, const uint16_t* l, int64_t G, float* sc, float* lz) {
-  for (int64_t g = 0; g < G; g += 16) {
-    const __mmask16 k = G - g >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (G - g)) - 1);
-    _mm512_mask_storeu_ps(sc + g, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s + g)));
-    _mm512_mask_storeu_ps(lz + g, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, l + g)));
-  }
+inline VI bcast4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
 }
-inline float zterm(const float* lz, const float* zs, int64_t G) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; g += 16) {
-    const __mmask16 k = G - g >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (G - g)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, lz + g), _mm512_maskz_loadu_ps(k, zs + g), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
+inline VF halves(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 // The activations' quantization, 16 at a time (the same IEEE division and round-half-even as the scalar code).
 inline float amax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
@@ -384,53 +393,88 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return shaped(y, x);
 }
 
-// y = x @ dequant(q)^T (+ bias) for int4 codes in the group-halves packing, x quantized per group; up to
-// kMaxRows rows (more: the caller's fp32 path on the same quantize-dequantized activations).
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& lo,
-                       const std::optional<at::Tensor>& bias) {
+// The load-time layout of an int4 matrix for int4_linear: the checkpoint's codes (N, K/2, group-halves packing) and
+// fp16 scales / minima (N, G) regrouped into tiles of 16 output rows (qgemv_body.h says why), the same bytes per
+// weight (0.5 + 4 / g): (ceil(N / 16), G, 64 + 8 g) uint8, rows past N zero. The checkpoint's tensors stay the
+// format; this is derived from them once per matrix.
+at::Tensor int4_pack(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& lo) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.device().is_cpu(),
-              "int4_linear: q must be contiguous uint8 (N, K/2) on CPU");
+              "int4_pack: q must be contiguous uint8 (N, K/2) on CPU");
   const int64_t N = q.size(0), Kh = q.size(1), K = 2 * Kh;
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
                   lo.sizes() == scale.sizes() && lo.scalar_type() == at::kHalf && lo.is_contiguous(),
-              "int4_linear: scale and lo must be contiguous fp16 (N, groups)");
+              "int4_pack: scale and lo must be contiguous fp16 (N, groups)");
   const int64_t G = scale.size(1);
   TORCH_CHECK(G >= 1 && G <= kMaxGroups && K % G == 0 && (K / G) % 32 == 0,
-              "int4_linear: ", G, " groups of ", K, " columns: the kernels take groups of a multiple of 32, at most ", kMaxGroups);
+              "int4_pack: ", G, " groups of ", K, " columns: the kernels take groups of a multiple of 32, at most ", kMaxGroups);
+  const int64_t h = Kh / G, rec = 64 + 16 * h, T = (N + 15) / 16;
+  at::Tensor out = at::zeros({T, G, rec}, q.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const auto *sp = static_cast<const uint8_t*>(scale.data_ptr()), *lp = static_cast<const uint8_t*>(lo.data_ptr());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t r = 0; r < 16 && t * 16 + r < N; ++r) {
+        const int64_t n = t * 16 + r;
+        for (int64_t g = 0; g < G; ++g) {
+          uint8_t* p = op + (t * G + g) * rec;
+          std::memcpy(p + 2 * r, sp + 2 * (n * G + g), 2);
+          std::memcpy(p + 32 + 2 * r, lp + 2 * (n * G + g), 2);
+          for (int64_t c = 0; c < h; c += 4) std::memcpy(p + 64 + 16 * c + 4 * r, qp + n * Kh + g * h + c, 4);
+        }
+      }
+  });
+  return out;
+}
+
+// y (M, n) = x @ dequant(W)^T (+ bias) for the int4 matrix of n output rows that int4_pack laid out, x quantized
+// per group; up to kMaxRows rows (more: the caller's fp32 path on the same quantize-dequantized activations).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.device().is_cpu() &&
+                  packed.size(2) > 64 && (packed.size(2) - 64) % 256 == 0 && packed.size(0) == (n + 15) / 16,
+              "int4_linear: packed must be int4_pack's (ceil(n / 16), groups, 64 + 8 g) uint8 tiles of a matrix of ", n,
+              " rows; pack the codes with int4_pack");
+  const int64_t N = n, G = packed.size(1), rec = packed.size(2), h = (rec - 64) / 16, Kh = G * h, K = 2 * Kh;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor xf = rows_of(x, K);
-  const int64_t M = xf.size(0), g = K / G, h = g / 2, Khp = round_up(Kh, 64);
+  const int64_t M = xf.size(0), g = 2 * h;
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "int4_linear: x must have 1 to ", kMaxRows, " rows, got ", M);
-  at::Tensor planes = at::zeros({2, M, Khp}, xf.options().dtype(at::kChar));
-  at::Tensor sxe = at::zeros({M, Khp / 4}, xf.options()), zs = at::empty({M, G}, xf.options());
+  // The activations, quantized per group into the kernels' records (per-thread buffer: no allocation per call).
+  const int64_t arec = 64 * (1 + h / 4);
+  thread_local std::vector<uint8_t> records;
+  thread_local std::vector<int8_t> codes;
+  records.assign(static_cast<size_t>((M + kActRows - 1) / kActRows * G * arec), 0);
+  codes.resize(g);
+  int8_t* q = codes.data();
   const float* xp = xf.data_ptr<float>();
-  int8_t *xa = planes.data_ptr<int8_t>(), *xb = xa + M * Khp;
-  float *ep = sxe.data_ptr<float>(), *zp = zs.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t gi = 0; gi < G; ++gi) {
       const float* xg = xp + m * K + gi * g;
       const float s = act_scale(xg, g);
-      int8_t *a = xa + m * Khp + gi * h, *b = xb + m * Khp + gi * h;
-      act_codes(xg, h, s, 0, reinterpret_cast<uint8_t*>(a));
-      act_codes(xg + h, h, s, 0, reinterpret_cast<uint8_t*>(b));
+      act_codes(xg, g, s, 0, reinterpret_cast<uint8_t*>(q));
       int32_t total = 0;
-      for (int64_t j = 0; j < h; ++j) total += a[j] + b[j];
-      for (int64_t l = gi * h / 4; l < (gi + 1) * h / 4; ++l) ep[m * (Khp / 4) + l] = s;
-      zp[m * G + gi] = s * static_cast<float>(total);
+      for (int64_t j = 0; j < g; ++j) total += q[j];
+      uint8_t* rec0 = records.data() + ((m / kActRows) * G + gi) * arec + 8 * (m % kActRows);
+      const float sz[2] = {s, s * static_cast<float>(total)};
+      std::memcpy(rec0, sz, 8);
+      for (int64_t c = 0; c < h / 4; ++c) {
+        std::memcpy(rec0 + 64 * (c + 1), q + 4 * c, 4);
+        std::memcpy(rec0 + 64 * (c + 1) + 4, q + h + 4 * c, 4);
+      }
     }
   std::optional<at::Tensor> keep;
   const float* bp = bias_of(bias, N, keep);
   at::Tensor y = at::empty({M, N}, xf.options());
-  const I4Args a{xa, xb, ep, zp, M, Kh, Khp, G, G + 16, h, N, q.data_ptr<uint8_t>(),
-                 static_cast<const uint16_t*>(scale.data_ptr()), static_cast<const uint16_t*>(lo.data_ptr()), bp,
-                 y.data_ptr<float>()};
+  const I4Args a{records.data(), M, G, h, N, rec, arec, packed.data_ptr<uint8_t>(), bp, y.data_ptr<float>()};
   const Isa isa = g_isa;
-  at::parallel_for(0, N, grain(Kh * M), [&](int64_t n0, int64_t n1) {
+  // Tiles per thread: at least ~64 KB of weights (a smaller share costs more in the hand-off than it saves).
+  const int64_t grain_tiles = std::max<int64_t>(1, (int64_t{1} << 16) / (G * rec * M));
+  at::parallel_for(0, packed.size(0), grain_tiles, [&](int64_t t0, int64_t t1) {
     switch (isa) {
-      case kAvx512Vnni: avx512vnni::int4_rows(a, n0, n1); break;
-      case kAvxVnni: avxvnni::int4_rows(a, n0, n1); break;
-      case kAvx2: avx2::int4_rows(a, n0, n1); break;
-      default: scalar::int4_rows(a, n0, n1); break;
+      case kAvx512Vnni: avx512vnni::int4_rows(a, t0, t1); break;
+      case kAvxVnni: avxvnni::int4_rows(a, t0, t1); break;
+      case kAvx2: avx2::int4_rows(a, t0, t1); break;
+      default: scalar::int4_rows(a, t0, t1); break;
     }
   });
   return shaped(y, x);
@@ -440,7 +484,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 
 TORCH_LIBRARY(gptforge_qgemv, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor wsum, Tensor? bias=None) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor q, Tensor scale, Tensor lo, Tensor? bias=None) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
+  m.def("int4_pack(Tensor q, Tensor scale, Tensor lo) -> Tensor");
   m.def("int8_row_sums(Tensor q) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("isas() -> str[]", &isas);
@@ -450,5 +495,6 @@ TORCH_LIBRARY(gptforge_qgemv, m) {
 TORCH_LIBRARY_IMPL(gptforge_qgemv, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("int4_pack", &int4_pack);
   m.impl("int8_row_sums", &int8_row_sums);
 }

@@ -2,11 +2,12 @@
 // prelude defines (qgemv.cpp includes this file once per set, inside that set's `#pragma GCC target` region and
 // namespace, so one build holds every path and the CPU picks at run time):
 //   W            bytes per integer vector (64 or 32); kRegs: vector registers (32 or 16)
-//   VI, VF       integer / fp32 vectors; zero(), zerof(), loadb(p), loadf(p), tof(v), mulf, fmaf, hsum, hsumf, permf
+//   VI, VF       integer / fp32 vectors; zero(), zerof(), loadb(p), tof(v), mulf, fmaf, addf, hsum, setf(s), storef
 //   dot8(acc, w, xs)   acc += the products of 4-byte runs of s8 weights with the prepared int8 activations xs
 //                       (VNNI: xs = xq + 128 as u8, the caller subtracts 128 * sum(w); AVX2: xs = xq, sign trick)
 //   dot4(acc, c, xq)   acc += products of u8 codes 0..15 with s8 activations, 4-byte runs (no overflow anywhere)
 //   nib_hi(v), nib_lo(v)   the high / low nibble of each byte
+//   bcast4(p)    the 4 bytes at p in every 32-bit lane; halves(p): W/4 fp16 values at p widened to fp32
 // Everything here is exact integer arithmetic until the per-block fp32 scaling.
 
 // R weight rows x MB input rows of int8 dot products over the whole of K (int32, exact).
@@ -91,93 +92,84 @@ void int8_rows(const I8Args& a, int64_t n0, int64_t n1) {
   }
 }
 
-// --- int4: byte j of a group holds code j (high nibble) and code j + g/2 (low nibble) -------------------------------
-// The activations come as two planes laid out like the packed bytes (xa: each group's first half, xb: its second),
-// so one vector of packed bytes meets one vector of each plane. A 4-byte lane lies inside one group (g/2 >= 16), so
-// after dot4 each int32 lane is scaled by its group's weight scale and activation scale (idx maps lanes to groups).
-template <int R, int MB>
-inline void i4_tile(const I4Args& a, int64_t m0, int64_t n, const float* sc, VI idx, float* out) {
-  VF acc[R][MB];
+// --- int4, packed by int4_pack (qgemv.cpp): tiles of 16 output rows; per tile and group a 64-byte record (the 16
+// rows' fp16 scales, then their fp16 minima), then h/4 chunks of 64 bytes, row r's bytes [4c, 4c + 4) of the group
+// at 4r. Byte j of a group holds code j (high nibble) and code j + g/2 (low nibble); the activations come as two
+// planes (xa: each group's first half, xb: its second), so 4 activation bytes broadcast to every lane meet a
+// vector of L rows' 4-byte runs and each int32 lane keeps one output row's sum: no horizontal sums, a group's
+// scales are one vector load and one fp32 scaling serves L rows x 32 codes (the row-major layout before this
+// scaled every 4-byte lane and reduced 16 lanes per row: 2x slower in cache, ~60% of the read bandwidth).
+constexpr int L = W / 4;                          // output rows per vector
+constexpr int kI4Rows = kRegs == 32 ? 8 : 4;      // input rows per pass over a tile (3 accumulators each)
+
+// MB input rows (act: the first one's slot in the activation records) against the L output rows v of a tile. H: the
+// group's bytes as a constant for the usual groups (32, 64, 128), else 0 (a.h).
+template <int MB, int H>
+inline void i4_tile(const I4Args& a, const uint8_t* tile, int v, const uint8_t* act, float* out) {
+  VF acc[MB], accz[MB];  // the scaled sums and the minima's terms: two chains of G terms, not one of 2G
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) acc[i] = zerof(), accz[i] = zerof();
+  const int64_t h = H ? H : a.h;
+  for (int64_t g = 0; g < a.G; ++g) {
+    const uint8_t* p = tile + g * a.rec;
+    const uint8_t* x = act + g * a.arec;
+    for (int64_t o = 0; o < a.rec; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + o), _MM_HINT_T0);
+    const VF sc = halves(p + 2 * L * v), lz = halves(p + 32 + 2 * L * v);
+    VI d[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) d[i] = zero();
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) acc[r][i] = zerof();
-  const int64_t Kh = a.Kh, h = a.h;
-  const uint8_t* qn = a.q + n * Kh;
-  for (int64_t k = 0; k < Kh; k += W) {
-    VI hi[R], lo[R];
-    VF f[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      VI wv;
-      if (k + W <= Kh) {
-        wv = loadb(qn + r * Kh + k);
-      } else {
-        alignas(64) uint8_t buf[W] = {0};
-        std::memcpy(buf, qn + r * Kh + k, Kh - k);
-        wv = loadb(buf);
-      }
-      hi[r] = nib_hi(wv);
-      lo[r] = nib_lo(wv);
-      f[r] = permf(idx, loadf(sc + r * a.Gp + k / h));
+    for (int64_t c = 0; c < h / 4; ++c) {
+      const VI w = loadb(p + 64 + 64 * c + W * v);
+      const VI hi = nib_hi(w), lo = nib_lo(w);
+      const uint8_t* xc = x + 8 * kActRows * (c + 1);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) d[i] = dot4(dot4(d[i], hi, bcast4(xc + 8 * i)), lo, bcast4(xc + 8 * i + 4));
     }
-#pragma GCC unroll 16
+    const float* sz = reinterpret_cast<const float*>(x);
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
-      const int64_t m = m0 + i;
-      const VI xa = loadb(a.xa + m * a.Khp + k), xb = loadb(a.xb + m * a.Khp + k);
-      const VF s = loadf(a.sxe + m * (a.Khp / 4) + k / 4);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const VI d = dot4(dot4(zero(), hi[r], xa), lo[r], xb);
-        acc[r][i] = fmaf(mulf(tof(d), f[r]), s, acc[r][i]);
-      }
+      acc[i] = fmaf(tof(d[i]), mulf(sc, setf(sz[2 * i])), acc[i]);
+      accz[i] = fmaf(lz, setf(sz[2 * i + 1]), accz[i]);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) out[r * MB + i] = hsumf(acc[r][i]);
-}
-
-constexpr int i4_rows(int mb) { return kRegs == 32 ? (mb <= 2 ? 4 : 2) : (mb == 1 ? 2 : 1); }
-
-template <int R, int MB>
-void i4_block(const I4Args& a, int64_t m0, int64_t n, float* sc, float* lz, VI idx) {
-  for (int r = 0; r < R; ++r) widen_halves(a.scale + (n + r) * a.G, a.lo + (n + r) * a.G, a.G, sc + r * a.Gp, lz + r * a.G);
-  float dots[R * MB];
-  i4_tile<R, MB>(a, m0, n, sc, idx, dots);
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MB; ++i) {
-      const int64_t m = m0 + i, c = n + r;
-      // + sum_g lo[c, g] * s[m, g] * sum(xq in group g)
-      a.y[m * a.N + c] = dots[r * MB + i] + zterm(lz + r * a.G, a.zs + m * a.G, a.G) + (a.bias ? a.bias[c] : 0.f);
-    }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) storef(out + i * 16 + L * v, addf(acc[i], accz[i]));
 }
 
 template <int MB>
-void i4_chunk(const I4Args& a, int64_t m0, int64_t n0, int64_t n1, float* sc, float* lz, VI idx) {
-  constexpr int R = i4_rows(MB);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) i4_block<R, MB>(a, m0, n, sc, lz, idx);
-  for (; n < n1; ++n) i4_block<1, MB>(a, m0, n, sc, lz, idx);
+void i4_pass(const I4Args& a, const uint8_t* tile, int v, const uint8_t* act, float* out) {
+  switch (a.h) {
+    case 16: return i4_tile<MB, 16>(a, tile, v, act, out);
+    case 32: return i4_tile<MB, 32>(a, tile, v, act, out);
+    case 64: return i4_tile<MB, 64>(a, tile, v, act, out);
+    default: return i4_tile<MB, 0>(a, tile, v, act, out);
+  }
 }
 
-void int4_rows(const I4Args& a, int64_t n0, int64_t n1) {
-  // Per-tile fp32 copies of the scales (padded by a vector, for permf's full-width loads) and minima.
-  std::vector<float> sc(4 * a.Gp, 0.f), lz(4 * a.G, 0.f);
-  alignas(64) int32_t lanes[16];
-  for (int l = 0; l < W / 4; ++l) lanes[l] = static_cast<int32_t>((4 * l) / a.h);  // the same for every vector
-  const VI idx = loadb(lanes);
-  const int64_t chunks = (a.M + 3) / 4, step = 64;
-  for (int64_t nb = n0; nb < n1; nb += step) {
-    const int64_t nb1 = std::min(n1, nb + step);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t m0 = c * 4, mb = std::min<int64_t>(4, a.M - m0);
-      switch (mb) {
-        case 1: i4_chunk<1>(a, m0, nb, nb1, sc.data(), lz.data(), idx); break;
-        case 2: i4_chunk<2>(a, m0, nb, nb1, sc.data(), lz.data(), idx); break;
-        case 3: i4_chunk<3>(a, m0, nb, nb1, sc.data(), lz.data(), idx); break;
-        default: i4_chunk<4>(a, m0, nb, nb1, sc.data(), lz.data(), idx); break;
+// mb <= MB input rows from slot `slot` of the activation records against one tile, into out (mb x 16).
+template <int MB>
+void i4_rows_of_tile(const I4Args& a, const uint8_t* tile, const uint8_t* act, int64_t mb, float* out) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return i4_rows_of_tile<MB - 1>(a, tile, act, mb, out);
+  }
+  for (int v = 0; v < 16 / L; ++v) i4_pass<MB>(a, tile, v, act, out);
+}
+
+// Output rows of tiles [t0, t1) for every input row, each tile's bytes read once from memory (in L1 for later passes).
+void int4_rows(const I4Args& a, int64_t t0, int64_t t1) {
+  alignas(64) float out[kI4Rows * 16];
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = a.p + t * a.G * a.rec;
+    const int64_t n0 = t * 16, nn = std::min<int64_t>(16, a.N - n0);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kI4Rows) {
+      const int64_t mb = std::min<int64_t>(kI4Rows, a.M - m0);
+      // rows m0.. sit in record block m0 / kActRows, from slot m0 % kActRows (kI4Rows divides kActRows)
+      const uint8_t* act = a.act + (m0 / kActRows) * a.G * a.arec + 8 * (m0 % kActRows);
+      i4_rows_of_tile<kI4Rows>(a, tile, act, mb, out);
+      for (int64_t i = 0; i < mb; ++i) {
+        float* y = a.y + (m0 + i) * a.N + n0;
+        for (int64_t r = 0; r < nn; ++r) y[r] = out[i * 16 + r] + (a.bias ? a.bias[n0 + r] : 0.f);
       }
     }
   }
