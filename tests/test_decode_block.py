@@ -139,3 +139,39 @@ def test_the_op_reads_the_calling_threads_rows(setup):
         worker.start()
         worker.join()
     assert torch.equal(got["other"], base)
+
+
+# --- quantized Linears (compress.quantize): each product the one the module would run, called from C++ ---------
+QUANTIZED = [("int8", "dynamic"), ("int8", "weight-only"), ("int4", "dynamic"), ("int4", "weight-only")]
+
+
+def _quantized(variant: str, method: str, activations: str) -> GPT:
+    from gptforge.compress.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(GPT(ModelConfig(**VARIANTS[variant])).eval(), method, 32 if method == "int4" else None,
+                           activations=activations)[0]
+    return native.decode_layout(model)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method,activations", QUANTIZED, ids=[f"{m}-{a}" for m, a in QUANTIZED])
+def test_quantized_blocks_decode_through_the_op_as_the_modules_do(variant, method, activations, monkeypatch):
+    """The op calls the kernels QuantLinear's forward calls, with the same tensors: decode steps (logits and cache
+    writes) equal the Python block's bit for bit, for gpt2- and llama-style blocks, every format and mode."""
+    torch.set_num_threads(1)
+    if (method, activations) == ("int4", "dynamic") and not hasattr(native.ops, "int4_pack"):
+        pytest.skip("int4 with int8 activations enters the op with its kernels' load-time tiles (native.int4_pack)")
+    model = _quantized(variant, method, activations)
+    assert all(type(b) is native.DecodeBlock for b in model.blocks)
+    rows = [-1, -1, -1]
+    calls = []
+    real = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, x, *a: calls.append(x.shape[1]) or real(self, x, *a))
+    fused, fused_cache = _decode(model, rows)
+    assert calls == [len(PROMPT)] * len(model.blocks)  # the prefill only: every decode step ran the op
+    monkeypatch.setattr(native.DecodeBlock, "forward", Block.forward)  # QuantLinear.forward per product
+    plain, plain_cache = _decode(model, rows)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_cache, plain_cache))
+

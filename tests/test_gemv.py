@@ -357,16 +357,20 @@ def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, mon
 
 
 def test_decode_block_is_swapped_only_where_the_op_can_run_it():
-    """Quantized Linears (and any other kind) keep the Python block; state dict keys never change."""
-    from gptforge.compress.quantize import quantize_model
+    """Quantized Linears on a kernel the op lacks (and any other kind) keep the Python block; state dict keys never
+    change. (Quantized blocks on the native kernels run the op: tests/test_decode_block.py.)"""
+    from gptforge.compress.quantize import QuantLinear, quantize_model
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval()
     keys = list(model.state_dict())
     assert list(native.decode_layout(model).state_dict()) == keys
     assert all(type(b) is native.DecodeBlock for b in model.blocks)
-    quantized = native.decode_layout(quantize_model(GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval(), "int8")[0])
-    assert all(type(b) is Block for b in quantized.blocks)
+    quantized = quantize_model(GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval(), "int8")[0]
+    for m in quantized.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = "dequant"
+    assert all(type(b) is Block for b in native.decode_layout(quantized).blocks)
     mixed = GPT(ModelConfig(**BLOCK_VARIANTS["speedrun"])).eval()
     mixed.blocks[0].attn.q_norm.eps = 1e-3  # a QK-norm whose eps differs from the block's norms: one eps per op
     native.decode_layout(mixed)

@@ -28,6 +28,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model import TiedHead
 from gptforge.native import DecodeLinear, DecodeTiedHead
 from gptforge.native import ops as native
+from gptforge.native.schema import CodedLinear, OpLinear
 from gptforge.settings import INT4_GROUP_SIZE, INT4_GROUP_SIZES
 
 METHODS = ("int8", "int4", "bf16", "fp16")
@@ -256,7 +257,7 @@ class QuantizedMatrix(nn.Module):
         return f"out={self.shape[0]}, in={self.shape[1]}, {self.method}{g}, activations={self.activations}"
 
 
-class QuantLinear(QuantizedMatrix):
+class QuantLinear(QuantizedMatrix, CodedLinear):
     def __init__(self, linear: nn.Linear, method: str, group_size: int | None, kernel: str = "native",
                  activations: str = "dynamic"):
         super().__init__(linear.out_features, linear.in_features, method, group_size, linear.weight.device, kernel,
@@ -265,6 +266,23 @@ class QuantLinear(QuantizedMatrix):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+    def op_linear(self) -> OpLinear | None:
+        """What the native block op multiplies for this Linear (native.schema.CodedLinear): the tensors of the
+        product `matmul` runs for a few fp32 rows on CPU; None for the "aten" / "dequant" kernel choices."""
+        if self.kernel != "native":
+            return None
+        if self.activations == "weight-only":
+            return OpLinear(f"{self.method}-weight-only", self.weight_q, self.bias, self.scales, self.zeros)
+        if self.method == "int8":
+            if self._row_sums is None:
+                self._row_sums = native.int8_row_sums(self.weight_q)
+            return OpLinear("int8-dynamic", self.weight_q, self.bias, self.scales, self._row_sums)
+        if getattr(self, "_packed", False) is False or not hasattr(native, "int4_pack"):
+            return None  # int4 activations before their kernels' load-time tiles (#24): the module's own path
+        if self._packed is None:
+            self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
+        return OpLinear("int4-dynamic", self._packed, self.bias)
 
 
 class QuantEmbedding(QuantizedMatrix):

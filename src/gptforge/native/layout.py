@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from gptforge.model import Block, TiedHead
 from gptforge.native.build import available
-from gptforge.native.schema import MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams
+from gptforge.native.ops import MAX_ROWS
+from gptforge.native.schema import MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams, CodedLinear
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -49,8 +50,10 @@ class DecodeTiedHead(TiedHead):
 
 
 def _native_linear(m: nn.Module) -> bool:
-    """A DecodeLinear, or an AdaptedLinear (LoRA adapters served per row) whose fused Linear is one."""
-    return type(m) is DecodeLinear or (isinstance(m, AdaptedLinear) and type(m.fused) is DecodeLinear)
+    """A DecodeLinear, an AdaptedLinear (LoRA adapters served per row) whose fused Linear is one, or a quantized
+    Linear whose product the op has (its kernel choice "native")."""
+    return (type(m) is DecodeLinear or (isinstance(m, AdaptedLinear) and type(m.fused) is DecodeLinear)
+            or (isinstance(m, CodedLinear) and m.op_linear() is not None))
 
 
 def _selections(linears: list[nn.Module]) -> list:
@@ -64,9 +67,9 @@ def _linears(block: Block) -> list[nn.Module]:
 
 
 def _runnable(block: nn.Module) -> bool:
-    """Whether the block op computes this block: a plain Block whose Linears are all DecodeLinears (not quantized)
-    or AdaptedLinears over one (adapters of one AdapterSet), norms and MLP of the kinds the op knows, one eps for
-    every norm, no dropout. The imported families' variants need no check here: a sliding window lives in the KV
+    """Whether the block op computes this block: a plain Block whose Linears are all DecodeLinears, AdaptedLinears
+    over one (adapters of one AdapterSet) or quantized ones the op multiplies, norms and MLP of the kinds the op
+    knows, one eps for every norm, no dropout. The imported families' variants need no check here: a sliding window lives in the KV
     cache's mask, which the op reads; Qwen2's q/k/v biases without an output bias are the schema's separate
     qkv_bias / proj_bias; Llama 3 RoPE scaling changes only the rotary tables the op is handed
     (tests/test_families.py compares the op's decode with a forward)."""
@@ -90,7 +93,9 @@ class DecodeBlock(Block):
 
     A block whose Linears hold LoRA adapters served per row (schema.AdaptedLinear) runs the op too: the op adds
     each row's update, and the row mask is read from the adapters' thread-local selection at every call (it
-    changes every step, and the server's embeddings thread runs the same model with its own rows).
+    changes every step, and the server's embeddings thread runs the same model with its own rows). So does a
+    quantized block (schema.CodedLinear): each product is the one compress.quantize runs for few fp32 rows, called
+    from C++; more rows or another dtype take Block.forward, as the modules would leave those kernels.
 
     Why: the demo model's Python block issues ~20 ops per layer, and at its size their fixed costs, not the
     weights, bound a decode step (docs/BENCHMARKS.md has the before and after).
@@ -112,11 +117,15 @@ class DecodeBlock(Block):
         new.eps = float(block.norm1.eps)
         selections = _selections(_linears(block))
         new._selection = selections[0] if selections else None  # None: no Linear of this block holds adapters
+        new._quantized = any(k != 0 for k in (new.layout.qkv_kind, new.layout.proj_kind, new.layout.up_kind,
+                                              new.layout.down_kind, new.layout.gate_kind))
         return new
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
                 ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         if kv is None or x.shape[1] != 1 or self.training or not kv.cache.native or torch.compiler.is_compiling():
+            return super().forward(x, rope, kv, ve, mask)
+        if self._quantized and (x.shape[0] > MAX_ROWS or x.dtype != torch.float32):
             return super().forward(x, rope, kv, ve, mask)
         c = kv.cache
         cos, sin = rope if rope is not None else (None, None)

@@ -18,8 +18,13 @@ BlockParams (None where a variant has no such tensor):
                                     a Linear holding LoRA adapters served per row (layout.AdaptedLinear): its
                                     pre-scaled B^T (n R, out); its weight and bias above are then the fused ones
                                     (out + n R rows: A under W), and the op's `lora_mask` picks each row's adapter
-BlockLayout: n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²); the
-norms' one eps is passed beside it as a float.
+    qkv_scale, qkv_aux, ... gate_scale, gate_aux
+                                    a quantized Linear's (CodedLinear) scales and its kernel's other tensor (int8
+                                    dynamic: the codes' row sums; int4 weight-only: the minima); its weight above
+                                    is then its codes
+BlockLayout: n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²), hidden
+(the MLP's width), and each Linear's kind (LINEAR_KIND: which product computes it); the norms' one eps is passed
+beside it as a float.
 """
 
 from __future__ import annotations
@@ -62,14 +67,48 @@ class AdaptedLinear(nn.Module):
     selection: RowSelection
 
 
-def _linear(m: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(weight, bias, lora_bt) of a block's Linear, None for one the variant does not have: an AdaptedLinear
-    hands its fused Linear's tensors."""
-    if m is None:
-        return None, None, None
+# The products a Linear of the op can take (csrc/block.cpp's Kind): compress/quantize.py's paths for few rows.
+LINEAR_KIND = {"float": 0, "int8-dynamic": 1, "int4-dynamic": 2, "int8-weight-only": 3, "int4-weight-only": 4}
+
+
+@dataclass(frozen=True)
+class OpLinear:
+    """One Linear as the block op multiplies it: its kind (LINEAR_KIND) and that product's tensors."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
+    lora: torch.Tensor | None = None
+
+
+class CodedLinear(nn.Module):
+    """A Linear whose weight is stored as codes the block op multiplies (compress.quantize's QuantLinear
+    implements it; the native layer cannot import the transforms above it)."""
+
+    def op_linear(self) -> OpLinear | None:
+        """Its kind and tensors, or None where the op would not compute what its forward does."""
+        raise NotImplementedError
+
+
+def op_linear(m: nn.Module) -> OpLinear | None:
+    """A block's Linear as the op multiplies it (an AdaptedLinear: its fused Linear and B^T), None if it cannot."""
     if isinstance(m, AdaptedLinear):
-        return m.fused.weight, m.fused.bias, m.lora_bt
-    return m.weight, m.bias, None
+        return OpLinear("float", m.fused.weight, m.fused.bias, lora=m.lora_bt)
+    if isinstance(m, CodedLinear):
+        return m.op_linear()
+    return OpLinear("float", m.weight, m.bias)
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features if hasattr(m, "out_features") else m.shape[0]  # a QuantizedMatrix: its shape
+
+
+def _linears(block: Block) -> list[tuple[str, nn.Module | None]]:
+    """A block's Linears by their schema names (gate: None outside SwiGLU)."""
+    attn, mlp = block.attn, block.mlp
+    return [("qkv", attn.qkv), ("proj", attn.proj), ("up", mlp.up), ("down", mlp.down), ("gate", getattr(mlp, "gate", None))]
 
 
 @dataclass(frozen=True)
@@ -98,16 +137,27 @@ class BlockParams:
     up_lora: torch.Tensor | None
     down_lora: torch.Tensor | None
     gate_lora: torch.Tensor | None
+    qkv_scale: torch.Tensor | None
+    qkv_aux: torch.Tensor | None
+    proj_scale: torch.Tensor | None
+    proj_aux: torch.Tensor | None
+    up_scale: torch.Tensor | None
+    up_aux: torch.Tensor | None
+    down_scale: torch.Tensor | None
+    down_aux: torch.Tensor | None
+    gate_scale: torch.Tensor | None
+    gate_aux: torch.Tensor | None
 
     @classmethod
     def of(cls, block: Block) -> "BlockParams":
-        attn, mlp = block.attn, block.mlp
+        attn = block.attn
         fields = dict(norm1_weight=block.norm1.weight, norm1_bias=_bias(block.norm1),
                       q_norm_weight=_weight(attn.q_norm), k_norm_weight=_weight(attn.k_norm),
                       value_gate=attn.value_gate, norm2_weight=block.norm2.weight, norm2_bias=_bias(block.norm2))
-        for name, m in (("qkv", attn.qkv), ("proj", attn.proj), ("up", mlp.up), ("down", mlp.down),
-                        ("gate", getattr(mlp, "gate", None))):
-            fields[f"{name}_weight"], fields[f"{name}_bias"], fields[f"{name}_lora"] = _linear(m)
+        for name, m in _linears(block):
+            lin = op_linear(m) if m is not None else None
+            for f in ("weight", "bias", "lora", "scale", "aux"):
+                fields[f"{name}_{f}"] = getattr(lin, f) if lin is not None else None
         return cls(**fields)
 
     def as_list(self) -> list[torch.Tensor | None]:
@@ -123,11 +173,19 @@ class BlockLayout:
     head_dim: int
     norm: int
     mlp: int
+    hidden: int
+    qkv_kind: int
+    proj_kind: int
+    up_kind: int
+    down_kind: int
+    gate_kind: int
 
     @classmethod
     def of(cls, block: Block) -> "BlockLayout":
         attn = block.attn
-        return cls(attn.n_head, attn.n_kv_head, attn.head_dim, NORM_KIND[type(block.norm1)], MLP_KIND[type(block.mlp)])
+        kinds = {f"{name}_kind": LINEAR_KIND[op_linear(m).kind] if m is not None else 0 for name, m in _linears(block)}
+        return cls(attn.n_head, attn.n_kv_head, attn.head_dim, NORM_KIND[type(block.norm1)], MLP_KIND[type(block.mlp)],
+                   _out_features(block.mlp.up), **kinds)
 
     def as_list(self) -> list[int]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]

@@ -15,9 +15,20 @@
 // (W with every adapter's A stacked under it, (out + n R, in)) and its `lora_bt` (every adapter's B^T, pre-scaled,
 // (n R, out)); the op's `lora_mask` (B, 1, n R) or (1, 1, n R) holds each row's adapter as a block of ones (None:
 // every row is the base's, whose result is then the base's own, bit for bit).
+//
+// Quantized Linears (compress/quantize.py's QuantLinear): a Linear's `kind` in the layout says which product
+// compress.quantize would run for it, and its weight / scale / aux parameters are that product's tensors:
+//   0 float              weight (N, K), the few-row kernels (gemv.cpp's linear)
+//   1 int8, dynamic      codes int8 (N, K), scale fp32 (N,), aux the codes' int32 row sums: qgemv.cpp int8_linear
+//   2 int4, dynamic      codes in int4_pack's tiles, N from the layout: qgemv.cpp int4_linear
+//   3 int8, weight-only  codes, scale fp32 (N,): gemv.cpp gemv_int8
+//   4 int4, weight-only  packed codes (N, K/2), scale and aux (the minima) fp16 (N, groups): gemv.cpp gemv_int4
+// Those kernels are torch ops of the same library, called through the dispatcher (one handle each, looked up
+// once: ~0.3 us a call) rather than declared in kernels.h, so their sources can change without this one.
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
@@ -47,16 +58,33 @@ using Params = c10::List<std::optional<at::Tensor>>;
 enum Param : int64_t {
   kNorm1Weight, kNorm1Bias, kQkvWeight, kQkvBias, kProjWeight, kProjBias, kQNormWeight, kKNormWeight, kValueGate,
   kNorm2Weight, kNorm2Bias, kUpWeight, kUpBias, kDownWeight, kDownBias, kGateWeight, kGateBias,
-  kQkvLora, kProjLora, kUpLora, kDownLora, kGateLora, kParams
+  kQkvLora, kProjLora, kUpLora, kDownLora, kGateLora, kQkvScale, kQkvAux, kProjScale, kProjAux, kUpScale, kUpAux,
+  kDownScale, kDownAux, kGateScale, kGateAux, kParams
 };
 const char* const kParamFields[kParams] = {
     "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "q_norm_weight",
     "k_norm_weight", "value_gate", "norm2_weight", "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias",
-    "gate_weight", "gate_bias", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora"};
+    "gate_weight", "gate_bias", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora", "qkv_scale", "qkv_aux",
+    "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux", "gate_scale", "gate_aux"};
 
-// The layout list, in order (schema.py's BlockLayout): norm 0 LayerNorm, 1 RMSNorm; mlp 0 GELU, 1 SwiGLU, 2 ReLU².
-enum Layout : int64_t { kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kLayout };
-const char* const kLayoutFields[kLayout] = {"n_head", "n_kv_head", "head_dim", "norm", "mlp"};
+// The layout list, in order (schema.py's BlockLayout): norm 0 LayerNorm, 1 RMSNorm; mlp 0 GELU, 1 SwiGLU, 2 ReLU²;
+// hidden the MLP's width; each Linear's kind (above).
+enum Layout : int64_t { kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kHidden, kQkvKind, kProjKind, kUpKind, kDownKind,
+                        kGateKind, kLayout };
+const char* const kLayoutFields[kLayout] = {"n_head", "n_kv_head", "head_dim", "norm", "mlp", "hidden", "qkv_kind",
+                                            "proj_kind", "up_kind", "down_kind", "gate_kind"};
+
+// One Linear's entries in the params and layout lists.
+struct Lin {
+  Param w, b, lora, scale, aux;
+  Layout kind;
+};
+constexpr Lin kQkv{kQkvWeight, kQkvBias, kQkvLora, kQkvScale, kQkvAux, kQkvKind};
+constexpr Lin kProj{kProjWeight, kProjBias, kProjLora, kProjScale, kProjAux, kProjKind};
+constexpr Lin kUp{kUpWeight, kUpBias, kUpLora, kUpScale, kUpAux, kUpKind};
+constexpr Lin kDown{kDownWeight, kDownBias, kDownLora, kDownScale, kDownAux, kDownKind};
+constexpr Lin kGate{kGateWeight, kGateBias, kGateLora, kGateScale, kGateAux, kGateKind};
+enum Kind : int64_t { kFloat, kInt8Dynamic, kInt4Dynamic, kInt8WeightOnly, kInt4WeightOnly };
 
 std::vector<std::string> param_fields() { return {std::begin(kParamFields), std::end(kParamFields)}; }
 std::vector<std::string> layout_fields() { return {std::begin(kLayoutFields), std::end(kLayoutFields)}; }
@@ -112,16 +140,58 @@ at::Tensor lora_update(const at::Tensor& z, const at::Tensor& bt, const at::Tens
   return y;
 }
 
+using Opt = std::optional<at::Tensor>;
+
+// The quantized products, as compress.quantize's QuantizedMatrix.matmul calls them (ops.py's wrappers included).
+at::Tensor int8_dynamic(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& sums, const Opt& b) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gptforge_qgemv::int8_linear", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&)>();
+  return op.call(x, q, s, sums, b);
+}
+
+at::Tensor int4_dynamic(const at::Tensor& x, const at::Tensor& packed, int64_t n, const Opt& b) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gptforge_qgemv::int4_linear", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const Opt&)>();
+  return op.call(x, packed, n, b);
+}
+
+// Weight-only: ops.linear_int8 / linear_int4, fp32 rows in, the result back in x's dtype and shape.
+at::Tensor weight_only(const at::Tensor& x, int64_t kind, const at::Tensor& q, const at::Tensor& s, const Opt& lo,
+                       const Opt& b) {
+  static const auto i8 = c10::Dispatcher::singleton().findSchemaOrThrow("gptforge_gemv::gemv_int8", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&)>();
+  static const auto i4 = c10::Dispatcher::singleton().findSchemaOrThrow("gptforge_gemv::gemv_int4", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&)>();
+  at::Tensor xf = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  Opt bf;
+  if (b.has_value()) bf = b->to(at::kFloat).contiguous();
+  TORCH_CHECK(kind == kInt8WeightOnly || lo.has_value(), "decode block: an int4 Linear needs its minima (aux)");
+  at::Tensor y = kind == kInt8WeightOnly ? i8.call(xf, q, s, bf) : i4.call(xf, q, s, *lo, bf);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.to(x.scalar_type()).view(shape);
+}
+
 struct Block {
   int64_t H, Kh, Hd, norm, mlp;
   double eps;
   const Params& p;
+  at::IntArrayRef layout;
   const std::optional<at::Tensor>& lora_mask;
 
-  // x W^T + b through the few-row kernels, plus the rows' LoRA updates where the Linear holds adapters.
-  at::Tensor linear(const at::Tensor& x, Param w, Param b, Param lora) const {
-    at::Tensor z = gptforge::linear(x, req(p, w), opt(p, b));
-    std::optional<at::Tensor> bt = opt(p, lora);
+  // x W^T + b through the product of the Linear's kind (n its output width), plus the rows' LoRA updates where
+  // the Linear holds adapters.
+  at::Tensor linear(const at::Tensor& x, const Lin& l, int64_t n) const {
+    at::Tensor z;
+    switch (layout[l.kind]) {
+      case kFloat: z = gptforge::linear(x, req(p, l.w), opt(p, l.b)); break;
+      case kInt8Dynamic: z = int8_dynamic(x, req(p, l.w), req(p, l.scale), req(p, l.aux), opt(p, l.b)); break;
+      case kInt4Dynamic: z = int4_dynamic(x, req(p, l.w), n, opt(p, l.b)); break;
+      case kInt8WeightOnly:
+      case kInt4WeightOnly: z = weight_only(x, layout[l.kind], req(p, l.w), req(p, l.scale), opt(p, l.aux), opt(p, l.b)); break;
+      default: TORCH_CHECK(false, "decode block: unknown Linear kind ", layout[l.kind]);
+    }
+    std::optional<at::Tensor> bt = opt(p, l.lora);
     if (!bt.has_value()) return z;
     if (!lora_mask.has_value()) return z.narrow(-1, 0, bt->size(1));  // base rows only: a view, as the split is
     return lora_update(z, *bt, *lora_mask);
@@ -146,18 +216,19 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
                         const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                         const std::optional<at::Tensor>& ve, const std::optional<at::Tensor>& lora_mask) {
   TORCH_CHECK(p.size() == kParams, "decode block: expected ", kParams, " parameters, got ", p.size());
-  TORCH_CHECK(layout.size() == kLayout, "decode block: layout must be (n_head, n_kv_head, head_dim, norm, mlp)");
+  TORCH_CHECK(layout.size() == kLayout, "decode block: layout must have ", kLayout, " entries (schema.py's BlockLayout)");
   TORCH_CHECK(x.dim() == 3, "decode block: x must be (B, T, D)");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "decode block: rotary cos and sin come together");
   // The op is for inference on frozen weights (native.DecodeBlock calls it for an eval-mode decode step), so the ops it
   // issues skip the dispatcher's autograd and view-tracking layers: ~9 us less a block at one thread.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Block blk{layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kNorm], layout[kMlp], eps, p, lora_mask};
+  const Block blk{layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kNorm], layout[kMlp], eps, p, layout,
+                  lora_mask};
   const int64_t B = x.size(0), T = x.size(1), H = blk.H, Kh = blk.Kh, Hd = blk.Hd;
 
   // Attention: x + proj(attend(rotary(norm(q)), rotary(norm(k)), v)).
   at::Tensor h = blk.normed(x, req(p, kNorm1Weight), opt(p, kNorm1Bias));
-  at::Tensor fused = blk.linear(h, kQkvWeight, kQkvBias, kQkvLora);  // (B, T, (H + 2K) * Hd)
+  at::Tensor fused = blk.linear(h, kQkv, (H + 2 * Kh) * Hd);  // (B, T, (H + 2K) * Hd)
   std::vector<at::Tensor> qkv = fused.split_with_sizes({H * Hd, Kh * Hd, Kh * Hd}, -1);
   at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
   if (ve.has_value()) v = v + req(p, kValueGate) * *ve;  // (B, T, K*Hd)
@@ -174,19 +245,19 @@ at::Tensor decode_block(const at::Tensor& x, const Params& p, at::IntArrayRef la
   }
   at::Tensor y = gptforge::decode_attention(q, k, v, kc, vc, slots, mask);  // (B, H, T, Hd)
   y = y.transpose(1, 2).reshape({B, T, H * Hd});
-  at::Tensor out = x + blk.linear(y, kProjWeight, kProjBias, kProjLora);
+  at::Tensor out = x + blk.linear(y, kProj, x.size(-1));
 
   // MLP: out + down(act(up(norm(out)))).
   h = blk.normed(out, req(p, kNorm2Weight), opt(p, kNorm2Bias));
   at::Tensor a;
   if (blk.mlp == 0) {
-    a = at::gelu(blk.linear(h, kUpWeight, kUpBias, kUpLora), "tanh");
+    a = at::gelu(blk.linear(h, kUp, layout[kHidden]), "tanh");
   } else if (blk.mlp == 1) {
-    a = at::silu(blk.linear(h, kGateWeight, kGateBias, kGateLora)) * blk.linear(h, kUpWeight, kUpBias, kUpLora);
+    a = at::silu(blk.linear(h, kGate, layout[kHidden])) * blk.linear(h, kUp, layout[kHidden]);
   } else {
-    a = at::square(at::relu(blk.linear(h, kUpWeight, kUpBias, kUpLora)));
+    a = at::square(at::relu(blk.linear(h, kUp, layout[kHidden])));
   }
-  return out + blk.linear(a, kDownWeight, kDownBias, kDownLora);
+  return out + blk.linear(a, kDown, x.size(-1));
 }
 
 }  // namespace
