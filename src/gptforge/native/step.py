@@ -33,7 +33,8 @@ def _covered(model: nn.Module) -> bool:
     cfg, blocks, head = model.config, list(model.blocks), model.lm_head
     norms = [model.norm_f, *(n for b in blocks for n in (b.norm1, b.norm2))]
     head_ok = type(head) is DecodeTiedHead or (type(head) is DecodeLinear and head.bias is None)
-    plain = all(type(b) is DecodeBlock and b._selection is None for b in blocks)  # no LoRA adapters served per row
+    # no LoRA adapters served per row, no quantized Linears (the block op takes both; this op reads fp32 weights)
+    plain = all(type(b) is DecodeBlock and b._selection is None and not b._quantized for b in blocks)
     return (plain and cfg.value_embeds == 0 and not cfg.qk_norm and head_ok
             and type(model.norm_f) is type(blocks[0].norm1) and type(model.norm_f) in NORM_KIND
             and len({n.eps for n in norms}) == 1 and model.norm_f.weight is not None
