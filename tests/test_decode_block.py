@@ -160,8 +160,6 @@ def test_quantized_blocks_decode_through_the_op_as_the_modules_do(variant, metho
     """The op calls the kernels QuantLinear's forward calls, with the same tensors: decode steps (logits and cache
     writes) equal the Python block's bit for bit, for gpt2- and llama-style blocks, every format and mode."""
     torch.set_num_threads(1)
-    if (method, activations) == ("int4", "dynamic") and not hasattr(native.ops, "int4_pack"):
-        pytest.skip("int4 with int8 activations enters the op with its kernels' load-time tiles (native.int4_pack)")
     model = _quantized(variant, method, activations)
     assert all(type(b) is native.DecodeBlock for b in model.blocks)
     rows = [-1, -1, -1]

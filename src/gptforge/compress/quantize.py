@@ -278,8 +278,6 @@ class QuantLinear(QuantizedMatrix, CodedLinear):
             if self._row_sums is None:
                 self._row_sums = native.int8_row_sums(self.weight_q)
             return OpLinear("int8-dynamic", self.weight_q, self.bias, self.scales, self._row_sums)
-        if getattr(self, "_packed", False) is False or not hasattr(native, "int4_pack"):
-            return None  # int4 activations before their kernels' load-time tiles (#24): the module's own path
         if self._packed is None:
             self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
         return OpLinear("int4-dynamic", self._packed, self.bias)
