@@ -1,7 +1,7 @@
 """A whole CPU decode step as one native call (csrc/step.cpp): embedding, every block, the final norm and the head.
 
 `DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation (so a model changed between
-generations is read afresh) when the op covers it: an eval-mode fp32 GPT whose blocks are all DecodeBlocks (the
+generations is read afresh) when the op covers it: an eval-mode fp32 or bf16 GPT whose blocks are all DecodeBlocks (the
 block op's variants) without QK-norm, value embeddings or adapters served per row, and a tied head or an unbiased DecodeLinear one. Else it
 is None and the caller keeps the model's forward (the per-block op).
 
@@ -39,7 +39,8 @@ def _covered(model: nn.Module) -> bool:
             and type(model.norm_f) is type(blocks[0].norm1) and type(model.norm_f) in NORM_KIND
             and len({n.eps for n in norms}) == 1 and model.norm_f.weight is not None
             and isinstance(model.drop, nn.Identity) and isinstance(model.softcap, (nn.Identity, SoftCap))
-            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()))
+            and {p.dtype for p in model.parameters()} in ({torch.float32}, {torch.bfloat16})
+            and all(p.device.type == "cpu" for p in model.parameters()))
 
 
 class DecodeStep:

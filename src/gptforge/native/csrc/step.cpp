@@ -9,9 +9,10 @@
 // op's ATen ops (~110 us a block) with the Python around them (~0.2 ms) added another ~0.9 ms: llama.cpp's whole
 // step is ~2.3 ms (docs/BENCHMARKS.md, "Per-token cost outside the products").
 //
-// fp32 models only (native/step.py checks). The math is the model's (model.py): the same operations in fp32, so
-// results equal the PyTorch path's up to the order of the norms' sums (a few ulps); rotary is computed exactly as
-// model.apply_rotary does (no fused multiply-add), from tables the caller computed once with model.rotary_tables.
+// fp32 and bf16 models (native/step.py checks). The math is the model's (model.py) in its dtype: the PyTorch path's
+// ops in the same order, each bf16 result rounded where that path's op rounds it, so results equal that path's up
+// to the order of the norms' sums (a few ulps); rotary is computed exactly as model.apply_rotary does (no fused
+// multiply-add), from tables the caller computed once with model.rotary_tables.
 //
 // Tensors: `layers` holds, per layer, the fields `layer_fields()` names (native/step.py builds the list in that
 // order and checks it); a field a variant does not have is None. `globals` holds the token table, the learned
@@ -21,9 +22,11 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <iterator>
@@ -52,10 +55,18 @@ enum Layout : int64_t { kNLayer, kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kLayou
 std::vector<std::string> layer_fields() { return {std::begin(kFieldNames), std::end(kFieldNames)}; }
 std::vector<std::string> global_fields() { return {std::begin(kGlobalNames), std::end(kGlobalNames)}; }
 
-const float* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+template <class T>
+const T* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
 
-// y = norm(x) over each of B rows of D: LayerNorm (mean and biased variance) or RMSNorm, as nn.LayerNorm / nn.RMSNorm.
-void norm_rows(const float* x, float* y, int64_t B, int64_t D, const float* w, const float* b, bool rms, float eps) {
+// v as the model's dtype holds it: bf16 rounds (to nearest even, as every bf16 op of the PyTorch path rounds its
+// result), fp32 keeps it.
+template <class T>
+inline float as(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// y = norm(x) over each of B rows of D, as nn.LayerNorm / nn.RMSNorm compute it in the model's dtype T: LayerNorm in
+// fp32, rounded once; RMSNorm as PyTorch's composite does, x * rsqrt(mean(x^2) + eps) rounded to T, then times w.
+template <class T>
+void norm_rows(const float* x, T* y, int64_t B, int64_t D, const T* w, const T* b, bool rms, float eps) {
   for (int64_t r = 0; r < B; ++r, x += D, y += D) {
     float mean = 0;
     if (!rms) {
@@ -65,23 +76,124 @@ void norm_rows(const float* x, float* y, int64_t B, int64_t D, const float* w, c
     float ss = 0;
     for (int64_t i = 0; i < D; ++i) ss += (x[i] - mean) * (x[i] - mean);
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-    for (int64_t i = 0; i < D; ++i) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+    for (int64_t i = 0; i < D; ++i) {
+      const float v = (x[i] - mean) * inv;
+      y[i] = static_cast<T>(rms ? as<T>(v) * static_cast<float>(w[i])
+                                : v * static_cast<float>(w[i]) + (b ? static_cast<float>(b[i]) : 0.0f));
+    }
   }
 }
 
-// model.apply_rotary on `heads` heads of Hd at x: (x * cos + rotate_half(x) * sin), each product rounded on its own
-// as PyTorch's separate mul and add round them (no contraction into a fused multiply-add).
-__attribute__((optimize("fp-contract=off"))) void rotary(float* x, int64_t heads, int64_t Hd, const float* cos,
+// model.apply_rotary on `heads` heads of Hd at x: (x * cos + rotate_half(x) * sin) in fp32, rounded to T once, each
+// product rounded on its own as PyTorch's separate mul and add round them (no contraction into a fused multiply-add).
+template <class T>
+__attribute__((optimize("fp-contract=off"))) void rotary(T* x, int64_t heads, int64_t Hd, const float* cos,
                                                             const float* sin) {
   const int64_t half = Hd / 2;
   for (int64_t h = 0; h < heads; ++h, x += Hd)
     for (int64_t i = 0; i < half; ++i) {
-      const float x1 = x[i], x2 = x[i + half];
+      const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
       const float a = x1 * cos[i], b = -x2 * sin[i];
       const float c = x2 * cos[i + half], d = x1 * sin[i + half];
-      x[i] = a + b;
-      x[i + half] = c + d;
+      x[i] = static_cast<T>(a + b);
+      x[i + half] = static_cast<T>(c + d);
     }
+}
+
+// The MLP's activation into a (B*F values of T), from up (in a) and, for SwiGLU, gate: silu(gate) * up, GELU (tanh
+// approximation) or relu(up)^2; each PyTorch op's result rounded to T as the op would.
+template <class T>
+void activate(T* a, const T* gate, int64_t n, int64_t mlp) {
+  if (mlp == 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = static_cast<float>(gate[i]);
+      a[i] = static_cast<T>(as<T>(g / (1.0f + std::exp(-g))) * static_cast<float>(a[i]));
+    }
+  } else if (mlp == 0) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = static_cast<float>(a[i]);
+      a[i] = static_cast<T>(0.5f * u * (1.0f + std::tanh(0.7978845608f * (u + 0.044715f * u * u * u))));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = std::max(static_cast<float>(a[i]), 0.0f);
+      a[i] = static_cast<T>(u * u);
+    }
+  }
+}
+
+// x += y (B*D values; y of T), rounded to T as the residual add of the PyTorch path rounds.
+template <class T>
+void add_into(float* x, const at::Tensor& y, int64_t n) {
+  const T* yp = y.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) x[i] = as<T>(x[i] + static_cast<float>(yp[i]));
+}
+
+struct Shape {
+  int64_t L, H, Kh, Hd, mlp;
+  bool rms;
+  float eps;
+};
+
+template <class T>
+at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const Opts& globals,
+               const Opts& layers, double softcap, const std::vector<at::Tensor>& k_caches,
+               const std::vector<at::Tensor>& v_caches, const at::Tensor& slots, const at::Tensor& mask) {
+  const at::Tensor tok = *globals.get(kTokEmb);
+  const int64_t B = ids.size(0), D = tok.size(1), V = tok.size(0), H = s.H, Kh = s.Kh, Hd = s.Hd;
+  const int64_t R = (H + 2 * Kh) * Hd;
+  at::Tensor x = at::empty({B, D}, ids.options().dtype(at::kFloat)), h = at::empty({B, D}, tok.options());
+  float* xp = x.data_ptr<float>();
+  T* hp = h.data_ptr<T>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+
+  // Embedding (and learned positions, added in T).
+  const T* pe = ptr<T>(globals.get(kPosEmb));
+  for (int64_t r = 0; r < B; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < V, "decode step: token id ", id[r], " is outside the table's ", V);
+    const T* row = tok.data_ptr<T>() + id[r] * D;
+    for (int64_t i = 0; i < D; ++i)
+      xp[r * D + i] = pe ? as<T>(static_cast<float>(row[i]) + static_cast<float>(pe[pos[r] * D + i]))
+                         : static_cast<float>(row[i]);
+  }
+  const float* cos = ptr<float>(globals.get(kCos));
+  const float* sin = ptr<float>(globals.get(kSin));
+  const int64_t table = cos ? globals.get(kCos)->size(0) : 0;
+  for (int64_t r = 0; cos && r < B; ++r)
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < table, "decode step: position ", pos[r], " is outside the rotary tables");
+
+  for (int64_t l = 0; l < s.L; ++l) {
+    auto f = [&](Field i) { return layers.get(l * kFields + i); };
+    auto linear = [&](const at::Tensor& in, Field w, Field b) { return gptforge::linear(in, *f(w), f(b)); };
+    // Attention: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x).
+    norm_rows<T>(xp, hp, B, D, ptr<T>(f(kNorm1W)), ptr<T>(f(kNorm1B)), s.rms, s.eps);
+    at::Tensor qkv = linear(h, kQkvW, kQkvB);  // (B, R): q, k, v of each row side by side
+    T* qp = qkv.data_ptr<T>();
+    for (int64_t r = 0; cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
+      rotary<T>(qp + r * R, H + Kh, Hd, cos + pos[r] * Hd, sin + pos[r] * Hd);
+    at::Tensor q = qkv.as_strided({B, H, 1, Hd}, {R, Hd, R, 1});
+    at::Tensor k = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, H * Hd);
+    at::Tensor v = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, (H + Kh) * Hd);
+    at::Tensor y = gptforge::decode_attention(q, k, v, k_caches[l], v_caches[l], slots, mask);  // (B, H, 1, Hd)
+    add_into<T>(xp, linear(y.view({B, H * Hd}), kProjW, kProjB), B * D);
+
+    // MLP: x + down(act(up(norm2(x)))).
+    norm_rows<T>(xp, hp, B, D, ptr<T>(f(kNorm2W)), ptr<T>(f(kNorm2B)), s.rms, s.eps);
+    at::Tensor a = linear(h, kUpW, kUpB);
+    at::Tensor g = s.mlp == 1 ? linear(h, kGateW, kGateB) : a;
+    activate<T>(a.data_ptr<T>(), g.data_ptr<T>(), a.numel(), s.mlp);
+    add_into<T>(xp, linear(a, kDownW, kDownB), B * D);
+  }
+  norm_rows<T>(xp, hp, B, D, ptr<T>(globals.get(kNormFW)), ptr<T>(globals.get(kNormFB)), s.rms, s.eps);
+  at::Tensor logits = gptforge::linear(h, *globals.get(kHeadW), std::nullopt);  // (B, V)
+  if (softcap > 0) {  // SoftCap's three ops: divide, tanh, multiply, each rounded to T
+    T* lp = logits.data_ptr<T>();
+    const float cap = static_cast<float>(softcap);
+    for (int64_t i = 0; i < logits.numel(); ++i)
+      lp[i] = static_cast<T>(cap * as<T>(std::tanh(as<T>(static_cast<float>(lp[i]) / cap))));
+  }
+  return logits;
 }
 
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const Opts& globals, const Opts& layers,
@@ -89,90 +201,23 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots, const at::Tensor& mask) {
   TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp)");
   TORCH_CHECK(globals.size() == kGlobals, "decode step: expected ", kGlobals, " global tensors, got ", globals.size());
-  const int64_t L = layout[kNLayer], H = layout[kNHead], Kh = layout[kNKvHead], Hd = layout[kHeadDim];
-  const bool rms = layout[kNorm] == 1;
-  const int64_t mlp = layout[kMlp];
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * kFields, "decode step: expected ", L * kFields,
+  const Shape s{layout[kNLayer], layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kMlp], layout[kNorm] == 1,
+                static_cast<float>(eps)};
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == s.L * kFields, "decode step: expected ", s.L * kFields,
               " layer tensors, got ", layers.size());
-  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == s.L && static_cast<int64_t>(v_caches.size()) == s.L,
               "decode step: one key and one value cache per layer");
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && positions.sizes() == ids.sizes() &&
                   positions.scalar_type() == at::kLong && ids.is_contiguous() && positions.is_contiguous(),
               "decode step: ids and positions must be contiguous int64 (B,)");
+  TORCH_CHECK(ids.size(0) >= 1 && ids.size(0) <= 16, "decode step: 1 to 16 rows, got ", ids.size(0));
   const at::Tensor tok = *globals.get(kTokEmb);
-  TORCH_CHECK(tok.scalar_type() == at::kFloat && tok.is_contiguous(), "decode step: fp32 weights only");
-  const int64_t B = ids.size(0), D = tok.size(1), V = tok.size(0), R = (H + 2 * Kh) * Hd;
-  TORCH_CHECK(B >= 1 && B <= 16, "decode step: 1 to 16 rows, got ", B);
+  TORCH_CHECK(tok.is_contiguous(), "decode step: the token table must be contiguous");
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only (as block.cpp)
-  const auto f32 = ids.options().dtype(at::kFloat);
-  at::Tensor x = at::empty({B, D}, f32), h = at::empty({B, D}, f32);
-  float* xp = x.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-
-  // Embedding (and learned positions).
-  const float* pe = ptr(globals.get(kPosEmb));
-  for (int64_t r = 0; r < B; ++r) {
-    TORCH_CHECK(id[r] >= 0 && id[r] < V, "decode step: token id ", id[r], " is outside the table's ", V);
-    std::memcpy(xp + r * D, tok.data_ptr<float>() + id[r] * D, D * sizeof(float));
-    if (pe)
-      for (int64_t i = 0; i < D; ++i) xp[r * D + i] += pe[pos[r] * D + i];
-  }
-  const float* cos = ptr(globals.get(kCos));
-  const float* sin = ptr(globals.get(kSin));
-  const int64_t table = cos ? globals.get(kCos)->size(0) : 0;
-  for (int64_t r = 0; cos && r < B; ++r)
-    TORCH_CHECK(pos[r] >= 0 && pos[r] < table, "decode step: position ", pos[r], " is outside the rotary tables");
-
-  auto linear = [](const at::Tensor& in, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b) {
-    return gptforge::linear(in, *w, b);
-  };
-  for (int64_t l = 0; l < L; ++l) {
-    auto f = [&](Field i) { return layers.get(l * kFields + i); };
-    // Attention: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x).
-    norm_rows(xp, hp, B, D, ptr(f(kNorm1W)), ptr(f(kNorm1B)), rms, static_cast<float>(eps));
-    at::Tensor qkv = linear(h, f(kQkvW), f(kQkvB));  // (B, R): q, k, v of each row side by side
-    float* qp = qkv.data_ptr<float>();
-    for (int64_t r = 0; cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
-      rotary(qp + r * R, H + Kh, Hd, cos + pos[r] * Hd, sin + pos[r] * Hd);
-    at::Tensor q = qkv.as_strided({B, H, 1, Hd}, {R, Hd, R, 1});
-    at::Tensor k = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, H * Hd);
-    at::Tensor v = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, (H + Kh) * Hd);
-    at::Tensor y = gptforge::decode_attention(q, k, v, k_caches[l], v_caches[l], slots, mask);  // (B, H, 1, Hd)
-    at::Tensor o = linear(y.view({B, H * Hd}), f(kProjW), f(kProjB));
-    const float* op = o.data_ptr<float>();
-    for (int64_t i = 0; i < B * D; ++i) xp[i] += op[i];
-
-    // MLP: x + down(act(up(norm2(x)))).
-    norm_rows(xp, hp, B, D, ptr(f(kNorm2W)), ptr(f(kNorm2B)), rms, static_cast<float>(eps));
-    at::Tensor a = linear(h, f(kUpW), f(kUpB));
-    float* ap = a.data_ptr<float>();
-    const int64_t F = a.size(1);
-    if (mlp == 1) {  // silu(gate) * up
-      at::Tensor g = linear(h, f(kGateW), f(kGateB));
-      const float* gp = g.data_ptr<float>();
-      for (int64_t i = 0; i < B * F; ++i) ap[i] *= gp[i] / (1.0f + std::exp(-gp[i]));
-    } else if (mlp == 0) {  // GELU, tanh approximation
-      for (int64_t i = 0; i < B * F; ++i) {
-        const float u = ap[i];
-        ap[i] = 0.5f * u * (1.0f + std::tanh(0.7978845608f * (u + 0.044715f * u * u * u)));
-      }
-    } else {  // relu(u)^2
-      for (int64_t i = 0; i < B * F; ++i) ap[i] = ap[i] > 0 ? ap[i] * ap[i] : 0.0f;
-    }
-    at::Tensor d = linear(a, f(kDownW), f(kDownB));
-    const float* dp = d.data_ptr<float>();
-    for (int64_t i = 0; i < B * D; ++i) xp[i] += dp[i];
-  }
-  norm_rows(xp, hp, B, D, ptr(globals.get(kNormFW)), ptr(globals.get(kNormFB)), rms, static_cast<float>(eps));
-  at::Tensor logits = gptforge::linear(h, *globals.get(kHeadW), std::nullopt);  // (B, V)
-  if (softcap > 0) {
-    float* lp = logits.data_ptr<float>();
-    const float cap = static_cast<float>(softcap);
-    for (int64_t i = 0; i < logits.numel(); ++i) lp[i] = cap * std::tanh(lp[i] / cap);
-  }
-  return logits;
+  if (tok.scalar_type() == at::kFloat)
+    return run<float>(s, ids, positions, globals, layers, softcap, k_caches, v_caches, slots, mask);
+  TORCH_CHECK(tok.scalar_type() == at::kBFloat16, "decode step: fp32 or bf16 weights, got ", tok.scalar_type());
+  return run<c10::BFloat16>(s, ids, positions, globals, layers, softcap, k_caches, v_caches, slots, mask);
 }
 
 }  // namespace
