@@ -157,3 +157,54 @@ def test_one_device_function():
     if not torch.cuda.is_available():
         with pytest.raises(GptforgeError, match="--train.device is 'cuda' but no CUDA device is available; use --train.device cpu"):
             resolve_device("cuda", flag="--train.device")
+
+
+@pytest.mark.parametrize("name", ["base", "int8", "int4"])
+def test_mapped_weights_equal_the_safetensors_reader(made, name):
+    """The loader maps each tensor's own bytes of model.safetensors: the same keys, dtypes, shapes and values as
+    safetensors' own reader, and a loaded model computes exactly the logits of one loaded through it."""
+    from safetensors.torch import load_file
+
+    from gptforge.loader import _weights, build_model
+
+    ref = load_file(made[name] / "model.safetensors")
+    mapped = _weights(made[name], torch.device("cpu"))
+    assert set(mapped) == set(ref)
+    for key, t in ref.items():
+        assert mapped[key].dtype == t.dtype and mapped[key].shape == t.shape and torch.equal(mapped[key], t), key
+    model, _, cfg = load_checkpoint(made[name])
+    old = build_model(cfg)
+    old.load_state_dict(ref, assign=True)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx), old.eval()(idx))
+
+
+def test_a_cast_on_load_equals_casting_the_file(made):
+    from safetensors.torch import load_file
+
+    ref = {k: v.to(torch.bfloat16) for k, v in load_file(made["base"] / "model.safetensors").items()}
+    model, _, _ = load_checkpoint(made["base"], dtype="bfloat16")
+    assert all(torch.equal(t, ref[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("keep", [1000, 5, -7])
+def test_a_truncated_weights_file_is_one_clear_error(made, tmp_path, keep):
+    bad = tmp_path / "bad"
+    shutil.copytree(made["base"], bad)
+    data = (made["base"] / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:keep])
+    with pytest.raises(GptforgeError, match=r"model\.safetensors: cannot read weights .*truncated"):
+        load_checkpoint(bad)
+
+
+def test_building_on_meta_runs_no_initialiser(made):
+    """Initialising meta tensors is skipped: torch's normal_ on meta imports torch._dynamo, sympy and triton, about
+    100 MB resident in every process that loads a model (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from gptforge.loader import load_checkpoint; load_checkpoint(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(made["int8"])], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -17,11 +17,13 @@ the adapters are swapped in and loaded on top, then merged into plain Linears.
 
 from __future__ import annotations
 
+import json
+import mmap
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from gptforge.checkpoint import MODEL_FILE, TOKENIZER_FILE, load_sharded, read_config, resolve_checkpoint
 from gptforge.compress.quantize import apply_compression
@@ -46,9 +48,20 @@ def apply_finetune(model: nn.Module, section: FinetuneConfig) -> nn.Module:
     return model
 
 
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init's initialisers do nothing while a model is built on the meta device: there is nothing to
+    fill, and normal_ on a meta tensor goes through torch._refs, whose import pulls in torch._dynamo, sympy and
+    triton (+100 MB of resident memory in every process that loads a model, measured on gpt2 int8)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(cfg: RunConfig) -> nn.Module:
     """The meta-device model whose state dict a full (not LoRA) checkpoint with config `cfg` holds."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = GPT(cfg.model)
     apply_compression(model, cfg.compression)
     if cfg.finetune is not None and cfg.finetune.classifier:
@@ -68,23 +81,62 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+# safetensors' dtype names (its format's header) -> torch
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
 def _weights(ckpt: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """The file's tensors on `device`. On CPU each is a private (copy-on-write) memory map of its own bytes in the
-    file, read when first touched: a later cast (load_checkpoint's dtype) converts one tensor at a time and frees
-    its fp32 pages, so an fp32 file loaded as bf16 peaks at the bf16 model plus one fp32 tensor. (safetensors'
-    load_file maps the file once for every tensor, which kept each page read resident to the end: `gpt2` fp32
-    loaded as bf16 peaked at 1,103 MB that way, 638 MB this way.)"""
-    path = str(ckpt / MODEL_FILE)
+    """The file's tensors on `device`. On CPU each is a private (copy-on-write) memory map of its own pages of
+    the file, read when first touched, so the process holds each weight page once and only once it is used: a
+    later cast (load_checkpoint's dtype) converts one tensor at a time and frees its fp32 pages with its map.
+    (safetensors' safe_open maps the whole file for each open, and a tensor's first touch mapped its neighbours'
+    pages too: gpt2 int8 held 163 MB of its 107 MB file that way; load_file kept every page read resident.)"""
+    path = ckpt / MODEL_FILE
     try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            keys = list(f.keys())
-        out = {}
-        for key in keys:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                out[key] = f.get_tensor(key)
-        return out
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise GptforgeError(f"{ckpt / MODEL_FILE}: cannot read weights ({e})") from None
+        tensors = _mapped(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GptforgeError(f"{path}: cannot read weights ({e}): the file is truncated or not safetensors; "
+                            "write the checkpoint again") from None
+    if device.type != "cpu":
+        for key in list(tensors):  # one tensor's pages on the host at a time
+            tensors[key] = tensors[key].to(device)
+    return tensors
+
+
+def _mapped(path: Path) -> dict[str, torch.Tensor]:
+    """Each tensor of a safetensors file (8-byte header length, a JSON header of dtype, shape and byte range per
+    tensor, then the data) as a tensor over a map of exactly its byte range."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        size = path.stat().st_size
+        if not 0 < n <= size - 8:
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        header = json.loads(f.read(n))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = _FILE_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            count = end - begin
+            if 8 + n + end > size or count != dtype.itemsize * _numel(shape):
+                raise ValueError(f"tensor {key} is truncated or its size does not match its shape")
+            if count == 0:
+                out[key] = torch.empty(shape, dtype=dtype)
+                continue
+            start = 8 + n + begin
+            lead = start % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
+            buf = mmap.mmap(f.fileno(), count + lead, access=mmap.ACCESS_COPY, offset=start - lead)
+            out[key] = torch.frombuffer(buf, dtype=dtype, count=count // dtype.itemsize, offset=lead).view(shape)
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], ckpt: Path, strict: bool = True) -> None:
