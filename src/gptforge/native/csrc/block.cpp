@@ -172,6 +172,30 @@ at::Tensor weight_only(const at::Tensor& x, int64_t kind, const at::Tensor& q, c
   return y.to(x.scalar_type()).view(shape);
 }
 
+}  // namespace
+
+namespace gptforge {
+
+at::Tensor block_linear(const at::Tensor& x, int64_t kind, const at::Tensor& w, const Opt& b, const Opt& scale,
+                        const Opt& aux, int64_t n) {
+  auto need = [](const Opt& t, const char* what) {
+    TORCH_CHECK(t.has_value(), "decode block: a quantized Linear needs its ", what);
+    return *t;
+  };
+  switch (kind) {
+    case kFloat: return gptforge::linear(x, w, b);
+    case kInt8Dynamic: return int8_dynamic(x, w, need(scale, "scales"), need(aux, "row sums"), b);
+    case kInt4Dynamic: return int4_dynamic(x, w, n, b);
+    case kInt8WeightOnly:
+    case kInt4WeightOnly: return weight_only(x, kind, w, need(scale, "scales"), aux, b);
+    default: TORCH_CHECK(false, "decode block: unknown Linear kind ", kind);
+  }
+}
+
+}  // namespace gptforge
+
+namespace {
+
 struct Block {
   int64_t H, Kh, Hd, norm, mlp;
   double eps;
@@ -182,15 +206,7 @@ struct Block {
   // x W^T + b through the product of the Linear's kind (n its output width), plus the rows' LoRA updates where
   // the Linear holds adapters.
   at::Tensor linear(const at::Tensor& x, const Lin& l, int64_t n) const {
-    at::Tensor z;
-    switch (layout[l.kind]) {
-      case kFloat: z = gptforge::linear(x, req(p, l.w), opt(p, l.b)); break;
-      case kInt8Dynamic: z = int8_dynamic(x, req(p, l.w), req(p, l.scale), req(p, l.aux), opt(p, l.b)); break;
-      case kInt4Dynamic: z = int4_dynamic(x, req(p, l.w), n, opt(p, l.b)); break;
-      case kInt8WeightOnly:
-      case kInt4WeightOnly: z = weight_only(x, layout[l.kind], req(p, l.w), req(p, l.scale), opt(p, l.aux), opt(p, l.b)); break;
-      default: TORCH_CHECK(false, "decode block: unknown Linear kind ", layout[l.kind]);
-    }
+    at::Tensor z = gptforge::block_linear(x, layout[l.kind], req(p, l.w), opt(p, l.b), opt(p, l.scale), opt(p, l.aux), n);
     std::optional<at::Tensor> bt = opt(p, l.lora);
     if (!bt.has_value()) return z;
     if (!lora_mask.has_value()) return z.narrow(-1, 0, bt->size(1));  // base rows only: a view, as the split is
