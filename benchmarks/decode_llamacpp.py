@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from alternate import measure  # noqa: E402
 
 PROMPT, NEW = 32, 256
+SHAPES = ("small", "small-gpt2", "gpt2")
 CHECK = 16  # leading tokens of each row compared across engines (the same greedy ids in fp32)
 FORMATS = {  # ours (gptforge quantize --method, None: as is) -> the GGUF type of the same format
     "fp32": (None, "f32"), "bf16": ("bf16", "bf16"), "int8": ("int8", "q8_0"), "int4": ("int4", "q4_0")}
@@ -223,8 +224,7 @@ def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantiz
     L.llama_batch_free(batch)
     path = f"{'extra buffers' if extra else 'no extra buffers'} ({'+'.join(buffers)}), " + (
         "prompt one position a call" if one_at_a_time else "prompt in one batch")
-    return {"tok_s": tok_s, "path": path, "weight_bytes": gguf_matrix_bytes(gguf_path), "kv_bytes_per_pos": kv_per_pos,
-            "first_tokens": first}
+    return {"tok_s": tok_s, "path": path, "kv_bytes_per_pos": kv_per_pos, "first_tokens": first}
 
 
 def worker_bandwidth(threads: int) -> dict:
@@ -301,12 +301,17 @@ def driver(args) -> None:
         skip = None
     except ImportError as e:
         skip = f"llama-cpp-python is not installed ({e}); `make llama-cpp` builds it (about 10 minutes)"
-    work = Path(tempfile.mkdtemp(prefix="decode-llamacpp-"))
-    try:
-        rows, cfg, tok = measure_all(args, work, skip)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report(rows, cfg, tok, skip)
+    shapes = [None] if args.source else args.shape.split(",")
+    for shape in shapes:  # one table per shape
+        args.shape = shape
+        t0 = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix="decode-llamacpp-"))
+        try:
+            rows, cfg, tok = measure_all(args, work, skip)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report(rows, cfg, tok, skip)
+        print(f"\n({shape or args.source}: {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
 def measure_all(args, work: Path, skip: str | None) -> tuple[list, object, object]:
@@ -322,7 +327,8 @@ def measure_all(args, work: Path, skip: str | None) -> tuple[list, object, objec
     batches = [int(b) for b in args.batch.split(",")]
     prompts = [base[3 * i:3 * i + PROMPT] for i in range(max(batches))]  # distinct prompts, PROMPT tokens each
     (work / "prompt.json").write_text(json.dumps(prompts))
-    me = [sys.executable, __file__, "--prompt", str(work / "prompt.json"), "--repeats", str(args.repeats)]
+    me = [sys.executable, __file__, "--prompt", str(work / "prompt.json"), "--repeats", str(args.repeats),
+          "--new", str(NEW)]
     thread_counts = [int(t) for t in args.threads.split(",")]
     bandwidth = {}
     for threads in thread_counts:
@@ -332,17 +338,19 @@ def measure_all(args, work: Path, skip: str | None) -> tuple[list, object, objec
     rows = []
     for fmt in args.formats.split(","):
         ours, theirs = convert(src, fmt, work)
+        # the GGUF's bytes are counted here: its reader maps the file, which would add ~100 MB to a worker's RSS
+        gguf_bytes = {} if skip else {"llama.cpp": gguf_matrix_bytes(str(theirs))}
         for threads in thread_counts:
             for b in batches:
                 variants = {"gptforge": me + ["--worker", "ours", "--model", str(ours), "--format", fmt]}
                 if skip is None:
                     variants["llama.cpp"] = me + ["--worker", "llama", "--model", str(theirs), "--format", fmt]
-                rows.append(measure_row(variants, fmt, threads, b, args.rounds, bandwidth[threads]))
+                rows.append(measure_row(variants, fmt, threads, b, args.rounds, bandwidth[threads], gguf_bytes))
     return rows, cfg, tok
 
 
 def measure_row(variants: dict[str, list[str]], fmt: str, threads: int, batch: int, rounds: int,
-                bandwidth: float) -> dict:
+                bandwidth: float, weight_bytes: dict[str, int]) -> dict:
     """One table row: each engine's processes alternating, medians; at batch 1 the bytes a token reads (matrix
     weights + the KV cache at the mean decode length, prompt + new/2 positions), GB/s and fraction of `bandwidth`."""
     runs: dict[str, list[dict]] = {name: [] for name in variants}
@@ -359,7 +367,7 @@ def measure_row(variants: dict[str, list[str]], fmt: str, threads: int, batch: i
         if "path" in ms[0]:
             row[name]["path"] = ms[0]["path"]
         if batch == 1:
-            nbytes = ms[0]["weight_bytes"] + ms[0]["kv_bytes_per_pos"] * (PROMPT + NEW / 2)
+            nbytes = weight_bytes.get(name, ms[0].get("weight_bytes")) + ms[0]["kv_bytes_per_pos"] * (PROMPT + NEW / 2)
             gb_s = nbytes * tok_s / 1e9
             row[name].update(bytes_per_token=nbytes, gb_s=gb_s, bw_fraction=gb_s / bandwidth)
     if "llama.cpp" in row:
@@ -402,23 +410,26 @@ def report(rows: list[dict], cfg, tok, skip: str | None) -> None:
 
 
 def main() -> None:
+    global REPEATS, NEW
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="a gptforge checkpoint or a Hugging Face folder (GPT-2 / Llama)")
-    p.add_argument("--shape", default="small", choices=["small", "small-gpt2", "gpt2"],
+    p.add_argument("--shape", default="small",
                    help="random weights of this shape when no --source: small (6 layers, d 384, rotary/RMSNorm/"
-                        "SwiGLU), small-gpt2 (the same in GPT-2's variant) or gpt2 (124M)")
+                        "SwiGLU), small-gpt2 (the same in GPT-2's variant) or gpt2 (124M); several with commas")
     p.add_argument("--formats", default="fp32,bf16,int8,int4")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--batch", default="1,8", help="sequences decoded together (each engine's batched decode)")
     p.add_argument("--rounds", type=int, default=3, help="processes per side, alternating (>= 3 for a median)")
     p.add_argument("--repeats", type=int, default=3, help="timings inside each process (their median)")
+    p.add_argument("--new", type=int, default=NEW, help="new tokens per timed decode (the rate leaves the first out)")
     p.add_argument("--worker", choices=["ours", "llama", "bandwidth"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
     p.add_argument("--prompt", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global REPEATS
-    REPEATS = args.repeats
+    if not set(args.shape.split(",")) <= set(SHAPES):
+        p.error(f"--shape: use {', '.join(SHAPES)} (several with commas), not {args.shape!r}")
+    REPEATS, NEW = args.repeats, args.new
     if args.worker:
         args.threads = int(args.threads)
         args.batch = 1 if args.worker == "bandwidth" else int(args.batch)
