@@ -199,9 +199,10 @@ def formats_main(shape: str, threads: list[int], rounds: int, work: Path, only: 
 
 def kernels_main(threads: int) -> None:
     """The products alone, thread CPU time (a shared machine disturbs it less than wall time), medians of 30:
-    weights per second of each path at 1, 4 and 16 rows for the `gpt2` block matrices (in cache: 2.4 MB int8)
-    and for 16 such sets (out of cache: 113 MB int8), and the 512-row prefill of those four matrices, int8
-    dynamic (oneDNN) vs fp32 (PyTorch's GEMM). One JSON line."""
+    weights per second (G weights/s: each weight counted once per call, whatever the rows) and the bytes they
+    stand for (GB/s: fp32 4, int8 1, int4 g32 0.625 bytes a weight) of each path at 1, 2, 4, 8 and 16 rows, for
+    the `gpt2` block matrices (in cache: 2.4 MB int8) and for 16 such sets (out of cache: 113 MB int8), and the
+    512-row prefill of those four matrices, int8 dynamic (oneDNN) vs fp32 (PyTorch's GEMM). One JSON line."""
     import statistics
 
     from gptforge.compress.quantize import int4_codes, int8_codes
@@ -228,10 +229,11 @@ def kernels_main(threads: int) -> None:
         q, s = int8_codes(w)
         q4 = int4_codes(w, 32)
         mats.append((w, q, s, ops.int8_row_sums(q), *q4, ops.int4_pack(*q4)))
-    out: dict = {"threads": threads, "paths": ops.quant_paths(), "g_weights_per_s": {}}
+    out: dict = {"threads": threads, "paths": ops.quant_paths(), "g_weights_per_s": {}, "gb_per_s": {}}
+    bytes_per_weight = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
     for where, ms in (("in_cache", mats[:4]), ("out_of_cache", mats)):
         nw = sum(m[0].numel() for m in ms)
-        for rows in (1, 4, 16):
+        for rows in (1, 2, 4, 8, 16):
             xs = {k: torch.randn(rows, k) for k in (768, 3072)}
             res = {"fp32": rate(lambda: [ops.linear(xs[m[0].shape[1]], m[0]) for m in ms], nw),
                    "int8_weight_only": rate(lambda: [ops.linear_int8(xs[m[0].shape[1]], m[1], m[2]) for m in ms], nw),
@@ -243,6 +245,7 @@ def kernels_main(threads: int) -> None:
                     res[f"int4_dynamic_{path}"] = rate(
                         lambda: [ops.linear_int4_dynamic(xs[m[0].shape[1]], m[7], m[0].shape[0]) for m in ms], nw)
             out["g_weights_per_s"][f"{where}_rows{rows}"] = {k: round(v, 2) for k, v in res.items()}
+            out["gb_per_s"][f"{where}_rows{rows}"] = {k: round(v * bytes_per_weight[k[:4]], 2) for k, v in res.items()}
     xs = {k: torch.randn(512, k) for k in (768, 3072)}
     ms = mats[:4]
     fp32 = rate(lambda: [torch.nn.functional.linear(xs[m[0].shape[1]], m[0]) for m in ms], 1, 5)
