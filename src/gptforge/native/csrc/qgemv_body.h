@@ -109,7 +109,7 @@ inline void i4_tile(const I4Args& a, const uint8_t* tile, int v, const uint8_t* 
   for (int64_t g = 0; g < a.G; ++g) {
     const uint8_t* p = tile + g * a.rec;
     const uint8_t* x = act + g * a.arec;
-    for (int64_t o = 0; o < a.rec; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + o), _MM_HINT_T0);
+    for (int64_t o = 0; o < a.rec; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + o), _MM_HINT_T1);
     const VF sc = halves(p + 2 * L * v), lz = halves(p + 32 + 2 * L * v);
     VI d[MB];
 #pragma GCC unroll 8
