@@ -9,8 +9,8 @@ One set of weights (a checkpoint, an HF folder imported with import-hf, or rando
 trained on the bundled corpus) is converted once per format, each side in its own: ours with `gptforge quantize`
 (fp32 as is, bf16, int8, int4 with groups of 32), llama.cpp's with `gptforge export-gguf` (f32, bf16, q8_0, q4_0:
 blocks of 32 with one scale, the peers of int8 per channel and int4-g32). Each measurement is a fresh process:
-load, B distinct 32-token prompts decoded together, greedy, no end-of-text stop; decode rate = B x 255 /
-(time(256 new tokens) - time(1 new token)) so that prefill is left out, median of --repeats inside the process;
+load, B distinct 32-token prompts decoded together, greedy, no end-of-text stop; decode rate = B x 255 / the time
+from the first new token to the 256th (prefill left out), median of --repeats inside the process;
 peak RSS of the process (VmHWM) at the end. Ours loads as `gptforge generate` does (gptforge.load: the CPU decode
 layout; bf16 asked for explicitly) and decodes with generate_steps (its static batch). llama.cpp's side uses
 the low-level API: one llama_batch per step holding a token of each sequence (its own seq_id; a KV cache of
@@ -64,16 +64,14 @@ REPEATS = 3  # timings inside each process (--repeats)
 
 
 def timed(run) -> float:
-    """Decode tokens per second of `run(n)` (generates n tokens after a fresh prefill), median of REPEATS."""
+    """Decode steps per second of `run(n)`, which generates n tokens after a fresh prefill and returns the clock
+    at its first token and at its last: the n - 1 steps between are the decode, the prefill left out. Median of
+    REPEATS."""
     run(4)  # warm-up: first-call allocations, kernel selection
     rates = []
     for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        run(NEW)
-        t2 = time.perf_counter()
-        rates.append((NEW - 1) / ((t2 - t1) - (t1 - t0)))
+        first, last = run(NEW)
+        rates.append((NEW - 1) / (last - first))
     return statistics.median(rates)
 
 
@@ -89,12 +87,16 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
 
     first: list[list[int]] = []  # each row's first tokens, to check both engines decode the same rows
 
-    def run(n: int) -> None:
+    def run(n: int) -> tuple[float, float]:
         p = SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eos=False)
+        steps, clock = [], []
         with torch.inference_mode():
-            steps = [s.ids for s in generate_steps(model, prompts, p, vocab_size=tok.vocab_size)]
+            for s in generate_steps(model, prompts, p, vocab_size=tok.vocab_size):
+                clock.append(time.perf_counter())
+                steps.append(s.ids)
         assert len(steps) == n
         first[:] = [list(row) for row in zip(*steps[:CHECK])]
+        return clock[0], clock[-1]
 
     cfg = model.config
     kv_item = next(model.parameters()).element_size()  # the cache stores the weights' dtype (kv_dtype auto)
@@ -199,7 +201,7 @@ def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantiz
 
     first: list[list[int]] = []
 
-    def run(n: int) -> None:
+    def run(n: int) -> tuple[float, float]:
         L.llama_memory_clear(mem, True)
         if one_at_a_time:
             for j in range(PROMPT):
@@ -209,6 +211,7 @@ def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantiz
             decode(prompts, 0)
             last = [(s + 1) * PROMPT - 1 for s in range(B)]
         nxt = greedy(last)
+        t0 = time.perf_counter()
         first[:] = [[t] for t in nxt]
         for step in range(n - 1):
             decode([[t] for t in nxt], PROMPT + step)
@@ -216,6 +219,7 @@ def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantiz
             if step + 1 < CHECK:
                 for row, t in zip(first, nxt):
                     row.append(t)
+        return t0, time.perf_counter()
 
     tok_s = B * timed(run)
     buffers = sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", log)))
