@@ -480,21 +480,34 @@ STEP_VARIANTS = {  # the whole-step op's variants (native/step.py): each norm, M
 }
 
 
+def _step_model(variant: str, fmt: str) -> GPT:
+    """A decode-layout model of STEP_VARIANTS[variant] in fmt: fp32, bf16, or int8 / int4 (int8 activations)."""
+    from gptforge import native
+    from gptforge.compress.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**STEP_VARIANTS[variant])).eval()
+    if fmt in ("int8", "int4"):
+        model = quantize_model(model, fmt, group_size=32 if fmt == "int4" else None)[0]
+    return native.decode_layout(model.to(torch.bfloat16) if fmt == "bf16" else model)
+
+
 @pytest.mark.parametrize("variant", STEP_VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_whole_step_op_equals_the_block_path(variant, dtype, monkeypatch):
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
     """generate_steps runs a decode-layout model's step as one native call (csrc/step.cpp); its tokens equal the
-    per-block path's, its logprobs, logits and cache writes agree to rounding (its norms sum in another order; bf16
-    results are rounded where the PyTorch ops round them: equal on the CI CPU, one bf16 step allowed), with left
-    padding; without the op the path is the block op's."""
+    per-block path's, its logprobs, logits and cache writes agree to rounding (fp32: its SiLU's exp and LayerNorm's
+    sums differ in the last bits; bf16 results are rounded where the PyTorch ops round them; int8 activations:
+    equal products' inputs. All equal on the CI CPU but fp32's, one bf16 step allowed), with left padding, for
+    quantized models too (their quantized table and head run as modules around the op); without the op the path
+    is the block op's."""
     from gptforge import native
     from gptforge.native.step import DecodeStep
 
     if not native.available():
         pytest.skip("the native kernels could not be built here")
-    torch.manual_seed(0)
-    model = native.decode_layout(GPT(ModelConfig(**STEP_VARIANTS[variant])).eval().to(dtype))
-    atol = ATOL if dtype == torch.float32 else 2e-2  # bf16: one step of 2^-6 at |logit| ~1-2
+    model = _step_model(variant, fmt)
+    atol = 2e-2 if fmt == "bf16" else ATOL  # bf16: one step of 2^-6 at |logit| ~1-2
     step = DecodeStep.of(model)
     assert step is not None
     calls, call = [], DecodeStep.__call__
@@ -521,8 +534,9 @@ def test_whole_step_op_equals_the_block_path(variant, dtype, monkeypatch):
 
 
 def test_whole_step_op_runs_only_what_it_covers():
-    """fp32 and bf16 models run it; mixed dtypes, QK-norm, value embeddings, quantized matrices, adapters served
-    per row and a model without the decode layout keep the model's own forward (DecodeStep.of is None)."""
+    """fp32, bf16 and quantized models run it; mixed dtypes, QK-norm, value embeddings, Linears the block op does
+    not multiply (a quantized kernel other than the native one), adapters served per row and a model without the
+    decode layout keep the model's own forward (DecodeStep.of is None)."""
     from gptforge import native
     from gptforge.compress.quantize import quantize_model
     from gptforge.config import LoRAConfig
@@ -540,7 +554,12 @@ def test_whole_step_op_runs_only_what_it_covers():
     assert DecodeStep.of(native.decode_layout(mixed)) is None
     assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg, qk_norm=True)).eval())) is None
     assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg, value_embeds=1)).eval())) is None
-    assert DecodeStep.of(native.decode_layout(quantize_model(GPT(ModelConfig(**cfg)).eval(), "int8")[0])) is None
+    assert DecodeStep.of(native.decode_layout(quantize_model(GPT(ModelConfig(**cfg)).eval(), "int8")[0])) is not None
+    dequant = quantize_model(GPT(ModelConfig(**cfg)).eval(), "int8")[0]
+    for m in dequant.modules():
+        if hasattr(m, "kernel"):
+            m.kernel = "dequant"
+    assert DecodeStep.of(native.decode_layout(dequant)) is None
     assert DecodeStep.of(native.decode_layout(GPT(ModelConfig(**cfg)).train())) is None
     served = GPT(ModelConfig(**cfg)).eval()
     lora = LoRAConfig(rank=2)

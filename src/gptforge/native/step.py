@@ -1,16 +1,20 @@
 """A whole CPU decode step as one native call (csrc/step.cpp): embedding, every block, the final norm and the head.
 
-`DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation (so a model changed between
-generations is read afresh) when the op covers it: an eval-mode fp32 or bf16 GPT whose blocks are all DecodeBlocks (the
-block op's variants) without QK-norm, value embeddings or adapters served per row, and a tied head or an unbiased DecodeLinear one. Else it
-is None and the caller keeps the model's forward (the per-block op).
+`DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation when the op covers it: an
+eval-mode GPT whose blocks are all DecodeBlocks (the block op's variants, float or quantized Linears) without QK-norm,
+value embeddings or adapters served per row, in fp32 or bf16 (fp32 where a Linear is quantized: the quantized
+products take fp32 rows). A plain token table and a float head (tied, or an unbiased DecodeLinear) run inside the op;
+any other (a quantized table or head) runs its own module around it. Otherwise `of` is None and the caller keeps
+the model's forward (the per-block op).
 
 Why: at the 6-layer, 384-wide shape the block op's ATen ops and the Python around them cost ~0.9 ms a token beside
-~2 ms of products; here the same math is loops over a few hundred floats per row (docs/BENCHMARKS.md, "Per-token
-cost outside the products").
+~2 ms of fp32 products; here the same math is loops over a few hundred floats per row (docs/BENCHMARKS.md,
+"Per-token cost outside the products").
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -19,9 +23,12 @@ from gptforge.model import GPT, SoftCap, rotary_tables
 from gptforge.native.layout import DecodeBlock, DecodeLinear, DecodeTiedHead
 from gptforge.native.schema import NORM_KIND, BlockLayout, BlockParams
 
-# The op's per-layer tensors, in its order (csrc/step.cpp checks the names when a DecodeStep is built).
+# The op's per-layer tensors and Linear kinds, in its order, by schema.py's names (the op checks the first list).
 LAYER_FIELDS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight",
-                "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias")
+                "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias",
+                "qkv_scale", "qkv_aux", "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux",
+                "gate_scale", "gate_aux")
+KIND_FIELDS = ("qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind")
 GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight")
 MAX_ROWS = 16
 
@@ -30,17 +37,28 @@ def _covered(model: nn.Module) -> bool:
     """Whether the step op computes this model's decode step (the module docstring says which models)."""
     if type(model) is not GPT or model.training or not len(model.blocks):
         return False
-    cfg, blocks, head = model.config, list(model.blocks), model.lm_head
+    cfg, blocks = model.config, list(model.blocks)
     norms = [model.norm_f, *(n for b in blocks for n in (b.norm1, b.norm2))]
-    head_ok = type(head) is DecodeTiedHead or (type(head) is DecodeLinear and head.bias is None)
-    # no LoRA adapters served per row, no quantized Linears (the block op takes both; this op reads fp32 weights)
-    plain = all(type(b) is DecodeBlock and b._selection is None and not b._quantized for b in blocks)
-    return (plain and cfg.value_embeds == 0 and not cfg.qk_norm and head_ok
+    dtypes = {p.dtype for p in model.parameters()}
+    quantized = any(b._quantized for b in blocks if type(b) is DecodeBlock)
+    return (all(type(b) is DecodeBlock and b._selection is None for b in blocks)  # no LoRA adapters served per row
+            and cfg.value_embeds == 0 and not cfg.qk_norm
             and type(model.norm_f) is type(blocks[0].norm1) and type(model.norm_f) in NORM_KIND
             and len({n.eps for n in norms}) == 1 and model.norm_f.weight is not None
-            and isinstance(model.drop, nn.Identity) and isinstance(model.softcap, (nn.Identity, SoftCap))
-            and {p.dtype for p in model.parameters()} in ({torch.float32}, {torch.bfloat16})
+            and isinstance(model.drop, nn.Identity)
+            and dtypes in (({torch.float32},) if quantized else ({torch.float32}, {torch.bfloat16}))
             and all(p.device.type == "cpu" for p in model.parameters()))
+
+
+def _float_head(model: GPT) -> torch.Tensor | None:
+    """The head's weight when the op can multiply it (a float tied head or unbiased Linear, no other soft-cap than
+    SoftCap's), else None."""
+    head = model.lm_head
+    if not isinstance(model.softcap, (nn.Identity, SoftCap)):
+        return None
+    if type(head) is DecodeTiedHead and type(head.table) is nn.Embedding:
+        return head.table.weight
+    return head.weight if type(head) is DecodeLinear and head.bias is None else None
 
 
 class DecodeStep:
@@ -53,19 +71,24 @@ class DecodeStep:
             return None
         check_fields()
         self = cls()
-        cfg = model.config
-        layout = BlockLayout.of(model.blocks[0])
-        self.layout = [cfg.n_layer, layout.n_head, layout.n_kv_head, layout.head_dim, layout.norm, layout.mlp]
+        cfg, first = model.config, BlockLayout.of(model.blocks[0])
+        self.model = model
+        self.layout = [cfg.n_layer, first.n_head, first.n_kv_head, first.head_dim, first.norm, first.mlp, first.hidden]
         self.eps = float(model.norm_f.eps)
-        self.softcap = float(model.softcap.cap) if isinstance(model.softcap, SoftCap) else 0.0
-        self.layers = [getattr(BlockParams.of(b), name) for b in model.blocks for name in LAYER_FIELDS]
-        head = model.lm_head
+        self.layers = [getattr(b.params, name) for b in model.blocks for name in LAYER_FIELDS]
+        self.kinds = [getattr(b.layout, name) for b in model.blocks for name in KIND_FIELDS]
+        head = _float_head(model)
+        self.head = head is None  # the model's own head (and soft-cap) after the op
+        self.softcap = float(model.softcap.cap) if head is not None and isinstance(model.softcap, SoftCap) else 0.0
+        # A table of another kind (quantized) embeds in its own module before the op, positions included.
+        self.embed = any(t is not None and type(t) is not nn.Embedding for t in (model.tok_emb, model.pos_emb))
         rope = (None, None)
         if model.pos_emb is None:  # every position's cos and sin once, indexed by the op (model.rotary_tables' values)
             rope = tuple(t.contiguous() for t in rotary_tables(torch.arange(cfg.block_size), cfg))
-        self.globals = [model.tok_emb.weight, None if model.pos_emb is None else model.pos_emb.weight, *rope,
-                        model.norm_f.weight, getattr(model.norm_f, "bias", None),
-                        head.table.weight if type(head) is DecodeTiedHead else head.weight]
+        self.globals = [None if self.embed else model.tok_emb.weight,
+                        None if model.pos_emb is None or self.embed else model.pos_emb.weight, *rope,
+                        model.norm_f.weight, getattr(model.norm_f, "bias", None), head]
+        self._cache = self._kv = None
         return self
 
     def usable(self, cache, rows: int) -> bool:
@@ -74,16 +97,23 @@ class DecodeStep:
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """Logits (B, V) of one new token per row: ids and positions (B, 1), at the slots `cache.prepare` set."""
-        return torch.ops.gptforge_step.decode(
-            ids.reshape(-1), pos.reshape(-1).contiguous(), self.globals, self.layers, self.layout, self.eps,
-            self.softcap, [kv.k for kv in cache.layers], [kv.v for kv in cache.layers], cache.slots, cache.mask)
+        if cache is not self._cache:  # the layers' buffers, listed once per cache
+            self._cache, self._kv = cache, ([kv.k for kv in cache.layers], [kv.v for kv in cache.layers])
+        x = None
+        if self.embed:  # as GPT.forward embeds: (B, 1, D)
+            x = self.model.tok_emb(ids) if self.model.pos_emb is None else self.model.tok_emb(ids) + self.model.pos_emb(pos)
+        out = torch.ops.gptforge_step.decode(ids.reshape(-1), pos.reshape(-1).contiguous(), x, self.globals,
+                                             self.layers, self.kinds, self.layout, self.eps, self.softcap, *self._kv,
+                                             cache.slots, cache.mask)
+        return self.model.softcap(self.model.lm_head(out)) if self.head else out
 
 
 _checked = False
 
 
 def check_fields() -> None:
-    """Raise if the loaded library's step op reads its tensors in another order than the lists here."""
+    """Raise if the loaded library's step op reads its tensors in another order than the lists here, or if
+    schema.py no longer names a field they take."""
     global _checked
     if not _checked:
         for ours, op in ((LAYER_FIELDS, torch.ops.gptforge_step.layer_fields),
@@ -91,4 +121,8 @@ def check_fields() -> None:
             if list(ours) != list(op()):
                 raise RuntimeError(f"the native step op reads {list(op())}, gptforge/native/step.py writes "
                                    f"{list(ours)}: rebuild from one version of gptforge")
+        missing = (set(LAYER_FIELDS) - {f.name for f in dataclasses.fields(BlockParams)}) | \
+            (set(KIND_FIELDS) - {f.name for f in dataclasses.fields(BlockLayout)})
+        if missing:
+            raise RuntimeError(f"native/step.py reads {sorted(missing)}, which schema.py no longer names")
         _checked = True

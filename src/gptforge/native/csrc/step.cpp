@@ -9,19 +9,28 @@
 // op's ATen ops (~110 us a block) with the Python around them (~0.2 ms) added another ~0.9 ms: llama.cpp's whole
 // step is ~2.3 ms (docs/BENCHMARKS.md, "Per-token cost outside the products").
 //
-// fp32 and bf16 models (native/step.py checks). The math is the model's (model.py) in its dtype: the PyTorch path's
-// ops in the same order, each bf16 result rounded where that path's op rounds it, so results equal that path's up
-// to the order of the norms' sums (a few ulps); rotary is computed exactly as model.apply_rotary does (no fused
-// multiply-add), from tables the caller computed once with model.rotary_tables.
+// fp32 and bf16 models, and fp32 models with quantized Linears (native/step.py checks). The math is the model's
+// (model.py) in its dtype: the PyTorch path's ops in the same order, each bf16 result rounded where that path's op
+// rounds it, so results equal that path's up to the order of the norms' sums (a few ulps); rotary is computed
+// exactly as model.apply_rotary does (no fused multiply-add), from tables the caller computed once with
+// model.rotary_tables. Each Linear is multiplied as the block op multiplies it (gptforge::block_linear, by its kind:
+// float, or int8 / int4 codes). A quantized token table or head stays the caller's (it embeds, or applies the head
+// to the op's final-norm output).
 //
-// Tensors: `layers` holds, per layer, the fields `layer_fields()` names (native/step.py builds the list in that
-// order and checks it); a field a variant does not have is None. `globals` holds the token table, the learned
-// position table or None, the rotary cos and sin tables (positions x Hd) or None, the final norm's weight and bias,
-// and the head's weight (the token table itself when tied).
+// Tensors: `layers` holds, per layer, the fields `layer_fields()` names and `kinds` each Linear's kind
+// (native/step.py builds both from schema.py's BlockParams and BlockLayout and checks the names); a field a variant
+// does not have is None. `globals`: see Global below.
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/rms_norm.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/square.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -45,17 +54,26 @@ namespace {
 
 using Opts = c10::List<std::optional<at::Tensor>>;
 
+// Per layer: each Linear's weight and bias, its scale and aux where quantized (schema.py's BlockParams names).
 enum Field : int64_t {
-  kNorm1W, kNorm1B, kQkvW, kQkvB, kProjW, kProjB, kNorm2W, kNorm2B, kUpW, kUpB, kDownW, kDownB, kGateW, kGateB, kFields
+  kNorm1W, kNorm1B, kQkvW, kQkvB, kProjW, kProjB, kNorm2W, kNorm2B, kUpW, kUpB, kDownW, kDownB, kGateW, kGateB,
+  kQkvS, kQkvA, kProjS, kProjA, kUpS, kUpA, kDownS, kDownA, kGateS, kGateA, kFields
 };
-const char* const kFieldNames[kFields] = {"norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight",
-                                          "proj_bias", "norm2_weight", "norm2_bias", "up_weight", "up_bias",
-                                          "down_weight", "down_bias", "gate_weight", "gate_bias"};
+const char* const kFieldNames[kFields] = {
+    "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight", "norm2_bias",
+    "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias", "qkv_scale", "qkv_aux",
+    "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux", "gate_scale", "gate_aux"};
+// Per layer, each Linear's kind (schema.py's LINEAR_KIND, what gptforge::block_linear multiplies), in this order.
+enum Kind : int64_t { kQkvK, kProjK, kUpK, kDownK, kGateK, kKinds };
+// The token table (None: the caller embeds, and hands x), the learned position table or None, the rotary tables
+// (positions x Hd) or None, the final norm's weight and bias, the head's fp32/bf16 weight (None: the op returns the
+// final norm's output, and the caller applies its head and soft-cap).
 enum Global : int64_t { kTokEmb, kPosEmb, kCos, kSin, kNormFW, kNormFB, kHeadW, kGlobals };
 const char* const kGlobalNames[kGlobals] = {"tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight",
                                             "norm_f_bias", "head_weight"};
-// layout: n_layer, n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²).
-enum Layout : int64_t { kNLayer, kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kLayout };
+// layout: n_layer, n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²),
+// hidden (the MLP's width).
+enum Layout : int64_t { kNLayer, kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kHidden, kLayout };
 
 std::vector<std::string> layer_fields() { return {std::begin(kFieldNames), std::end(kFieldNames)}; }
 std::vector<std::string> global_fields() { return {std::begin(kGlobalNames), std::end(kGlobalNames)}; }
@@ -68,19 +86,63 @@ const T* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->dat
 template <class T>
 inline float as(float v) { return static_cast<float>(static_cast<T>(v)); }
 
+// The sum of n floats in the order PyTorch's CPU sum reduces one contiguous row (ATen's SumKernel.cpp row_sum: 8-lane
+// vectors, four interleaved partial sums, cascaded levels of 16 steps, then the lanes in order), so that RMSNorm's
+// mean of squares equals PyTorch's to the bit (checked against torch on 64-4096 floats; another torch build may
+// order its sum otherwise, and then the results differ in the last bits only).
+float torch_row_sum(const float* x, int64_t n) {
+  constexpr int W = 8, ILP = 4, LEVELS = 4;
+  const int64_t vecs = n / W, size = vecs / ILP;
+  int64_t log2 = 1;
+  while ((int64_t{1} << log2) < size) ++log2;
+  const int64_t power = std::max<int64_t>(4, log2 / LEVELS), step = int64_t{1} << power, mask = step - 1;
+  float acc[LEVELS][ILP][W] = {};
+  auto add = [](float* a, const float* v) {
+    for (int w = 0; w < W; ++w) a[w] += v[w];
+  };
+  int64_t i = 0;
+  while (i + step <= size) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int k = 0; k < ILP; ++k) add(acc[0][k], x + (i * ILP + k) * W);
+    for (int j = 1; j < LEVELS; ++j) {
+      for (int k = 0; k < ILP; ++k) {
+        add(acc[j][k], acc[j - 1][k]);
+        std::fill(acc[j - 1][k], acc[j - 1][k] + W, 0.0f);
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < ILP; ++k) add(acc[0][k], x + (i * ILP + k) * W);
+  for (int j = 1; j < LEVELS; ++j)
+    for (int k = 0; k < ILP; ++k) add(acc[0][k], acc[j][k]);
+  for (int64_t v = size * ILP; v < vecs; ++v) add(acc[0][0], x + v * W);
+  for (int k = 1; k < ILP; ++k) add(acc[0][0], acc[0][k]);
+  float total = 0;
+  for (int64_t k = vecs * W; k < n; ++k) total += x[k];
+  for (int w = 0; w < W; ++w) total += acc[0][0][w];
+  return total;
+}
+
 // y = norm(x) over each of B rows of D, as nn.LayerNorm / nn.RMSNorm compute it in the model's dtype T: LayerNorm in
-// fp32, rounded once; RMSNorm as PyTorch's composite does, x * rsqrt(mean(x^2) + eps) rounded to T, then times w.
+// fp32, rounded once; RMSNorm as PyTorch's composite does, x * rsqrt(mean(x^2) + eps) rounded to T, then times w
+// (in fp32 equal to it bit for bit, through torch_row_sum).
 template <class T>
 void norm_rows(const float* x, T* y, int64_t B, int64_t D, const T* w, const T* b, bool rms, float eps) {
+  std::vector<float> sq(D);
   for (int64_t r = 0; r < B; ++r, x += D, y += D) {
-    float mean = 0;
-    if (!rms) {
+    float mean = 0, var;
+    if (rms) {
+      for (int64_t i = 0; i < D; ++i) sq[i] = x[i] * x[i];
+      var = torch_row_sum(sq.data(), D) / static_cast<float>(D);
+    } else {
       for (int64_t i = 0; i < D; ++i) mean += x[i];
       mean /= static_cast<float>(D);
+      float ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += (x[i] - mean) * (x[i] - mean);
+      var = ss / static_cast<float>(D);
     }
-    float ss = 0;
-    for (int64_t i = 0; i < D; ++i) ss += (x[i] - mean) * (x[i] - mean);
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    const float inv = 1.0f / std::sqrt(var + eps);
     for (int64_t i = 0; i < D; ++i) {
       const float v = (x[i] - mean) * inv;
       y[i] = static_cast<T>(rms ? as<T>(v) * static_cast<float>(w[i])
@@ -146,9 +208,13 @@ void silu(const T* g, float* out, int64_t n) {
 
 // The MLP's activation into a (B*F values of T), from up (in a) and, for SwiGLU, gate: silu(gate) * up, GELU (tanh
 // approximation) or relu(up)^2; each PyTorch op's result rounded to T as the op would.
+constexpr int64_t kTimes = 3;  // `activate`'s mode for a gate already through silu: a = gate * a
+
 template <class T>
 void activate(T* a, const T* gate, int64_t n, int64_t mlp) {
-  if (mlp == 1) {
+  if (mlp == kTimes) {
+    for (int64_t i = 0; i < n; ++i) a[i] = static_cast<T>(static_cast<float>(gate[i]) * static_cast<float>(a[i]));
+  } else if (mlp == 1) {
     std::vector<float> sg(n);
     silu(gate, sg.data(), n);
     for (int64_t i = 0; i < n; ++i) a[i] = static_cast<T>(as<T>(sg[i]) * static_cast<float>(a[i]));
@@ -173,32 +239,36 @@ void add_into(float* x, const at::Tensor& y, int64_t n) {
 }
 
 struct Shape {
-  int64_t L, H, Kh, Hd, mlp;
+  int64_t L, H, Kh, Hd, mlp, hidden;
   bool rms;
   float eps;
 };
 
 template <class T>
-at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const Opts& globals,
-               const Opts& layers, double softcap, const std::vector<at::Tensor>& k_caches,
-               const std::vector<at::Tensor>& v_caches, const at::Tensor& slots, const at::Tensor& mask) {
-  const at::Tensor tok = *globals.get(kTokEmb);
-  const int64_t B = ids.size(0), D = tok.size(1), V = tok.size(0), H = s.H, Kh = s.Kh, Hd = s.Hd;
-  const int64_t R = (H + 2 * Kh) * Hd;
-  at::Tensor x = at::empty({B, D}, ids.options().dtype(at::kFloat)), h = at::empty({B, D}, tok.options());
+at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x0,
+               const Opts& globals, const Opts& layers, at::IntArrayRef kinds, double softcap,
+               const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+               const at::Tensor& mask) {
+  const at::Tensor normf = *globals.get(kNormFW);
+  const int64_t B = ids.size(0), D = normf.size(0), H = s.H, Kh = s.Kh, Hd = s.Hd, R = (H + 2 * Kh) * Hd;
+  at::Tensor x = at::empty({B, D}, ids.options().dtype(at::kFloat)), h = at::empty({B, D}, normf.options());
   float* xp = x.data_ptr<float>();
   T* hp = h.data_ptr<T>();
-  const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
 
-  // Embedding (and learned positions, added in T).
+  // Embedding (the caller's x, or the token table's rows), and learned positions added in T.
+  const std::optional<at::Tensor> tok = globals.get(kTokEmb);
+  TORCH_CHECK(tok.has_value() != x0.has_value(), "decode step: give either the token table or the embedded x");
+  const at::Tensor emb = tok.has_value() ? *tok : x0->reshape({B, D});
+  TORCH_CHECK(emb.scalar_type() == normf.scalar_type() && emb.is_contiguous() && emb.size(-1) == D,
+              "decode step: the embedding must be contiguous, of the norms' dtype and width");
   const T* pe = ptr<T>(globals.get(kPosEmb));
   for (int64_t r = 0; r < B; ++r) {
-    TORCH_CHECK(id[r] >= 0 && id[r] < V, "decode step: token id ", id[r], " is outside the table's ", V);
-    const T* row = tok.data_ptr<T>() + id[r] * D;
+    const int64_t row = tok.has_value() ? ids.data_ptr<int64_t>()[r] : r;
+    TORCH_CHECK(row >= 0 && row < emb.size(0), "decode step: token id ", row, " is outside the table's ", emb.size(0));
+    const T* e = emb.data_ptr<T>() + row * D;
     for (int64_t i = 0; i < D; ++i)
-      xp[r * D + i] = pe ? as<T>(static_cast<float>(row[i]) + static_cast<float>(pe[pos[r] * D + i]))
-                         : static_cast<float>(row[i]);
+      xp[r * D + i] = pe ? as<T>(static_cast<float>(e[i]) + static_cast<float>(pe[pos[r] * D + i])) : static_cast<float>(e[i]);
   }
   const float* cos = ptr<float>(globals.get(kCos));
   const float* sin = ptr<float>(globals.get(kSin));
@@ -206,12 +276,24 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   for (int64_t r = 0; cos && r < B; ++r)
     TORCH_CHECK(pos[r] >= 0 && pos[r] < table, "decode step: position ", pos[r], " is outside the rotary tables");
 
+  // With int8 activations (a dynamic kind) a last-bit difference in a product's input can move a rounding step of
+  // its quantized copy. There LayerNorm and the GELU / SiLU are PyTorch's own ops, as in the block op (RMSNorm's
+  // loop is already PyTorch's bit for bit): equal inputs to every product, so greedy tokens equal that path's
+  // however long the decode. Otherwise they are the loops here.
+  const bool exact = std::any_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == 1 || k == 2; });
+  auto norm = [&](const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b) {
+    if (exact && !s.rms) return at::layer_norm(x, {D}, w, b, s.eps);
+    norm_rows<T>(xp, hp, B, D, ptr<T>(w), ptr<T>(b), s.rms, s.eps);
+    return h;
+  };
   for (int64_t l = 0; l < s.L; ++l) {
-    auto f = [&](Field i) { return layers.get(l * kFields + i); };
-    auto linear = [&](const at::Tensor& in, Field w, Field b) { return gptforge::linear(in, *f(w), f(b)); };
+    auto f = [&](int64_t i) { return layers.get(l * kFields + i); };
+    // One Linear as the block op multiplies it (its kind: float, or int8/int4 codes), n its output width.
+    auto linear = [&](const at::Tensor& in, Kind k, Field w, Field b, Field sc, Field aux, int64_t n) {
+      return gptforge::block_linear(in, kinds[l * kKinds + k], *f(w), f(b), f(sc), f(aux), n);
+    };
     // Attention: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x).
-    norm_rows<T>(xp, hp, B, D, ptr<T>(f(kNorm1W)), ptr<T>(f(kNorm1B)), s.rms, s.eps);
-    at::Tensor qkv = linear(h, kQkvW, kQkvB);  // (B, R): q, k, v of each row side by side
+    at::Tensor qkv = linear(norm(f(kNorm1W), f(kNorm1B)), kQkvK, kQkvW, kQkvB, kQkvS, kQkvA, R).contiguous();  // (B, R): q, k, v side by side
     T* qp = qkv.data_ptr<T>();
     for (int64_t r = 0; cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
       rotary<T>(qp + r * R, H + Kh, Hd, cos + pos[r] * Hd, sin + pos[r] * Hd);
@@ -219,17 +301,21 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
     at::Tensor k = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, H * Hd);
     at::Tensor v = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, (H + Kh) * Hd);
     at::Tensor y = gptforge::decode_attention(q, k, v, k_caches[l], v_caches[l], slots, mask);  // (B, H, 1, Hd)
-    add_into<T>(xp, linear(y.view({B, H * Hd}), kProjW, kProjB), B * D);
+    add_into<T>(xp, linear(y.view({B, H * Hd}), kProjK, kProjW, kProjB, kProjS, kProjA, D).contiguous(), B * D);
 
     // MLP: x + down(act(up(norm2(x)))).
-    norm_rows<T>(xp, hp, B, D, ptr<T>(f(kNorm2W)), ptr<T>(f(kNorm2B)), s.rms, s.eps);
-    at::Tensor a = linear(h, kUpW, kUpB);
-    at::Tensor g = s.mlp == 1 ? linear(h, kGateW, kGateB) : a;
-    activate<T>(a.data_ptr<T>(), g.data_ptr<T>(), a.numel(), s.mlp);
-    add_into<T>(xp, linear(a, kDownW, kDownB), B * D);
+    const at::Tensor hn = norm(f(kNorm2W), f(kNorm2B));
+    at::Tensor a = linear(hn, kUpK, kUpW, kUpB, kUpS, kUpA, s.hidden).contiguous();
+    at::Tensor g = s.mlp == 1 ? linear(hn, kGateK, kGateW, kGateB, kGateS, kGateA, s.hidden).contiguous() : a;
+    if (exact && s.mlp == 1) g = at::silu(g);  // then silu(g) * up below, the same product as PyTorch's mul
+    if (exact && s.mlp == 0) a = at::gelu(a, "tanh");
+    else activate<T>(a.data_ptr<T>(), g.data_ptr<T>(), a.numel(), exact && s.mlp == 1 ? kTimes : s.mlp);
+    add_into<T>(xp, linear(a, kDownK, kDownW, kDownB, kDownS, kDownA, D).contiguous(), B * D);
   }
-  norm_rows<T>(xp, hp, B, D, ptr<T>(globals.get(kNormFW)), ptr<T>(globals.get(kNormFB)), s.rms, s.eps);
-  at::Tensor logits = gptforge::linear(h, *globals.get(kHeadW), std::nullopt);  // (B, V)
+  const at::Tensor hf = norm(globals.get(kNormFW), globals.get(kNormFB));
+  const std::optional<at::Tensor> head = globals.get(kHeadW);
+  if (!head.has_value()) return hf;  // (B, D): the caller's head
+  at::Tensor logits = gptforge::linear(hf, *head, std::nullopt);  // (B, V)
   if (softcap > 0) {  // SoftCap's three ops: divide, tanh, multiply, each rounded to T
     T* lp = logits.data_ptr<T>();
     const float cap = static_cast<float>(softcap);
@@ -239,35 +325,38 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   return logits;
 }
 
-at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const Opts& globals, const Opts& layers,
-                       at::IntArrayRef layout, double eps, double softcap, const std::vector<at::Tensor>& k_caches,
-                       const std::vector<at::Tensor>& v_caches, const at::Tensor& slots, const at::Tensor& mask) {
-  TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp)");
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x,
+                       const Opts& globals, const Opts& layers, at::IntArrayRef kinds, at::IntArrayRef layout, double eps,
+                       double softcap, const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                       const at::Tensor& slots, const at::Tensor& mask) {
+  TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp, "
+              "hidden)");
   TORCH_CHECK(globals.size() == kGlobals, "decode step: expected ", kGlobals, " global tensors, got ", globals.size());
-  const Shape s{layout[kNLayer], layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kMlp], layout[kNorm] == 1,
-                static_cast<float>(eps)};
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == s.L * kFields, "decode step: expected ", s.L * kFields,
-              " layer tensors, got ", layers.size());
+  const Shape s{layout[kNLayer], layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kMlp], layout[kHidden],
+                layout[kNorm] == 1, static_cast<float>(eps)};
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == s.L * kFields && static_cast<int64_t>(kinds.size()) == s.L * kKinds,
+              "decode step: expected ", s.L * kFields, " layer tensors and ", s.L * kKinds, " kinds, got ", layers.size(),
+              " and ", kinds.size());
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == s.L && static_cast<int64_t>(v_caches.size()) == s.L,
               "decode step: one key and one value cache per layer");
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && positions.sizes() == ids.sizes() &&
                   positions.scalar_type() == at::kLong && ids.is_contiguous() && positions.is_contiguous(),
               "decode step: ids and positions must be contiguous int64 (B,)");
   TORCH_CHECK(ids.size(0) >= 1 && ids.size(0) <= 16, "decode step: 1 to 16 rows, got ", ids.size(0));
-  const at::Tensor tok = *globals.get(kTokEmb);
-  TORCH_CHECK(tok.is_contiguous(), "decode step: the token table must be contiguous");
+  TORCH_CHECK(globals.get(kNormFW).has_value(), "decode step: the final norm's weight is required");
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only (as block.cpp)
-  if (tok.scalar_type() == at::kFloat)
-    return run<float>(s, ids, positions, globals, layers, softcap, k_caches, v_caches, slots, mask);
-  TORCH_CHECK(tok.scalar_type() == at::kBFloat16, "decode step: fp32 or bf16 weights, got ", tok.scalar_type());
-  return run<c10::BFloat16>(s, ids, positions, globals, layers, softcap, k_caches, v_caches, slots, mask);
+  const auto dtype = globals.get(kNormFW)->scalar_type();
+  if (dtype == at::kFloat)
+    return run<float>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask);
+  TORCH_CHECK(dtype == at::kBFloat16, "decode step: fp32 or bf16 models, got ", dtype);
+  return run<c10::BFloat16>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(gptforge_step, m) {
-  m.def("decode(Tensor ids, Tensor positions, Tensor?[] globals, Tensor?[] layers, int[] layout, float eps, "
-        "float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor mask) -> Tensor");
+  m.def("decode(Tensor ids, Tensor positions, Tensor? x, Tensor?[] globals, Tensor?[] layers, int[] kinds, int[] layout, "
+        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor mask) -> Tensor");
   m.def("layer_fields() -> str[]", &layer_fields);
   m.def("global_fields() -> str[]", &global_fields);
 }
