@@ -208,3 +208,20 @@ def test_building_on_meta_runs_no_initialiser(made):
             "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(made["int8"])], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_cast_leaves_quantized_scales_as_loaded(made):
+    """load's dtype cast passes the quantized matrices' scales and minima by instead of casting copies it would
+    throw away (which read every scale page of the mapped file): the cast function never sees them, only a
+    0-element probe of their dtype for the device; they stay the loaded tensors, in their own dtype and order."""
+    from gptforge.compress.quantize import QuantizedMatrix
+
+    model, _, _ = load_checkpoint(made["int4"])
+    mats = [m for m in model.modules() if isinstance(m, QuantizedMatrix)]
+    before = [(m.scales.data_ptr(), m.zeros.data_ptr()) for m in mats]
+    seen = []
+    model._apply(lambda t: seen.append((t.dtype, t.numel())) or t.to(torch.bfloat16) if t.is_floating_point() else t)
+    assert {n for dtype, n in seen if dtype == torch.float16} == {0}
+    assert [(m.scales.data_ptr(), m.zeros.data_ptr()) for m in mats] == before
+    assert {m.scales.dtype for m in mats} == {m.zeros.dtype for m in mats} == {torch.float16}
+    assert list(mats[0].state_dict()) == ["weight_q", "scales", "zeros"]
