@@ -177,19 +177,23 @@ at::Tensor weight_only(const at::Tensor& x, int64_t kind, const at::Tensor& q, c
 namespace gptforge {
 
 at::Tensor block_linear(const at::Tensor& x, int64_t kind, const at::Tensor& w, const Opt& b, const Opt& scale,
-                        const Opt& aux, int64_t n) {
+                        const Opt& aux, int64_t n, const Opt& lora, const Opt& lora_mask) {
   auto need = [](const Opt& t, const char* what) {
     TORCH_CHECK(t.has_value(), "decode block: a quantized Linear needs its ", what);
     return *t;
   };
+  at::Tensor z;
   switch (kind) {
-    case kFloat: return gptforge::linear(x, w, b);
-    case kInt8Dynamic: return int8_dynamic(x, w, need(scale, "scales"), need(aux, "row sums"), b);
-    case kInt4Dynamic: return int4_dynamic(x, w, n, b);
+    case kFloat: z = gptforge::linear(x, w, b); break;
+    case kInt8Dynamic: z = int8_dynamic(x, w, need(scale, "scales"), need(aux, "row sums"), b); break;
+    case kInt4Dynamic: z = int4_dynamic(x, w, n, b); break;
     case kInt8WeightOnly:
-    case kInt4WeightOnly: return weight_only(x, kind, w, need(scale, "scales"), aux, b);
+    case kInt4WeightOnly: z = weight_only(x, kind, w, need(scale, "scales"), aux, b); break;
     default: TORCH_CHECK(false, "decode block: unknown Linear kind ", kind);
   }
+  if (!lora.has_value()) return z;
+  if (!lora_mask.has_value()) return z.narrow(-1, 0, lora->size(1));  // base rows only: a view, as the split is
+  return lora_update(z, *lora, *lora_mask);
 }
 
 }  // namespace gptforge
@@ -206,11 +210,8 @@ struct Block {
   // x W^T + b through the product of the Linear's kind (n its output width), plus the rows' LoRA updates where
   // the Linear holds adapters.
   at::Tensor linear(const at::Tensor& x, const Lin& l, int64_t n) const {
-    at::Tensor z = gptforge::block_linear(x, layout[l.kind], req(p, l.w), opt(p, l.b), opt(p, l.scale), opt(p, l.aux), n);
-    std::optional<at::Tensor> bt = opt(p, l.lora);
-    if (!bt.has_value()) return z;
-    if (!lora_mask.has_value()) return z.narrow(-1, 0, bt->size(1));  // base rows only: a view, as the split is
-    return lora_update(z, *bt, *lora_mask);
+    return gptforge::block_linear(x, layout[l.kind], req(p, l.w), opt(p, l.b), opt(p, l.scale), opt(p, l.aux), n,
+                                  opt(p, l.lora), lora_mask);
   }
 
   at::Tensor normed(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {

@@ -14,10 +14,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
                             const at::Tensor& vc, const at::Tensor& slots, const at::Tensor& mask);
 
-// block.cpp: one Linear of a block as the block op multiplies it: `kind` is native/schema.py's LINEAR_KIND (0 float
-// w; 1 int8 codes w, scale, aux = row sums, int8 activations; 2 int4_pack tiles w of n output rows; 3/4 weight-only
-// int8 / int4 codes w, scale, aux = int4 minima), the kernels compress.quantize's QuantLinear calls for few rows.
+// block.cpp: one Linear of a block, of any kind, as the block op multiplies it: `kind` is native/schema.py's
+// LINEAR_KIND (0 float w; 1 int8 codes w, scale, aux = row sums, int8 activations; 2 int4_pack tiles w of n output
+// rows; 3/4 weight-only int8 / int4 codes w, scale, aux = int4 minima: the kernels compress.quantize's QuantLinear
+// calls for few rows). With `lora` (a MultiLoRALinear's B^T, w then the fused [W; A]) the result is the first
+// lora.size(1) columns plus each row's update selected by `lora_mask` (B, 1, n R); no mask: the base's, a view.
 at::Tensor block_linear(const at::Tensor& x, int64_t kind, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& aux, int64_t n);
+                        const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& aux, int64_t n,
+                        const std::optional<at::Tensor>& lora = std::nullopt,
+                        const std::optional<at::Tensor>& lora_mask = std::nullopt);
 
 }  // namespace gptforge
