@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from gptforge.model import Block, TiedHead
 from gptforge.native.build import available
 from gptforge.native.ops import MAX_ROWS
-from gptforge.native.schema import MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams, CodedLinear
+from gptforge.native.schema import (MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams, CodedLinear,
+                                    named_linears)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -62,16 +63,15 @@ def _selections(linears: list[nn.Module]) -> list:
 
 
 def _linears(block: Block) -> list[nn.Module]:
-    attn, mlp = block.attn, block.mlp
-    return [attn.qkv, attn.proj, mlp.up, mlp.down] + ([mlp.gate] if hasattr(mlp, "gate") else [])
+    return [m for _, m in named_linears(block) if m is not None]
 
 
 def _runnable(block: nn.Module) -> bool:
     """Whether the block op computes this block: a plain Block whose Linears are all DecodeLinears, AdaptedLinears
     over one (adapters of one AdapterSet) or quantized ones the op multiplies, norms and MLP of the kinds the op
-    knows, one eps for every norm, no dropout. The imported families' variants need no check here: a sliding window lives in the KV
-    cache's mask, which the op reads; Qwen2's q/k/v biases without an output bias are the schema's separate
-    qkv_bias / proj_bias; Llama 3 RoPE scaling changes only the rotary tables the op is handed
+    knows, one eps for every norm, no dropout. The imported families' variants need no check here: a sliding
+    window lives in the KV cache's mask, which the op reads; Qwen2's q/k/v biases without an output bias are the
+    schema's separate qkv_bias / proj_bias; Llama 3 RoPE scaling changes only the rotary tables the op is handed
     (tests/test_families.py compares the op's decode with a forward)."""
     if type(block) is not Block:
         return False

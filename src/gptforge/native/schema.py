@@ -105,10 +105,11 @@ def _out_features(m: nn.Module) -> int:
     return m.out_features if hasattr(m, "out_features") else m.shape[0]  # a QuantizedMatrix: its shape
 
 
-def _linears(block: Block) -> list[tuple[str, nn.Module | None]]:
+def named_linears(block: Block) -> list[tuple[str, nn.Module | None]]:
     """A block's Linears by their schema names (gate: None outside SwiGLU)."""
     attn, mlp = block.attn, block.mlp
-    return [("qkv", attn.qkv), ("proj", attn.proj), ("up", mlp.up), ("down", mlp.down), ("gate", getattr(mlp, "gate", None))]
+    return [("qkv", attn.qkv), ("proj", attn.proj), ("up", mlp.up), ("down", mlp.down),
+            ("gate", getattr(mlp, "gate", None))]
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class BlockParams:
         fields = dict(norm1_weight=block.norm1.weight, norm1_bias=_bias(block.norm1),
                       q_norm_weight=_weight(attn.q_norm), k_norm_weight=_weight(attn.k_norm),
                       value_gate=attn.value_gate, norm2_weight=block.norm2.weight, norm2_bias=_bias(block.norm2))
-        for name, m in _linears(block):
+        for name, m in named_linears(block):
             lin = op_linear(m) if m is not None else None
             for f in ("weight", "bias", "lora", "scale", "aux"):
                 fields[f"{name}_{f}"] = getattr(lin, f) if lin is not None else None
@@ -183,7 +184,8 @@ class BlockLayout:
     @classmethod
     def of(cls, block: Block) -> "BlockLayout":
         attn = block.attn
-        kinds = {f"{name}_kind": LINEAR_KIND[op_linear(m).kind] if m is not None else 0 for name, m in _linears(block)}
+        kinds = {f"{name}_kind": LINEAR_KIND[op_linear(m).kind] if m is not None else 0
+                 for name, m in named_linears(block)}
         return cls(attn.n_head, attn.n_kv_head, attn.head_dim, NORM_KIND[type(block.norm1)], MLP_KIND[type(block.mlp)],
                    _out_features(block.mlp.up), **kinds)
 
