@@ -225,3 +225,18 @@ def test_a_cast_leaves_quantized_scales_as_loaded(made):
     assert [(m.scales.data_ptr(), m.zeros.data_ptr()) for m in mats] == before
     assert {m.scales.dtype for m in mats} == {m.zeros.dtype for m in mats} == {torch.float16}
     assert list(mats[0].state_dict()) == ["weight_q", "scales", "zeros"]
+
+
+def test_a_weight_dtype_gptforge_does_not_load_is_named(made, tmp_path):
+    bad = tmp_path / "f8"
+    shutil.copytree(made["base"], bad)
+    data = (made["base"] / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["dtype"] = "F8_E4M3"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # offsets count from the data's start, wherever the header ends
+    (bad / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    with pytest.raises(GptforgeError, match=f"tensor {key} is F8_E4M3, which gptforge does not load"):
+        load_checkpoint(bad)
