@@ -1,14 +1,15 @@
-"""Quantized decode through the one-call native block op against the Python block it replaced, in one process.
+"""Quantized decode: the whole-step op, the one-call block op and the Python block, in one process.
 
     python benchmarks/decode_block_quant.py                              # small shape, every format, 1 thread
     python benchmarks/decode_block_quant.py --shape gpt2 --formats int8-dynamic,int4-dynamic --tokens 32
 
-A quantized model's blocks decode as one native call each (csrc/block.cpp calls the int8/int4 kernels that
-QuantLinear's forward calls); before, each block ran as Python modules, one op call per product, norm and
-rotary. This times greedy batch-1 decode (generate_steps) both ways on the same model, alternating A B A B, as
-thread CPU time per token (steadier than wall time on a shared machine), and prints the median of the per-round
-ratios. Random weights: speed does not depend on what they say. The end-to-end figures against llama.cpp are
-benchmarks/decode_llamacpp.py's.
+A quantized model's decode step runs as one native call (csrc/step.cpp, where native.step.DecodeStep covers the
+model), or else block by block, each block one native call (csrc/block.cpp calls the int8/int4 kernels that
+QuantLinear's forward calls); before either, each block ran as Python modules, one op call per product, norm
+and rotary. This times greedy batch-1 decode (generate_steps) all three ways on the same model, alternating,
+as thread CPU time per token (steadier than wall time on a shared machine), and prints medians and the median
+of the per-round ratios against the Python block. Random weights: speed does not depend on what they say. The
+end-to-end figures against llama.cpp are benchmarks/decode_llamacpp.py's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gptforge.compress.quantize import quantize_model
 from gptforge.config import ModelConfig, model_preset
 from gptforge.generate import generate_steps
 from gptforge.model import GPT, Block
+from gptforge.native.step import DecodeStep
 from gptforge.sampling import SamplingParams
 
 SHAPES = {"small": dict(n_layer=6, n_head=6, d_model=384, block_size=512, vocab_size=4096, pos_encoding="rotary",
@@ -49,15 +51,22 @@ def measure(cfg: ModelConfig, fmt: str, tokens: int, rounds: int) -> dict:
     model = quantize_model(GPT(cfg).eval(), method, 32 if method == "int4" else None, activations=activations)[0]
     model = native.decode_layout(model)
     ops = sum(type(b) is native.DecodeBlock for b in model.blocks)
+    covered = DecodeStep.of(model) is not None
     per_token_ms(model, 4, cfg.vocab_size)  # warm: int4 tiles, row sums, the library
-    op, python = [], []
+    no_step = mock.patch.object(DecodeStep, "of", classmethod(lambda cls, m: None))  # generate's fallback: the blocks
+    python_block = mock.patch.object(native.DecodeBlock, "forward", Block.forward)  # the Python block, as before
+    times: dict[str, list[float]] = {"step": [], "block": [], "python": []}
     for _ in range(rounds):
-        op.append(per_token_ms(model, tokens, cfg.vocab_size))
-        with mock.patch.object(native.DecodeBlock, "forward", Block.forward):  # the Python block, as before
-            python.append(per_token_ms(model, tokens, cfg.vocab_size))
-    speedup = statistics.median(p / o for p, o in zip(python, op))
-    return {"format": fmt, "blocks_on_the_op": f"{ops}/{len(model.blocks)}", "op_ms": round(statistics.median(op), 3),
-            "python_block_ms": round(statistics.median(python), 3), "speedup": round(speedup, 3)}
+        times["step"].append(per_token_ms(model, tokens, cfg.vocab_size))
+        with no_step:
+            times["block"].append(per_token_ms(model, tokens, cfg.vocab_size))
+            with python_block:
+                times["python"].append(per_token_ms(model, tokens, cfg.vocab_size))
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    speedup = {k: round(statistics.median(p / o for p, o in zip(times["python"], times[k])), 3)
+               for k in ("step", "block")}
+    return {"format": fmt, "blocks_on_the_op": f"{ops}/{len(model.blocks)}", "step_op_covers": covered,
+            "step_ms": med["step"], "block_ms": med["block"], "python_block_ms": med["python"], "speedup": speedup}
 
 
 def main() -> None:
@@ -72,11 +81,13 @@ def main() -> None:
     cfg = ModelConfig(**SHAPES[args.shape]) if SHAPES[args.shape] else model_preset("gpt2")
     rows = [measure(cfg, fmt, args.tokens, args.rounds) for fmt in args.formats.split(",")]
     print(json.dumps({"shape": args.shape, "threads": args.threads, "rows": rows}, indent=1))
-    print(f"\n| {args.shape}, {args.threads} thread(s), CPU ms per token | block op | Python block | speedup |")
-    print("|---|---|---|---|")
+    print(f"\n| {args.shape}, {args.threads} thread(s), CPU ms per token | step op | block op | Python block | "
+          "step / block speedup over the Python block |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['format']} ({r['blocks_on_the_op']} blocks on the op) | {r['op_ms']} | {r['python_block_ms']} | "
-              f"{r['speedup']:.2f}x |")
+        step = r["step_ms"] if r["step_op_covers"] else f"(not covered: {r['step_ms']})"
+        print(f"| {r['format']} ({r['blocks_on_the_op']} blocks on the block op) | {step} | {r['block_ms']} | "
+              f"{r['python_block_ms']} | {r['speedup']['step']:.2f}x / {r['speedup']['block']:.2f}x |")
 
 
 if __name__ == "__main__":
