@@ -17,7 +17,8 @@ the low-level API: one llama_batch per step holding a token of each sequence (it
 B x the length), greedy argmax of each row's logits, the cache cleared before each timing. Its weights sit in
 llama.cpp's extra (repacked; AMX on this CPU) buffers where that path runs: llama-cpp-python 0.3.36 segfaults on
 a multi-token batch of q8_0/q4_0 there (and in its CPU_REPACK buffers), so q8_0/q4_0 at batch 1 feed the prompt
-one position per call and at batch 8 run without extra buffers (use_extra_bufts off); the path is printed.
+one position per call and at batch 8 run without extra buffers (use_extra_bufts off); the path each engine ran
+is printed (ours: quantize.matmul_paths at the batch's rows).
 
 Bandwidth: at batch 1, the bytes a token reads = every matrix product's weights as each engine stores them (ours
 as loaded: codes, scales, minima; the GGUF's tensors; an embedding table counts only as a tied head) + the KV
@@ -79,6 +80,7 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
     import torch
 
     import gptforge
+    from gptforge.compress.quantize import matmul_paths
     from gptforge.generate import generate_steps
     from gptforge.sampling import SamplingParams
 
@@ -101,8 +103,9 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
     cfg = model.config
     kv_item = next(model.parameters()).element_size()  # the cache stores the weights' dtype (kv_dtype auto)
     kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * kv_item
+    paths = matmul_paths(model, len(prompts))  # which product each matrix runs at this batch's decode step
     return {"tok_s": len(prompts) * timed(run), "weight_bytes": matrix_bytes(model), "kv_bytes_per_pos": kv_per_pos,
-            "first_tokens": first}
+            "first_tokens": first, "path": ", ".join(f"{k} x{v}" for k, v in sorted(paths.items()))}
 
 
 def matrix_bytes(model) -> int:
@@ -406,9 +409,10 @@ def report(rows: list[dict], cfg, tok, skip: str | None) -> None:
         frac = pair("bw_fraction", ".0%") + (f" (of {r['read_bw_gb_s']:.1f})" if "bw_fraction" in ours else "")
         same = f"{r['same_first_tokens']}/{r['batch']}" if "same_first_tokens" in r else "-"
         print(f"{mb} | {pair('gb_s', '.1f')} | {frac} | {pair('peak_rss_mb', '.0f')} | {same} |")
-    paths = sorted({(r["format"], r["batch"], r["llama.cpp"]["path"]) for r in rows if "llama.cpp" in r})
-    for fmt, b, path in paths:
-        print(f"- llama.cpp {fmt} batch {b}: {path}")
+    paths = sorted({(name, r["format"], r["batch"], r[name]["path"]) for r in rows for name in ("gptforge", "llama.cpp")
+                    if "path" in r.get(name, {})})
+    for name, fmt, b, path in paths:
+        print(f"- {name} {fmt} batch {b}: {path}")
     if skip:
         print(f"\nllama.cpp column skipped: {skip}")
 
