@@ -202,7 +202,8 @@ def kernels_main(threads: int) -> None:
     weights per second (G weights/s: each weight counted once per call, whatever the rows) and the bytes they
     stand for (GB/s: fp32 4, int8 1, int4 g32 0.625 bytes a weight) of each path at 1, 2, 4, 8 and 16 rows, for
     the `gpt2` block matrices (in cache: 2.4 MB int8) and for 16 such sets (out of cache: 113 MB int8), and the
-    512-row prefill of those four matrices, int8 dynamic (oneDNN) vs fp32 (PyTorch's GEMM). One JSON line."""
+    512-row prefill of those four matrices, int8 dynamic (oneDNN) and int4 dynamic (its kernels) vs fp32 (PyTorch's
+    GEMM). One JSON line."""
     import statistics
 
     from gptforge.compress.quantize import int4_codes, int8_codes
@@ -250,7 +251,9 @@ def kernels_main(threads: int) -> None:
     ms = mats[:4]
     fp32 = rate(lambda: [torch.nn.functional.linear(xs[m[0].shape[1]], m[0]) for m in ms], 1, 5)
     int8 = rate(lambda: [ops.linear_int8_dynamic(xs[m[0].shape[1]], m[1], m[2], m[3]) for m in ms], 1, 5)
+    int4 = rate(lambda: [ops.linear_int4_dynamic(xs[m[0].shape[1]], m[7], m[0].shape[0]) for m in ms], 1, 5)
     out["prefill512_int8_dynamic_over_fp32"] = round(int8 / fp32, 2)
+    out["prefill512_int4_dynamic_over_fp32"] = round(int4 / fp32, 2)
     print(json.dumps(out))
 
 

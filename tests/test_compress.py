@@ -106,8 +106,8 @@ def test_one_row_kernels_equal_the_dequantized_matmul(method, group):
 
 @pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_dynamic_activations_equal_the_quantized_activations_product(method, group):
-    """The default numerics: every row count (the integer kernels up to 16 rows, oneDNN's int8 GEMM or the fp32
-    GEMM beyond) computes F.linear of the quantize-dequantized activations with the dequantized weights; the
+    """The default numerics: every row count (the integer kernels up to 16 rows, oneDNN's int8 GEMM beyond; int4's
+    kernels at any count) computes F.linear of the quantize-dequantized activations with the dequantized weights; the
     path that ran is named; weight-only keeps the fp32 activations."""
     from gptforge import native
 
@@ -122,7 +122,7 @@ def test_dynamic_activations_equal_the_quantized_activations_product(method, gro
     else:
         ql.weight_q, ql.scales, ql.zeros = Q.int4_codes(lin.weight.detach(), group)
     for rows, path in ((1, native.ops.quant_path()), (16, native.ops.quant_path()),
-                       (40, "onednn" if method == "int8" else "fp32")):
+                       (40, "onednn" if method == "int8" else native.ops.quant_path())):
         x = torch.randn(1, rows, 256)
         assert ql.path(x) == f"{method}-dynamic:{path}"
         with torch.no_grad():

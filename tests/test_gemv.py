@@ -116,7 +116,7 @@ def test_int4_dynamic_matches_quantized_activations_reference(quant_path, thread
     w = dequantize(q, s, lo).double()
     lo_k = lo.double().repeat_interleave(group, dim=1)
     packed = native.ops.int4_pack(q, s, lo)
-    for m in (1, 2, 3, 4, 5, 7, 8, 9, 16):
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40):  # 17 and 40: a prefill, the same kernels
         x = torch.randn(m, k)
         x[0, :group] *= 100  # one group far larger than the others: its own activation scale
         y = native.ops.linear_int4_dynamic(x, packed, n, b)
@@ -133,8 +133,6 @@ def test_int4_tiles_hold_the_same_bytes_and_a_mismatch_is_refused():
     assert native.ops.int4_pack(q32, s32, lo32).numel() == q32.numel() + 2 * (s32.numel() + lo32.numel())
     with pytest.raises(RuntimeError, match="int4_pack"):
         native.ops.linear_int4_dynamic(torch.randn(1, 64), packed, 40)
-    with pytest.raises(RuntimeError, match="1 to 16 rows"):
-        native.ops.linear_int4_dynamic(torch.randn(17, 64), packed, 20)
 
 
 def test_dynamic_activation_codes_are_the_reference_codes():

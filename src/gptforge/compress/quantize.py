@@ -191,12 +191,12 @@ class QuantizedMatrix(nn.Module):
 
     def path(self, x: torch.Tensor) -> str:
         """Which product a call with input x runs: "int8-dynamic:avx512vnni", "int8-dynamic:onednn" (many rows),
-        "int4-dynamic:fp32" (many rows: fp32 GEMM on the same quantized activations), "weight-only:native", ..."""
+        "weight-only:native", ... (int4 dynamic runs its kernels for any number of rows)"""
         rows = x.numel() // max(x.shape[-1], 1)
         if self._dynamic(x):
-            if rows <= native.MAX_ROWS:
+            if rows <= native.MAX_ROWS or self.method == "int4":
                 return f"{self.method}-dynamic:{native.quant_path()}"
-            return f"{self.method}-dynamic:{'onednn' if self.method == 'int8' else 'fp32'}"
+            return f"{self.method}-dynamic:onednn"
         if self.kernel == "native" and x.dtype == torch.float32 and native.usable(x):
             return "weight-only:native"
         one_row = x.device.type == "cpu" and x.dtype == torch.float32 and rows == 1
@@ -227,13 +227,9 @@ class QuantizedMatrix(nn.Module):
             if self._row_sums is None:
                 self._row_sums = native.int8_row_sums(self.weight_q)
             return native.linear_int8_dynamic(x, self.weight_q, self.scales, self._row_sums, bias)
-        if x.numel() <= native.MAX_ROWS * x.shape[-1]:
-            if self._packed is None:
-                self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
-            return native.linear_int4_dynamic(x, self._packed, self.shape[0], bias)
-        # A prefill: the same quantized activations through the fp32 GEMM (one dequantization shared by every row).
-        return F.linear(quantize_activations(x, self.group_size), self.dequantized(x.dtype),
-                        None if bias is None else bias.to(x.dtype))
+        if self._packed is None:
+            self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
+        return native.linear_int4_dynamic(x, self._packed, self.shape[0], bias)  # any rows: a prefill too
 
     def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

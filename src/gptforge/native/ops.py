@@ -75,7 +75,7 @@ def int4_pack(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.T
 
 def linear_int4_dynamic(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w^T (+ bias) for the int4 matrix of n output rows that int4_pack laid out, x quantized to int8 per group
-    of the weight's groups, up to MAX_ROWS rows. In x's dtype."""
+    of the weight's groups, any number of rows. In x's dtype."""
     return torch.ops.gptforge_qgemv.int4_linear(x, packed, n, bias)
 
 
