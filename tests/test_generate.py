@@ -496,11 +496,10 @@ def _step_model(variant: str, fmt: str) -> GPT:
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
     """generate_steps runs a decode-layout model's step as one native call (csrc/step.cpp); its tokens equal the
-    per-block path's, its logprobs, logits and cache writes agree to rounding (fp32: its SiLU's exp and LayerNorm's
-    sums differ in the last bits; bf16 results are rounded where the PyTorch ops round them; int8 activations:
-    equal products' inputs. All equal on the CI CPU but fp32's, one bf16 step allowed), with left padding, for
-    quantized models too (their quantized table and head run as modules around the op); without the op the path
-    is the block op's."""
+    per-block path's, its logprobs, logits and cache writes agree (bit for bit on the CI CPU: the same ops, RMSNorm
+    summed in ATen's order; the bounds allow another torch build's sum order), with left padding, for quantized
+    models too (their quantized table and head run as modules around the op); without the op the path is the block
+    op's."""
     from gptforge import native
     from gptforge.native.step import DecodeStep
 

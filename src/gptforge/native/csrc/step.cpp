@@ -10,12 +10,13 @@
 // step is ~2.3 ms (docs/BENCHMARKS.md, "Per-token cost outside the products").
 //
 // fp32 and bf16 models, and fp32 models with quantized Linears (native/step.py checks). The math is the model's
-// (model.py) in its dtype: the PyTorch path's ops in the same order, each bf16 result rounded where that path's op
-// rounds it, so results equal that path's up to the order of the norms' sums (a few ulps); rotary is computed
-// exactly as model.apply_rotary does (no fused multiply-add), from tables the caller computed once with
-// model.rotary_tables. Each Linear is multiplied as the block op multiplies it (gptforge::block_linear, by its kind:
-// float, or int8 / int4 codes). A quantized token table or head stays the caller's (it embeds, or applies the head
-// to the op's final-norm output).
+// (model.py) in its dtype, and its results are PyTorch's to the bit (on this torch build: tests/test_generate.py):
+// the same ops in the same order, each bf16 result rounded where PyTorch's op rounds it; RMSNorm sums its squares
+// in ATen's order; rotary is computed as model.apply_rotary does (no fused multiply-add) from tables the caller
+// computed once with model.rotary_tables; LayerNorm, SiLU and GELU are ATen's own ops (one call each a layer).
+// Each Linear is multiplied as the block op multiplies it (gptforge::block_linear, by its kind: float, or int8 /
+// int4 codes). A quantized token table or head stays the caller's (it embeds, or applies the head to the op's
+// final-norm output).
 //
 // Tensors: `layers` holds, per layer, the fields `layer_fields()` names and `kinds` each Linear's kind
 // (native/step.py builds both from schema.py's BlockParams and BlockLayout and checks the names); a field a variant
@@ -31,6 +32,7 @@
 #include <ATen/ops/rms_norm.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/square.h>
+#include <ATen/ops/tanh.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -44,11 +46,6 @@
 #include <vector>
 
 #include "kernels.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define GF_AVX512 1
-#endif
 
 namespace {
 
@@ -124,30 +121,15 @@ float torch_row_sum(const float* x, int64_t n) {
   return total;
 }
 
-// y = norm(x) over each of B rows of D, as nn.LayerNorm / nn.RMSNorm compute it in the model's dtype T: LayerNorm in
-// fp32, rounded once; RMSNorm as PyTorch's composite does, x * rsqrt(mean(x^2) + eps) rounded to T, then times w
-// (in fp32 equal to it bit for bit, through torch_row_sum).
+// y = RMSNorm(x) over each of B rows of D as PyTorch's composite computes it in the model's dtype T: x * rsqrt(mean(x^2)
+// + eps) in fp32, rounded to T, times w (rounded to T); bit for bit, through torch_row_sum.
 template <class T>
-void norm_rows(const float* x, T* y, int64_t B, int64_t D, const T* w, const T* b, bool rms, float eps) {
+void rms_rows(const float* x, T* y, int64_t B, int64_t D, const T* w, float eps) {
   std::vector<float> sq(D);
   for (int64_t r = 0; r < B; ++r, x += D, y += D) {
-    float mean = 0, var;
-    if (rms) {
-      for (int64_t i = 0; i < D; ++i) sq[i] = x[i] * x[i];
-      var = torch_row_sum(sq.data(), D) / static_cast<float>(D);
-    } else {
-      for (int64_t i = 0; i < D; ++i) mean += x[i];
-      mean /= static_cast<float>(D);
-      float ss = 0;
-      for (int64_t i = 0; i < D; ++i) ss += (x[i] - mean) * (x[i] - mean);
-      var = ss / static_cast<float>(D);
-    }
-    const float inv = 1.0f / std::sqrt(var + eps);
-    for (int64_t i = 0; i < D; ++i) {
-      const float v = (x[i] - mean) * inv;
-      y[i] = static_cast<T>(rms ? as<T>(v) * static_cast<float>(w[i])
-                                : v * static_cast<float>(w[i]) + (b ? static_cast<float>(b[i]) : 0.0f));
-    }
+    for (int64_t i = 0; i < D; ++i) sq[i] = x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(torch_row_sum(sq.data(), D) / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) y[i] = static_cast<T>(as<T>(x[i] * inv) * static_cast<float>(w[i]));
   }
 }
 
@@ -167,63 +149,14 @@ __attribute__((optimize("fp-contract=off"))) void rotary(T* x, int64_t heads, in
     }
 }
 
-#ifdef GF_AVX512
-// e^x for 16 lanes, relative error ~1e-7 (the approximation attention.cpp's softmax uses): 2^(x log2 e) as 2^n times
-// a degree-6 polynomial of the fraction; lanes below -87 give 0, above 88 +inf.
-inline __m512 exp16(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
-}
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-#endif
-
-// silu(g) = g / (1 + e^-g) of n values into out (fp32): 16 lanes at a time where AVX-512 is there (scalar expf was
-// ~1.5% of the small shape's step).
-template <class T>
-void silu(const T* g, float* out, int64_t n) {
-  int64_t i = 0;
-#ifdef GF_AVX512
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = load16(g + i);
-    _mm512_storeu_ps(out + i, _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
-  }
-#endif
-  for (; i < n; ++i) {
-    const float v = static_cast<float>(g[i]);
-    out[i] = v / (1.0f + std::exp(-v));
-  }
-}
-
-// The MLP's activation into a (B*F values of T), from up (in a) and, for SwiGLU, gate: silu(gate) * up, GELU (tanh
-// approximation) or relu(up)^2; each PyTorch op's result rounded to T as the op would.
-constexpr int64_t kTimes = 3;  // `activate`'s mode for a gate already through silu: a = gate * a
-
+// The MLP's activation in place in a (n values of T): relu(a)^2, or for SwiGLU gate * a with the gate already
+// through PyTorch's silu (at::silu, as GELU's at::gelu: their exp and tanh are PyTorch's own, so the results are
+// its own); each product rounded to T as PyTorch's mul rounds it.
 template <class T>
 void activate(T* a, const T* gate, int64_t n, int64_t mlp) {
-  if (mlp == kTimes) {
+  if (mlp == 1) {
     for (int64_t i = 0; i < n; ++i) a[i] = static_cast<T>(static_cast<float>(gate[i]) * static_cast<float>(a[i]));
-  } else if (mlp == 1) {
-    std::vector<float> sg(n);
-    silu(gate, sg.data(), n);
-    for (int64_t i = 0; i < n; ++i) a[i] = static_cast<T>(as<T>(sg[i]) * static_cast<float>(a[i]));
-  } else if (mlp == 0) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float u = static_cast<float>(a[i]);
-      a[i] = static_cast<T>(0.5f * u * (1.0f + std::tanh(0.7978845608f * (u + 0.044715f * u * u * u))));
-    }
-  } else {
+  } else if (mlp == 2) {
     for (int64_t i = 0; i < n; ++i) {
       const float u = std::max(static_cast<float>(a[i]), 0.0f);
       a[i] = static_cast<T>(u * u);
@@ -276,14 +209,12 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   for (int64_t r = 0; cos && r < B; ++r)
     TORCH_CHECK(pos[r] >= 0 && pos[r] < table, "decode step: position ", pos[r], " is outside the rotary tables");
 
-  // With int8 activations (a dynamic kind) a last-bit difference in a product's input can move a rounding step of
-  // its quantized copy. There LayerNorm and the GELU / SiLU are PyTorch's own ops, as in the block op (RMSNorm's
-  // loop is already PyTorch's bit for bit): equal inputs to every product, so greedy tokens equal that path's
-  // however long the decode. Otherwise they are the loops here.
-  const bool exact = std::any_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == 1 || k == 2; });
+  // Every op's result equals PyTorch's to the bit (RMSNorm sums in ATen's order; LayerNorm, SiLU and GELU are
+  // ATen's own ops, one call each per layer), so with int8 activations every quantized product sees the block
+  // path's inputs exactly: a last-bit difference there moves a rounding step of its quantized copy.
   auto norm = [&](const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b) {
-    if (exact && !s.rms) return at::layer_norm(x, {D}, w, b, s.eps);
-    norm_rows<T>(xp, hp, B, D, ptr<T>(w), ptr<T>(b), s.rms, s.eps);
+    if (!s.rms) return at::layer_norm(x.to(normf.scalar_type()), {D}, w, b, s.eps);
+    rms_rows<T>(xp, hp, B, D, ptr<T>(w), s.eps);
     return h;
   };
   for (int64_t l = 0; l < s.L; ++l) {
@@ -307,21 +238,15 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
     const at::Tensor hn = norm(f(kNorm2W), f(kNorm2B));
     at::Tensor a = linear(hn, kUpK, kUpW, kUpB, kUpS, kUpA, s.hidden).contiguous();
     at::Tensor g = s.mlp == 1 ? linear(hn, kGateK, kGateW, kGateB, kGateS, kGateA, s.hidden).contiguous() : a;
-    if (exact && s.mlp == 1) g = at::silu(g);  // then silu(g) * up below, the same product as PyTorch's mul
-    if (exact && s.mlp == 0) a = at::gelu(a, "tanh");
-    else activate<T>(a.data_ptr<T>(), g.data_ptr<T>(), a.numel(), exact && s.mlp == 1 ? kTimes : s.mlp);
+    if (s.mlp == 0) a = at::gelu(a, "tanh");
+    else activate<T>(a.data_ptr<T>(), (s.mlp == 1 ? at::silu(g) : g).template data_ptr<T>(), a.numel(), s.mlp);
     add_into<T>(xp, linear(a, kDownK, kDownW, kDownB, kDownS, kDownA, D).contiguous(), B * D);
   }
   const at::Tensor hf = norm(globals.get(kNormFW), globals.get(kNormFB));
   const std::optional<at::Tensor> head = globals.get(kHeadW);
   if (!head.has_value()) return hf;  // (B, D): the caller's head
   at::Tensor logits = gptforge::linear(hf, *head, std::nullopt);  // (B, V)
-  if (softcap > 0) {  // SoftCap's three ops: divide, tanh, multiply, each rounded to T
-    T* lp = logits.data_ptr<T>();
-    const float cap = static_cast<float>(softcap);
-    for (int64_t i = 0; i < logits.numel(); ++i)
-      lp[i] = static_cast<T>(cap * as<T>(std::tanh(as<T>(static_cast<float>(lp[i]) / cap))));
-  }
+  if (softcap > 0) logits = at::tanh(logits / softcap) * softcap;  // SoftCap's ops (cap * tanh(logits / cap))
   return logits;
 }
 
