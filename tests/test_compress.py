@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hfquant
 from gptforge.checkpoint import write_checkpoint
 from gptforge.compress.distill import DistillConfig, DistillLoss, distill
 import gptforge.compress.quantize as Q
@@ -476,70 +477,14 @@ def test_model_dtype_casts_leave_the_codes_format_alone(method):
 
 @pytest.fixture(scope="module")
 def imported(prepared, tmp_path_factory):
-    """A Hugging Face Llama (2 layers, d 64, 4:2 GQA, SwiGLU, untied head; the prepared plays' 512-token BPE) trained
-    here with plain PyTorch for 80 steps (~4 s), saved with save_pretrained and brought in by import_hf: its
-    checkpoint folder. Its held-out loss falls from uniform (6.24) to ~4.0."""
-    transformers = pytest.importorskip("transformers", reason="the imported model is built with transformers")
-    from gptforge.data import BatchSampler
+    """hfquant.train_hf_llama's model (80 steps, ~4 s) brought in by import_hf: its checkpoint folder."""
+    pytest.importorskip("transformers", reason="the imported model is built with transformers")
     from gptforge.interop import import_hf
 
-    data = TokenData(prepared)
-    tok = data.tokenizer()
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=tok.vocab_size, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False))
-    opt = torch.optim.AdamW(hf.parameters(), lr=5e-3, weight_decay=0.0)
-    train, val = BatchSampler(data.shards("train"), 16, 64, seed=1), BatchSampler(data.shards("val"), 32, 64, seed=5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny products: one thread ran ~6x faster than two on the shared cores
-    try:
-        for k in range(80):
-            x, y = train.batch(k)
-            loss = F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hf.eval()
-        with torch.no_grad():
-            x, y = val.batch(0)
-            val_loss = F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
-    finally:
-        torch.set_num_threads(threads)
-    assert val_loss < 0.75 * math.log(tok.vocab_size), val_loss  # clearly learned: uniform is log(512) = 6.24
     folder = tmp_path_factory.mktemp("hf") / "llama"
-    hf.save_pretrained(folder)
-    tok.save(folder / "tokenizer.json")
+    val_loss = hfquant.train_hf_llama(prepared, folder)
+    assert val_loss < 0.75 * math.log(TokenData(prepared).vocab_size), val_loss  # clearly learned: uniform is 6.24
     return import_hf(folder, tmp_path_factory.mktemp("imported") / "ckpt")
-
-
-def _decode_perplexity(model, windows: torch.Tensor) -> tuple[float, float]:
-    """Perplexity of the windows (B <= 16, L) as a user's decode computes it, teacher-forced: the first token
-    prefilled, then every next true token fed through one decode step over the KV cache (the native whole-step op
-    where it covers the model, as generate_steps runs it); and the same windows as one prefill (the many-row
-    paths). Returns (decode, prefill)."""
-    from gptforge import native
-    from gptforge.kvcache import KVCache
-    from gptforge.native.step import DecodeStep
-
-    B, L = windows.shape
-    cpu = torch.device("cpu")
-    with torch.no_grad():
-        cache = KVCache(model.config, B, L, device=cpu, dtype=torch.float32, static=False)
-        cache.prepare(torch.arange(1), None, end=1)
-        steps = [model(windows[:, :1], torch.zeros(B, 1, dtype=torch.long), cache)[:, -1]]
-        whole = DecodeStep.of(model)
-        if native.available():  # the path generate takes on CPU: the whole step in one native call
-            assert whole is not None and whole.usable(cache, B)
-        for n in range(1, L - 1):
-            ids, pos = windows[:, n : n + 1].contiguous(), torch.full((B, 1), n)
-            cache.prepare(torch.arange(n, n + 1), None, end=n + 1)
-            steps.append(whole(ids, pos, cache) if whole is not None else model(ids, pos, cache)[:, -1])
-        logits = torch.stack(steps, 1)  # (B, L - 1, V)
-        full = model(windows[:, :-1])
-    target = windows[:, 1:].flatten()
-    vocab = model.config.vocab_size
-    return tuple(F.cross_entropy(lg[..., :vocab].flatten(0, 1).float(), target).exp().item() for lg in (logits, full))
 
 
 @pytest.mark.parametrize("method, group, bound_pct", [("int8", None, 0.5), ("int4", 32, 5.0)])
@@ -548,24 +493,7 @@ def test_quantized_perplexity_of_an_imported_model_is_within_the_bounds(imported
     """The imported Llama's Δ perplexity vs its fp32 self on held-out text, quantized by quantize_checkpoint and
     loaded by gptforge.generate.load (the native decode ops): int8 <= 0.5%, int4 g32 <= 5%, with dynamic activations
     and weight-only, through the decode steps and the prefill; and dynamic differs from weight-only."""
-    from gptforge.data import BatchSampler
-    from gptforge.generate import load
-
-    windows = BatchSampler(TokenData(prepared).shards("val"), 16, 64, seed=7).batch(0)[0]  # (16, 64) held-out tokens
-    threads = torch.get_num_threads()
-    # One thread: on the shared 2-core test machine a 2-thread step of this tiny model spent ~50x longer waiting for
-    # its second thread than computing; the numbers do not depend on the thread count.
-    torch.set_num_threads(1)
-    try:
-        fp32 = _decode_perplexity(load(imported, device="cpu")[0], windows)
-        got = {}
-        for acts in ("dynamic", "weight-only"):
-            dest, _ = quantize_checkpoint(str(imported), method, str(tmp_path / acts), group, activations=acts)
-            model, _ = load(dest, device="cpu")
-            assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {acts}
-            got[acts] = [100 * (q / f - 1) for q, f in zip(_decode_perplexity(model, windows), fp32)]
-    finally:
-        torch.set_num_threads(threads)
+    fp32, got = hfquant.quantized_deltas(imported, prepared, tmp_path, method, group)
     assert fp32[0] == pytest.approx(fp32[1], rel=1e-4) and fp32[0] < 0.2 * TokenData(prepared).vocab_size  # decode = prefill
     for acts, deltas in got.items():
         assert all(abs(d) <= bound_pct for d in deltas), (fp32, got)
