@@ -494,7 +494,8 @@ def test_quantized_perplexity_of_an_imported_model_is_within_the_bounds(imported
     loaded by gptforge.generate.load (the native decode ops): int8 <= 0.5%, int4 g32 <= 5%, with dynamic activations
     and weight-only, through the decode steps and the prefill; and dynamic differs from weight-only."""
     fp32, got = hfquant.quantized_deltas(imported, prepared, tmp_path, method, group)
-    assert fp32[0] == pytest.approx(fp32[1], rel=1e-4) and fp32[0] < 0.2 * TokenData(prepared).vocab_size  # decode = prefill
+    assert fp32[0] == pytest.approx(fp32[1], rel=1e-4)  # the decode steps compute what the prefill does
+    assert fp32[0] < 0.2 * TokenData(prepared).vocab_size  # and the model learned: uniform is 512
     for acts, deltas in got.items():
         assert all(abs(d) <= bound_pct for d in deltas), (fp32, got)
     assert got["dynamic"] != got["weight-only"], got  # the activations really were quantized
