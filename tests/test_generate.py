@@ -607,6 +607,29 @@ def test_engine_with_staggered_joins_equals_complete(model, byte_tok, one_thread
     assert engine.live == 0
 
 
+def test_engine_decodes_through_the_whole_step_op(model, byte_tok, one_thread, monkeypatch):
+    """A decode-layout model's BatchEngine steps run the whole-step op (csrc/step.cpp) with each row at its own
+    slot, and decode what `complete` decodes for each sequence alone."""
+    import copy
+
+    from gptforge import native
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    moved = native.decode_layout(copy.deepcopy(model))
+    calls, call = [], DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, ids, *a: calls.append(len(ids)) or call(self, ids, *a))
+    jobs = [(p, dict(temperature=0, max_new_tokens=10)) for p in ("abc", "b", "cabbage cab")]
+    jobs.append(("a", dict(temperature=0.9, seed=3, max_new_tokens=8)))
+    engine = BatchEngine(moved, byte_tok, max_batch=4)
+    toks, texts = run_engine(engine, [(byte_tok.encode(p), SamplingParams(stop_at_eos=False, **o)) for p, o in jobs])
+    assert max(calls) > 1  # steps of several rows, each at its own slot
+    for (p, o), t, text in zip(jobs, toks, texts):
+        ref = complete(moved, byte_tok, [p], stop_at_eos=False, **o)[0]
+        assert t == ref.token_ids and text == ref.text
+
+
 def test_engine_cancel_and_limits(model, byte_tok, one_thread):
     engine = BatchEngine(model, byte_tok, max_batch=2)
     p = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)

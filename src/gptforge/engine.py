@@ -18,6 +18,7 @@ import torch.nn as nn
 from gptforge.errors import GptforgeError
 from gptforge.finetune.lora import AdapterSet
 from gptforge.kvcache import KVCache
+from gptforge.native.step import DecodeStep
 from gptforge.prefix_cache import BLOCK, PrefixCache
 from gptforge.sampling import (Constraint, SamplingParams, TokenPicker, exp_noise, generator, policy_groups,
                                token_logprobs)
@@ -112,6 +113,8 @@ class BatchEngine:
         self.rows: list[_Seq] = []  # decoding: rows[i] lives in cache row i
         self.filling: list[_Seq] = []  # added, prompt not fully prefilled yet (in arrival order)
         self._ids = itertools.count()
+        # Each decode step as one native call where the op covers the model (native/step.py), else its forward.
+        self._whole = DecodeStep.of(model) if self.device.type == "cpu" else None
 
     @property
     def live(self) -> int:
@@ -332,7 +335,10 @@ class BatchEngine:
         view = self.cache.rows(slice(0, n))
         view.prepare(lens, torch.ones_like(ids, dtype=torch.bool), end=max(s.length for s in self.rows) + 1)
         with self._adapters([s.adapter for s in self.rows]):
-            self.logits[:n] = self.model(ids, lens, view)[:, -1, : self.vocab].float()
+            if self._whole is not None and self._whole.usable(view, n):
+                self.logits[:n] = self._whole(ids, lens, view)[:, : self.vocab].float()
+            else:
+                self.logits[:n] = self.model(ids, lens, view)[:, -1, : self.vocab].float()
         for s in self.rows:
             s.length += 1
             s.fed.append(s.token)
