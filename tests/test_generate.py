@@ -533,8 +533,8 @@ def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
 
 
 def test_whole_step_op_runs_only_what_it_covers():
-    """fp32, bf16 and quantized models run it; mixed dtypes, QK-norm, value embeddings, Linears the block op does
-    not multiply (a quantized kernel other than the native one), adapters served per row and a model without the
+    """fp32, bf16, quantized models and adapters served per row run it; mixed dtypes, QK-norm, value embeddings,
+    Linears the block op does not multiply (a quantized kernel other than the native one) and a model without the
     decode layout keep the model's own forward (DecodeStep.of is None)."""
     from gptforge import native
     from gptforge.compress.quantize import quantize_model
@@ -564,7 +564,7 @@ def test_whole_step_op_runs_only_what_it_covers():
     lora = LoRAConfig(rank=2)
     state = {k: v for k, v in apply_lora(GPT(ModelConfig(**cfg)), lora).state_dict().items() if is_lora_key(k)}
     apply_adapters(served, [("a", lora, state)])
-    assert DecodeStep.of(native.decode_layout(served)) is None  # the block op adds each row's adapter
+    assert DecodeStep.of(native.decode_layout(served)) is not None  # each row's adapter, through block_linear
 
 # --- continuous batching (BatchEngine, the server's decoder) ---------------------------------------------------
 @pytest.fixture

@@ -1,9 +1,9 @@
 """A whole CPU decode step as one native call (csrc/step.cpp): embedding, every block, the final norm and the head.
 
 `DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation when the op covers it: an
-eval-mode GPT whose blocks are all DecodeBlocks (the block op's variants, float or quantized Linears) without QK-norm,
-value embeddings or adapters served per row, in fp32 or bf16 (fp32 where a Linear is quantized: the quantized
-products take fp32 rows). A plain token table and a float head (tied, or an unbiased DecodeLinear) run inside the op;
+eval-mode GPT whose blocks are all DecodeBlocks (the block op's variants: float or quantized Linears, LoRA adapters
+served per row) without QK-norm or value embeddings, in fp32 or bf16 (fp32 where a Linear is quantized: the
+quantized products take fp32 rows). A plain token table and a float head (tied, or an unbiased DecodeLinear) run inside the op;
 any other (a quantized table or head) runs its own module around it. Otherwise `of` is None and the caller keeps
 the model's forward (the per-block op).
 
@@ -27,7 +27,7 @@ from gptforge.native.schema import NORM_KIND, BlockLayout, BlockParams
 LAYER_FIELDS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight",
                 "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias",
                 "qkv_scale", "qkv_aux", "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux",
-                "gate_scale", "gate_aux")
+                "gate_scale", "gate_aux", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora")
 KIND_FIELDS = ("qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind")
 GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight")
 MAX_ROWS = 16
@@ -41,7 +41,9 @@ def _covered(model: nn.Module) -> bool:
     norms = [model.norm_f, *(n for b in blocks for n in (b.norm1, b.norm2))]
     dtypes = {p.dtype for p in model.parameters()}
     quantized = any(b._quantized for b in blocks if type(b) is DecodeBlock)
-    return (all(type(b) is DecodeBlock and b._selection is None for b in blocks)  # no LoRA adapters served per row
+    # adapters served per row: of one AdapterSet, whose row mask the op reads per call
+    return (all(type(b) is DecodeBlock for b in blocks) and len({id(b._selection) for b in blocks
+                                                                 if b._selection is not None}) <= 1
             and cfg.value_embeds == 0 and not cfg.qk_norm
             and type(model.norm_f) is type(blocks[0].norm1) and type(model.norm_f) in NORM_KIND
             and len({n.eps for n in norms}) == 1 and model.norm_f.weight is not None
@@ -89,6 +91,7 @@ class DecodeStep:
                         None if model.pos_emb is None or self.embed else model.pos_emb.weight, *rope,
                         model.norm_f.weight, getattr(model.norm_f, "bias", None), head]
         self._cache = self._kv = None
+        self.selection = next((b._selection for b in model.blocks if b._selection is not None), None)
         return self
 
     def usable(self, cache, rows: int) -> bool:
@@ -104,8 +107,10 @@ class DecodeStep:
             x = self.model.tok_emb(ids) if self.model.pos_emb is None else self.model.tok_emb(ids) + self.model.pos_emb(pos)
         out = torch.ops.gptforge_step.decode(ids.reshape(-1), pos.reshape(-1).contiguous(), x, self.globals,
                                              self.layers, self.kinds, self.layout, self.eps, self.softcap, *self._kv,
-                                             cache.slots, cache.mask)
-        return self.model.softcap(self.model.lm_head(out)) if self.head else out
+                                             cache.slots, cache.mask,
+                                             None if self.selection is None else self.selection.mask)
+        # the head as GPT.forward applies it, on (B, 1, D): a LoRA head reads its row mask as (B, 1, n R)
+        return self.model.softcap(self.model.lm_head(out[:, None]))[:, -1] if self.head else out
 
 
 _checked = False

@@ -51,15 +51,18 @@ namespace {
 
 using Opts = c10::List<std::optional<at::Tensor>>;
 
-// Per layer: each Linear's weight and bias, its scale and aux where quantized (schema.py's BlockParams names).
+// Per layer: each Linear's weight and bias, its scale and aux where quantized, its adapters' B^T where it serves LoRA
+// adapters per row (schema.py's BlockParams names).
 enum Field : int64_t {
   kNorm1W, kNorm1B, kQkvW, kQkvB, kProjW, kProjB, kNorm2W, kNorm2B, kUpW, kUpB, kDownW, kDownB, kGateW, kGateB,
-  kQkvS, kQkvA, kProjS, kProjA, kUpS, kUpA, kDownS, kDownA, kGateS, kGateA, kFields
+  kQkvS, kQkvA, kProjS, kProjA, kUpS, kUpA, kDownS, kDownA, kGateS, kGateA, kQkvL, kProjL, kUpL, kDownL, kGateL,
+  kFields
 };
 const char* const kFieldNames[kFields] = {
     "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight", "norm2_bias",
     "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias", "qkv_scale", "qkv_aux",
-    "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux", "gate_scale", "gate_aux"};
+    "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux", "gate_scale", "gate_aux", "qkv_lora",
+    "proj_lora", "up_lora", "down_lora", "gate_lora"};
 // Per layer, each Linear's kind (schema.py's LINEAR_KIND, what gptforge::block_linear multiplies), in this order.
 enum Kind : int64_t { kQkvK, kProjK, kUpK, kDownK, kGateK, kKinds };
 // The token table (None: the caller embeds, and hands x), the learned position table or None, the rotary tables
@@ -181,7 +184,7 @@ template <class T>
 at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x0,
                const Opts& globals, const Opts& layers, at::IntArrayRef kinds, double softcap,
                const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
-               const at::Tensor& mask) {
+               const at::Tensor& mask, const std::optional<at::Tensor>& lora_mask) {
   const at::Tensor normf = *globals.get(kNormFW);
   const int64_t B = ids.size(0), D = normf.size(0), H = s.H, Kh = s.Kh, Hd = s.Hd, R = (H + 2 * Kh) * Hd;
   at::Tensor x = at::empty({B, D}, ids.options().dtype(at::kFloat)), h = at::empty({B, D}, normf.options());
@@ -221,7 +224,8 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
     auto f = [&](int64_t i) { return layers.get(l * kFields + i); };
     // One Linear as the block op multiplies it (its kind: float, or int8/int4 codes), n its output width.
     auto linear = [&](const at::Tensor& in, Kind k, Field w, Field b, Field sc, Field aux, int64_t n) {
-      return gptforge::block_linear(in, kinds[l * kKinds + k], *f(w), f(b), f(sc), f(aux), n);
+      const Field lora = static_cast<Field>(kQkvL + k);  // the lora fields follow the kinds' order
+      return gptforge::block_linear(in, kinds[l * kKinds + k], *f(w), f(b), f(sc), f(aux), n, f(lora), lora_mask);
     };
     // Attention: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x).
     at::Tensor qkv = linear(norm(f(kNorm1W), f(kNorm1B)), kQkvK, kQkvW, kQkvB, kQkvS, kQkvA, R).contiguous();  // (B, R): q, k, v side by side
@@ -253,7 +257,7 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x,
                        const Opts& globals, const Opts& layers, at::IntArrayRef kinds, at::IntArrayRef layout, double eps,
                        double softcap, const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                       const at::Tensor& slots, const at::Tensor& mask) {
+                       const at::Tensor& slots, const at::Tensor& mask, const std::optional<at::Tensor>& lora_mask) {
   TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp, "
               "hidden)");
   TORCH_CHECK(globals.size() == kGlobals, "decode step: expected ", kGlobals, " global tensors, got ", globals.size());
@@ -272,16 +276,17 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only (as block.cpp)
   const auto dtype = globals.get(kNormFW)->scalar_type();
   if (dtype == at::kFloat)
-    return run<float>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask);
+    return run<float>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask, lora_mask);
   TORCH_CHECK(dtype == at::kBFloat16, "decode step: fp32 or bf16 models, got ", dtype);
-  return run<c10::BFloat16>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask);
+  return run<c10::BFloat16>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask, lora_mask);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(gptforge_step, m) {
   m.def("decode(Tensor ids, Tensor positions, Tensor? x, Tensor?[] globals, Tensor?[] layers, int[] kinds, int[] layout, "
-        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor mask) -> Tensor");
+        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor mask, "
+        "Tensor? lora_mask=None) -> Tensor");
   m.def("layer_fields() -> str[]", &layer_fields);
   m.def("global_fields() -> str[]", &global_fields);
 }
