@@ -532,6 +532,26 @@ def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
     torch.testing.assert_close(caches[0], caches[1], atol=atol, rtol=0)
 
 
+def test_whole_step_op_takes_strided_ids():
+    """ids sliced out of a wider tensor (a column of a (B, T) batch: not contiguous) give the same logits as a copy."""
+    from gptforge import native
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    model = _step_model("llama", "fp32")
+    step, prompts = DecodeStep.of(model), [[5, 6, 7, 8, 9], [10, 11]]
+    wide = torch.tensor([[1, 40, 2], [3, 41, 4]])
+    assert not wide[:, 1:2].is_contiguous()
+    out = []
+    with torch.no_grad():
+        for ids in (wide[:, 1:2], wide[:, 1:2].contiguous()):
+            cache, _ = G._prefill(model, prompts, 8, False)
+            cache.prepare(torch.tensor([5]), None, 6)
+            out.append(step(ids, torch.tensor([[5], [2]]), cache))
+    torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
+
+
 def test_whole_step_op_runs_only_what_it_covers():
     """fp32, bf16, quantized models and adapters served per row run it; mixed dtypes, QK-norm, value embeddings,
     Linears the block op does not multiply (a quantized kernel other than the native one) and a model without the

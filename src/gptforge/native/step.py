@@ -105,7 +105,7 @@ class DecodeStep:
         x = None
         if self.embed:  # as GPT.forward embeds: (B, 1, D)
             x = self.model.tok_emb(ids) if self.model.pos_emb is None else self.model.tok_emb(ids) + self.model.pos_emb(pos)
-        out = torch.ops.gptforge_step.decode(ids.reshape(-1), pos.reshape(-1).contiguous(), x, self.globals,
+        out = torch.ops.gptforge_step.decode(ids.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), x, self.globals,
                                              self.layers, self.kinds, self.layout, self.eps, self.softcap, *self._kv,
                                              cache.slots, cache.mask,
                                              None if self.selection is None else self.selection.mask)
