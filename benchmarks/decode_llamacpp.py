@@ -48,6 +48,7 @@ from alternate import measure  # noqa: E402
 PROMPT, NEW = 32, 256
 SHAPES = ("small", "small-gpt2", "gpt2")
 CHECK = 16  # leading tokens of each row compared across engines (the same greedy ids in fp32)
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
 FORMATS = {  # ours (gptforge quantize --method, None: as is) -> the GGUF type of the same format
     "fp32": (None, "f32"), "bf16": ("bf16", "bf16"), "int8": ("int8", "q8_0"), "int4": ("int4", "q4_0")}
 
@@ -80,7 +81,7 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
     import torch
 
     import gptforge
-    from gptforge.compress.quantize import matmul_paths
+    from gptforge.compress.quantize import matmul_bytes, matmul_paths
     from gptforge.generate import generate_steps
     from gptforge.sampling import SamplingParams
 
@@ -104,31 +105,8 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
     kv_item = next(model.parameters()).element_size()  # the cache stores the weights' dtype (kv_dtype auto)
     kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * kv_item
     paths = matmul_paths(model, len(prompts))  # which product each matrix runs at this batch's decode step
-    return {"tok_s": len(prompts) * timed(run), "weight_bytes": matrix_bytes(model), "kv_bytes_per_pos": kv_per_pos,
+    return {"tok_s": len(prompts) * timed(run), "weight_bytes": matmul_bytes(model), "kv_bytes_per_pos": kv_per_pos,
             "first_tokens": first, "path": ", ".join(f"{k} x{v}" for k, v in sorted(paths.items()))}
-
-
-def matrix_bytes(model) -> int:
-    """Bytes of weights a decode step reads: every matrix product's weight (codes, scales, minima) as loaded. An
-    embedding lookup reads one row, so a table counts only as a tied head."""
-    import torch
-
-    from gptforge.compress.quantize import QuantEmbedding, QuantizedMatrix, QuantTiedHead
-    from gptforge.model import TiedHead
-
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantEmbedding):
-            continue
-        if isinstance(m, QuantTiedHead):
-            m = m.table
-        if isinstance(m, QuantizedMatrix):
-            total += sum(t.numel() * t.element_size() for t in (m.weight_q, m.scales, m.zeros) if t is not None)
-        elif isinstance(m, torch.nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, TiedHead):
-            total += m.table.weight.numel() * m.table.weight.element_size()
-    return total
 
 
 def gguf_matrix_bytes(path: str) -> int:
@@ -158,7 +136,7 @@ def llama_log(fn):
         return out, f.read()
 
 
-def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantized: bool) -> dict:
+def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantized: bool, flash: str) -> dict:
     """llama.cpp through llama-cpp-python's low-level API: one llama_batch holds a token of every sequence (distinct
     seq_ids, a KV cache sized for all), greedy from each row's logits. Weights go to llama.cpp's extra (repacked,
     AMX on this CPU) buffers where that path runs: 0.3.36 segfaults on a multi-token batch of q8_0/q4_0 there, so a
@@ -178,6 +156,7 @@ def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantiz
     cp.n_ctx, cp.n_seq_max = B * (PROMPT + NEW + 8), B
     cp.n_batch = cp.n_ubatch = B * PROMPT
     cp.n_threads = cp.n_threads_batch = threads
+    cp.flash_attn_type = FLASH_ATTN[flash]
 
     def open_model():
         model = L.llama_model_load_from_file(gguf_path.encode(), mp)
@@ -230,7 +209,7 @@ def worker_llama(gguf_path: str, threads: int, prompts: list[list[int]], quantiz
     kv_per_pos = float(kv_mib.group(1)) * 2**20 / L.llama_n_ctx(ctx) if kv_mib else float("nan")
     L.llama_batch_free(batch)
     path = f"{'extra buffers' if extra else 'no extra buffers'} ({'+'.join(buffers)}), " + (
-        "prompt one position a call" if one_at_a_time else "prompt in one batch")
+        "prompt one position a call" if one_at_a_time else "prompt in one batch") + f", flash attention {flash}"
     return {"tok_s": tok_s, "path": path, "kv_bytes_per_pos": kv_per_pos, "first_tokens": first}
 
 
@@ -258,7 +237,8 @@ def worker(args) -> None:
         if args.worker == "ours":
             out = worker_ours(args.model, args.format, args.threads, prompts)
         else:
-            out = worker_llama(args.model, args.threads, prompts, FORMATS[args.format][1].startswith("q"))
+            out = worker_llama(args.model, args.threads, prompts, FORMATS[args.format][1].startswith("q"),
+                               args.llama_flash_attn)
     out["peak_rss_mb"] = rss_mb()
     print(json.dumps(out))
 
@@ -351,7 +331,8 @@ def measure_all(args, work: Path, skip: str | None) -> tuple[list, object, objec
             for b in batches:
                 variants = {"gptforge": me + ["--worker", "ours", "--model", str(ours), "--format", fmt]}
                 if skip is None:
-                    variants["llama.cpp"] = me + ["--worker", "llama", "--model", str(theirs), "--format", fmt]
+                    variants["llama.cpp"] = me + ["--worker", "llama", "--model", str(theirs), "--format", fmt,
+                                                  "--llama-flash-attn", args.llama_flash_attn]
                 rows.append(measure_row(variants, fmt, threads, b, args.rounds, bandwidth[threads], gguf_bytes))
     return rows, cfg, tok
 
@@ -430,6 +411,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="processes per side, alternating (>= 3 for a median)")
     p.add_argument("--repeats", type=int, default=3, help="timings inside each process (their median)")
     p.add_argument("--new", type=int, default=NEW, help="new tokens per timed decode (the rate leaves the first out)")
+    p.add_argument("--llama-flash-attn", choices=list(FLASH_ATTN), default="off",
+                   help="llama.cpp's flash attention (llama-cpp-python's Llama() default: off; the low-level "
+                        "context default: auto)")
     p.add_argument("--worker", choices=["ours", "llama", "bandwidth"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)

@@ -114,26 +114,6 @@ def write_formats(shape: str, work: Path) -> dict[str, Path]:
     return out
 
 
-def step_bytes(model) -> int:
-    """Bytes of weights a batch-1 decode step reads: every matrix product's weight (codes, scales, minima)."""
-    from gptforge.compress.quantize import QuantEmbedding, QuantizedMatrix, QuantTiedHead
-    from gptforge.model import TiedHead
-
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantEmbedding):
-            continue  # a lookup reads one row (a tied table is counted as the head)
-        if isinstance(m, QuantTiedHead):
-            m = m.table
-        if isinstance(m, QuantizedMatrix):
-            total += sum(t.numel() * t.element_size() for t in (m.weight_q, m.scales, m.zeros) if t is not None)
-        elif isinstance(m, torch.nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, TiedHead):
-            total += m.table.weight.numel() * m.table.weight.element_size()
-    return total
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -144,7 +124,7 @@ def peak_rss_mb() -> float:
 
 def worker(ckpt: str, fmt: str, threads: int) -> dict:
     from gptforge.compress.evaluate import decode_speed
-    from gptforge.compress.quantize import matmul_paths
+    from gptforge.compress.quantize import matmul_bytes, matmul_paths
     from gptforge.generate import load
 
     torch.set_num_threads(threads)
@@ -159,7 +139,7 @@ def worker(ckpt: str, fmt: str, threads: int) -> dict:
         t0 = time.perf_counter()
         model(x)
         prefill = n / (time.perf_counter() - t0)
-    nbytes = step_bytes(model)
+    nbytes = matmul_bytes(model)
     return {"format": fmt, "threads": threads, "decode_tok_s": tps, "prefill_tok_s": prefill, "prefill_tokens": n,
             "bytes_per_token": nbytes, "gb_s": nbytes * tps / 1e9, "paths_decode": matmul_paths(model, 1),
             "paths_prefill": matmul_paths(model, n), "peak_rss_mb": rss}

@@ -16,8 +16,8 @@ from gptforge.compress.distill import DistillConfig, DistillLoss, distill
 import gptforge.compress.quantize as Q
 from gptforge.compress.evaluate import eval_checkpoints
 from gptforge.compress.prune import block_linears, prune_model, shrink, structured_plan, structured_widths, unstructured_masks
-from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize, quantize_activations, quantize_model,
-                                        quantize_state_dict)
+from gptforge.compress.quantize import (QuantEmbedding, QuantLinear, dequantize, matmul_bytes, quantize_activations,
+                                        quantize_model, quantize_state_dict)
 from gptforge.compress.run import prune_checkpoint, quantize_checkpoint
 from gptforge.config import ModelConfig, RunConfig, TrainConfig, model_preset
 from gptforge.data import TokenData, prepare
@@ -500,3 +500,16 @@ def test_quantized_perplexity_of_an_imported_model_is_within_the_bounds(imported
         assert all(abs(d) <= bound_pct for d in deltas), (fp32, got)
     assert got["dynamic"] != got["weight-only"], got  # the activations really were quantized
     print(f"imported {method}: fp32 ppl decode/prefill {fp32[0]:.3f}/{fp32[1]:.3f}, Δ% {got}")
+
+
+def test_matmul_bytes_counts_each_product_weight_once():
+    """A decode step's weight bytes: fp32 Linears at 4 bytes a weight plus the tied head (the table once, not again
+    as the embedding); int8 at 1 byte plus a 4-byte scale per row; int4 g32 at half a byte plus two fp16 per group."""
+    model = tiny()
+    cfg = model.config
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = sum(m.weight.numel() for m in linears) + cfg.vocab_size * cfg.d_model
+    rows = sum(m.out_features for m in linears) + cfg.vocab_size
+    assert matmul_bytes(model) == 4 * weights
+    assert matmul_bytes(quantize_model(tiny(), "int8")[0]) == weights + 4 * rows
+    assert matmul_bytes(quantize_model(tiny(), "int4", 32)[0]) == weights // 2 + 2 * 2 * weights // 32

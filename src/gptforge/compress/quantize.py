@@ -323,6 +323,24 @@ def matmul_paths(model: nn.Module, rows: int) -> dict[str, int]:
     return out
 
 
+def matmul_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix product's weight as loaded (a quantized one's codes,
+    scales and minima). A lookup reads one row of a token table, so a table counts only as a tied head. The
+    decode benchmarks divide it by a token's time for their GB/s."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantEmbedding):
+            continue
+        if isinstance(m, QuantTiedHead):
+            m = m.table
+        if isinstance(m, QuantizedMatrix):
+            total += sum(t.numel() * t.element_size() for t in (m.weight_q, m.scales, m.zeros) if t is not None)
+        elif isinstance(m, (nn.Linear, TiedHead)):
+            w = m.table.weight if isinstance(m, TiedHead) else m.weight
+            total += w.numel() * w.element_size()
+    return total
+
+
 # --- the state-dict transform and the module swap ------------------------------------------------------------
 
 def _targets(model: nn.Module) -> dict[str, nn.Module]:
