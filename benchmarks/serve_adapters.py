@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_load import MODELS, build_checkpoint, one_request, percentile, prompts, warm_up
+from serve_load import MODELS, build_checkpoint, prompts, run_level, warm_up
 
 ADAPTERS = 4
 
@@ -81,39 +81,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # clock ticks: USER_HZ is 100 on Linux
 
 
-async def load(url: str, models: list[str], clients: int, seconds: float, max_tokens: int, texts: list[str]) -> dict:
-    """`clients` streaming clients, client k on models[k % len(models)], for `seconds`."""
-    stats = {"sent": 0, "done": 0, "errors": 0, "lost": 0, "tokens": 0, "ttft": [], "itl": [], "error_samples": []}
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
-        start_t = time.perf_counter()
-        stop_at = start_t + seconds
-
-        async def loop(k: int) -> None:
-            i = k
-            while time.perf_counter() < stop_at:
-                await one_request(client, url, models[k % len(models)], texts[i % len(texts)], max_tokens, stats)
-                i += clients
-
-        await asyncio.gather(*(loop(k) for k in range(clients)))
-        wall = time.perf_counter() - start_t
-    return {"wall": wall, **stats}
-
-
 def one_run(ckpt: Path, adapters: list[tuple[str, Path]], args, log: Path, texts: list[str]) -> dict:
     proc, url = start(ckpt, adapters, args.threads, log)
     try:
         asyncio.run(warm_up(url, texts))
         models = [name for name, _ in adapters] or ["bench"]
         cpu0 = cpu_seconds(proc.pid)
-        s = asyncio.run(load(url, models, args.clients, args.seconds, args.max_tokens, texts))
+        s = asyncio.run(run_level(url, models, args.clients, args.seconds, args.max_tokens, texts))
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {"tokens_per_s": round(s["tokens"] / s["wall"], 1), "tokens": s["tokens"], "errors": s["errors"],
-            "lost": s["lost"], "cpu_ms_per_token": round(1000 * cpu / max(s["tokens"], 1), 3),
-            "itl_p50_ms": round(1000 * (percentile(s["itl"], 50) or 0), 2), "error_samples": s["error_samples"][:3]}
+    return {"tokens_per_s": s["tokens_per_s"], "tokens": s["tokens"], "errors": s["errors"], "lost": s["lost"],
+            "cpu_ms_per_token": round(1000 * cpu / max(s["tokens"], 1), 3), "itl_p50_ms": s["itl_p50_ms"] or 0,
+            "error_samples": s["error_samples"][:3]}
 
 
 def engine_steps(base: Path, adapters: list[tuple[str, Path]], reps: int, steps: int = 40) -> dict:

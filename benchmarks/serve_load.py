@@ -154,7 +154,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     stats["tokens"] += tokens
 
 
-async def run_level(url: str, model: str, clients: int, seconds: float, max_tokens: int, texts: list[str]) -> dict:
+async def run_level(url: str, models: list[str], clients: int, seconds: float, max_tokens: int,
+                    texts: list[str]) -> dict:
+    """`clients` streaming clients for `seconds`, client k asking for models[k % len(models)]."""
     stats = {"sent": 0, "done": 0, "errors": 0, "lost": 0, "tokens": 0, "ttft": [], "itl": [], "error_samples": []}
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
@@ -164,7 +166,7 @@ async def run_level(url: str, model: str, clients: int, seconds: float, max_toke
         async def loop(k: int) -> None:
             i = k
             while time.perf_counter() < stop_at:
-                await one_request(client, url, model, texts[i % len(texts)], max_tokens, stats)
+                await one_request(client, url, models[k % len(models)], texts[i % len(texts)], max_tokens, stats)
                 i += clients
 
         await asyncio.gather(*(loop(k) for k in range(clients)))
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(warm_up(url, texts))
             rows = []
             for c in levels:
-                row = asyncio.run(run_level(url, "bench", c, args.seconds, args.max_tokens, texts))
+                row = asyncio.run(run_level(url, ["bench"], c, args.seconds, args.max_tokens, texts))
                 rows.append(row)
                 print(f"{c:>3} clients: {row['tokens_per_s']:>8.1f} tok/s  ttft p50 {row['ttft_p50_ms']} ms "
                       f"p99 {row['ttft_p99_ms']} ms  itl p50 {row['itl_p50_ms']} ms p99 {row['itl_p99_ms']} ms  "
