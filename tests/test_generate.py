@@ -552,6 +552,26 @@ def test_whole_step_op_takes_strided_ids():
     torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
 
 
+def test_whole_step_op_sizes_its_rotary_tables_to_the_cache(monkeypatch):
+    """A rotary model's cos/sin tables cover the positions the generation's cache holds, not block_size's (an
+    imported Llama 3 has 131,072), and its tokens equal the block path's."""
+    from gptforge import native
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    model = native.decode_layout(GPT(ModelConfig(**{**STEP_VARIANTS["llama"], "block_size": 65536})).eval())
+    steps, call = [], DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: steps.append(self) or call(self, *a))
+    p = SamplingParams(max_new_tokens=6, temperature=0)
+    fused = [s.ids for s in generate_steps(model, [[5, 6, 7, 8, 9]], p, vocab_size=300)]
+    assert steps and steps[0].globals[2].shape[0] == steps[0]._cache.length < 64
+    with monkeypatch.context() as m:
+        m.setattr(DecodeStep, "of", classmethod(lambda cls, model: None))
+        assert [s.ids for s in generate_steps(model, [[5, 6, 7, 8, 9]], p, vocab_size=300)] == fused
+
+
 def test_whole_step_op_runs_only_what_it_covers():
     """fp32, bf16, quantized models and adapters served per row run it; mixed dtypes, QK-norm, value embeddings,
     Linears the block op does not multiply (a quantized kernel other than the native one) and a model without the

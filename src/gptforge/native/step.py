@@ -3,9 +3,9 @@
 `DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation when the op covers it: an
 eval-mode GPT whose blocks are all DecodeBlocks (the block op's variants: float or quantized Linears, LoRA adapters
 served per row) without QK-norm or value embeddings, in fp32 or bf16 (fp32 where a Linear is quantized: the
-quantized products take fp32 rows). A plain token table and a float head (tied, or an unbiased DecodeLinear) run inside the op;
-any other (a quantized table or head) runs its own module around it. Otherwise `of` is None and the caller keeps
-the model's forward (the per-block op).
+quantized products take fp32 rows). A plain token table and a float head (tied, or an unbiased DecodeLinear) run
+inside the op; any other (a quantized table or head) runs its own module around it. Otherwise `of` is None and
+the caller keeps the model's forward (the per-block op).
 
 Why: at the 6-layer, 384-wide shape the block op's ATen ops and the Python around them cost ~0.9 ms a token beside
 ~2 ms of fp32 products; here the same math is loops over a few hundred floats per row (docs/BENCHMARKS.md,
@@ -84,11 +84,12 @@ class DecodeStep:
         self.softcap = float(model.softcap.cap) if head is not None and isinstance(model.softcap, SoftCap) else 0.0
         # A table of another kind (quantized) embeds in its own module before the op, positions included.
         self.embed = any(t is not None and type(t) is not nn.Embedding for t in (model.tok_emb, model.pos_emb))
-        rope = (None, None)
-        if model.pos_emb is None:  # every position's cos and sin once, indexed by the op (model.rotary_tables' values)
-            rope = tuple(t.contiguous() for t in rotary_tables(torch.arange(cfg.block_size), cfg))
+        # Rotary models: cos and sin of every position a cache holds, computed when a longer cache arrives (the op
+        # indexes them; model.rotary_tables' values). Not block_size's worth up front: an imported model's context
+        # (131,072 positions for Llama 3) would cost 2 x 64 MB of tables per generation.
+        self._rope_len = 0 if model.pos_emb is None else None
         self.globals = [None if self.embed else model.tok_emb.weight,
-                        None if model.pos_emb is None or self.embed else model.pos_emb.weight, *rope,
+                        None if model.pos_emb is None or self.embed else model.pos_emb.weight, None, None,
                         model.norm_f.weight, getattr(model.norm_f, "bias", None), head]
         self._cache = self._kv = None
         self.selection = next((b._selection for b in model.blocks if b._selection is not None), None)
@@ -102,12 +103,17 @@ class DecodeStep:
         """Logits (B, V) of one new token per row: ids and positions (B, 1), at the slots `cache.prepare` set."""
         if cache is not self._cache:  # the layers' buffers, listed once per cache
             self._cache, self._kv = cache, ([kv.k for kv in cache.layers], [kv.v for kv in cache.layers])
+            if self._rope_len is not None and cache.length > self._rope_len:
+                self._rope_len = cache.length
+                tables = rotary_tables(torch.arange(cache.length), self.model.config)
+                self.globals[2:4] = [t.contiguous() for t in tables]
         x = None
         if self.embed:  # as GPT.forward embeds: (B, 1, D)
-            x = self.model.tok_emb(ids) if self.model.pos_emb is None else self.model.tok_emb(ids) + self.model.pos_emb(pos)
-        out = torch.ops.gptforge_step.decode(ids.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), x, self.globals,
-                                             self.layers, self.kinds, self.layout, self.eps, self.softcap, *self._kv,
-                                             cache.slots, cache.mask,
+            x = self.model.tok_emb(ids)
+            x = x if self.model.pos_emb is None else x + self.model.pos_emb(pos)
+        out = torch.ops.gptforge_step.decode(ids.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), x,
+                                             self.globals, self.layers, self.kinds, self.layout, self.eps,
+                                             self.softcap, *self._kv, cache.slots, cache.mask,
                                              None if self.selection is None else self.selection.mask)
         # the head as GPT.forward applies it, on (B, 1, D): a LoRA head reads its row mask as (B, 1, n R)
         return self.model.softcap(self.model.lm_head(out[:, None]))[:, -1] if self.head else out
