@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from gptforge.model import GPT, SoftCap, rotary_tables
 from gptforge.native.layout import DecodeBlock, DecodeLinear, DecodeTiedHead
+from gptforge.native.ops import MAX_ROWS
 from gptforge.native.schema import NORM_KIND, BlockLayout, BlockParams
 
 # The op's per-layer tensors and Linear kinds, in its order, by schema.py's names (the op checks the first list).
@@ -30,7 +31,6 @@ LAYER_FIELDS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_we
                 "gate_scale", "gate_aux", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora")
 KIND_FIELDS = ("qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind")
 GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight")
-MAX_ROWS = 16
 
 
 def _covered(model: nn.Module) -> bool:
