@@ -498,8 +498,7 @@ def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
     """generate_steps runs a decode-layout model's step as one native call (csrc/step.cpp); its tokens equal the
     per-block path's, its logprobs, logits and cache writes agree (bit for bit on the CI CPU: the same ops, RMSNorm
     summed in ATen's order; the bounds allow another torch build's sum order), with left padding, for quantized
-    models too (their quantized table and head run as modules around the op); without the op the path is the block
-    op's."""
+    models too (their quantized table and head run inside the op); without the op the path is the block op's."""
     from gptforge import native
     from gptforge.native.step import DecodeStep
 
@@ -530,6 +529,43 @@ def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
             caches.append(torch.cat([torch.cat([kv.k, kv.v]) for kv in cache.layers]))
     torch.testing.assert_close(out[0], out[1], atol=atol, rtol=0)
     torch.testing.assert_close(caches[0], caches[1], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "relu2-softcap"])  # a tied table with positions; an untied head, soft-cap
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("activations", ["dynamic", "weight-only"])
+def test_whole_step_op_embeds_and_multiplies_quantized_tables(variant, fmt, activations, monkeypatch):
+    """A quantized model's token table (its rows dequantized in C++) and head (tied to the table or its own
+    QuantLinear, each kind) run inside the op, no module called in a decode step, and the logits and cache writes
+    equal the op's with those modules around it (QuantEmbedding's rows, the head's kernel) to the bit."""
+    from gptforge import native
+    from gptforge.compress.quantize import quantize_model
+    from gptforge.native import step as S
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**STEP_VARIANTS[variant])).eval()
+    model = native.decode_layout(quantize_model(model, fmt, 32 if fmt == "int4" else None, activations=activations)[0])
+    inside = S.DecodeStep.of(model)
+    with monkeypatch.context() as m:
+        m.setattr(S, "_table", lambda model: None)
+        m.setattr(S, "_head", lambda model: None)
+        around = S.DecodeStep.of(model)
+    assert (inside.embed, inside.head, around.embed, around.head) == (False, False, True, True)
+    calls = []
+    for mod in (model.tok_emb, model.lm_head):
+        mod.register_forward_hook(lambda *a: calls.append(1))
+    prompts, out, caches = [[5, 6, 7, 8, 9], [10, 11]], [], []
+    with torch.no_grad():
+        for step in (inside, around):
+            cache, logits = G._prefill(model, prompts, 8, False)
+            calls.clear()
+            cache.prepare(torch.tensor([5]), None, 6)
+            out.append(step(logits.argmax(-1)[:, None], torch.tensor([[5], [2]]), cache))
+            caches.append(torch.cat([torch.cat([kv.k, kv.v]) for kv in cache.layers]))
+            assert len(calls) == (0 if step is inside else 2)
+    assert torch.equal(out[0], out[1]) and torch.equal(caches[0], caches[1])
 
 
 def test_whole_step_op_takes_strided_ids():

@@ -28,7 +28,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model import TiedHead
 from gptforge.native import DecodeLinear, DecodeTiedHead
 from gptforge.native import ops as native
-from gptforge.native.schema import CodedLinear, OpLinear
+from gptforge.native.schema import CodedLinear, CodedTable, OpLinear, OpTable
 from gptforge.settings import INT4_GROUP_SIZE, INT4_GROUP_SIZES
 
 METHODS = ("int8", "int4", "bf16", "fp16")
@@ -242,6 +242,21 @@ class QuantizedMatrix(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
         return y.view(*x.shape[:-1], self.shape[0])
 
+    def op_linear_with(self, bias: torch.Tensor | None) -> OpLinear | None:
+        """What the native ops multiply for this matrix (native.schema.OpLinear): the tensors of the product
+        `matmul` runs for a few fp32 rows on CPU; None for the "aten" / "dequant" kernel choices."""
+        if self.kernel != "native":
+            return None
+        if self.activations == "weight-only":
+            return OpLinear(f"{self.method}-weight-only", self.weight_q, bias, self.scales, self.zeros)
+        if self.method == "int8":
+            if self._row_sums is None:
+                self._row_sums = native.int8_row_sums(self.weight_q)
+            return OpLinear("int8-dynamic", self.weight_q, bias, self.scales, self._row_sums)
+        if self._packed is None:
+            self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
+        return OpLinear("int4-dynamic", self._packed, bias)
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized rows idx of the matrix (an embedding lookup reads only those)."""
         q, s = self.weight_q[idx], self.scales[idx]
@@ -266,22 +281,11 @@ class QuantLinear(QuantizedMatrix, CodedLinear):
         return self.matmul(x, self.bias)
 
     def op_linear(self) -> OpLinear | None:
-        """What the native block op multiplies for this Linear (native.schema.CodedLinear): the tensors of the
-        product `matmul` runs for a few fp32 rows on CPU; None for the "aten" / "dequant" kernel choices."""
-        if self.kernel != "native":
-            return None
-        if self.activations == "weight-only":
-            return OpLinear(f"{self.method}-weight-only", self.weight_q, self.bias, self.scales, self.zeros)
-        if self.method == "int8":
-            if self._row_sums is None:
-                self._row_sums = native.int8_row_sums(self.weight_q)
-            return OpLinear("int8-dynamic", self.weight_q, self.bias, self.scales, self._row_sums)
-        if self._packed is None:
-            self._packed = native.int4_pack(self.weight_q, self.scales, self.zeros)
-        return OpLinear("int4-dynamic", self._packed, self.bias)
+        """What the native block op multiplies for this Linear (native.schema.CodedLinear)."""
+        return self.op_linear_with(self.bias)
 
 
-class QuantEmbedding(QuantizedMatrix):
+class QuantEmbedding(QuantizedMatrix, CodedTable):
     def __init__(self, emb: nn.Embedding, method: str, group_size: int | None, kernel: str = "native",
                  activations: str = "dynamic"):
         super().__init__(emb.num_embeddings, emb.embedding_dim, method, group_size, emb.weight.device, kernel,
@@ -290,13 +294,21 @@ class QuantEmbedding(QuantizedMatrix):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.rows(idx)
 
+    def op_table(self) -> OpTable:
+        """The codes `rows` dequantizes, as the native step op reads them (native.schema.CodedTable)."""
+        return OpTable(self.weight_q, self.scales, self.zeros)
 
-class QuantTiedHead(TiedHead):
+
+class QuantTiedHead(TiedHead, CodedLinear):
     """The tied head of a quantized model: logits from the quantized token table's codes (its rows are the
     head's output channels), with the table's kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table.matmul(x)
+
+    def op_linear(self) -> OpLinear | None:
+        """The table's product, as the native step op multiplies it (native.schema.CodedLinear)."""
+        return self.table.op_linear_with(None)
 
 
 

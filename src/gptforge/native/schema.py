@@ -92,6 +92,25 @@ class CodedLinear(nn.Module):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class OpTable:
+    """A quantized token table as the step op embeds from it (compress.quantize's QuantEmbedding.rows): int8 codes
+    (V, D) and fp32 scales (V,), row = code * scale; or int4 codes packed as quantize.int4_codes packs them (V, D/2)
+    with fp16 scales and minima (V, groups), row = code * scale + minimum per group."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    aux: torch.Tensor | None
+
+
+class CodedTable(nn.Module):
+    """A token table stored as codes the step op dequantizes (compress.quantize's QuantEmbedding implements it)."""
+
+    def op_table(self) -> OpTable | None:
+        """Its codes and scales, or None where the op would not compute what its forward does."""
+        raise NotImplementedError
+
+
 def op_linear(m: nn.Module) -> OpLinear | None:
     """A block's Linear as the op multiplies it (an AdaptedLinear: its fused Linear and B^T), None if it cannot."""
     if isinstance(m, AdaptedLinear):

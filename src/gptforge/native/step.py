@@ -3,9 +3,11 @@
 `DecodeStep.of(model)` gathers a decode-layout model's tensors once per generation when the op covers it: an
 eval-mode GPT whose blocks are all DecodeBlocks (the block op's variants: float or quantized Linears, LoRA adapters
 served per row) without QK-norm or value embeddings, in fp32 or bf16 (fp32 where a Linear is quantized: the
-quantized products take fp32 rows). A plain token table and a float head (tied, or an unbiased DecodeLinear) run
-inside the op; any other (a quantized table or head) runs its own module around it. Otherwise `of` is None and
-the caller keeps the model's forward (the per-block op).
+quantized products take fp32 rows). The token table runs inside the op when it is plain or quantized
+(schema.CodedTable: its rows dequantized in C++, as QuantEmbedding's), and so does the head when it is a float one
+(tied, or an unbiased DecodeLinear) or a quantized one (schema.CodedLinear: tied to the quantized table or its own
+QuantLinear, unbiased; multiplied by block_linear by its kind); any other table or head runs its own module around
+the op. Otherwise `of` is None and the caller keeps the model's forward (the per-block op).
 
 Why: at the 6-layer, 384-wide shape the block op's ATen ops and the Python around them cost ~0.9 ms a token beside
 ~2 ms of fp32 products; here the same math is loops over a few hundred floats per row (docs/BENCHMARKS.md,
@@ -22,7 +24,8 @@ import torch.nn as nn
 from gptforge.model import GPT, SoftCap, rotary_tables
 from gptforge.native.layout import DecodeBlock, DecodeLinear, DecodeTiedHead
 from gptforge.native.ops import MAX_ROWS
-from gptforge.native.schema import NORM_KIND, BlockLayout, BlockParams
+from gptforge.native.schema import (LINEAR_KIND, NORM_KIND, BlockLayout, BlockParams, CodedLinear, CodedTable,
+                                    OpLinear)
 
 # The op's per-layer tensors and Linear kinds, in its order, by schema.py's names (the op checks the first list).
 LAYER_FIELDS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight",
@@ -30,7 +33,8 @@ LAYER_FIELDS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_we
                 "qkv_scale", "qkv_aux", "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux",
                 "gate_scale", "gate_aux", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora")
 KIND_FIELDS = ("qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind")
-GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight")
+GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight",
+                 "tok_scale", "tok_aux", "head_scale", "head_aux")
 
 
 def _covered(model: nn.Module) -> bool:
@@ -52,15 +56,34 @@ def _covered(model: nn.Module) -> bool:
             and all(p.device.type == "cpu" for p in model.parameters()))
 
 
-def _float_head(model: GPT) -> torch.Tensor | None:
-    """The head's weight when the op can multiply it (a float tied head or unbiased Linear, no other soft-cap than
-    SoftCap's), else None."""
+def _head(model: GPT) -> OpLinear | None:
+    """The head as the op multiplies it (a float tied head or unbiased Linear, a quantized one in an fp32 model: its
+    kind and tensors, schema.OpLinear), or None: the model's own head module runs after the op. Soft-cap: SoftCap's
+    or none."""
     head = model.lm_head
     if not isinstance(model.softcap, (nn.Identity, SoftCap)):
         return None
     if type(head) is DecodeTiedHead and type(head.table) is nn.Embedding:
-        return head.table.weight
-    return head.weight if type(head) is DecodeLinear and head.bias is None else None
+        return OpLinear("float", head.table.weight, None)
+    if type(head) is DecodeLinear and head.bias is None:
+        return OpLinear("float", head.weight, None)
+    if isinstance(head, CodedLinear) and model.norm_f.weight.dtype == torch.float32:  # quantized products: fp32 rows
+        lin = head.op_linear()
+        return lin if lin is not None and lin.bias is None and lin.lora is None else None
+    return None
+
+
+def _table(model: GPT) -> list[torch.Tensor | None] | None:
+    """The token table's tensors as the op embeds from them, [table, None, None] of a float one or [codes, scale,
+    minima] of a quantized one in an fp32 model (schema.CodedTable), with a learned position table of the model's
+    dtype or none; None: the model's own modules embed before the op."""
+    tok, pe, dtype = model.tok_emb, model.pos_emb, model.norm_f.weight.dtype
+    if pe is not None and (type(pe) is not nn.Embedding or pe.weight.dtype != dtype):
+        return None
+    if type(tok) is nn.Embedding:
+        return [tok.weight, None, None]
+    t = tok.op_table() if isinstance(tok, CodedTable) and dtype == torch.float32 else None
+    return None if t is None else [t.codes, t.scale, t.aux]
 
 
 class DecodeStep:
@@ -79,18 +102,21 @@ class DecodeStep:
         self.eps = float(model.norm_f.eps)
         self.layers = [getattr(b.params, name) for b in model.blocks for name in LAYER_FIELDS]
         self.kinds = [getattr(b.layout, name) for b in model.blocks for name in KIND_FIELDS]
-        head = _float_head(model)
+        head, table = _head(model), _table(model)
         self.head = head is None  # the model's own head (and soft-cap) after the op
         self.softcap = float(model.softcap.cap) if head is not None and isinstance(model.softcap, SoftCap) else 0.0
-        # A table of another kind (quantized) embeds in its own module before the op, positions included.
-        self.embed = any(t is not None and type(t) is not nn.Embedding for t in (model.tok_emb, model.pos_emb))
+        # head kind and output width: the int4 kernels' tiles do not say their rows
+        self.layout += [LINEAR_KIND[head.kind] if head else 0, cfg.padded_vocab_size]
+        # A table of another kind embeds in its own module before the op, positions included.
+        self.embed = table is None
         # Rotary models: cos and sin of every position a cache holds, computed when a longer cache arrives (the op
         # indexes them; model.rotary_tables' values). Not block_size's worth up front: an imported model's context
         # (131,072 positions for Llama 3) would cost 2 x 64 MB of tables per generation.
         self._rope_len = 0 if model.pos_emb is None else None
-        self.globals = [None if self.embed else model.tok_emb.weight,
-                        None if model.pos_emb is None or self.embed else model.pos_emb.weight, None, None,
-                        model.norm_f.weight, getattr(model.norm_f, "bias", None), head]
+        tok, head = table or [None] * 3, head or OpLinear("float", None, None)
+        self.globals = [tok[0], None if model.pos_emb is None or self.embed else model.pos_emb.weight, None, None,
+                        model.norm_f.weight, getattr(model.norm_f, "bias", None), head.weight, *tok[1:], head.scale,
+                        head.aux]
         self._cache = self._kv = None
         self.selection = next((b._selection for b in model.blocks if b._selection is not None), None)
         return self

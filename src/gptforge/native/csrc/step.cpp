@@ -15,8 +15,9 @@
 // in ATen's order; rotary is computed as model.apply_rotary does (no fused multiply-add) from tables the caller
 // computed once with model.rotary_tables; LayerNorm, SiLU and GELU are ATen's own ops (one call each a layer).
 // Each Linear is multiplied as the block op multiplies it (gptforge::block_linear, by its kind: float, or int8 /
-// int4 codes). A quantized token table or head stays the caller's (it embeds, or applies the head to the op's
-// final-norm output).
+// int4 codes), and so is the head (float, or a quantized one: tied to a quantized token table, or its own). A
+// quantized token table's rows are dequantized here as compress/quantize.py's QuantizedMatrix.rows computes them.
+// Another table or head stays the caller's (it embeds, or applies the head to the op's final-norm output).
 //
 // Tensors: `layers` holds, per layer, the fields `layer_fields()` names and `kinds` each Linear's kind
 // (native/step.py builds both from schema.py's BlockParams and BlockLayout and checks the names); a field a variant
@@ -66,14 +67,20 @@ const char* const kFieldNames[kFields] = {
 // Per layer, each Linear's kind (schema.py's LINEAR_KIND, what gptforge::block_linear multiplies), in this order.
 enum Kind : int64_t { kQkvK, kProjK, kUpK, kDownK, kGateK, kKinds };
 // The token table (None: the caller embeds, and hands x), the learned position table or None, the rotary tables
-// (positions x Hd) or None, the final norm's weight and bias, the head's fp32/bf16 weight (None: the op returns the
-// final norm's output, and the caller applies its head and soft-cap).
-enum Global : int64_t { kTokEmb, kPosEmb, kCos, kSin, kNormFW, kNormFB, kHeadW, kGlobals };
+// (positions x Hd) or None, the final norm's weight and bias, the head's weight (None: the op returns the final
+// norm's output, and the caller applies its head and soft-cap); then a quantized token table's scales and minima
+// (int4) and the head's scale and aux as block_linear takes them (its kind in the layout).
+// The token table is the model's dtype (its rows as they are), int8 codes (V, D) with fp32 scales (V,), or int4
+// codes packed two a byte (uint8 (V, D/2), as compress/quantize.py's int4_codes packs them) with fp16 scales and
+// minima (V, groups): its rows dequantized as QuantizedMatrix.rows computes them.
+enum Global : int64_t { kTokEmb, kPosEmb, kCos, kSin, kNormFW, kNormFB, kHeadW, kTokS, kTokA, kHeadS, kHeadA,
+                        kGlobals };
 const char* const kGlobalNames[kGlobals] = {"tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight",
-                                            "norm_f_bias", "head_weight"};
+                                            "norm_f_bias", "head_weight", "tok_scale", "tok_aux", "head_scale",
+                                            "head_aux"};
 // layout: n_layer, n_head, n_kv_head, head_dim, norm (0 LayerNorm, 1 RMSNorm), mlp (0 GELU, 1 SwiGLU, 2 ReLU²),
-// hidden (the MLP's width).
-enum Layout : int64_t { kNLayer, kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kHidden, kLayout };
+// hidden (the MLP's width), the head's kind (block_linear's) and its output width.
+enum Layout : int64_t { kNLayer, kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kHidden, kHeadKind, kVocab, kLayout };
 
 std::vector<std::string> layer_fields() { return {std::begin(kFieldNames), std::end(kFieldNames)}; }
 std::vector<std::string> global_fields() { return {std::begin(kGlobalNames), std::end(kGlobalNames)}; }
@@ -175,10 +182,83 @@ void add_into(float* x, const at::Tensor& y, int64_t n) {
 }
 
 struct Shape {
-  int64_t L, H, Kh, Hd, mlp, hidden;
+  int64_t L, H, Kh, Hd, mlp, hidden, head_kind, vocab;
   bool rms;
   float eps;
 };
+
+// A token table's tensors as the Global comment says, for D-wide rows of a model of dtype `dtype`.
+void check_table(const at::Tensor& tab, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& aux,
+                 int64_t D, at::ScalarType dtype) {
+  const auto t = tab.scalar_type();
+  TORCH_CHECK(tab.dim() == 2 && tab.is_contiguous(), "decode step: the token table must be contiguous (V, D)");
+  if (t != at::kChar && t != at::kByte) {
+    TORCH_CHECK(t == dtype && tab.size(1) == D, "decode step: the embedding must be of the norms' dtype and width");
+    return;
+  }
+  TORCH_CHECK(dtype == at::kFloat && scale.has_value() && scale->is_contiguous() && scale->size(0) == tab.size(0),
+              "decode step: a quantized token table needs one scale row per token, in an fp32 model");
+  if (t == at::kChar) {
+    TORCH_CHECK(tab.size(1) == D && scale->dim() == 1 && scale->scalar_type() == at::kFloat,
+                "decode step: an int8 token table is (V, D) codes with fp32 scales (V,)");
+    return;
+  }
+  const int64_t G = scale->dim() == 2 ? scale->size(1) : 0;
+  TORCH_CHECK(G > 0 && D % G == 0 && (D / G) % 2 == 0 && tab.size(1) * 2 == D && scale->scalar_type() == at::kHalf &&
+                  aux.has_value() && aux->sizes() == scale->sizes() && aux->scalar_type() == at::kHalf &&
+                  aux->is_contiguous(),
+              "decode step: an int4 token table is (V, D/2) packed codes with fp16 scales and minima (V, groups)");
+}
+
+// One token's row of the table in fp32, as the model's table module returns it: its own values, or
+// QuantizedMatrix.rows' (int8 code * scale; int4 code * scale + minimum per group, the product and the sum each
+// rounded as PyTorch's separate mul and add round them: no fused multiply-add).
+template <class T>
+__attribute__((optimize("fp-contract=off"))) void table_row(const at::Tensor& tab, const std::optional<at::Tensor>& scale,
+                                                            const std::optional<at::Tensor>& aux, int64_t row, int64_t D,
+                                                            float* out) {
+  if (tab.scalar_type() == at::kChar) {
+    const int8_t* q = tab.data_ptr<int8_t>() + row * D;
+    const float s = scale->data_ptr<float>()[row];
+    for (int64_t i = 0; i < D; ++i) out[i] = static_cast<float>(q[i]) * s;
+  } else if (tab.scalar_type() == at::kByte) {  // group j's byte i: code i (high nibble), code i + g/2 (low)
+    const int64_t G = scale->size(1), half = D / G / 2;
+    const uint8_t* q = tab.data_ptr<uint8_t>() + row * (D / 2);
+    const at::Half* sc = scale->data_ptr<at::Half>() + row * G;
+    const at::Half* lo = aux->data_ptr<at::Half>() + row * G;
+    for (int64_t j = 0; j < G; ++j, q += half, out += 2 * half) {
+      const float sj = static_cast<float>(sc[j]), mj = static_cast<float>(lo[j]);
+      for (int64_t i = 0; i < half; ++i) {
+        out[i] = static_cast<float>(q[i] >> 4) * sj + mj;
+        out[i + half] = static_cast<float>(q[i] & 15) * sj + mj;
+      }
+    }
+  } else {
+    const T* e = tab.data_ptr<T>() + row * D;
+    for (int64_t i = 0; i < D; ++i) out[i] = static_cast<float>(e[i]);
+  }
+}
+
+// x (B, D) = each row's embedding: the caller's x0, or its token's table row; plus its learned position's row,
+// added in T (GPT.forward's x + pos_emb(pos)).
+template <class T>
+void embed(float* xp, const at::Tensor& ids, const int64_t* pos, const std::optional<at::Tensor>& x0,
+           const Opts& globals, int64_t B, int64_t D, at::ScalarType dtype) {
+  const std::optional<at::Tensor> tok = globals.get(kTokEmb), scale = globals.get(kTokS), aux = globals.get(kTokA);
+  TORCH_CHECK(tok.has_value() != x0.has_value(), "decode step: give either the token table or the embedded x");
+  const at::Tensor tab = tok.has_value() ? *tok : x0->reshape({B, D}).contiguous();
+  check_table(tab, scale, aux, D, dtype);
+  const std::optional<at::Tensor> pt = globals.get(kPosEmb);
+  const T* pe = ptr<T>(pt);
+  for (int64_t r = 0; r < B; ++r, xp += D) {
+    const int64_t row = tok.has_value() ? ids.data_ptr<int64_t>()[r] : r;
+    TORCH_CHECK(row >= 0 && row < tab.size(0), "decode step: token id ", row, " is outside the table's ", tab.size(0));
+    table_row<T>(tab, scale, aux, row, D, xp);
+    if (!pe) continue;
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < pt->size(0), "decode step: position ", pos[r], " is outside the table");
+    for (int64_t i = 0; i < D; ++i) xp[i] = as<T>(xp[i] + static_cast<float>(pe[pos[r] * D + i]));
+  }
+}
 
 template <class T>
 at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x0,
@@ -192,20 +272,7 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   T* hp = h.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
 
-  // Embedding (the caller's x, or the token table's rows), and learned positions added in T.
-  const std::optional<at::Tensor> tok = globals.get(kTokEmb);
-  TORCH_CHECK(tok.has_value() != x0.has_value(), "decode step: give either the token table or the embedded x");
-  const at::Tensor emb = tok.has_value() ? *tok : x0->reshape({B, D});
-  TORCH_CHECK(emb.scalar_type() == normf.scalar_type() && emb.is_contiguous() && emb.size(-1) == D,
-              "decode step: the embedding must be contiguous, of the norms' dtype and width");
-  const T* pe = ptr<T>(globals.get(kPosEmb));
-  for (int64_t r = 0; r < B; ++r) {
-    const int64_t row = tok.has_value() ? ids.data_ptr<int64_t>()[r] : r;
-    TORCH_CHECK(row >= 0 && row < emb.size(0), "decode step: token id ", row, " is outside the table's ", emb.size(0));
-    const T* e = emb.data_ptr<T>() + row * D;
-    for (int64_t i = 0; i < D; ++i)
-      xp[r * D + i] = pe ? as<T>(static_cast<float>(e[i]) + static_cast<float>(pe[pos[r] * D + i])) : static_cast<float>(e[i]);
-  }
+  embed<T>(xp, ids, pos, x0, globals, B, D, normf.scalar_type());
   const float* cos = ptr<float>(globals.get(kCos));
   const float* sin = ptr<float>(globals.get(kSin));
   const int64_t table = cos ? globals.get(kCos)->size(0) : 0;
@@ -249,7 +316,8 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   const at::Tensor hf = norm(globals.get(kNormFW), globals.get(kNormFB));
   const std::optional<at::Tensor> head = globals.get(kHeadW);
   if (!head.has_value()) return hf;  // (B, D): the caller's head
-  at::Tensor logits = gptforge::linear(hf, *head, std::nullopt);  // (B, V)
+  at::Tensor logits = gptforge::block_linear(hf, s.head_kind, *head, std::nullopt, globals.get(kHeadS),
+                                             globals.get(kHeadA), s.vocab);  // (B, V)
   if (softcap > 0) logits = at::tanh(logits / softcap) * softcap;  // SoftCap's ops (cap * tanh(logits / cap))
   return logits;
 }
@@ -259,10 +327,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
                        double softcap, const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                        const at::Tensor& slots, const at::Tensor& mask, const std::optional<at::Tensor>& lora_mask) {
   TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp, "
-              "hidden)");
+              "hidden, head_kind, vocab)");
   TORCH_CHECK(globals.size() == kGlobals, "decode step: expected ", kGlobals, " global tensors, got ", globals.size());
   const Shape s{layout[kNLayer], layout[kNHead], layout[kNKvHead], layout[kHeadDim], layout[kMlp], layout[kHidden],
-                layout[kNorm] == 1, static_cast<float>(eps)};
+                layout[kHeadKind], layout[kVocab], layout[kNorm] == 1, static_cast<float>(eps)};
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == s.L * kFields && static_cast<int64_t>(kinds.size()) == s.L * kKinds,
               "decode step: expected ", s.L * kFields, " layer tensors and ", s.L * kKinds, " kinds, got ", layers.size(),
               " and ", kinds.size());
