@@ -210,6 +210,33 @@ def test_building_on_meta_runs_no_initialiser(made):
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_loading_and_decoding_import_no_build_chat_or_writer_libraries(made):
+    """What only building the kernels (torch.utils.cpp_extension: setuptools, packaging), rendering a chat template
+    (jinja2) or writing a checkpoint (safetensors) needs is imported when they run, not by a load and a decode: about
+    7 MB resident of a gpt2 int8 decode's peak (docs/BENCHMARKS.md). Checked in a fresh interpreter, after the
+    native library is built here (a build imports cpp_extension, rightly)."""
+    import subprocess
+    import sys
+
+    from gptforge.native import available
+
+    available()
+    code = ("import sys, gptforge; from gptforge.generate import generate; m, t = gptforge.load(sys.argv[1]); "
+            "generate(m, t, 'the quick', max_new_tokens=3); "
+            "print(sorted(n for n in ('jinja2', 'setuptools', 'torch.utils.cpp_extension', 'safetensors', "
+            "'gptforge.chat_template') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(made["int8"])], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[]"
+
+
+def test_a_chat_renders_after_a_plain_load(made):
+    """The chat template's module, imported on first use, renders as before: the ChatML layout of a trained
+    tokenizer with chat tokens."""
+    tok = Tokenizer.load(made["base"])
+    assert tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_a_cast_leaves_quantized_scales_as_loaded(made):
     """load's dtype cast passes the quantized matrices' scales and minima by instead of casting copies it would
     throw away (which read every scale page of the mapped file): the cast function never sees them, only a

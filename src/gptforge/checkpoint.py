@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gptforge.config import RunConfig, load_yaml, run_config_from_dict
 from gptforge.errors import GptforgeError
@@ -92,6 +90,8 @@ def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_s
                 write_shards(tmp / SHARDS_DIR)
             if main:
                 if model_state is not None:
+                    from safetensors.torch import save_file  # here: loading (loader._mapped) never needs it
+
                     state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
                     save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
                 cfg.save(tmp / CONFIG_FILE)
@@ -206,6 +206,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         return f"neither {MODEL_FILE} nor {SHARDS_DIR}/ is there"
     try:
         if (ckpt / MODEL_FILE).is_file():
+            from safetensors import safe_open
+
             with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
                 for key in f.keys():
                     f.get_slice(key)  # reads the header entry; a truncated file fails on its offsets

@@ -23,7 +23,6 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from gptforge import chat_template
 from gptforge.errors import GptforgeError, not_one_string
 
 EOS = "<|endoftext|>"
@@ -358,6 +357,8 @@ class Tokenizer:
         _check_messages(messages)
         named = {k: _content(self.config.get(k)) for k in NAMED_SPECIALS}
         variables = {**{k: v for k, v in named.items() if v is not None}, **variables}
+        from gptforge import chat_template  # here: jinja2 (~2 MB resident) only for a tokenizer that renders chats
+
         fn = chat_template.render_spans if spans else chat_template.render
         out = fn(template, messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents,
                  **variables)
@@ -385,6 +386,8 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def _assistant_spans(self, messages, add_generation_prompt, tools, documents, variables):
+        from gptforge import chat_template
+
         if chat_template.has_generation_blocks(self._template_for(tools)):
             return self._render(messages, add_generation_prompt, tools, documents, variables, spans=True)
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,

@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from gptforge.native.schema import check_schema
 
@@ -63,6 +62,9 @@ def library_path() -> Path:
 def build(dest: Path) -> None:
     """Compile csrc/*.cpp into dest, the sources in parallel: written under a temporary name, then renamed (two
     processes building at once each rename a complete file)."""
+    # Imported here, not at the top: it pulls in setuptools and packaging (~4 MB resident) that only a build needs.
+    from torch.utils import cpp_extension
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
