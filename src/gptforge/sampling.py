@@ -195,7 +195,7 @@ class TokenPicker:
         elif masked:
             rows = torch.tensor(masked, device=logits.device)
             logits = logits.index_put((rows,), apply_token_bitmask(logits[rows], self.bitmask[list(masked)]))
-        counts, seen = (self.counts, self.seen) if n == len(self.counts) else (self.counts[:n], self.seen[:n])
+        counts, seen = (self.counts, self.seen) if n == self.counts.shape[0] else (self.counts[:n], self.seen[:n])
         if len(groups) == 1:  # the static batch always, BatchEngine often: no gather, no scatter
             p, rows = groups[0]
             ids = sample(apply_penalties(logits, counts, seen, p), p, None, _noise(p, rows, noise))
