@@ -75,8 +75,11 @@ def decode_perplexity(model, windows: torch.Tensor) -> tuple[float, float]:
             assert whole is not None and whole.usable(cache, B)
         for n in range(1, L - 1):
             ids, pos = windows[:, n : n + 1].contiguous(), torch.full((B, 1), n)
-            cache.prepare(torch.arange(n, n + 1), None, end=n + 1)
-            steps.append(whole(ids, pos, cache) if whole is not None else model(ids, pos, cache)[:, -1])
+            if whole is not None:  # the op marks its slot and builds its mask
+                steps.append(whole(ids, pos, cache, torch.arange(n, n + 1), n + 1))
+            else:
+                cache.prepare(torch.arange(n, n + 1), None, end=n + 1)
+                steps.append(model(ids, pos, cache)[:, -1])
         logits = torch.stack(steps, 1)  # (B, L - 1, V)
         full = model(windows[:, :-1])
     target = windows[:, 1:].flatten()

@@ -522,7 +522,7 @@ def test_whole_step_op_equals_the_block_path(variant, fmt, monkeypatch):
                                atol=atol, rtol=0)
     with torch.no_grad():  # one step's logits and cache writes, op against the model's forward
         caches, out = [], []
-        for run in (lambda c, ids, pos: model(ids, pos, c)[:, -1], lambda c, ids, pos: step(ids, pos, c)):
+        for run in (lambda c, ids, pos: model(ids, pos, c)[:, -1], lambda c, ids, pos: step(ids, pos, c, torch.tensor([5]), 6)):
             cache, logits = G._prefill(model, prompts, 8, False)
             cache.prepare(torch.tensor([5]), None, 6)
             out.append(run(cache, logits.argmax(-1)[:, None], torch.tensor([[5], [2]])))
@@ -561,11 +561,47 @@ def test_whole_step_op_embeds_and_multiplies_quantized_tables(variant, fmt, acti
         for step in (inside, around):
             cache, logits = G._prefill(model, prompts, 8, False)
             calls.clear()
-            cache.prepare(torch.tensor([5]), None, 6)
-            out.append(step(logits.argmax(-1)[:, None], torch.tensor([[5], [2]]), cache))
+            out.append(step(logits.argmax(-1)[:, None], torch.tensor([[5], [2]]), cache, torch.tensor([5]), 6))
             caches.append(torch.cat([torch.cat([kv.k, kv.v]) for kv in cache.layers]))
             assert len(calls) == (0 if step is inside else 2)
     assert torch.equal(out[0], out[1]) and torch.equal(caches[0], caches[1])
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_whole_step_op_marks_its_slots_and_masks_itself(window, fmt):
+    """The op marks each row's slot valid and builds the attention mask as KVCache.prepare does for one token per
+    row: rows at their own slots (BatchEngine), invalid slots (padding, a retired sequence's) skipped, a sliding
+    window; its logits, cache writes and validity equal prepare + the model's forward, and the same with one slot
+    shared by every row (the static batch)."""
+    from gptforge import native
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**STEP_VARIANTS["llama"], "sliding_window": window})).eval()
+    model = native.decode_layout(model.to(torch.bfloat16) if fmt == "bf16" else model)
+    step = DecodeStep.of(model)
+    holes = torch.tensor([[True] * 7 + [False] * 5, [False, True, False] + [True] * 9, [True] * 12])
+    ids, atol = torch.tensor([[7], [8], [9]]), 2e-2 if fmt == "bf16" else ATOL
+    for slots in (torch.tensor([[7], [9], [4]]), torch.tensor([8])):
+        end = int(slots.max()) + 1
+        out, state = [], []
+        with torch.no_grad():
+            for own in (False, True):
+                cache, _ = G._prefill(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]] * 3, 12, False)
+                cache.valid.copy_(holes)
+                if own:
+                    out.append(step(ids, slots.expand(3, 1), cache, slots, end))
+                else:
+                    real = None if slots.dim() == 1 else torch.ones(3, 1, dtype=torch.bool)  # prepare's fast path
+                    cache.prepare(slots, real, end)
+                    out.append(model(ids, slots.expand(3, 1), cache)[:, -1])
+                state.append((cache.valid.clone(), torch.cat([torch.cat([kv.k, kv.v]) for kv in cache.layers])))
+        torch.testing.assert_close(out[0], out[1], atol=atol, rtol=0)
+        assert torch.equal(state[0][0], state[1][0])
+        torch.testing.assert_close(state[0][1], state[1][1], atol=atol, rtol=0)
 
 
 def test_whole_step_op_takes_strided_ids():
@@ -583,8 +619,7 @@ def test_whole_step_op_takes_strided_ids():
     with torch.no_grad():
         for ids in (wide[:, 1:2], wide[:, 1:2].contiguous()):
             cache, _ = G._prefill(model, prompts, 8, False)
-            cache.prepare(torch.tensor([5]), None, 6)
-            out.append(step(ids, torch.tensor([[5], [2]]), cache))
+            out.append(step(ids, torch.tensor([[5], [2]]), cache, torch.tensor([5]), 6))
     torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
 
 

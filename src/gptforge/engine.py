@@ -332,12 +332,12 @@ class BatchEngine:
             return
         lens = torch.tensor([[s.length] for s in self.rows], device=self.device)  # (n, 1): slot = position
         ids = torch.tensor([[s.token] for s in self.rows], device=self.device)  # (n, 1)
-        view = self.cache.rows(slice(0, n))
-        view.prepare(lens, torch.ones_like(ids, dtype=torch.bool), end=max(s.length for s in self.rows) + 1)
+        view, end = self.cache.rows(slice(0, n)), max(s.length for s in self.rows) + 1
         with self._adapters([s.adapter for s in self.rows]):
-            if self._whole is not None and self._whole.usable(view, n):
-                self.logits[:n] = self._whole(ids, lens, view)[:, : self.vocab].float()
+            if self._whole is not None and self._whole.usable(view, n):  # marks its slots and masks itself
+                self.logits[:n] = self._whole(ids, lens, view, lens, end)[:, : self.vocab].float()
             else:
+                view.prepare(lens, torch.ones_like(ids, dtype=torch.bool), end=end)
                 self.logits[:n] = self.model(ids, lens, view)[:, -1, : self.vocab].float()
         for s in self.rows:
             s.length += 1

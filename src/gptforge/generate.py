@@ -125,6 +125,8 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     # CUDA: sync with the host only every few steps; the rows that finished in between just run on.
     sync_every = 8 if device.type == "cuda" else 1
     next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1)
+    # the native step's positions, (max_new, B): a row per step, selected without an add inside the loop
+    positions = (next_pos.T + torch.arange(max_new, device=device)[:, None]) if whole is not None else None
     slot_table = torch.arange(T, S, device=device)  # (S - T,): the cache slot of each decode step
     pending: list[tuple[torch.Tensor, ...]] = []
     for n in range(max_new):
@@ -148,9 +150,8 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
         slot = slot_table[n : n + 1]  # a view: no host-to-device copy inside the loop
         if static:
             logits = step(model, cache, ids[:, None], next_pos + n, slot).clone()  # clone: graph outputs are reused
-        elif whole is not None:
-            cache.prepare(slot, None, T + n + 1)
-            logits = whole(ids[:, None], next_pos + n, cache)
+        elif whole is not None:  # the op marks the slot and masks itself: no cache.prepare
+            logits = whole(ids, positions[n], cache, slot, T + n + 1)
         else:
             logits = step(model, cache, ids[:, None], next_pos + n, slot, T + n + 1)
 

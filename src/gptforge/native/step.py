@@ -125,21 +125,26 @@ class DecodeStep:
         """Whether a step of `rows` rows over `cache` can run here (a native, eager cache; few rows)."""
         return cache.native and rows <= MAX_ROWS and not torch.compiler.is_compiling()
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (B, V) of one new token per row: ids and positions (B, 1), at the slots `cache.prepare` set."""
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, end: int) -> torch.Tensor:
+        """Logits (B, V) of one new token per row: ids and positions (B,) or (B, 1), written at `slots` (one for
+        every row, or (B,) or (B, 1): each row's) among the cache's first `end` slots. The op marks the slots
+        valid and builds the attention mask itself: no `cache.prepare` before it (each of its tensor ops costs
+        10-30 us once a step has streamed the weights through the CPU's caches)."""
         if cache is not self._cache:  # the layers' buffers, listed once per cache
             self._cache, self._kv = cache, ([kv.k for kv in cache.layers], [kv.v for kv in cache.layers])
             if self._rope_len is not None and cache.length > self._rope_len:
                 self._rope_len = cache.length
                 tables = rotary_tables(torch.arange(cache.length), self.model.config)
                 self.globals[2:4] = [t.contiguous() for t in tables]
+        ids, pos, slots = (t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
+                           for t in (ids, pos, slots))
         x = None
         if self.embed:  # as GPT.forward embeds: (B, 1, D)
-            x = self.model.tok_emb(ids)
-            x = x if self.model.pos_emb is None else x + self.model.pos_emb(pos)
-        out = torch.ops.gptforge_step.decode(ids.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), x,
+            x = self.model.tok_emb(ids[:, None])
+            x = x if self.model.pos_emb is None else x + self.model.pos_emb(pos[:, None])
+        out = torch.ops.gptforge_step.decode(ids, pos, x,
                                              self.globals, self.layers, self.kinds, self.layout, self.eps,
-                                             self.softcap, *self._kv, cache.slots, cache.mask,
+                                             self.softcap, *self._kv, cache.valid, slots, end, cache.window or 0,
                                              None if self.selection is None else self.selection.mask)
         # the head as GPT.forward applies it, on (B, 1, D): a LoRA head reads its row mask as (B, 1, n R)
         return self.model.softcap(self.model.lm_head(out[:, None]))[:, -1] if self.head else out

@@ -42,8 +42,10 @@
 #include <cmath>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -322,10 +324,47 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   return logits;
 }
 
+// One row's additive mask: 0 where the slot is valid and in first..slot, else -inf.
+template <class T>
+void fill_mask(T* m, const bool* valid, int64_t first, int64_t slot, int64_t end) {
+  const T zero(0.0f), neg(-std::numeric_limits<float>::infinity());
+  for (int64_t e = 0; e < end; ++e) m[e] = valid[e] && e >= first && e <= slot ? zero : neg;
+}
+
+// The cache bookkeeping of a decode step, done here rather than by KVCache.prepare's tensor ops (each costs 10-30 us
+// from Python once the step has streamed the weights through the caches): mark each row's slot valid and build the
+// additive mask (B, 1, 1, end) of the model's dtype over the first `end` slots. A row sees the valid slots up to its
+// own (and within `window` of it when window > 0), and always its own slot: KVCache.prepare's rule for one token.
+// slots: (1,) one slot for every row, or (B,) each row's; the result's second tensor is (B, 1), as attention takes.
+std::pair<at::Tensor, at::Tensor> decode_mask(const at::Tensor& valid, const at::Tensor& slots, int64_t B, int64_t end,
+                                              int64_t window, at::ScalarType dtype) {
+  TORCH_CHECK(valid.dim() == 2 && valid.scalar_type() == at::kBool && valid.size(0) == B && valid.stride(1) == 1,
+              "decode step: valid must be a (B, S) bool tensor with contiguous rows");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && (slots.size(0) == 1 || slots.size(0) == B),
+              "decode step: slots must be int64 (1,) or (B,)");
+  const int64_t S = valid.size(1);
+  TORCH_CHECK(end >= 1 && end <= S, "decode step: end ", end, " is outside the cache's 1..", S);
+  at::Tensor rows = slots.expand({B}).contiguous().view({B, 1});
+  const int64_t* sp = rows.data_ptr<int64_t>();
+  bool* vp = valid.data_ptr<bool>();
+  at::Tensor mask = at::empty({B, 1, 1, end}, valid.options().dtype(dtype));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = sp[b];
+    TORCH_CHECK(slot >= 0 && slot < end, "decode step: slot ", slot, " is outside the first ", end, " slots");
+    bool* v = vp + b * valid.stride(0);
+    v[slot] = true;
+    const int64_t first = window > 0 ? std::max<int64_t>(0, slot - window + 1) : 0;
+    if (dtype == at::kFloat) fill_mask(mask.data_ptr<float>() + b * end, v, first, slot, end);
+    else fill_mask(mask.data_ptr<c10::BFloat16>() + b * end, v, first, slot, end);
+  }
+  return {mask, rows};
+}
+
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x,
                        const Opts& globals, const Opts& layers, at::IntArrayRef kinds, at::IntArrayRef layout, double eps,
                        double softcap, const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                       const at::Tensor& slots, const at::Tensor& mask, const std::optional<at::Tensor>& lora_mask) {
+                       const at::Tensor& valid, const at::Tensor& slot, int64_t end, int64_t window,
+                       const std::optional<at::Tensor>& lora_mask) {
   TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp, "
               "hidden, head_kind, vocab)");
   TORCH_CHECK(globals.size() == kGlobals, "decode step: expected ", kGlobals, " global tensors, got ", globals.size());
@@ -343,9 +382,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
   TORCH_CHECK(globals.get(kNormFW).has_value(), "decode step: the final norm's weight is required");
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only (as block.cpp)
   const auto dtype = globals.get(kNormFW)->scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode step: fp32 or bf16 models, got ", dtype);
+  const auto [mask, slots] = decode_mask(valid, slot, ids.size(0), end, window, dtype);
   if (dtype == at::kFloat)
     return run<float>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask, lora_mask);
-  TORCH_CHECK(dtype == at::kBFloat16, "decode step: fp32 or bf16 models, got ", dtype);
   return run<c10::BFloat16>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask, lora_mask);
 }
 
@@ -353,8 +393,8 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
 
 TORCH_LIBRARY(gptforge_step, m) {
   m.def("decode(Tensor ids, Tensor positions, Tensor? x, Tensor?[] globals, Tensor?[] layers, int[] kinds, int[] layout, "
-        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor mask, "
-        "Tensor? lora_mask=None) -> Tensor");
+        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!) valid, Tensor slots, "
+        "int end, int window, Tensor? lora_mask=None) -> Tensor");
   m.def("layer_fields() -> str[]", &layer_fields);
   m.def("global_fields() -> str[]", &global_fields);
 }
