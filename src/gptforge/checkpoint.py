@@ -63,6 +63,14 @@ def _agree(ok: bool, d) -> bool:
     return int(d.sum(torch.tensor(0 if ok else 1, device=d.device)).item()) == 0
 
 
+def save_file(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, imported when a checkpoint is written: loading (loader._mapped) never needs the
+    library, so a process that only loads and decodes does not hold it."""
+    from safetensors.torch import save_file as write
+
+    write(state, path, metadata=metadata)
+
+
 def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_state: dict[str, Any] | None = None,
                      *, model_state: dict[str, torch.Tensor] | None = None,
                      write_shards: Callable[[Path], None] | None = None, d=None) -> Path:
@@ -90,8 +98,6 @@ def write_checkpoint(dest: Path, cfg: RunConfig, tokenizer: Tokenizer, trainer_s
                 write_shards(tmp / SHARDS_DIR)
             if main:
                 if model_state is not None:
-                    from safetensors.torch import save_file  # here: loading (loader._mapped) never needs it
-
                     state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
                     save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
                 cfg.save(tmp / CONFIG_FILE)
