@@ -801,3 +801,22 @@ def test_engine_emit_gets_the_step_events_before_its_forward(model, byte_tok, on
                 assert seen == []
     finally:
         engine.model.forward = inner
+
+
+def test_a_generation_frees_its_cache_when_it_ends_without_a_cyclic_collection(model):
+    """The cache's layers refer to it weakly: no reference cycle keeps a finished generation's keys and values
+    alive until the garbage collector's next full pass (repeated generate calls kept every cache before)."""
+    import gc
+
+    from gptforge.kvcache import KVCache
+
+    p = SamplingParams(max_new_tokens=4, temperature=0)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):
+            list(generate_steps(model, [[1, 2, 3], [4]], p, vocab_size=500))
+        live = [o for o in gc.get_objects() if isinstance(o, KVCache)]
+    finally:
+        gc.enable()
+    assert live == []

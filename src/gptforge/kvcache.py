@@ -8,6 +8,8 @@ the static batch (generate.py, every row writing the same slot per step, left-pa
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -136,8 +138,15 @@ class _LayerKV:
 
     def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None):
-        self.cache, self.k, self.v = cache, k, v
+        # Weakly: the cache holds its layers, and a strong reference back would make a cycle, which frees a
+        # generation's buffers only at the next full cyclic collection (repeated generate calls kept every cache).
+        self._cache = weakref.ref(cache)
+        self.k, self.v = k, v
         self.k_scale, self.v_scale = k_scale, v_scale  # int8 storage only: (B, K, S, 1)
+
+    @property
+    def cache(self) -> KVCache:
+        return self._cache()
 
     def buffers(self, row: int | None = None, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
         """The stored tensors (keys, values, and with int8 their scales), or views of one row's slots."""
