@@ -51,9 +51,11 @@ class KVCache:
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.length, self.static, self.dtype, self.store = length, static, dtype, store
         self.window = cfg.sliding_window  # a sliding attention window (Mistral) in the mask; None: causal only
-        # csrc/attention.cpp and block.cpp read and write the model's dtype: another storage dtype takes the
-        # PyTorch path (native/layout.py's DecodeBlock checks this flag too).
-        self.native = device.type == "cpu" and not static and native.available() and store == dtype
+        # csrc/attention.cpp reads and writes the model's dtype, or bf16 under an fp32 model (rounded on write,
+        # widened on read, as `update` does); int8 takes the PyTorch path (native/layout.py's DecodeBlock and
+        # native/step.py check this flag too).
+        self.native = (device.type == "cpu" and not static and native.available()
+                       and (store == dtype or (dtype == torch.float32 and store == torch.bfloat16)))
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self._zero = torch.zeros((), dtype=dtype, device=device)
         self.mask = self.valid[:, None, None, :]
