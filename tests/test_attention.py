@@ -28,7 +28,7 @@ def _case(qd, cd, B, H, K, D, E, per_row, seed):
     qkv = torch.randn(B, 1, (H + 2 * K) * D).to(qd)
     q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in qkv.split([H * D, K * D, K * D], dim=-1))
     kc, vc = torch.randn(B, K, E + 3, D).to(cd), torch.randn(B, K, E + 3, D).to(cd)
-    slots = torch.tensor([[E - 1], [E - 2]][:B]) if per_row else torch.tensor([E - 1])
+    slots = torch.tensor([[E - 1], [max(E - 2, 0)]][:B]) if per_row else torch.tensor([E - 1])
     allowed = torch.rand(B, 1, 1, E) > 0.4
     if E > 40:
         allowed[..., 16:32] = False
