@@ -585,23 +585,43 @@ def test_whole_step_op_marks_its_slots_and_masks_itself(window, fmt):
     step = DecodeStep.of(model)
     holes = torch.tensor([[True] * 7 + [False] * 5, [False, True, False] + [True] * 9, [True] * 12])
     ids, atol = torch.tensor([[7], [8], [9]]), 2e-2 if fmt == "bf16" else ATOL
-    for slots in (torch.tensor([[7], [9], [4]]), torch.tensor([8])):
-        end = int(slots.max()) + 1
+    for slots in (torch.tensor([[7], [9], [4]]), torch.tensor([8]), None):  # None: end - 1 for every row
+        end = 9 if slots is None else int(slots.max()) + 1
+        pos = torch.full((3, 1), 8) if slots is None else slots.expand(3, 1)
         out, state = [], []
         with torch.no_grad():
             for own in (False, True):
                 cache, _ = G._prefill(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]] * 3, 12, False)
                 cache.valid.copy_(holes)
                 if own:
-                    out.append(step(ids, slots.expand(3, 1), cache, slots, end))
+                    out.append(step(ids, pos, cache, slots, end))
                 else:
-                    real = None if slots.dim() == 1 else torch.ones(3, 1, dtype=torch.bool)  # prepare's fast path
-                    cache.prepare(slots, real, end)
-                    out.append(model(ids, slots.expand(3, 1), cache)[:, -1])
+                    real = None if slots is None or slots.dim() == 1 else torch.ones(3, 1, dtype=torch.bool)
+                    cache.prepare(torch.tensor([8]) if slots is None else slots, real, end)  # real None: fast path
+                    out.append(model(ids, pos, cache)[:, -1])
                 state.append((cache.valid.clone(), torch.cat([torch.cat([kv.k, kv.v]) for kv in cache.layers])))
         torch.testing.assert_close(out[0], out[1], atol=atol, rtol=0)
         assert torch.equal(state[0][0], state[1][0])
         torch.testing.assert_close(state[0][1], state[1][1], atol=atol, rtol=0)
+
+
+def test_whole_step_op_rejects_slots_outside_the_cache_and_changes_nothing():
+    """A slot at or beyond `end`, or an `end` beyond the cache, is a clear error and marks no slot valid."""
+    from gptforge import native
+    from gptforge.native.step import DecodeStep
+
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    model = _step_model("llama", "fp32")
+    step = DecodeStep.of(model)
+    with torch.no_grad():
+        cache, _ = G._prefill(model, [[5, 6, 7], [8, 9, 10]], 8, False)
+        before = cache.valid.clone()
+        for slots, end, msg in ((torch.tensor([3, 6]), 6, "slot 6 is outside the first 6"),
+                                (torch.tensor([3]), 9, "end 9 is outside the cache's 1..8")):
+            with pytest.raises(RuntimeError, match=msg):
+                step(torch.tensor([1, 2]), torch.tensor([3, 3]), cache, slots, end)
+            assert torch.equal(cache.valid, before)
 
 
 def test_whole_step_op_takes_strided_ids():

@@ -147,11 +147,12 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
             pending = []
         if last:
             return
+        if whole is not None:  # the op writes slot T + n (end - 1), marks it and masks itself: no cache.prepare
+            logits = whole(ids, positions[n], cache, None, T + n + 1)
+            continue
         slot = slot_table[n : n + 1]  # a view: no host-to-device copy inside the loop
         if static:
             logits = step(model, cache, ids[:, None], next_pos + n, slot).clone()  # clone: graph outputs are reused
-        elif whole is not None:  # the op marks the slot and masks itself: no cache.prepare
-            logits = whole(ids, positions[n], cache, slot, T + n + 1)
         else:
             logits = step(model, cache, ids[:, None], next_pos + n, slot, T + n + 1)
 

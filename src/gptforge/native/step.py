@@ -125,9 +125,9 @@ class DecodeStep:
         """Whether a step of `rows` rows over `cache` can run here (a native, eager cache; few rows)."""
         return cache.native and rows <= MAX_ROWS and not torch.compiler.is_compiling()
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, end: int) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor | None, end: int) -> torch.Tensor:
         """Logits (B, V) of one new token per row: ids and positions (B,) or (B, 1), written at `slots` (one for
-        every row, or (B,) or (B, 1): each row's) among the cache's first `end` slots. The op marks the slots
+        every row, (B,) or (B, 1): each row's; None: end - 1 for every row) among the cache's first `end` slots. The op marks the slots
         valid and builds the attention mask itself: no `cache.prepare` before it (each of its tensor ops costs
         10-30 us once a step has streamed the weights through the CPU's caches)."""
         if cache is not self._cache:  # the layers' buffers, listed once per cache
@@ -136,7 +136,7 @@ class DecodeStep:
                 self._rope_len = cache.length
                 tables = rotary_tables(torch.arange(cache.length), self.model.config)
                 self.globals[2:4] = [t.contiguous() for t in tables]
-        ids, pos, slots = (t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
+        ids, pos, slots = (t if t is None or t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
                            for t in (ids, pos, slots))
         x = None
         if self.embed:  # as GPT.forward embeds: (B, 1, D)

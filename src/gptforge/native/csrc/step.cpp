@@ -27,6 +27,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
 #include <ATen/ops/relu.h>
@@ -335,22 +336,26 @@ void fill_mask(T* m, const bool* valid, int64_t first, int64_t slot, int64_t end
 // from Python once the step has streamed the weights through the caches): mark each row's slot valid and build the
 // additive mask (B, 1, 1, end) of the model's dtype over the first `end` slots. A row sees the valid slots up to its
 // own (and within `window` of it when window > 0), and always its own slot: KVCache.prepare's rule for one token.
-// slots: (1,) one slot for every row, or (B,) each row's; the result's second tensor is (B, 1), as attention takes.
-std::pair<at::Tensor, at::Tensor> decode_mask(const at::Tensor& valid, const at::Tensor& slots, int64_t B, int64_t end,
-                                              int64_t window, at::ScalarType dtype) {
+// slots: (1,) one slot for every row, (B,) each row's, or none: every row's is end - 1 (the static batch's); the
+// result's second tensor is (B, 1), as attention takes.
+std::pair<at::Tensor, at::Tensor> decode_mask(const at::Tensor& valid, const std::optional<at::Tensor>& slots, int64_t B,
+                                              int64_t end, int64_t window, at::ScalarType dtype) {
   TORCH_CHECK(valid.dim() == 2 && valid.scalar_type() == at::kBool && valid.size(0) == B && valid.stride(1) == 1,
               "decode step: valid must be a (B, S) bool tensor with contiguous rows");
-  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && (slots.size(0) == 1 || slots.size(0) == B),
-              "decode step: slots must be int64 (1,) or (B,)");
+  TORCH_CHECK(!slots || (slots->dim() == 1 && slots->scalar_type() == at::kLong && (slots->size(0) == 1 ||
+                                                                                     slots->size(0) == B)),
+              "decode step: slots must be int64 (1,) or (B,), or None");
   const int64_t S = valid.size(1);
   TORCH_CHECK(end >= 1 && end <= S, "decode step: end ", end, " is outside the cache's 1..", S);
-  at::Tensor rows = slots.expand({B}).contiguous().view({B, 1});
+  at::Tensor rows = slots ? slots->expand({B}).contiguous().view({B, 1})
+                          : at::full({B, 1}, end - 1, valid.options().dtype(at::kLong));
   const int64_t* sp = rows.data_ptr<int64_t>();
   bool* vp = valid.data_ptr<bool>();
   at::Tensor mask = at::empty({B, 1, 1, end}, valid.options().dtype(dtype));
+  for (int64_t b = 0; b < B; ++b)  // every row checked before any is marked: a bad call changes nothing
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < end, "decode step: slot ", sp[b], " is outside the first ", end, " slots");
   for (int64_t b = 0; b < B; ++b) {
     const int64_t slot = sp[b];
-    TORCH_CHECK(slot >= 0 && slot < end, "decode step: slot ", slot, " is outside the first ", end, " slots");
     bool* v = vp + b * valid.stride(0);
     v[slot] = true;
     const int64_t first = window > 0 ? std::max<int64_t>(0, slot - window + 1) : 0;
@@ -363,7 +368,7 @@ std::pair<at::Tensor, at::Tensor> decode_mask(const at::Tensor& valid, const at:
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x,
                        const Opts& globals, const Opts& layers, at::IntArrayRef kinds, at::IntArrayRef layout, double eps,
                        double softcap, const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                       const at::Tensor& valid, const at::Tensor& slot, int64_t end, int64_t window,
+                       const at::Tensor& valid, const std::optional<at::Tensor>& slot, int64_t end, int64_t window,
                        const std::optional<at::Tensor>& lora_mask) {
   TORCH_CHECK(layout.size() == kLayout, "decode step: layout must be (n_layer, n_head, n_kv_head, head_dim, norm, mlp, "
               "hidden, head_kind, vocab)");
@@ -393,7 +398,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
 
 TORCH_LIBRARY(gptforge_step, m) {
   m.def("decode(Tensor ids, Tensor positions, Tensor? x, Tensor?[] globals, Tensor?[] layers, int[] kinds, int[] layout, "
-        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!) valid, Tensor slots, "
+        "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!) valid, Tensor? slots, "
         "int end, int window, Tensor? lora_mask=None) -> Tensor");
   m.def("layer_fields() -> str[]", &layer_fields);
   m.def("global_fields() -> str[]", &global_fields);
