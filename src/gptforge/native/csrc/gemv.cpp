@@ -347,23 +347,32 @@ const float* bias_of(const std::optional<at::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+void check_w(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "gemv: w must be a contiguous 2-D CPU tensor");
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  check_x(x, K);
   const auto dtype = w.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "gemv: weight dtype must be float32, bfloat16 or float16, got ", dtype);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const Epilogue out{nullptr, bias_of(bias, N)};
+}
+
+// y (M, N) = x (M, K) @ w^T (+ bias) for 1..kMaxRows contiguous fp32 rows.
+void gemv_rows(const float* xp, int64_t M, const at::Tensor& w, const float* bias, float* yp) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const auto dtype = w.scalar_type();
+  const Epilogue out{nullptr, bias};
   const void* wp = w.data_ptr();
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     if (dtype == at::kFloat) dense_rows<F32>(xp, M, K, static_cast<const float*>(wp), out, yp, N, n0, n1);
     else if (dtype == at::kBFloat16) dense_rows<BF16>(xp, M, K, static_cast<const uint16_t*>(wp), out, yp, N, n0, n1);
     else dense_rows<F16>(xp, M, K, static_cast<const uint16_t*>(wp), out, yp, N, n0, n1);
   });
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_w(w);
+  const int64_t M = x.size(0), N = w.size(0);
+  check_x(x, w.size(1));
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemv_rows(x.data_ptr<float>(), M, w, bias_of(bias, N), y.data_ptr<float>());
   return y;
 }
 
@@ -400,6 +409,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 #endif
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   return gemv(xf, w.contiguous(), bf).to(x.scalar_type()).view(shape);
+}
+
+void gemv_into(const float* x, int64_t M, const at::Tensor& w, const float* bias, float* y) {
+  check_w(w);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "gemv_into: 1 to ", kMaxRows, " rows, got ", M);
+  gemv_rows(x, M, w, bias, y);
 }
 
 }  // namespace gptforge

@@ -39,6 +39,8 @@
 
 #include <immintrin.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -333,25 +335,9 @@ at::Tensor int8_row_sums(const at::Tensor& q) {
   return out;
 }
 
-// y = x @ dequant(q)^T (+ bias) with x quantized per row; any number of rows.
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum,
-                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.device().is_cpu(),
-              "int8_linear: q must be contiguous int8 (N, K) on CPU");
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(), "int8_linear: scale must be fp32 (N,)");
-  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == N && wsum.is_contiguous(), "int8_linear: wsum must be int32 (N,)");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor xf = rows_of(x, K);
-  const int64_t M = xf.size(0);
-  const Isa isa = M > kMaxRows ? kScalar : g_isa;  // (kScalar unused when M > kMaxRows: _int_mm below)
-  const bool offset = M <= kMaxRows && (isa == kAvx512Vnni || isa == kAvxVnni);
-  const int64_t Kp = M > kMaxRows ? K : round_up(K, 64);
-  at::Tensor xq = at::empty({M, Kp}, xf.options().dtype(at::kChar));
-  at::Tensor sx = at::empty({M}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  auto* qp = reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>());
-  float* sp = sx.data_ptr<float>();
+// Each of M rows of x (M, K) quantized to int8 (scale sp[m]) into qp (M, Kp), zero-padded past K; offset by 128
+// for the VNNI paths' unsigned operand.
+void int8_activations(const float* xp, int64_t M, int64_t K, int64_t Kp, bool offset, uint8_t* qp, float* sp) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float s = act_scale(xp + m * K, K);
@@ -360,29 +346,29 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
       for (int64_t k = K; k < Kp; ++k) qp[m * Kp + k] = 0;
     }
   });
-  std::optional<at::Tensor> keep;
-  const float* bp = bias_of(bias, N, keep);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  float* yp = y.data_ptr<float>();
-  const float* sw = scale.data_ptr<float>();
-  if (M > kMaxRows) {  // a prefill: oneDNN's int8 GEMM, the same exact int32 sums
-    at::Tensor acc = at::_int_mm(xq, q.t());
-    const int32_t* ap = acc.data_ptr<int32_t>();
-    at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const int32_t* am = ap + m * N;
-        float* ym = yp + m * N;
-        const float sm = sp[m];
-        if (bp) {
-          for (int64_t n = 0; n < N; ++n) ym[n] = static_cast<float>(am[n]) * (sm * sw[n]) + bp[n];
-        } else {
-          for (int64_t n = 0; n < N; ++n) ym[n] = static_cast<float>(am[n]) * (sm * sw[n]);
-        }
-      }
-    });
-    return shaped(y, x);
-  }
-  const I8Args a{qp, M, K, Kp, N, q.data_ptr<int8_t>(), sp, sw, wsum.data_ptr<int32_t>(), bp, yp};
+}
+
+void check_int8(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.device().is_cpu(),
+              "int8_linear: q must be contiguous int8 (N, K) on CPU");
+  const int64_t N = q.size(0);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(), "int8_linear: scale must be fp32 (N,)");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == N && wsum.is_contiguous(), "int8_linear: wsum must be int32 (N,)");
+}
+
+// y (M, N) = x @ dequant(q)^T (+ bias) for 1..kMaxRows rows of contiguous fp32 x on the few-row kernels, the
+// activations quantized into a per-thread buffer (kept between calls).
+void int8_few_rows(const float* xp, int64_t M, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum,
+                   const float* bp, float* yp) {
+  const int64_t N = q.size(0), K = q.size(1), Kp = round_up(K, 64);
+  const Isa isa = g_isa;
+  thread_local std::vector<uint8_t> codes;
+  thread_local std::vector<float> scales;
+  codes.resize(static_cast<size_t>(M * Kp));
+  scales.resize(static_cast<size_t>(M));
+  int8_activations(xp, M, K, Kp, isa == kAvx512Vnni || isa == kAvxVnni, codes.data(), scales.data());
+  const I8Args a{codes.data(), M, K, Kp, N, q.data_ptr<int8_t>(), scales.data(), scale.data_ptr<float>(),
+                 wsum.data_ptr<int32_t>(), bp, yp};
   at::parallel_for(0, N, grain(K * M), [&](int64_t n0, int64_t n1) {
     switch (isa) {
       case kAvx512Vnni: avx512vnni::int8_rows(a, n0, n1); break;
@@ -391,6 +377,46 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
       default: scalar::int8_rows(a, n0, n1); break;
     }
   });
+}
+
+// More rows (a prefill): oneDNN's int8 GEMM, the same quantized activations and the same exact int32 sums.
+void int8_many_rows(const float* xp, int64_t M, const at::Tensor& q, const at::Tensor& scale, const float* bp,
+                    float* yp) {
+  const int64_t N = q.size(0), K = q.size(1);
+  at::Tensor xq = at::empty({M, K}, q.options());
+  std::vector<float> sx(static_cast<size_t>(M));
+  int8_activations(xp, M, K, K, false, reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>()), sx.data());
+  at::Tensor acc = at::_int_mm(xq, q.t());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = sx.data();
+  const float* sw = scale.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int32_t* am = ap + m * N;
+      float* ym = yp + m * N;
+      const float sm = sp[m];
+      if (bp) {
+        for (int64_t n = 0; n < N; ++n) ym[n] = static_cast<float>(am[n]) * (sm * sw[n]) + bp[n];
+      } else {
+        for (int64_t n = 0; n < N; ++n) ym[n] = static_cast<float>(am[n]) * (sm * sw[n]);
+      }
+    }
+  });
+}
+
+// y = x @ dequant(q)^T (+ bias) with x quantized per row; any number of rows.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum,
+                       const std::optional<at::Tensor>& bias) {
+  check_int8(q, scale, wsum);
+  const int64_t N = q.size(0), K = q.size(1);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor xf = rows_of(x, K);
+  const int64_t M = xf.size(0);
+  std::optional<at::Tensor> keep;
+  const float* bp = bias_of(bias, N, keep);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  if (M > kMaxRows) int8_many_rows(xf.data_ptr<float>(), M, q, scale, bp, y.data_ptr<float>());
+  else int8_few_rows(xf.data_ptr<float>(), M, q, scale, wsum, bp, y.data_ptr<float>());
   return shaped(y, x);
 }
 
@@ -428,24 +454,22 @@ at::Tensor int4_pack(const at::Tensor& q, const at::Tensor& scale, const at::Ten
   return out;
 }
 
-// y (M, n) = x @ dequant(W)^T (+ bias) for the int4 matrix of n output rows that int4_pack laid out, x quantized
-// per group; any number of rows (a prefill too: every input row passes over a tile while it is in L1, 3.4x the
-// fp32 GEMM on the dequantized matrix at 512 rows, which had to dequantize it first).
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+void check_int4(const at::Tensor& packed, int64_t n) {
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.device().is_cpu() &&
                   packed.size(2) > 64 && (packed.size(2) - 64) % 256 == 0 && packed.size(0) == (n + 15) / 16,
               "int4_linear: packed must be int4_pack's (ceil(n / 16), groups, 64 + 8 g) uint8 tiles of a matrix of ", n,
               " rows; pack the codes with int4_pack");
+}
+
+// y (M, n) = x @ dequant(W)^T (+ bias) for M rows of contiguous fp32 x (M, K) and the int4_pack tiles of W.
+void int4_rows_of(const float* xp, int64_t M, const at::Tensor& packed, int64_t n, const float* bp, float* yp) {
   const int64_t N = n, G = packed.size(1), rec = packed.size(2), h = (rec - 64) / 16, Kh = G * h, K = 2 * Kh;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor xf = rows_of(x, K);
-  const int64_t M = xf.size(0), g = 2 * h;
+  const int64_t g = 2 * h;
   // The activations, quantized per group into the kernels' records (a per-thread buffer, kept between calls).
   const int64_t arec = 64 * (1 + h / 4);
   thread_local std::vector<uint8_t> records;
   records.assign(static_cast<size_t>((M + kActRows - 1) / kActRows * G * arec), 0);
   uint8_t* rp = records.data();
-  const float* xp = xf.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
     std::vector<int8_t> codes(g);
     int8_t* q = codes.data();
@@ -465,10 +489,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
         }
       }
   });
-  std::optional<at::Tensor> keep;
-  const float* bp = bias_of(bias, N, keep);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const I4Args a{records.data(), M, G, h, N, rec, arec, packed.data_ptr<uint8_t>(), bp, y.data_ptr<float>()};
+  const I4Args a{records.data(), M, G, h, N, rec, arec, packed.data_ptr<uint8_t>(), bp, yp};
   const Isa isa = g_isa;
   // Tiles per thread: at least ~64 KB of weights (a smaller share costs more in the hand-off than it saves).
   const int64_t grain_tiles = std::max<int64_t>(1, (int64_t{1} << 16) / (G * rec * M));
@@ -480,10 +501,40 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
       default: scalar::int4_rows(a, t0, t1); break;
     }
   });
+}
+
+// y (M, n) = x @ dequant(W)^T (+ bias) for the int4 matrix of n output rows that int4_pack laid out, x quantized
+// per group; any number of rows (a prefill too: every input row passes over a tile while it is in L1, 3.4x the
+// fp32 GEMM on the dequantized matrix at 512 rows, which had to dequantize it first).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+  check_int4(packed, n);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor xf = rows_of(x, 2 * packed.size(1) * ((packed.size(2) - 64) / 16));
+  const int64_t M = xf.size(0);
+  std::optional<at::Tensor> keep;
+  const float* bp = bias_of(bias, n, keep);
+  at::Tensor y = at::empty({M, n}, xf.options());
+  int4_rows_of(xf.data_ptr<float>(), M, packed, n, bp, y.data_ptr<float>());
   return shaped(y, x);
 }
 
 }  // namespace
+
+namespace gptforge {
+
+void int8_linear_into(const float* x, int64_t M, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum,
+                      const float* bias, float* y) {
+  check_int8(q, scale, wsum);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "int8_linear_into: 1 to ", kMaxRows, " rows, got ", M);
+  int8_few_rows(x, M, q, scale, wsum, bias, y);
+}
+
+void int4_linear_into(const float* x, int64_t M, const at::Tensor& packed, int64_t n, const float* bias, float* y) {
+  check_int4(packed, n);
+  int4_rows_of(x, M, packed, n, bias, y);
+}
+
+}  // namespace gptforge
 
 TORCH_LIBRARY(gptforge_qgemv, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor wsum, Tensor? bias=None) -> Tensor");

@@ -263,61 +263,143 @@ void embed(float* xp, const at::Tensor& ids, const int64_t* pos, const std::opti
   }
 }
 
-template <class T>
-at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const std::optional<at::Tensor>& x0,
-               const Opts& globals, const Opts& layers, at::IntArrayRef kinds, double softcap,
-               const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
-               const at::Tensor& mask, const std::optional<at::Tensor>& lora_mask) {
-  const at::Tensor normf = *globals.get(kNormFW);
-  const int64_t B = ids.size(0), D = normf.size(0), H = s.H, Kh = s.Kh, Hd = s.Hd, R = (H + 2 * Kh) * Hd;
-  at::Tensor x = at::empty({B, D}, ids.options().dtype(at::kFloat)), h = at::empty({B, D}, normf.options());
-  float* xp = x.data_ptr<float>();
-  T* hp = h.data_ptr<T>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
+using Opt = std::optional<at::Tensor>;
 
-  embed<T>(xp, ids, pos, x0, globals, B, D, normf.scalar_type());
-  const float* cos = ptr<float>(globals.get(kCos));
-  const float* sin = ptr<float>(globals.get(kSin));
-  const int64_t table = cos ? globals.get(kCos)->size(0) : 0;
-  for (int64_t r = 0; cos && r < B; ++r)
-    TORCH_CHECK(pos[r] >= 0 && pos[r] < table, "decode step: position ", pos[r], " is outside the rotary tables");
+// One Linear's tensors of a layer (schema.py's names), its kind and output width.
+struct Lin {
+  int64_t kind, n;
+  Opt w, b, scale, aux, lora;
+};
 
-  // Every op's result equals PyTorch's to the bit (RMSNorm sums in ATen's order; LayerNorm, SiLU and GELU are
-  // ATen's own ops, one call each per layer), so with int8 activations every quantized product sees the block
-  // path's inputs exactly: a last-bit difference there moves a rounding step of its quantized copy.
-  auto norm = [&](const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b) {
-    if (!s.rms) return at::layer_norm(x.to(normf.scalar_type()), {D}, w, b, s.eps);
-    rms_rows<T>(xp, hp, B, D, ptr<T>(w), s.eps);
-    return h;
-  };
-  for (int64_t l = 0; l < s.L; ++l) {
-    auto f = [&](int64_t i) { return layers.get(l * kFields + i); };
-    // One Linear as the block op multiplies it (its kind: float, or int8/int4 codes), n its output width.
-    auto linear = [&](const at::Tensor& in, Kind k, Field w, Field b, Field sc, Field aux, int64_t n) {
-      const Field lora = static_cast<Field>(kQkvL + k);  // the lora fields follow the kinds' order
-      return gptforge::block_linear(in, kinds[l * kKinds + k], *f(w), f(b), f(sc), f(aux), n, f(lora), lora_mask);
-    };
-    // Attention: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x).
-    at::Tensor qkv = linear(norm(f(kNorm1W), f(kNorm1B)), kQkvK, kQkvW, kQkvB, kQkvS, kQkvA, R).contiguous();  // (B, R): q, k, v side by side
-    T* qp = qkv.data_ptr<T>();
-    for (int64_t r = 0; cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
-      rotary<T>(qp + r * R, H + Kh, Hd, cos + pos[r] * Hd, sin + pos[r] * Hd);
-    at::Tensor q = qkv.as_strided({B, H, 1, Hd}, {R, Hd, R, 1});
-    at::Tensor k = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, H * Hd);
-    at::Tensor v = qkv.as_strided({B, Kh, 1, Hd}, {R, Hd, R, 1}, (H + Kh) * Hd);
-    at::Tensor y = gptforge::decode_attention(q, k, v, k_caches[l], v_caches[l], slots, mask);  // (B, H, 1, Hd)
-    add_into<T>(xp, linear(y.view({B, H * Hd}), kProjK, kProjW, kProjB, kProjS, kProjA, D).contiguous(), B * D);
+// y (B, n) = one Linear on `in` (B, K, contiguous), as block_linear multiplies it. fp32 rows through the float,
+// int8- and int4-dynamic kinds (no adapters) are written into `out` by kernels.h's raw entries, the same products
+// without a tensor made or a dispatch (~3 us a product at the small shape); any other goes through block_linear.
+at::Tensor linear_into(const at::Tensor& in, const Lin& l, const Opt& lora_mask, at::Tensor& out) {
+  TORCH_CHECK(l.w.has_value(), "decode step: a Linear's weight is missing");
+  const bool fp32_bias = !l.b.has_value() || (l.b->scalar_type() == at::kFloat && l.b->is_contiguous());
+  const bool raw = in.scalar_type() == at::kFloat && !l.lora.has_value() && fp32_bias &&
+                   ((l.kind == 0 && l.w->is_contiguous()) || (l.kind == 1 && l.scale && l.aux) || l.kind == 2);
+  if (!raw)
+    return gptforge::block_linear(in, l.kind, *l.w, l.b, l.scale, l.aux, l.n, l.lora, lora_mask).contiguous();
+  const float* x = in.data_ptr<float>();
+  const float* bias = l.b.has_value() ? l.b->data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+  const int64_t M = in.size(0);
+  if (l.kind == 0) gptforge::gemv_into(x, M, *l.w, bias, y);
+  else if (l.kind == 1) gptforge::int8_linear_into(x, M, *l.w, *l.scale, *l.aux, bias, y);
+  else gptforge::int4_linear_into(x, M, *l.w, l.n, bias, y);
+  return out;
+}
 
-    // MLP: x + down(act(up(norm2(x)))).
-    const at::Tensor hn = norm(f(kNorm2W), f(kNorm2B));
-    at::Tensor a = linear(hn, kUpK, kUpW, kUpB, kUpS, kUpA, s.hidden).contiguous();
-    at::Tensor g = s.mlp == 1 ? linear(hn, kGateK, kGateW, kGateB, kGateS, kGateA, s.hidden).contiguous() : a;
-    if (s.mlp == 0) a = at::gelu(a, "tanh");
-    else activate<T>(a.data_ptr<T>(), (s.mlp == 1 ? at::silu(g) : g).template data_ptr<T>(), a.numel(), s.mlp);
-    add_into<T>(xp, linear(a, kDownK, kDownW, kDownB, kDownS, kDownA, D).contiguous(), B * D);
+// The step's state across layers: the residual stream x (fp32 holding T's values) and buffers of T allocated once
+// per call: the normed rows, q|k|v side by side (with the attention's views of them), a Linear's output into the
+// residual, the MLP's up and gate.
+struct Work {
+  at::Tensor x, h, qkv, res, up, gate, q, k, v;
+
+  Work(const Shape& s, int64_t B, int64_t D, const at::TensorOptions& t) {
+    const int64_t R = (s.H + 2 * s.Kh) * s.Hd;
+    x = at::empty({B, D}, t.dtype(at::kFloat));
+    h = at::empty({B, D}, t);
+    res = at::empty({B, D}, t);
+    up = at::empty({B, s.hidden}, t);
+    gate = at::empty({B, s.hidden}, t);
+    views(at::empty({B, R}, t), s);
   }
-  const at::Tensor hf = norm(globals.get(kNormFW), globals.get(kNormFB));
-  const std::optional<at::Tensor> head = globals.get(kHeadW);
+
+  // q (B, H, 1, Hd), k and v (B, Kh, 1, Hd) over qkv (B, R)
+  void views(const at::Tensor& fused, const Shape& s) {
+    const int64_t B = fused.size(0), R = fused.size(1);
+    qkv = fused;
+    q = qkv.as_strided({B, s.H, 1, s.Hd}, {R, s.Hd, R, 1});
+    k = qkv.as_strided({B, s.Kh, 1, s.Hd}, {R, s.Hd, R, 1}, s.H * s.Hd);
+    v = qkv.as_strided({B, s.Kh, 1, s.Hd}, {R, s.Hd, R, 1}, (s.H + s.Kh) * s.Hd);
+  }
+};
+
+// Everything a layer reads, gathered from the op's arguments.
+struct Step {
+  const Shape& s;
+  const Opts& layers;
+  at::IntArrayRef kinds;
+  const std::vector<at::Tensor>& k_caches;
+  const std::vector<at::Tensor>& v_caches;
+  const at::Tensor& slots;
+  const at::Tensor& mask;
+  const Opt& lora_mask;
+  const int64_t* pos;
+  const float* cos;
+  const float* sin;
+
+  Opt f(int64_t l, Field i) const { return layers.get(l * kFields + i); }
+  // layer l's Linear k (the lora fields follow the kinds' order), n its output width
+  Lin lin(int64_t l, Kind k, Field w, Field b, Field sc, Field aux, int64_t n) const {
+    return {kinds[l * kKinds + k], n, f(l, w), f(l, b), f(l, sc), f(l, aux), f(l, static_cast<Field>(kQkvL + k))};
+  }
+};
+
+// The norm's output over the stream (B, D): RMSNorm in loops into h (ATen's sum order), LayerNorm ATen's own.
+template <class T>
+at::Tensor norm(const Shape& s, Work& w, const Opt& weight, const Opt& bias) {
+  const int64_t B = w.x.size(0), D = w.x.size(1);
+  if (!s.rms) return at::layer_norm(w.x.to(w.h.scalar_type()), {D}, weight, bias, s.eps);
+  rms_rows<T>(w.x.data_ptr<float>(), w.h.data_ptr<T>(), B, D, ptr<T>(weight), s.eps);
+  return w.h;
+}
+
+// One layer: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x), then x + down(act(up(norm2(x)))).
+// Every op's result equals PyTorch's to the bit (RMSNorm sums in ATen's order; LayerNorm, SiLU and GELU are ATen's
+// own ops, one call each), so with int8 activations every quantized product sees the block path's inputs exactly:
+// a last-bit difference there moves a rounding step of its quantized copy.
+template <class T>
+void layer(const Step& st, int64_t l, Work& w) {
+  const Shape& s = st.s;
+  const int64_t B = w.x.size(0), D = w.x.size(1), H = s.H, Kh = s.Kh, Hd = s.Hd, R = (H + 2 * Kh) * Hd;
+  float* xp = w.x.data_ptr<float>();
+  const at::Tensor qkv = linear_into(norm<T>(s, w, st.f(l, kNorm1W), st.f(l, kNorm1B)),
+                                     st.lin(l, kQkvK, kQkvW, kQkvB, kQkvS, kQkvA, R), st.lora_mask, w.qkv);
+  if (!qkv.is_same(w.qkv)) w.views(qkv, s);  // block_linear's own result (its views; the buffers' from here on)
+  T* qp = w.qkv.data_ptr<T>();
+  for (int64_t r = 0; st.cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
+    rotary<T>(qp + r * R, H + Kh, Hd, st.cos + st.pos[r] * Hd, st.sin + st.pos[r] * Hd);
+  const at::Tensor y = gptforge::decode_attention(w.q, w.k, w.v, st.k_caches[l], st.v_caches[l], st.slots,
+                                                  st.mask);  // (B, H, 1, Hd)
+  add_into<T>(xp, linear_into(y.view({B, H * Hd}), st.lin(l, kProjK, kProjW, kProjB, kProjS, kProjA, D), st.lora_mask,
+                              w.res), B * D);
+
+  const at::Tensor hn = norm<T>(s, w, st.f(l, kNorm2W), st.f(l, kNorm2B));
+  at::Tensor a = linear_into(hn, st.lin(l, kUpK, kUpW, kUpB, kUpS, kUpA, s.hidden), st.lora_mask, w.up);
+  if (s.mlp == 0) {
+    at::gelu_(a, "tanh");
+  } else {
+    at::Tensor g = a;
+    if (s.mlp == 1) {  // the gate through PyTorch's silu, in place
+      g = linear_into(hn, st.lin(l, kGateK, kGateW, kGateB, kGateS, kGateA, s.hidden), st.lora_mask, w.gate);
+      at::silu_(g);
+    }
+    activate<T>(a.data_ptr<T>(), g.data_ptr<T>(), a.numel(), s.mlp);
+  }
+  add_into<T>(xp, linear_into(a, st.lin(l, kDownK, kDownW, kDownB, kDownS, kDownA, D), st.lora_mask, w.res), B * D);
+}
+
+template <class T>
+at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& positions, const Opt& x0, const Opts& globals,
+               const Opts& layers, at::IntArrayRef kinds, double softcap, const std::vector<at::Tensor>& k_caches,
+               const std::vector<at::Tensor>& v_caches, const at::Tensor& slots, const at::Tensor& mask,
+               const Opt& lora_mask) {
+  const at::Tensor normf = *globals.get(kNormFW);
+  const int64_t B = ids.size(0), D = normf.size(0);
+  Work w(s, B, D, normf.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  embed<T>(w.x.data_ptr<float>(), ids, pos, x0, globals, B, D, normf.scalar_type());
+  const Opt cos = globals.get(kCos), sin = globals.get(kSin);
+  for (int64_t r = 0; cos && r < B; ++r)
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < cos->size(0), "decode step: position ", pos[r], " is outside the rotary tables");
+  const Step st{s, layers, kinds, k_caches, v_caches, slots, mask, lora_mask, pos, ptr<float>(cos), ptr<float>(sin)};
+  for (int64_t l = 0; l < s.L; ++l) layer<T>(st, l, w);
+
+  const at::Tensor hf = norm<T>(s, w, globals.get(kNormFW), globals.get(kNormFB));
+  const Opt head = globals.get(kHeadW);
   if (!head.has_value()) return hf;  // (B, D): the caller's head
   at::Tensor logits = gptforge::block_linear(hf, s.head_kind, *head, std::nullopt, globals.get(kHeadS),
                                              globals.get(kHeadA), s.vocab);  // (B, V)
