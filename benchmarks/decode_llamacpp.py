@@ -22,8 +22,8 @@ is printed (ours: quantize.matmul_paths at the batch's rows).
 
 Bandwidth: at batch 1, the bytes a token reads = every matrix product's weights as each engine stores them (ours
 as loaded: codes, scales, minima; the GGUF's tensors; an embedding table counts only as a tied head) + the KV
-cache at the mean decode length (prompt + new/2 positions; ours in the weights' dtype, llama.cpp's f16, from its
-KV buffer size); GB/s = bytes x tokens/s; the fraction is of this machine's read bandwidth, measured per thread
+cache at the mean decode length (prompt + new/2 positions; ours in --kv-dtype, by default the weights' dtype;
+llama.cpp's f16, from its KV buffer size); GB/s = bytes x tokens/s; the fraction is of this machine's read bandwidth, measured per thread
 count in processes of its own (torch.sum over 1 GiB of fp32, best of 5; median of --rounds processes).
 Processes alternate ours, llama.cpp, ours, ... (benchmarks/alternate.py's `measure`), --rounds each, per format,
 thread count and batch; medians are quoted. The first 16 greedy ids of each row are compared across engines
@@ -77,7 +77,7 @@ def timed(run) -> float:
     return statistics.median(rates)
 
 
-def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]) -> dict:
+def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]], kv_dtype: str) -> dict:
     import torch
 
     import gptforge
@@ -94,7 +94,7 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
         p = SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eos=False)
         steps, clock = [], []
         with torch.inference_mode():
-            for s in generate_steps(model, prompts, p, vocab_size=tok.vocab_size):
+            for s in generate_steps(model, prompts, p, vocab_size=tok.vocab_size, kv_dtype=kv_dtype):
                 clock.append(time.perf_counter())
                 steps.append(s.ids)
         assert len(steps) == n
@@ -102,7 +102,8 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
         return clock[0], clock[-1]
 
     cfg = model.config
-    kv_item = next(model.parameters()).element_size()  # the cache stores the weights' dtype (kv_dtype auto)
+    kv_item = (next(model.parameters()).element_size() if kv_dtype == "auto"  # auto: the weights' dtype
+               else {"fp32": 4, "bf16": 2, "int8": 1 + 4 / cfg.head_dim}[kv_dtype])  # int8: + a scale per head
     kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * kv_item
     paths = matmul_paths(model, len(prompts))  # which product each matrix runs at this batch's decode step
     return {"tok_s": len(prompts) * timed(run), "weight_bytes": matmul_bytes(model), "kv_bytes_per_pos": kv_per_pos,
@@ -235,7 +236,7 @@ def worker(args) -> None:
     else:
         prompts = json.loads(Path(args.prompt).read_text())[:args.batch]
         if args.worker == "ours":
-            out = worker_ours(args.model, args.format, args.threads, prompts)
+            out = worker_ours(args.model, args.format, args.threads, prompts, args.kv_dtype)
         else:
             out = worker_llama(args.model, args.threads, prompts, FORMATS[args.format][1].startswith("q"),
                                args.llama_flash_attn)
@@ -297,7 +298,7 @@ def driver(args) -> None:
             rows, cfg, tok = measure_all(args, work, skip)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        report(rows, cfg, tok, skip)
+        report(rows, cfg, tok, skip, args.kv_dtype)
         print(f"\n({shape or args.source}: {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
@@ -329,7 +330,8 @@ def measure_all(args, work: Path, skip: str | None) -> tuple[list, object, objec
         gguf_bytes = {} if skip else {"llama.cpp": gguf_matrix_bytes(str(theirs))}
         for threads in thread_counts:
             for b in batches:
-                variants = {"gptforge": me + ["--worker", "ours", "--model", str(ours), "--format", fmt]}
+                variants = {"gptforge": me + ["--worker", "ours", "--model", str(ours), "--format", fmt,
+                                              "--kv-dtype", args.kv_dtype]}
                 if skip is None:
                     variants["llama.cpp"] = me + ["--worker", "llama", "--model", str(theirs), "--format", fmt,
                                                   "--llama-flash-attn", args.llama_flash_attn]
@@ -366,12 +368,14 @@ def measure_row(variants: dict[str, list[str]], fmt: str, threads: int, batch: i
     return row
 
 
-def report(rows: list[dict], cfg, tok, skip: str | None) -> None:
+def report(rows: list[dict], cfg, tok, skip: str | None, kv_dtype: str) -> None:
     print(json.dumps({"model": {"n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model,
                                 "vocab": tok.vocab_size, "arch": cfg.model.pos_encoding},
-                      "prompt": PROMPT, "new_tokens": NEW, "llama_cpp_skipped": skip, "rows": rows}, indent=1))
+                      "prompt": PROMPT, "new_tokens": NEW, "kv_dtype": kv_dtype, "llama_cpp_skipped": skip,
+                      "rows": rows}, indent=1))
     print(f"\n{cfg.model.n_layer} layers, d {cfg.model.d_model}, vocab {tok.vocab_size}: decode tokens/s (all rows), "
-          "medians; bytes/token, GB/s and the fraction of the measured read bandwidth at batch 1 (ours / llama.cpp)")
+          f"medians; our KV cache {kv_dtype}, llama.cpp's f16; bytes/token, GB/s and the fraction of the measured read "
+          "bandwidth at batch 1 (ours / llama.cpp)")
     print("\n| format (ours / GGUF) | threads | batch | gptforge tok/s | llama.cpp tok/s | ratio | MB/token | GB/s | "
           "of read BW | peak RSS MB | same ids |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -411,6 +415,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="processes per side, alternating (>= 3 for a median)")
     p.add_argument("--repeats", type=int, default=3, help="timings inside each process (their median)")
     p.add_argument("--new", type=int, default=NEW, help="new tokens per timed decode (the rate leaves the first out)")
+    p.add_argument("--kv-dtype", default="auto", help="our KV cache's storage (generate's kv_dtype; llama.cpp's "
+                   "is f16): auto (the weights' dtype), fp32, bf16 or int8")
     p.add_argument("--llama-flash-attn", choices=list(FLASH_ATTN), default="off",
                    help="llama.cpp's flash attention (llama-cpp-python's Llama() default: off; the low-level "
                         "context default: auto)")
