@@ -11,9 +11,10 @@
 // the new keys and values are rounded into them (to nearest even, as .to() rounds) and widened on every read.
 //
 // Where the time goes: in a decode step the weights' products evict the cache, so the keys and values stream from
-// L3 (~26 GB/s on one core here: 19 us a layer for 6 heads x 160 fp32 slots of 64); the arithmetic overlaps with
-// it. A bf16 cache halves those bytes (9.5 us). The scores are computed 16 keys at a time into separate accumulators
-// reduced together, the values 4 slots at a time, over the unmasked slots only.
+// L3 and the arithmetic overlaps with that: a bf16 cache, half the bytes, took 1.5-1.8x less time at 160-512 slots
+// (benchmarks/decode_attention.py); software prefetch (next keys, next head) measured no gain. The scores are computed
+// 16 keys at a time into separate accumulators reduced together, the values 4 slots at a time over the unmasked
+// slots only: ~10% faster than one key at a time when the cache is warm, the same when cold.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -86,13 +87,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // q . k for the n <= 16 keys from kr on (a stride of `row`), nv vectors of 16 each: 16 independent accumulators, so
 // the FMAs of different keys overlap. Lanes past n repeat the last key (in bounds; the caller masks them).
-template <class C>
+// NV > 0: the vector count known at compile time (head sizes 64 and 128), unrolled; 0: nv at run time.
+template <int NV, class C>
 [[gnu::always_inline]] inline __m512 dots16(const float* q, const C* kr, int64_t row, int64_t n, int64_t nv) {
   __m512 acc[16];
+  if constexpr (NV > 0) nv = NV;
 #pragma GCC unroll 16
   for (int k = 0; k < 16; ++k) {
     const C* r = kr + std::min<int64_t>(k, n - 1) * row;
     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), load16(r));
+#pragma GCC unroll 8
     for (int64_t j = 1; j < nv; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * j), load16(r + 16 * j), a);
     acc[k] = a;
   }
@@ -108,15 +112,6 @@ inline __m512 mask16(const Q* m, int64_t stride, int64_t n) {
   return _mm512_load_ps(buf);
 }
 
-// Prefetch rows [s0, s1) of D elements at a stride of `row`. The keys stream from L3 in a decode step (the weights
-// evicted them): the hardware streamer stops at each 4 KB page (16 fp32 keys of 64); ~5% at 160 slots.
-template <int Hint, class C>
-inline void prefetch_rows(const C* base, int64_t row, int64_t s0, int64_t s1, int64_t D) {
-  for (int64_t s = s0; s < s1; ++s)
-    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(C)); b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(base + s * row) + b, static_cast<_mm_hint>(Hint));
-}
-
 // Scores q . k_s + m_s of E slots into p (-inf where masked: a block of 16 masked slots costs one compare); the max.
 template <class Q, class C>
 float scores(const float* q, const C* keys, int64_t row, const Q* mask, int64_t mstride, int64_t E, int64_t D,
@@ -127,9 +122,13 @@ float scores(const float* q, const C* keys, int64_t row, const Q* mask, int64_t 
     const int64_t n = std::min<int64_t>(16, E - s);
     const __m512 m = mask16(mask + s * mstride, mstride, n);
     const __mmask16 live = _mm512_cmp_ps_mask(m, ninf, _CMP_NEQ_OQ);
-    prefetch_rows<_MM_HINT_T0>(keys, row, std::min(E, s + 32), std::min(E, s + 48), D);  // two blocks ahead
     __m512 sc = ninf;
-    if (live) sc = _mm512_mask_add_ps(ninf, live, dots16(q, keys + s * row, row, n, D / 16), m);
+    if (live) {
+      const C* kr = keys + s * row;
+      const __m512 d = D == 64 ? dots16<4>(q, kr, row, n, 4) : D == 128 ? dots16<8>(q, kr, row, n, 8)
+                                                                          : dots16<0>(q, kr, row, n, D / 16);
+      sc = _mm512_mask_add_ps(ninf, live, d, m);
+    }
     _mm512_storeu_ps(p + s, sc);  // p holds E + 16 floats
     top = _mm512_max_ps(top, sc);
   }
