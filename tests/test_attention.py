@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gptforge import native
 from gptforge.config import ModelConfig
 from gptforge.generate import generate_steps
-from gptforge.model import GPT
+from gptforge.model import GPT, Block
 from gptforge.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels could not be built here")
@@ -84,11 +84,14 @@ CONFIGS = {  # head size 64 (the vector path) with learned positions; 24 (the sc
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
-def test_generate_over_a_bf16_cache_takes_the_native_path(config, fmt, monkeypatch):
-    """An fp32 or int8 model over a bf16 KV cache decodes through the native step op (csrc/step.cpp calls the
-    attention op with the bf16 caches); its greedy tokens equal the PyTorch path's over the same bf16 cache, and
-    its log-probabilities agree within 1e-4 (fp32: the same math in another summation order)."""
+@pytest.mark.parametrize("op", ["step", "block"])
+def test_generate_over_a_bf16_cache_takes_the_native_path(config, fmt, op, monkeypatch):
+    """An fp32 or int8 model over a bf16 KV cache decodes through the native step op (csrc/step.cpp), or without it
+    the block op (csrc/block.cpp), each calling the attention op with the bf16 caches; its greedy tokens equal the
+    PyTorch path's over the same bf16 cache, and its log-probabilities agree within 1e-4 (fp32: the same math in
+    another summation order)."""
     from gptforge.compress.quantize import quantize_model
+    from gptforge.native.layout import DecodeBlock
     from gptforge.native.step import DecodeStep
 
     torch.manual_seed(1)
@@ -96,8 +99,18 @@ def test_generate_over_a_bf16_cache_takes_the_native_path(config, fmt, monkeypat
     if fmt == "int8":
         model = quantize_model(model, "int8", None)[0]
     model = native.decode_layout(model)
-    calls, call = [], DecodeStep.__call__
-    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(a[2].native) or call(self, *a))
+    calls = []
+    if op == "step":
+        call = DecodeStep.__call__
+        monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(a[2].native) or call(self, *a))
+    else:  # the block op per layer: each decode step's first block over a native cache, none falling back
+        monkeypatch.setattr(DecodeStep, "of", classmethod(lambda cls, model: None))
+        fwd, base = DecodeBlock.forward, Block.forward
+        monkeypatch.setattr(DecodeBlock, "forward", lambda self, x, rope, kv=None, *a: (
+            calls.append(kv.cache.native) if x.shape[1] == 1 and self is model.blocks[0] else None)
+            or fwd(self, x, rope, kv, *a))
+        monkeypatch.setattr(Block, "forward", lambda self, x, *a: (
+            calls.append("fallback") if x.shape[1] == 1 else None) or base(self, x, *a))
     p = SamplingParams(max_new_tokens=24, temperature=0, logprobs=True)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [30, 31]]
     ours = list(generate_steps(model, prompts, p, vocab_size=300, kv_dtype="bf16"))
@@ -105,7 +118,7 @@ def test_generate_over_a_bf16_cache_takes_the_native_path(config, fmt, monkeypat
     with monkeypatch.context() as m:
         m.setattr(native, "available", lambda: False)  # KVCache.native off: SDPA over the widened bf16 cache
         theirs = list(generate_steps(model, prompts, p, vocab_size=300, kv_dtype="bf16"))
-    assert len(calls) == 23
+    assert True not in calls[23:]  # the reference run: no native op over its cache
     assert [s.ids for s in ours] == [s.ids for s in theirs]
     torch.testing.assert_close(torch.tensor([s.logprobs for s in ours]), torch.tensor([s.logprobs for s in theirs]),
                                atol=1e-4, rtol=0)
