@@ -32,7 +32,8 @@ LAYERS, D = 6, 64
 
 
 def time_op(op, B: int, H: int, E: int, cache_dtype, junk) -> float:
-    """Microseconds of thread CPU time per call at (B, H, E), caches cold as in a decode step; best of 5 rounds."""
+    """Microseconds of thread CPU time per call at (B, H, E), caches cold as in a decode step; best of 5 rounds.
+    op None: torch.sum over the same keys and values instead (what streaming those bytes costs)."""
     import torch
 
     q, k, v = (torch.randn(B, H, 1, D) for _ in range(3))
@@ -45,7 +46,10 @@ def time_op(op, B: int, H: int, E: int, cache_dtype, junk) -> float:
             junk.add_(1.0)  # the step's weights passing through the caches
             t = time.thread_time()
             for kc, vc in caches:
-                op(q, k, v, kc, vc, slots, mask)
+                if op is None:
+                    kc.sum(), vc.sum()
+                else:
+                    op(q, k, v, kc, vc, slots, mask)
             spent += time.thread_time() - t
         best = min(best, spent / (n * LAYERS))
     return best * 1e6
@@ -61,7 +65,7 @@ def op_rows(op, dtypes) -> list[dict]:
     for B, H, E in SHAPES:
         row = {"B": B, "H": H, "E": E}
         for name, dt in dtypes.items():
-            row[name] = time_op(op, B, H, E, dt, junk)
+            row[name] = time_op(None if name == "sum" else op, B, H, E, dt, junk)
         rows.append(row)
     return rows
 
@@ -160,8 +164,10 @@ def main() -> None:
     from gptforge import native
 
     assert native.available(), "the native kernels could not be built here"
-    table(op_rows(torch.ops.gptforge_attn.decode_attention, {"fp32": torch.float32, "bf16": torch.bfloat16}),
-          ["fp32", "bf16"], "decode_attention, fp32 q over an fp32 / bf16 cache, cold, 1 thread (best of 5)")
+    table(op_rows(torch.ops.gptforge_attn.decode_attention,
+                  {"fp32": torch.float32, "bf16": torch.bfloat16, "sum": torch.float32}), ["fp32", "bf16", "sum"],
+          "decode_attention, fp32 q over an fp32 / bf16 cache, cold, 1 thread (best of 5); sum: torch.sum over the "
+          "fp32 keys and values, the cost of streaming them")
     if args.models:
         print("\n| model | kv auto us/step | kv bf16 us/step | auto / bf16 |\n|---|---|---|---|")
         for r in models(args.models.split(","), args.rounds):
