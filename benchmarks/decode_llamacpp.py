@@ -22,9 +22,10 @@ is printed (ours: quantize.matmul_paths at the batch's rows).
 
 Bandwidth: at batch 1, the bytes a token reads = every matrix product's weights as each engine stores them (ours
 as loaded: codes, scales, minima; the GGUF's tensors; an embedding table counts only as a tied head) + the KV
-cache at the mean decode length (prompt + new/2 positions; ours in --kv-dtype, by default the weights' dtype;
-llama.cpp's f16, from its KV buffer size); GB/s = bytes x tokens/s; the fraction is of this machine's read bandwidth, measured per thread
-count in processes of its own (torch.sum over 1 GiB of fp32, best of 5; median of --rounds processes).
+cache at the mean decode length (prompt + new/2 positions; ours in --kv-dtype, auto as generate stores it: bf16
+for int8 and int4, else the weights' dtype; llama.cpp's f16, from its KV buffer size); GB/s = bytes x tokens/s; the
+fraction is of this machine's read bandwidth, measured per thread count in processes of its own (torch.sum over
+1 GiB of fp32, best of 5; median of --rounds processes).
 Processes alternate ours, llama.cpp, ours, ... (benchmarks/alternate.py's `measure`), --rounds each, per format,
 thread count and batch; medians are quoted. The first 16 greedy ids of each row are compared across engines
 ("same ids": all rows in fp32; rounding may part the others). Without llama-cpp-python installed (`make
@@ -83,6 +84,7 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
     import gptforge
     from gptforge.compress.quantize import matmul_bytes, matmul_paths
     from gptforge.generate import generate_steps
+    from gptforge.kvcache import resolve_kv_dtype
     from gptforge.sampling import SamplingParams
 
     torch.set_num_threads(threads)
@@ -102,8 +104,9 @@ def worker_ours(model_dir: str, fmt: str, threads: int, prompts: list[list[int]]
         return clock[0], clock[-1]
 
     cfg = model.config
-    kv_item = (next(model.parameters()).element_size() if kv_dtype == "auto"  # auto: the weights' dtype
-               else {"fp32": 4, "bf16": 2, "int8": 1 + 4 / cfg.head_dim}[kv_dtype])  # int8: + a scale per head
+    kv = resolve_kv_dtype(model, kv_dtype)  # auto: the weights' dtype, bf16 for an int8/int4 model
+    kv_item = (next(model.parameters()).element_size() if kv == "auto"
+               else {"fp32": 4, "bf16": 2, "int8": 1 + 4 / cfg.head_dim}[kv])  # int8: + a scale per head
     kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * kv_item
     paths = matmul_paths(model, len(prompts))  # which product each matrix runs at this batch's decode step
     return {"tok_s": len(prompts) * timed(run), "weight_bytes": matmul_bytes(model), "kv_bytes_per_pos": kv_per_pos,

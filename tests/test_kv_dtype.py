@@ -17,7 +17,7 @@ from gptforge.data import TokenData
 from gptforge.engine import BatchEngine
 from gptforge.errors import GptforgeError
 from gptforge.generate import complete, load
-from gptforge.kvcache import KVCache
+from gptforge.kvcache import KVCache, resolve_kv_dtype
 from gptforge.model import GPT
 from gptforge.sampling import SamplingParams
 from gptforge.train import train
@@ -113,6 +113,31 @@ def test_generate_and_the_engine_run_on_it(trained, kv_dtype):
     # The same ids as the static batch (left-padded, one forward per step) on the same cache dtype.
     assert out["runs"][0] == out["runs"][1] == [g.token_ids for g in got]
 
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_auto_is_bf16_for_a_quantized_model_computing_in_fp32(trained, method):
+    """kv_dtype auto: a quantized model's cache stores bf16 (resolve_kv_dtype), so generate with auto decodes the
+    same ids and log-probabilities as with bf16 asked for, and the engine's cache is bf16 (on the native path);
+    a float model keeps its own dtype, and a name given explicitly is kept."""
+    from gptforge.compress.quantize import quantize_model
+    from gptforge.native import decode_layout
+
+    model, tok = trained
+    quantized = lambda: decode_layout(quantize_model(model, method, 32 if method == "int4" else None)[0])  # noqa: E731
+    quant = quantized()
+    assert (resolve_kv_dtype(quant, "auto"), resolve_kv_dtype(model, "auto")) == ("bf16", "auto")
+    assert resolve_kv_dtype(quant, "fp32") == "fp32"
+    assert resolve_kv_dtype(quantized().to(torch.bfloat16), "auto") == "auto"  # computing in bf16: its own dtype
+    prompts = ["ROMEO:\nWhat light", "KING HENRY:\nOnce more"]
+    runs = [complete(quant, tok, prompts, max_new_tokens=12, temperature=0, stop_at_eos=False, logprobs=True,
+                     kv_dtype=kv) for kv in ("auto", "bf16", "fp32")]
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    assert [c.logprobs for c in runs[0]] == [c.logprobs for c in runs[1]]
+    assert [c.logprobs for c in runs[0]] != [c.logprobs for c in runs[2]]  # the fp32 cache is not what auto ran
+    engine = BatchEngine(quant, tok, max_batch=2)
+    assert engine.cache.store == torch.bfloat16 and engine.cache.native
+    assert BatchEngine(model, tok, max_batch=2).cache.store == torch.float32
 
 def test_unknown_kv_dtype_is_a_clear_error():
     with pytest.raises(GptforgeError, match="kv_dtype must be one of auto, fp32, bf16, int8"):

@@ -334,8 +334,8 @@ def _generate_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step on CPU too (always on CUDA): faster per token, ~30 s to compile")
     p.add_argument("--kv-dtype", default=KV_DTYPE, choices=typing.get_args(KVDtype),
-                   help=f"how the KV cache stores keys and values (default {KV_DTYPE}: the weights' dtype); bf16 or "
-                        "int8 take less memory at a little perplexity (docs/generate.md)")
+                   help=f"how the KV cache stores keys and values (default {KV_DTYPE}: the weights' dtype, bf16 for an "
+                        "int8/int4 model); bf16 or int8 take less memory at a little perplexity (docs/generate.md)")
     p.add_argument("--verbose", action="store_true",
                    help="print to stderr which kernel runs each matrix product (decode steps and the prompt)")
     p.set_defaults(func=cmd_generate)

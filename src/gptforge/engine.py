@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from gptforge.errors import GptforgeError
 from gptforge.finetune.lora import AdapterSet
-from gptforge.kvcache import KVCache
+from gptforge.kvcache import KVCache, resolve_kv_dtype
 from gptforge.native.step import DecodeStep
 from gptforge.prefix_cache import BLOCK, PrefixCache
 from gptforge.sampling import (Constraint, SamplingParams, TokenPicker, exp_noise, generator, policy_groups,
@@ -87,7 +87,7 @@ class BatchEngine:
     alone as with others (up to the float rounding of batched matmuls, as for `generate_steps`' batches), and
     the same as `complete` with the same options, however its prompt was chunked or taken from the prefix
     cache. Not thread-safe: one thread (the server's scheduler) calls it. kv_dtype: the cache's storage
-    (kvcache.KVCache).
+    (kvcache.KVCache; auto as kvcache.resolve_kv_dtype says).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int, max_prefill_tokens: int | None = None,
@@ -104,7 +104,7 @@ class BatchEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.device, self.vocab = weight.device, tokenizer.vocab_size
         self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=weight.dtype, static=False,
-                             kv_dtype=kv_dtype)
+                             kv_dtype=resolve_kv_dtype(model, kv_dtype))
         # Keys and values depend on a row's adapter: each adapter's blocks form chains of their own (_root).
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens >= BLOCK else None
         self.adapters = adapters  # LoRA adapters stacked into the model (finetune.lora.apply_adapters), chosen per row

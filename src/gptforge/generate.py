@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from gptforge.errors import GptforgeError
 from gptforge.hardware import resolve_device
-from gptforge.kvcache import KVCache
+from gptforge.kvcache import KVCache, resolve_kv_dtype
 from gptforge.loader import load_checkpoint
 from gptforge.native import decode_layout
 from gptforge.native.step import DecodeStep
@@ -76,7 +76,8 @@ def _prefill(model: nn.Module, prompts: list[list[int]], length: int, static: bo
     cols = torch.arange(T, device=device)
     real = cols[None, :] >= pad[:, None]  # (B, T)
     pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-    cache = KVCache(model.config, B, length, device=device, dtype=weight.dtype, static=static, kv_dtype=kv_dtype)
+    cache = KVCache(model.config, B, length, device=device, dtype=weight.dtype, static=static,
+                    kv_dtype=resolve_kv_dtype(model, kv_dtype))
     cache.prepare(cols, real, end=T)
     return cache, model(idx, pos, cache, last=torch.full((B,), T - 1, device=device))[:, 0]
 
@@ -97,7 +98,8 @@ def generate_steps(model: nn.Module, prompts: list[list[int]], params: SamplingP
     on 2 cores (docs/BENCHMARKS.md).
 
     kv_dtype: how the KV cache stores keys and values (settings.KV_DTYPES; kvcache.KVCache): auto is the
-    weights' dtype; bf16 or int8 take less memory at long context and batch, read back as the weights' dtype.
+    weights' dtype, bf16 for a quantized model computing in fp32 (kvcache.resolve_kv_dtype); bf16 or int8 take
+    less memory at long context and batch, read back as the weights' dtype.
     """
     cfg = model.config
     prompts = fit_prompts(prompt_list(prompts), params, cfg.block_size)

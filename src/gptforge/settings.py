@@ -253,8 +253,9 @@ class ServeConfig:
     prefix_cache_tokens: int = flag_field(8192, "tokens of prompt keys/values kept for reuse by later prompts "
                                                 "sharing a prefix (least recently used dropped first); 0 turns "
                                                 "the prefix cache off")
-    kv_dtype: KVDtype = flag_field(KV_DTYPE, "how the KV cache stores keys and values: auto (the weights' dtype), "
-                                             "fp32, bf16 or int8 (less memory, a little perplexity)")
+    kv_dtype: KVDtype = flag_field(KV_DTYPE, "how the KV cache stores keys and values: auto (the weights' dtype; "
+                                             "bf16 for an int8/int4 model), fp32, bf16 or int8 (less memory, a "
+                                             "little perplexity)")
     max_tokens: int | None = flag_field(None, "most completion tokens per choice (default: the context)")
     max_n: int = 16  # most choices per request
     max_body_bytes: int = flag_field(1_000_000, "largest request body in bytes")
