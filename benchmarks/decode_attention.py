@@ -2,7 +2,7 @@
 
     python benchmarks/decode_attention.py                           # the op: fp32 vs bf16 cache under an fp32 q
     python benchmarks/decode_attention.py --against main~3          # + this tree's attention.cpp vs REV's
-    python benchmarks/decode_attention.py --models DIR[,DIR...]     # + generate_steps us/step, kv auto vs bf16
+    python benchmarks/decode_attention.py --models DIR[,DIR...]     # + generate_steps us/step, kv fp32 vs bf16
 
 The op: every slot valid (generate's caches are), one query per row, head size 64, 1 thread, thread CPU time. A step's
 products stream the weights through the caches between layers, so the keys and values are cold: each timed call
@@ -11,7 +11,7 @@ dtypes alternate in one process, 5 rounds, best of each; ratio = fp32 / bf16 tim
 --against REV compiles REV's attention.cpp and this tree's alone (the same flags as native/build.py), and times each
 in processes of its own, alternating (--rounds each; fp32 caches; medians): the kernel's own change.
 --models: each checkpoint loaded as `gptforge generate` does, 256 greedy tokens after a 32-token prompt, batch 1,
-1 thread, kv_dtype auto and bf16 alternating in one process (--rounds each; medians).
+1 thread, kv_dtype fp32 and bf16 alternating in one process (--rounds each; medians).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def against(rev: str, rounds: int) -> list[dict]:
 
 
 def models(dirs: list[str], rounds: int) -> list[dict]:
-    """generate_steps' us per step over a cache of the weights' dtype (auto) and a bf16 one, alternating."""
+    """generate_steps' us per step over an fp32 cache and a bf16 one, alternating."""
     import torch
 
     import gptforge
@@ -122,7 +122,7 @@ def models(dirs: list[str], rounds: int) -> list[dict]:
     rows = []
     for d in dirs:
         model, tok = gptforge.load(d, device="cpu")
-        times: dict[str, list[float]] = {"auto": [], "bf16": []}
+        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
         with torch.inference_mode():
             for _ in range(rounds):
                 for kv in times:
@@ -132,7 +132,7 @@ def models(dirs: list[str], rounds: int) -> list[dict]:
                         n += 1
                     times[kv].append((time.perf_counter() - t0) / n * 1e6)
         rows.append({"model": d, **{k: statistics.median(v) for k, v in times.items()},
-                     "ratio": statistics.median(a / b for a, b in zip(times["auto"], times["bf16"]))})
+                     "ratio": statistics.median(a / b for a, b in zip(times["fp32"], times["bf16"]))})
     return rows
 
 
@@ -147,7 +147,7 @@ def table(rows: list[dict], cols: list[str], title: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--against", help="a git revision whose attention.cpp to time beside this tree's")
-    p.add_argument("--models", help="checkpoints (comma-separated) to decode with kv_dtype auto and bf16")
+    p.add_argument("--models", help="checkpoints (comma-separated) to decode with kv_dtype fp32 and bf16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -169,9 +169,9 @@ def main() -> None:
           "decode_attention, fp32 q over an fp32 / bf16 cache, cold, 1 thread (best of 5); sum: torch.sum over the "
           "fp32 keys and values, the cost of streaming them")
     if args.models:
-        print("\n| model | kv auto us/step | kv bf16 us/step | auto / bf16 |\n|---|---|---|---|")
+        print("\n| model | kv fp32 us/step | kv bf16 us/step | fp32 / bf16 |\n|---|---|---|---|")
         for r in models(args.models.split(","), args.rounds):
-            print(f"| {r['model']} | {r['auto']:.0f} | {r['bf16']:.0f} | {r['ratio']:.3f}x |")
+            print(f"| {r['model']} | {r['fp32']:.0f} | {r['bf16']:.0f} | {r['ratio']:.3f}x |")
 
 
 if __name__ == "__main__":
