@@ -1,4 +1,4 @@
-"""The block op (native/csrc/block.cpp) on blocks that hold more than plain Linears: LoRA adapters served per row
+"""The block op (native/csrc/step.cpp) on blocks that hold more than plain Linears: LoRA adapters served per row
 (finetune.lora.MultiLoRALinear). Its decode steps equal the Python block's within fp32 rounding, each row
 decodes what its adapter merged into the base alone decodes, and base rows are the base's, bit for bit."""
 
@@ -173,3 +173,32 @@ def test_quantized_blocks_decode_through_the_op_as_the_modules_do(variant, metho
     assert torch.equal(fused, plain)
     assert all(torch.equal(a, b) for a, b in zip(fused_cache, plain_cache))
 
+
+
+# --- the block op is the step op's layer (csrc/step.cpp) on one layer: its other callers' shapes and dtypes -------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_block_op_takes_fp16_and_more_rows_than_the_kernels(dtype, monkeypatch):
+    """fp16 blocks, and 20 rows (past the few-row kernels' 16: PyTorch's GEMM for the products), decode through the
+    op bit-equal to the Python block (logits and cache writes), QK-norm and value embeddings included."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_gemv import BLOCK_VARIANTS, _decode_logits
+
+    torch.manual_seed(0)
+    model = native.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS["speedrun"])).eval().to(dtype))
+    assert all(type(b) is native.DecodeBlock for b in model.blocks)
+    from gptforge.model import CausalSelfAttention
+
+    prompts = [[5 + i, 6, 7][: 1 + i % 3] for i in range(20)]
+    calls, attend = [], CausalSelfAttention.forward
+    monkeypatch.setattr(CausalSelfAttention, "forward", lambda self, x, *a: calls.append(x.shape[1]) or attend(self, x, *a))
+    with torch.no_grad():
+        fused, fused_cache = _decode_logits(model, prompts, 3, True)
+    assert calls == [3] * len(model.blocks)  # the prefill only: every decode step ran the op
+    with torch.no_grad():
+        monkeypatch.setattr(native.DecodeBlock, "forward", Block.forward)
+        plain, plain_cache = _decode_logits(model, prompts, 3, True)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_cache, plain_cache))

@@ -292,7 +292,7 @@ def test_without_a_compiler_decoding_falls_back_with_one_warning(tmp_path):
     assert out.stdout.split()[:3] == ["False", "0", "Parameter"], out.stdout
 
 
-# --- DecodeBlock: a block's decode step as one op (csrc/block.cpp) ----------------------------------------------
+# --- DecodeBlock: a block's decode step as one op (csrc/step.cpp) -----------------------------------------------
 BLOCK_VARIANTS = {
     # GPT-2: LayerNorm with biases, GELU, learned positions
     "gpt2": dict(n_layer=2, n_head=4, d_model=64, vocab_size=300, block_size=48),
@@ -387,7 +387,7 @@ def test_the_library_is_built_with_openmp():
 
 
 def test_block_op_schema_is_named_and_the_same_on_both_sides():
-    """The block op's inputs are named once per side (schema.py's dataclasses, csrc/block.cpp's enums): the names
+    """The block op's inputs are named once per side (schema.py's dataclasses, csrc/step.cpp's enums): the names
     agree, in order, and a DecodeBlock's fields are its block's own tensors."""
     import dataclasses
 

@@ -4,7 +4,9 @@ model (layout.py). docs/BENCHMARKS.md has the measurements.
 
     csrc/gemv.cpp       few-row products over fp32/bf16/fp16/int8/int4 weights  torch.ops.gptforge_gemv
     csrc/attention.cpp  a decode step's cache write and attention               torch.ops.gptforge_attn
-    csrc/block.cpp      a whole block's decode step (schema.py names its inputs) torch.ops.gptforge_decode
+    csrc/block.cpp      one Linear of a block by its kind (float, int8/int4 codes, LoRA adapters per row)
+    csrc/step.cpp       a block's decode step (schema.py names its inputs)   torch.ops.gptforge_decode
+                        and a whole decode step (native/step.py)             torch.ops.gptforge_step
 """
 
 from gptforge.native.build import available, library_path

@@ -2,7 +2,7 @@
 
 `decode_layout(model)` replaces each nn.Linear by a DecodeLinear (same parameters, its forward one call of the
 few-row `linear` op), the tied head by a DecodeTiedHead (the same, on the token table) and each block whose
-variant the block op covers by a DecodeBlock (its one-token decode step as one native call, csrc/block.cpp).
+variant the block op covers by a DecodeBlock (its one-token decode step as one native call, csrc/step.cpp).
 State dict keys never change. Swaps rather than tensor subclasses: a weight subclass's __torch_function__ cost
 ~6 us of Python per matmul, as much as the product itself for the demo model's in-cache matrices.
 """
@@ -87,8 +87,8 @@ def _runnable(block: nn.Module) -> bool:
 
 class DecodeBlock(Block):
     """A model.Block (the same submodules) whose one-token CPU decode step over a native KV cache is one C++ call
-    (csrc/block.cpp): the same ATen ops as Block.forward, issued from C++, with the matmuls on the few-row kernels
-    and the attention on csrc/attention.cpp. Every other call (a prefill, no cache, training, torch.compile) runs
+    (csrc/step.cpp's block op: the whole-step op's layer, run on this one layer; results equal Block.forward's bit
+    for bit), with the matmuls on the few-row kernels and the attention on csrc/attention.cpp. Every other call (a prefill, no cache, training, torch.compile) runs
     Block.forward. Its tensors reach the op through the named schema of schema.py.
 
     A block whose Linears hold LoRA adapters served per row (schema.AdaptedLinear) runs the op too: the op adds

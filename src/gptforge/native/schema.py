@@ -1,7 +1,7 @@
-"""The named parameter schema of the block op (`torch.ops.gptforge_decode.block`, csrc/block.cpp), in one place.
+"""The named parameter schema of the block op (`torch.ops.gptforge_decode.block`, csrc/step.cpp), in one place.
 
 The op takes a block's tensors as one list and its shape as a list of ints, both in a fixed order. That order is
-written here as two dataclasses, BlockParams (the tensors) and BlockLayout (the ints), and in csrc/block.cpp as two
+written here as two dataclasses, BlockParams (the tensors) and BlockLayout (the ints), and in csrc/step.cpp as two
 enums whose names the library returns (`param_fields()`, `layout_fields()`); `check_schema` compares the two when the
 library is loaded, so the sides cannot drift apart silently.
 

@@ -27,11 +27,9 @@ from gptforge.native.ops import MAX_ROWS
 from gptforge.native.schema import (LINEAR_KIND, NORM_KIND, BlockLayout, BlockParams, CodedLinear, CodedTable,
                                     OpLinear)
 
-# The op's per-layer tensors and Linear kinds, in its order, by schema.py's names (the op checks the first list).
-LAYER_FIELDS = ("norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight",
-                "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias",
-                "qkv_scale", "qkv_aux", "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux",
-                "gate_scale", "gate_aux", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora")
+# The op's per-layer tensors (schema.py's BlockParams, as the block op reads one layer's) and Linear kinds, in its
+# order, by schema.py's names (the op checks the first list).
+LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(BlockParams))
 KIND_FIELDS = ("qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind")
 GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight",
                  "tok_scale", "tok_aux", "head_scale", "head_aux")

@@ -390,7 +390,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear: x has ", x.size(-1), " columns, the weight ", K);
   const int64_t M = K ? x.numel() / K : 0;
   if (M < 1 || M > kMaxRows || !x.device().is_cpu()) return at::linear(x, w, bias);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, no_grad: as in block.cpp
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, no_grad: as in step.cpp
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -1,16 +1,20 @@
-// A whole CPU decode step as one op: token embedding, every block, the final norm and the head, for B <= 16 rows
-// of one new token each, over the native KV cache. The products run on the few-row kernels (gemv.cpp) and the
-// attention on attention.cpp, as in the block op (block.cpp); what this op does differently is everything between
-// them: norms, rotary, activations and residual adds are loops over the rows' few hundred floats, written into
-// buffers, instead of ATen ops (each ~1-8 us of dispatch, allocation and TensorIterator setup for a few hundred
-// multiply-adds), and the step is one call from Python instead of one per block plus the model's module calls.
+// The CPU decode ops over the native KV cache, one new token a row: a whole step (token embedding, every block, the
+// final norm and the head; B <= 16 rows: torch.ops.gptforge_step.decode) and one block (native.DecodeBlock's step,
+// any number of rows: torch.ops.gptforge_decode.block). A layer's math is written once (`layer` below: norms, QK-norm,
+// value embeddings, rotary, attention, MLP, residual adds) and the block op is that function on one layer. The
+// products run on the few-row kernels (gemv.cpp, qgemv.cpp, through block.cpp's block_linear) and the attention on
+// attention.cpp; everything between them is loops over the rows' few hundred floats, written into buffers allocated
+// once per call, instead of ATen ops (each ~1-8 us of dispatch, allocation and TensorIterator setup for a few hundred
+// multiply-adds), and a step is one call from Python instead of one per block plus the model's module calls.
 //
 // Why: at the 6-layer, 384-wide shape (weights in cache) a step's products take ~2 ms at one thread, and the block
 // op's ATen ops (~110 us a block) with the Python around them (~0.2 ms) added another ~0.9 ms: llama.cpp's whole
 // step is ~2.3 ms (docs/BENCHMARKS.md, "Per-token cost outside the products").
 //
-// fp32 and bf16 models, and fp32 models with quantized Linears (native/step.py checks). The math is the model's
-// (model.py) in its dtype, and its results are PyTorch's to the bit (on this torch build: tests/test_generate.py):
+// The step op: fp32 and bf16 models, and fp32 models with quantized Linears (native/step.py checks); the block op:
+// fp32, bf16 and fp16 blocks (native/layout.py checks). The math is the model's
+// (model.py) in its dtype, and its results are PyTorch's to the bit (on this torch build: tests/test_generate.py,
+// tests/test_gemv.py and tests/test_decode_block.py compare them with the Python block):
 // the same ops in the same order, each bf16 result rounded where PyTorch's op rounds it; RMSNorm sums its squares
 // in ATen's order; rotary is computed as model.apply_rotary does (no fused multiply-add) from tables the caller
 // computed once with model.rotary_tables; LayerNorm, SiLU and GELU are ATen's own ops (one call each a layer).
@@ -19,9 +23,10 @@
 // quantized token table's rows are dequantized here as compress/quantize.py's QuantizedMatrix.rows computes them.
 // Another table or head stays the caller's (it embeds, or applies the head to the op's final-norm output).
 //
-// Tensors: `layers` holds, per layer, the fields `layer_fields()` names and `kinds` each Linear's kind
-// (native/step.py builds both from schema.py's BlockParams and BlockLayout and checks the names); a field a variant
-// does not have is None. `globals`: see Global below.
+// Tensors: `layers` holds, per layer, the fields `layer_fields()` names and `kinds` each Linear's kind (the block
+// op: one layer's, `params` and the layout's kinds); native/step.py and schema.py build them from schema.py's
+// BlockParams and BlockLayout and check the names against `layer_fields()` / `param_fields()` and
+// `layout_fields()`; a field a variant does not have is None. `globals`: see Global below.
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -36,6 +41,7 @@
 #include <ATen/ops/square.h>
 #include <ATen/ops/tanh.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -47,6 +53,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -55,18 +62,23 @@ namespace {
 
 using Opts = c10::List<std::optional<at::Tensor>>;
 
-// Per layer: each Linear's weight and bias, its scale and aux where quantized, its adapters' B^T where it serves LoRA
-// adapters per row (schema.py's BlockParams names).
+// Per layer (the block op's `params`, the step op's `layers` per layer): schema.py's BlockParams, in its order: the
+// norms, each Linear's weight and bias, QK-norm gains, the value-embedding gate, adapters' B^T where a Linear serves
+// LoRA adapters per row, a quantized Linear's scale and aux.
 enum Field : int64_t {
-  kNorm1W, kNorm1B, kQkvW, kQkvB, kProjW, kProjB, kNorm2W, kNorm2B, kUpW, kUpB, kDownW, kDownB, kGateW, kGateB,
-  kQkvS, kQkvA, kProjS, kProjA, kUpS, kUpA, kDownS, kDownA, kGateS, kGateA, kQkvL, kProjL, kUpL, kDownL, kGateL,
-  kFields
+  kNorm1W, kNorm1B, kQkvW, kQkvB, kProjW, kProjB, kQNormW, kKNormW, kValueGate, kNorm2W, kNorm2B, kUpW, kUpB, kDownW,
+  kDownB, kGateW, kGateB, kQkvL, kProjL, kUpL, kDownL, kGateL, kQkvS, kQkvA, kProjS, kProjA, kUpS, kUpA, kDownS,
+  kDownA, kGateS, kGateA, kFields
 };
 const char* const kFieldNames[kFields] = {
-    "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm2_weight", "norm2_bias",
-    "up_weight", "up_bias", "down_weight", "down_bias", "gate_weight", "gate_bias", "qkv_scale", "qkv_aux",
-    "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux", "gate_scale", "gate_aux", "qkv_lora",
-    "proj_lora", "up_lora", "down_lora", "gate_lora"};
+    "norm1_weight", "norm1_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "q_norm_weight",
+    "k_norm_weight", "value_gate", "norm2_weight", "norm2_bias", "up_weight", "up_bias", "down_weight", "down_bias",
+    "gate_weight", "gate_bias", "qkv_lora", "proj_lora", "up_lora", "down_lora", "gate_lora", "qkv_scale", "qkv_aux",
+    "proj_scale", "proj_aux", "up_scale", "up_aux", "down_scale", "down_aux", "gate_scale", "gate_aux"};
+// The block op's layout (schema.py's BlockLayout): its shape, then each Linear's kind in Kind's order.
+enum BlockLayout : int64_t { kBHead, kBKvHead, kBHeadDim, kBNorm, kBMlp, kBHidden, kBKinds, kBLayout = kBKinds + 5 };
+const char* const kBlockLayoutNames[kBLayout] = {"n_head", "n_kv_head", "head_dim", "norm", "mlp", "hidden",
+                                                 "qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind"};
 // Per layer, each Linear's kind (schema.py's LINEAR_KIND, what gptforge::block_linear multiplies), in this order.
 enum Kind : int64_t { kQkvK, kProjK, kUpK, kDownK, kGateK, kKinds };
 // The token table (None: the caller embeds, and hands x), the learned position table or None, the rotary tables
@@ -86,6 +98,7 @@ const char* const kGlobalNames[kGlobals] = {"tok_emb", "pos_emb", "rope_cos", "r
 enum Layout : int64_t { kNLayer, kNHead, kNKvHead, kHeadDim, kNorm, kMlp, kHidden, kHeadKind, kVocab, kLayout };
 
 std::vector<std::string> layer_fields() { return {std::begin(kFieldNames), std::end(kFieldNames)}; }
+std::vector<std::string> block_layout_fields() { return {std::begin(kBlockLayoutNames), std::end(kBlockLayoutNames)}; }
 std::vector<std::string> global_fields() { return {std::begin(kGlobalNames), std::end(kGlobalNames)}; }
 
 template <class T>
@@ -277,7 +290,7 @@ struct Lin {
 at::Tensor linear_into(const at::Tensor& in, const Lin& l, const Opt& lora_mask, at::Tensor& out) {
   TORCH_CHECK(l.w.has_value(), "decode step: a Linear's weight is missing");
   const bool fp32_bias = !l.b.has_value() || (l.b->scalar_type() == at::kFloat && l.b->is_contiguous());
-  const bool raw = in.scalar_type() == at::kFloat && !l.lora.has_value() && fp32_bias &&
+  const bool raw = in.scalar_type() == at::kFloat && in.size(0) <= 16 && !l.lora.has_value() && fp32_bias &&
                    ((l.kind == 0 && l.w->is_contiguous()) || (l.kind == 1 && l.scale && l.aux) || l.kind == 2);
   if (!raw)
     return gptforge::block_linear(in, l.kind, *l.w, l.b, l.scale, l.aux, l.n, l.lora, lora_mask).contiguous();
@@ -327,9 +340,10 @@ struct Step {
   const at::Tensor& slots;
   const at::Tensor& mask;
   const Opt& lora_mask;
-  const int64_t* pos;
+  const int64_t* rope;  // each row's row of cos and sin (the step op: its position)
   const float* cos;
   const float* sin;
+  const Opt& ve;  // the block op's value-embedding rows (B, 1, K Hd) for its one layer, or None
 
   Opt f(int64_t l, Field i) const { return layers.get(l * kFields + i); }
   // layer l's Linear k (the lora fields follow the kinds' order), n its output width
@@ -347,6 +361,49 @@ at::Tensor norm(const Shape& s, Work& w, const Opt& weight, const Opt& bias) {
   return w.h;
 }
 
+// v plus the gated value-embedding rows (each op rounded to T as PyTorch's mul and add round it: no fused
+// multiply-add), in the qkv buffer (B, R) whose last Kh Hd columns are v.
+template <class T>
+__attribute__((optimize("fp-contract=off"))) void add_value_embedding(T* qkv, int64_t B, int64_t R, const at::Tensor& ve,
+                                                                      const at::Tensor& gate) {
+  const int64_t n = ve.numel() / B;
+  const at::Tensor vc = ve.contiguous();
+  const T* e = vc.data_ptr<T>();
+  const float g = static_cast<float>(gate.data_ptr<T>()[0]);
+  for (int64_t r = 0; r < B; ++r) {
+    T* v = qkv + r * R + (R - n);
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(static_cast<float>(v[i]) + as<T>(g * static_cast<float>(e[r * n + i])));
+  }
+}
+
+// q, k and v as CausalSelfAttention.forward makes them before it attends, in the qkv buffer: v plus the gated value
+// embedding, each head of q and of k through its RMSNorm (QK-norm: ATen's sum order, as the block norms), then
+// rotary on q and k.
+template <class T>
+void prepare_qkv(const Step& st, int64_t l, Work& w) {
+  const Shape& s = st.s;
+  const int64_t B = w.qkv.size(0), H = s.H, Kh = s.Kh, Hd = s.Hd, R = (H + 2 * Kh) * Hd;
+  T* qp = w.qkv.data_ptr<T>();
+  if (st.ve.has_value()) {
+    const Opt gate = st.f(l, kValueGate);
+    TORCH_CHECK(gate.has_value() && st.ve->numel() == B * Kh * Hd && st.ve->scalar_type() == w.qkv.scalar_type(),
+                "decode block: value embeddings need the layer's value_gate and (B, 1, K Hd) rows of its dtype");
+    add_value_embedding<T>(qp, B, R, *st.ve, *gate);
+  }
+  std::vector<float> head(Hd);
+  for (const auto& [field, first, heads] : {std::tuple{kQNormW, int64_t{0}, H}, std::tuple{kKNormW, H, Kh}}) {
+    const Opt gain = st.f(l, field);
+    for (int64_t r = 0; gain.has_value() && r < B; ++r)
+      for (int64_t h = first; h < first + heads; ++h) {
+        T* x = qp + r * R + h * Hd;
+        for (int64_t i = 0; i < Hd; ++i) head[i] = static_cast<float>(x[i]);
+        rms_rows<T>(head.data(), x, 1, Hd, gain->template data_ptr<T>(), s.eps);
+      }
+  }
+  for (int64_t r = 0; st.cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
+    rotary<T>(qp + r * R, H + Kh, Hd, st.cos + st.rope[r] * Hd, st.sin + st.rope[r] * Hd);
+}
+
 // One layer: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x), then x + down(act(up(norm2(x)))).
 // Every op's result equals PyTorch's to the bit (RMSNorm sums in ATen's order; LayerNorm, SiLU and GELU are ATen's
 // own ops, one call each), so with int8 activations every quantized product sees the block path's inputs exactly:
@@ -359,9 +416,7 @@ void layer(const Step& st, int64_t l, Work& w) {
   const at::Tensor qkv = linear_into(norm<T>(s, w, st.f(l, kNorm1W), st.f(l, kNorm1B)),
                                      st.lin(l, kQkvK, kQkvW, kQkvB, kQkvS, kQkvA, R), st.lora_mask, w.qkv);
   if (!qkv.is_same(w.qkv)) w.views(qkv, s);  // block_linear's own result (its views; the buffers' from here on)
-  T* qp = w.qkv.data_ptr<T>();
-  for (int64_t r = 0; st.cos && r < B; ++r)  // q's H heads and k's Kh are adjacent: one pass over H + Kh heads
-    rotary<T>(qp + r * R, H + Kh, Hd, st.cos + st.pos[r] * Hd, st.sin + st.pos[r] * Hd);
+  prepare_qkv<T>(st, l, w);
   const at::Tensor y = gptforge::decode_attention(w.q, w.k, w.v, st.k_caches[l], st.v_caches[l], st.slots,
                                                   st.mask);  // (B, H, 1, Hd)
   add_into<T>(xp, linear_into(y.view({B, H * Hd}), st.lin(l, kProjK, kProjW, kProjB, kProjS, kProjA, D), st.lora_mask,
@@ -395,7 +450,9 @@ at::Tensor run(const Shape& s, const at::Tensor& ids, const at::Tensor& position
   const Opt cos = globals.get(kCos), sin = globals.get(kSin);
   for (int64_t r = 0; cos && r < B; ++r)
     TORCH_CHECK(pos[r] >= 0 && pos[r] < cos->size(0), "decode step: position ", pos[r], " is outside the rotary tables");
-  const Step st{s, layers, kinds, k_caches, v_caches, slots, mask, lora_mask, pos, ptr<float>(cos), ptr<float>(sin)};
+  const Opt no_ve;
+  const Step st{s, layers, kinds, k_caches, v_caches, slots, mask, lora_mask, pos, ptr<float>(cos), ptr<float>(sin),
+                no_ve};
   for (int64_t l = 0; l < s.L; ++l) layer<T>(st, l, w);
 
   const at::Tensor hf = norm<T>(s, w, globals.get(kNormFW), globals.get(kNormFB));
@@ -467,7 +524,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
               "decode step: ids and positions must be contiguous int64 (B,)");
   TORCH_CHECK(ids.size(0) >= 1 && ids.size(0) <= 16, "decode step: 1 to 16 rows, got ", ids.size(0));
   TORCH_CHECK(globals.get(kNormFW).has_value(), "decode step: the final norm's weight is required");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only (as block.cpp)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only
   const auto dtype = globals.get(kNormFW)->scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode step: fp32 or bf16 models, got ", dtype);
   const auto [mask, slots] = decode_mask(valid, slot, ids.size(0), end, window, dtype);
@@ -476,7 +533,58 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
   return run<c10::BFloat16>(s, ids, positions, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask, lora_mask);
 }
 
+// The block op (native.DecodeBlock's one-token step): one layer as the step op runs it, on x (B, 1, D) of the
+// model's dtype, returned in that dtype; cos and sin the rows' rotary tables ((1, Hd) for every row, or (B, 1, 1, Hd)
+// each row's; model.rotary_tables of the positions), ve this layer's value-embedding rows.
+template <class T>
+at::Tensor block(const Step& st, const at::Tensor& x) {
+  const int64_t B = x.size(0), D = x.size(2);
+  Work w(st.s, B, D, x.options());
+  w.x.copy_(x.reshape({B, D}));  // widened exactly: the stream holds T's values in fp32
+  layer<T>(st, 0, w);
+  return w.x.to(x.scalar_type()).view({B, 1, D});
+}
+
+at::Tensor decode_block(const at::Tensor& x, const Opts& p, at::IntArrayRef layout, double eps, const at::Tensor& kc,
+                        const at::Tensor& vc, const at::Tensor& slots, const at::Tensor& mask, const Opt& cos,
+                        const Opt& sin, const Opt& ve, const Opt& lora_mask) {
+  TORCH_CHECK(p.size() == kFields, "decode block: expected ", kFields, " parameters, got ", p.size());
+  TORCH_CHECK(layout.size() == kBLayout, "decode block: layout must have ", kBLayout, " entries (schema.py's BlockLayout)");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode block: x must be (B, 1, D): one new token a row");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode block: rotary cos and sin come together");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only
+  const int64_t B = x.size(0), Hd = layout[kBHeadDim];
+  const Shape s{1, layout[kBHead], layout[kBKvHead], Hd, layout[kBMlp], layout[kBHidden], 0, 0, layout[kBNorm] == 1,
+                static_cast<float>(eps)};
+  at::Tensor c, sn;
+  std::vector<int64_t> rope(B, 0);
+  if (cos.has_value()) {
+    c = cos->to(at::kFloat).reshape({-1, Hd}).contiguous();
+    sn = sin->to(at::kFloat).reshape({-1, Hd}).contiguous();
+    TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, "decode block: cos and sin must be (1, Hd) or (B, 1, 1, Hd)");
+    for (int64_t r = 0; c.size(0) == B && r < B; ++r) rope[r] = r;
+  }
+  const std::vector<at::Tensor> kcs{kc}, vcs{vc};
+  const Step st{s, p, layout.slice(kBKinds, kKinds), kcs, vcs, slots, mask, lora_mask, rope.data(),
+                c.defined() ? c.data_ptr<float>() : nullptr, sn.defined() ? sn.data_ptr<float>() : nullptr, ve};
+  switch (x.scalar_type()) {
+    case at::kFloat: return block<float>(st, x);
+    case at::kBFloat16: return block<c10::BFloat16>(st, x);
+    case at::kHalf: return block<c10::Half>(st, x);
+    default: TORCH_CHECK(false, "decode block: fp32, bf16 or fp16 blocks, got ", x.scalar_type());
+  }
+}
+
 }  // namespace
+
+TORCH_LIBRARY(gptforge_decode, m) {
+  m.def("block(Tensor x, Tensor?[] params, int[] layout, float eps, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, Tensor mask, Tensor? cos, Tensor? sin, Tensor? ve, Tensor? lora_mask=None) -> Tensor");
+  m.def("param_fields() -> str[]", &layer_fields);
+  m.def("layout_fields() -> str[]", &block_layout_fields);
+}
+
+TORCH_LIBRARY_IMPL(gptforge_decode, CPU, m) { m.impl("block", &decode_block); }
 
 TORCH_LIBRARY(gptforge_step, m) {
   m.def("decode(Tensor ids, Tensor positions, Tensor? x, Tensor?[] globals, Tensor?[] layers, int[] kinds, int[] layout, "
