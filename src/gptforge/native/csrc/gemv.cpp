@@ -171,6 +171,45 @@ int64_t tiled_rows(const typename Kind::X* x, int64_t K, const typename Kind::T*
   }
   return n;
 }
+
+// One fp32 input row: tiles of 4 weight rows from each half of [n, n1) at once (8 accumulators, as one 8-row tile),
+// the next pair of tiles prefetched into L1 line by line a tile ahead. For matrices that sit in L3 but not L2 (the
+// `small` shape's) this streamed 3-4% faster than one 8-row tile, with or without that prefetch: two regions of the
+// matrix, and so two pages, are in flight at once (docs/BENCHMARKS.md, "fp32 one-row products"). Each row's sum is
+// formed in the same order as in `tile`. Returns the first row not done (fewer than 8 were left).
+int64_t halves_rows(const float* x, int64_t K, const float* w, Epilogue out, float* y, int64_t n, int64_t n1) {
+  constexpr int H = 4;
+  const int64_t len = (n1 - n) / (2 * H) * H;  // rows per half
+  for (int64_t t = 0; t < len; t += H) {
+    const float* wp[2] = {w + (n + t) * K, w + (n + len + t) * K};
+    const bool prefetch = t + H < len;
+    __m512 acc[2][H];
+#pragma GCC unroll 8
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+      for (int r = 0; r < H; ++r) acc[h][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      if (prefetch)
+#pragma GCC unroll 8
+        for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+          for (int r = 0; r < H; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[h] + (H + r) * K + k), _MM_HINT_T0);
+      const __m512 xv = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 8
+      for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+        for (int r = 0; r < H; ++r) acc[h][r] = _mm512_fmadd_ps(_mm512_loadu_ps(wp[h] + r * K + k), xv, acc[h][r]);
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+      for (int r = 0; r < H; ++r) {
+        const int64_t row = n + h * len + t + r;
+        y[row] = out(_mm512_reduce_add_ps(acc[h][r]), row);
+      }
+  }
+  return n + 2 * len;
+}
 #endif
 
 template <class Kind>
@@ -182,6 +221,8 @@ void dense_rows(const typename Kind::X* x, int64_t M, int64_t K, const typename 
     // Input rows in chunks of at most 8, as even as possible: `big` chunks of hi rows, the others hi - 1.
     const int chunks = static_cast<int>((M + 7) / 8), hi = static_cast<int>((M + chunks - 1) / chunks);
     const int big = static_cast<int>(M - chunks * (hi - 1));
+    if constexpr (std::is_same_v<Kind, F32>)
+      if (M == 1) n = halves_rows(x, K, w, out, y, n, n1);
     // fp32 rows of one input row are read a whole line per step, which the hardware prefetcher follows.
     const bool prefetch = sizeof(typename Kind::T) < 4 || M > 1;
     auto rows = [&]<int R>() { n = tiled_rows<Kind, R>(x, K, w, out, y, N, n, n1, chunks, hi, big, prefetch); };
