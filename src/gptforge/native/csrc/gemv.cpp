@@ -172,28 +172,22 @@ int64_t tiled_rows(const typename Kind::X* x, int64_t K, const typename Kind::T*
   return n;
 }
 
-// One fp32 input row: tiles of 4 weight rows from each half of [n, n1) at once (8 accumulators, as one 8-row tile),
-// the next pair of tiles prefetched into L1 line by line a tile ahead. For matrices that sit in L3 but not L2 (the
-// `small` shape's) this streamed 3-4% faster than one 8-row tile, with or without that prefetch: two regions of the
-// matrix, and so two pages, are in flight at once (docs/BENCHMARKS.md, "fp32 one-row products"). Each row's sum is
-// formed in the same order as in `tile`. Returns the first row not done (fewer than 8 were left).
+// One fp32 input row: a tile of 4 weight rows from each half of [n, n1) at once (8 accumulators, as one 8-row tile).
+// Two regions of the matrix, and so two pages, stream at once: 3% less time than one 8-row tile for the `small`
+// shape's matrices (in L3, not L2) and for gpt2's (out of L3), in one process (docs/BENCHMARKS.md, "fp32 one-row
+// products"). A software prefetch of the next tiles measured no faster. Each row's sum is formed in the same order
+// as in `tile`. Returns the first row not done (fewer than 8 were left).
 int64_t halves_rows(const float* x, int64_t K, const float* w, Epilogue out, float* y, int64_t n, int64_t n1) {
   constexpr int H = 4;
   const int64_t len = (n1 - n) / (2 * H) * H;  // rows per half
   for (int64_t t = 0; t < len; t += H) {
     const float* wp[2] = {w + (n + t) * K, w + (n + len + t) * K};
-    const bool prefetch = t + H < len;
     __m512 acc[2][H];
 #pragma GCC unroll 8
     for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
       for (int r = 0; r < H; ++r) acc[h][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      if (prefetch)
-#pragma GCC unroll 8
-        for (int h = 0; h < 2; ++h)
-#pragma GCC unroll 8
-          for (int r = 0; r < H; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[h] + (H + r) * K + k), _MM_HINT_T0);
       const __m512 xv = _mm512_loadu_ps(x + k);
 #pragma GCC unroll 8
       for (int h = 0; h < 2; ++h)
