@@ -172,27 +172,36 @@ int64_t tiled_rows(const typename Kind::X* x, int64_t K, const typename Kind::T*
   return n;
 }
 
-// One fp32 input row: a tile of 4 weight rows from each half of [n, n1) at once (8 accumulators, as one 8-row tile).
-// Two regions of the matrix, and so two pages, stream at once: 3% less time than one 8-row tile for the `small`
-// shape's matrices (in L3, not L2) and for gpt2's (out of L3), in one process (docs/BENCHMARKS.md, "fp32 one-row
-// products"). A software prefetch of the next tiles measured no faster. Each row's sum is formed in the same order
-// as in `tile`. Returns the first row not done (fewer than 8 were left).
-int64_t halves_rows(const float* x, int64_t K, const float* w, Epilogue out, float* y, int64_t n, int64_t n1) {
+// One input row (fp32 weights, or bf16/fp16 widened): a tile of 4 weight rows from each half of [n, n1) at once
+// (8 accumulators, as one 8-row tile). Two regions of the matrix, and so two pages, stream at once: fp32 3% less time
+// than one 8-row tile for the `small` shape's matrices (in L3, not L2) and for gpt2's (out of L3), bf16 7% less, in
+// one process (docs/BENCHMARKS.md, "fp32 one-row products"). The 2-byte formats prefetch the next tiles as
+// tiled_rows does; for fp32 that prefetch measured no faster. Each row's sum is formed in the same order as in
+// `tile`. Returns the first row not done (fewer than 8 were left).
+template <class Kind>
+int64_t halves_rows(const float* x, int64_t K, const typename Kind::T* w, Epilogue out, float* y, int64_t n, int64_t n1) {
   constexpr int H = 4;
+  constexpr bool kPrefetch = sizeof(typename Kind::T) < 4;  // as in tiled_rows: for bf16/fp16, not fp32
   const int64_t len = (n1 - n) / (2 * H) * H;  // rows per half
   for (int64_t t = 0; t < len; t += H) {
-    const float* wp[2] = {w + (n + t) * K, w + (n + len + t) * K};
+    const typename Kind::T* wp[2] = {w + (n + t) * K, w + (n + len + t) * K};
+    const bool prefetch = kPrefetch && t + H < len;
     __m512 acc[2][H];
 #pragma GCC unroll 8
     for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
       for (int r = 0; r < H; ++r) acc[h][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
+      if (prefetch && (k * sizeof(typename Kind::T)) % 64 == 0)
+#pragma GCC unroll 8
+        for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+          for (int r = 0; r < H; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[h] + (H + r) * K + k), _MM_HINT_T0);
       const __m512 xv = _mm512_loadu_ps(x + k);
 #pragma GCC unroll 8
       for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-        for (int r = 0; r < H; ++r) acc[h][r] = _mm512_fmadd_ps(_mm512_loadu_ps(wp[h] + r * K + k), xv, acc[h][r]);
+        for (int r = 0; r < H; ++r) acc[h][r] = _mm512_fmadd_ps(load16(wp[h] + r * K + k, Kind{}), xv, acc[h][r]);
     }
 #pragma GCC unroll 8
     for (int h = 0; h < 2; ++h)
@@ -215,8 +224,8 @@ void dense_rows(const typename Kind::X* x, int64_t M, int64_t K, const typename 
     // Input rows in chunks of at most 8, as even as possible: `big` chunks of hi rows, the others hi - 1.
     const int chunks = static_cast<int>((M + 7) / 8), hi = static_cast<int>((M + chunks - 1) / chunks);
     const int big = static_cast<int>(M - chunks * (hi - 1));
-    if constexpr (std::is_same_v<Kind, F32>)
-      if (M == 1) n = halves_rows(x, K, w, out, y, n, n1);
+    if constexpr (std::is_same_v<Kind, F32> || std::is_same_v<Kind, BF16> || std::is_same_v<Kind, F16>)
+      if (M == 1) n = halves_rows<Kind>(x, K, w, out, y, n, n1);
     // fp32 rows of one input row are read a whole line per step, which the hardware prefetcher follows.
     const bool prefetch = sizeof(typename Kind::T) < 4 || M > 1;
     auto rows = [&]<int R>() { n = tiled_rows<Kind, R>(x, K, w, out, y, N, n, n1, chunks, hi, big, prefetch); };
