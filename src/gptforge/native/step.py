@@ -124,11 +124,12 @@ class DecodeStep:
         """Whether a step of `rows` rows over `cache` can run here (a native, eager cache; few rows)."""
         return cache.native and rows <= MAX_ROWS and not torch.compiler.is_compiling()
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor | None, end: int) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor | None,
+                 end: int) -> torch.Tensor:
         """Logits (B, V) of one new token per row: ids and positions (B,) or (B, 1), written at `slots` (one for
-        every row, (B,) or (B, 1): each row's; None: end - 1 for every row) among the cache's first `end` slots. The op marks the slots
-        valid and builds the attention mask itself: no `cache.prepare` before it (each of its tensor ops costs
-        10-30 us once a step has streamed the weights through the CPU's caches)."""
+        every row, (B,) or (B, 1): each row's; None: end - 1 for every row) among the cache's first `end` slots.
+        The op marks the slots valid and builds the attention mask itself: no `cache.prepare` before it (each of
+        its tensor ops costs 10-30 us once a step has streamed the weights through the CPU's caches)."""
         if cache is not self._cache:  # the layers' buffers, listed once per cache
             self._cache, self._kv = cache, ([kv.k for kv in cache.layers], [kv.v for kv in cache.layers])
             if self._rope_len is not None and cache.length > self._rope_len:
