@@ -104,7 +104,7 @@ def test_killing_one_rank_fails_the_job_cleanly(prepared, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.time()
     while not (tmp_path / "checkpoints" / "step-00000005").exists():
-        assert proc.poll() is None and time.time() - t0 < 180, proc.communicate()
+        assert proc.poll() is None and time.time() - t0 < 180, "\n".join(proc.communicate())
         time.sleep(0.05)
     ranks = [p for p in _descendants(proc.pid) if "\nRANK=1\n" in "\n" + _environ(p)]
     assert ranks, "rank 1 not found"
