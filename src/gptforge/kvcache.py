@@ -22,7 +22,6 @@ from gptforge.errors import GptforgeError
 STORAGE = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
-
 def resolve_kv_dtype(model: nn.Module, kv_dtype: str) -> str:
     """The kv_dtype a generation's cache stores for `model`: "auto" is bf16 for a model whose matrix products are
     quantized (int8, int4) and compute in fp32, else the weights' own dtype ("auto" as KVCache reads it); any other
@@ -39,6 +38,7 @@ def resolve_kv_dtype(model: nn.Module, kv_dtype: str) -> str:
             isinstance(m, QuantizedMatrix) for m in model.modules()):
         return "bf16"
     return "auto"
+
 
 class KVCache:
     """Keys and values of every layer for B rows of S positions, allocated once for the whole generation.

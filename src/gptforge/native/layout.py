@@ -88,8 +88,9 @@ def _runnable(block: nn.Module) -> bool:
 class DecodeBlock(Block):
     """A model.Block (the same submodules) whose one-token CPU decode step over a native KV cache is one C++ call
     (csrc/step.cpp's block op: the whole-step op's layer, run on this one layer; results equal Block.forward's bit
-    for bit), with the matmuls on the few-row kernels and the attention on csrc/attention.cpp. Every other call (a prefill, no cache, training, torch.compile) runs
-    Block.forward. Its tensors reach the op through the named schema of schema.py.
+    for bit), with the matmuls on the few-row kernels and the attention on csrc/attention.cpp. Every other call (a
+    prefill, no cache, training, torch.compile) runs Block.forward. Its tensors reach the op through the named
+    schema of schema.py.
 
     A block whose Linears hold LoRA adapters served per row (schema.AdaptedLinear) runs the op too: the op adds
     each row's update, and the row mask is read from the adapters' thread-local selection at every call (it

@@ -27,8 +27,8 @@ from gptforge.native.ops import MAX_ROWS
 from gptforge.native.schema import (LINEAR_KIND, NORM_KIND, BlockLayout, BlockParams, CodedLinear, CodedTable,
                                     OpLinear)
 
-# The op's per-layer tensors (schema.py's BlockParams, as the block op reads one layer's) and Linear kinds, in its
-# order, by schema.py's names (the op checks the first list).
+# The op's per-layer tensors (schema.py's BlockParams, as the block op reads one layer's: schema.check_schema checks
+# the library's order) and Linear kinds, by schema.py's names.
 LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(BlockParams))
 KIND_FIELDS = ("qkv_kind", "proj_kind", "up_kind", "down_kind", "gate_kind")
 GLOBAL_FIELDS = ("tok_emb", "pos_emb", "rope_cos", "rope_sin", "norm_f_weight", "norm_f_bias", "head_weight",
@@ -152,17 +152,16 @@ _checked = False
 
 
 def check_fields() -> None:
-    """Raise if the loaded library's step op reads its tensors in another order than the lists here, or if
-    schema.py no longer names a field they take."""
+    """Raise if the loaded library's step op reads its globals in another order than GLOBAL_FIELDS, or if
+    schema.py no longer names a Linear kind KIND_FIELDS reads. (The per-layer tensors are BlockParams' own fields,
+    which schema.check_schema compares with the op's when the library loads.)"""
     global _checked
     if not _checked:
-        for ours, op in ((LAYER_FIELDS, torch.ops.gptforge_step.layer_fields),
-                         (GLOBAL_FIELDS, torch.ops.gptforge_step.global_fields)):
-            if list(ours) != list(op()):
-                raise RuntimeError(f"the native step op reads {list(op())}, gptforge/native/step.py writes "
-                                   f"{list(ours)}: rebuild from one version of gptforge")
-        missing = (set(LAYER_FIELDS) - {f.name for f in dataclasses.fields(BlockParams)}) | \
-            (set(KIND_FIELDS) - {f.name for f in dataclasses.fields(BlockLayout)})
+        op = list(torch.ops.gptforge_step.global_fields())
+        if list(GLOBAL_FIELDS) != op:
+            raise RuntimeError(f"the native step op reads {op}, gptforge/native/step.py writes "
+                               f"{list(GLOBAL_FIELDS)}: rebuild from one version of gptforge")
+        missing = set(KIND_FIELDS) - {f.name for f in dataclasses.fields(BlockLayout)}
         if missing:
             raise RuntimeError(f"native/step.py reads {sorted(missing)}, which schema.py no longer names")
         _checked = True

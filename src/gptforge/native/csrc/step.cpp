@@ -23,9 +23,9 @@
 // quantized token table's rows are dequantized here as compress/quantize.py's QuantizedMatrix.rows computes them.
 // Another table or head stays the caller's (it embeds, or applies the head to the op's final-norm output).
 //
-// Tensors: `layers` holds, per layer, the fields `layer_fields()` names and `kinds` each Linear's kind (the block
+// Tensors: `layers` holds, per layer, the fields `param_fields()` names and `kinds` each Linear's kind (the block
 // op: one layer's, `params` and the layout's kinds); native/step.py and schema.py build them from schema.py's
-// BlockParams and BlockLayout and check the names against `layer_fields()` / `param_fields()` and
+// BlockParams and BlockLayout, and schema.check_schema checks the names against `param_fields()` and
 // `layout_fields()`; a field a variant does not have is None. `globals`: see Global below.
 
 #include <ATen/TensorOperators.h>
@@ -594,7 +594,6 @@ TORCH_LIBRARY(gptforge_step, m) {
   m.def("decode(Tensor ids, Tensor positions, Tensor? x, Tensor?[] globals, Tensor?[] layers, int[] kinds, int[] layout, "
         "float eps, float softcap, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!) valid, Tensor? slots, "
         "int end, int window, Tensor? lora_mask=None) -> Tensor");
-  m.def("layer_fields() -> str[]", &layer_fields);
   m.def("global_fields() -> str[]", &global_fields);
 }
 
