@@ -108,7 +108,7 @@ def test_one_row_kernels_equal_the_dequantized_matmul(method, group):
 
 @pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_dynamic_activations_equal_the_quantized_activations_product(method, group):
-    """The default numerics: every row count (the integer kernels up to 16 rows, oneDNN's int8 GEMM beyond; int4's
+    """The default numerics: every row count (the integer kernels up to 16 rows, native.gemm_path()'s beyond; int4's
     kernels at any count) computes F.linear of the quantize-dequantized activations with the dequantized weights; the
     path that ran is named; weight-only keeps the fp32 activations."""
     from gptforge import native
@@ -124,7 +124,7 @@ def test_dynamic_activations_equal_the_quantized_activations_product(method, gro
     else:
         ql.weight_q, ql.scales, ql.zeros = Q.int4_codes(lin.weight.detach(), group)
     for rows, path in ((1, native.ops.quant_path()), (16, native.ops.quant_path()),
-                       (40, "onednn" if method == "int8" else native.ops.quant_path())):
+                       (40, native.ops.gemm_label() if method == "int8" else native.ops.quant_path())):
         x = torch.randn(1, rows, 256)
         assert ql.path(x) == f"{method}-dynamic:{path}"
         with torch.no_grad():
@@ -222,7 +222,7 @@ def test_generate_verbose_names_the_kernels(ckpt, tmp_path, capsys):
     assert main(["generate", str(dest), "--prompt", "the king " * 20, "--max-new-tokens", "2", "--verbose"]) == 0
     err = capsys.readouterr().err
     assert f"matmuls, decode step: 9 int8-dynamic:{native.ops.quant_path()}" in err  # 2 blocks x 4 + the head
-    assert "9 int8-dynamic:onednn" in err  # the prompt's rows
+    assert f"9 int8-dynamic:{native.ops.gemm_label()}" in err  # the prompt's rows
 
 
 def test_weight_only_activations_are_recorded_and_loaded(ckpt, tmp_path):

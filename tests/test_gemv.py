@@ -99,12 +99,59 @@ def test_int8_dynamic_matches_quantized_activations_reference(quant_path, thread
     sums = native.ops.int8_row_sums(q)
     assert torch.equal(sums, q.sum(1, dtype=torch.int32))
     w = dequantize(q, s, None).double()
-    for m in (1, 2, 3, 4, 5, 8, 16, 17, 40):  # 17 and 40: more rows than the kernels take, oneDNN's int8 GEMM
+    for m in (1, 2, 3, 4, 5, 8, 16, 17, 40):  # 17 and 40: more rows than the kernels take, gemm_path's
         x = torch.randn(1, m, k) * 3
         y = native.ops.linear_int8_dynamic(x, q, s, sums, b)
         assert y.shape == (1, m, n) and y.dtype == torch.float32
         xq = quantize_activations(x).double()
         _assert_within_summation_bound(y, xq @ w.t() + b.double(), xq.abs() @ w.abs().t() + b.abs().double(), 1)
+
+
+# More rows than the few-row kernels take (a prefill): AMX tiles, the packed kernels on every instruction-set path and
+# oneDNN, each against the same reference. Rows around the AMX tiles' 16 and 32 and the packed kernels' passes of 12
+# (4 on 256-bit paths); (N, K) with panel tails (32 and 16 output rows) and K not a multiple of 64 (masked loads).
+GEMM_SHAPES = [(384, 256), (37, 96), (13, 40), (50, 200), (1, 16), (33, 65)]
+GEMM_VARIANTS = [("amx", None), *(("packed", isa) for isa in QUANT_PATHS), ("onednn", None)]
+
+
+@pytest.mark.parametrize("gemm,isa", GEMM_VARIANTS, ids=[f"{g}-{i}" if i else g for g, i in GEMM_VARIANTS])
+@pytest.mark.parametrize("n,k", GEMM_SHAPES)
+def test_int8_many_rows_match_the_reference_on_every_path(threads, gemm, isa, n, k):
+    if gemm not in native.ops.gemm_paths():
+        pytest.skip(f"this CPU (or its kernel) lacks the {gemm} path")
+    if isa is not None and isa not in native.ops.quant_paths():
+        pytest.skip(f"this CPU lacks the instructions of the {isa} path")
+    torch.manual_seed(n * k + 1)
+    q, s = int8_codes(torch.randn(n, k))
+    b = torch.randn(n)
+    sums = native.ops.int8_row_sums(q)
+    w = dequantize(q, s, None).double()
+    with native.ops.forced_gemm_path(gemm), native.ops.forced_quant_path(isa or native.ops.quant_path()):
+        assert native.ops.gemm_path() == gemm
+        for m in (17, 24, 31, 32, 33, 40, 64, 77):
+            x = torch.randn(1, m, k) * 3
+            xq = quantize_activations(x).double()
+            for bias in (b, None):
+                y = native.ops.linear_int8_dynamic(x, q, s, sums, bias)
+                assert y.shape == (1, m, n) and y.dtype == torch.float32
+                ref = xq @ w.t() + (b.double() if bias is not None else 0)
+                _assert_within_summation_bound(y, ref, xq.abs() @ w.abs().t() + b.abs().double(), 1)
+
+
+def test_gemm_paths_follow_the_cpu_and_a_missing_one_is_refused():
+    paths, flags = native.ops.gemm_paths(), native.build.cpu_flags().split()
+    assert "packed" in paths and "onednn" in paths
+    if "amx" in paths:  # AMX tiles are the default wherever the CPU has them and the kernel grants them
+        assert "amx_int8" in flags and native.ops.gemm_path() == "amx" == native.ops.gemm_label()
+    else:
+        with pytest.raises(RuntimeError, match="lacks AMX-INT8"):
+            torch.ops.gptforge_qgemv.set_gemm("amx")
+    with pytest.raises(RuntimeError, match="unknown many-row path"):
+        torch.ops.gptforge_qgemv.set_gemm("gpu")
+    before = native.ops.gemm_path()
+    with native.ops.forced_gemm_path("packed"):
+        assert native.ops.gemm_label() == f"packed-{native.ops.quant_path()}"
+    assert native.ops.gemm_path() == before
 
 
 @pytest.mark.parametrize("n,k,group", [(384, 256, 32), (37, 128, 64), (13, 256, 128), (3, 64, 32), (7, 96, 32),

@@ -120,10 +120,11 @@ KERNELS = ("native", "aten", "dequant")
 # Activations (the checkpoint's `activations`, ACTIVATIONS below): "dynamic" (the default) quantizes each input
 # row to int8 when the product is made (symmetric, max|x| / 127; per group of the weight's groups for int4) and
 # multiplies on the CPU's integer dot products (native/csrc/qgemv.cpp: AVX-512 VNNI, AVX-VNNI or AVX2, picked at
-# run time; int8 prefills on oneDNN's int8 GEMM). It computes the fp32 product of the quantize-dequantized
-# activations with the dequantized weights, reads the same 1 or 0.5 bytes a weight and multiplies 4-8x more
-# weights per cycle than widening them to fp32 (docs/BENCHMARKS.md). Its error on top of the weights' is half
-# an activation step per input; Δ perplexity stays within the weight-only bounds (tests/test_compress.py).
+# run time; int8 prefills on AMX tiles where the CPU has them: native.gemm_path()). It computes the fp32 product of
+# the quantize-dequantized activations with the dequantized weights, reads the same 1 or 0.5 bytes a weight and
+# multiplies 4-8x more weights per cycle than widening them to fp32 (docs/BENCHMARKS.md). Its error on top of the
+# weights' is half an activation step per input; Δ perplexity stays within the weight-only bounds
+# (tests/test_compress.py).
 # "weight-only" keeps the fp32 activations (the KERNELS paths above): the reference, and the numerics on every
 # device where the integer kernels do not run (CUDA, no compiler, torch.compile).
 ACTIVATIONS = ("dynamic", "weight-only")
@@ -190,13 +191,13 @@ class QuantizedMatrix(nn.Module):
         return dequantize(self.weight_q, self.scales, self.zeros, dtype)
 
     def path(self, x: torch.Tensor) -> str:
-        """Which product a call with input x runs: "int8-dynamic:avx512vnni", "int8-dynamic:onednn" (many rows),
+        """Which product a call with input x runs: "int8-dynamic:avx512vnni", "int8-dynamic:amx" (many rows),
         "weight-only:native", ... (int4 dynamic runs its kernels for any number of rows)"""
         rows = x.numel() // max(x.shape[-1], 1)
         if self._dynamic(x):
             if rows <= native.MAX_ROWS or self.method == "int4":
                 return f"{self.method}-dynamic:{native.quant_path()}"
-            return f"{self.method}-dynamic:onednn"
+            return f"{self.method}-dynamic:{native.gemm_label()}"
         if self.kernel == "native" and x.dtype == torch.float32 and native.usable(x):
             return "weight-only:native"
         one_row = x.device.type == "cpu" and x.dtype == torch.float32 and rows == 1

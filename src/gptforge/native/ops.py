@@ -61,8 +61,8 @@ def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch
 def linear_int8_dynamic(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (q * scale[:, None])^T (+ bias) with x quantized to int8 per row (symmetric, max|x| / 127), any number
-    of rows: the integer kernels up to MAX_ROWS rows, oneDNN's int8 GEMM beyond; `row_sums` is
-    int8_row_sums(q), computed once per matrix. In x's dtype."""
+    of rows: the integer kernels up to MAX_ROWS rows, gemm_path's beyond (AMX tiles where the CPU has them);
+    `row_sums` is int8_row_sums(q), computed once per matrix. In x's dtype."""
     return torch.ops.gptforge_qgemv.int8_linear(x, q, scale, row_sums, bias)
 
 
@@ -92,6 +92,34 @@ def quant_path() -> str:
 def quant_paths() -> list[str]:
     """Every path this CPU can run, best first (the tests force each in turn)."""
     return list(torch.ops.gptforge_qgemv.isas())
+
+
+def gemm_path() -> str:
+    """What an int8 product of more than MAX_ROWS rows (a prefill) runs: "amx" (AMX tiles), "packed" (the packed
+    kernels of quant_path) or "onednn" (PyTorch's int8 GEMM). gemm_label names it as --verbose prints it."""
+    return str(torch.ops.gptforge_qgemv.gemm())
+
+
+def gemm_label() -> str:
+    """gemm_path as the paths report it: amx, onednn, or packed-<quant_path> for the packed kernels."""
+    path = gemm_path()
+    return f"packed-{quant_path()}" if path == "packed" else path
+
+
+def gemm_paths() -> list[str]:
+    """Every many-row path this CPU can run (the tests force each in turn)."""
+    return list(torch.ops.gptforge_qgemv.gemms())
+
+
+@contextmanager
+def forced_gemm_path(name: str) -> Iterator[None]:
+    """Run int8 products of more than MAX_ROWS rows on `name` (amx, packed, onednn, auto) inside the block (a test
+    and benchmark hook; AMX where the CPU or its kernel lacks it is an error), then go back to the one before."""
+    before = torch.ops.gptforge_qgemv.set_gemm(name)
+    try:
+        yield
+    finally:
+        torch.ops.gptforge_qgemv.set_gemm(before)
 
 
 @contextmanager

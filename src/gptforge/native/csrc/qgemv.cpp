@@ -19,9 +19,11 @@
 // 64 bytes; u8 x s8, so int8 activations are offset by 128 and 128 * sum(q[n]) is subtracted), AVX-VNNI (the same
 // on 32 bytes), AVX2 (vpmaddubsw + vpmaddwd, int8 through the sign trick: |q| x sign(q) * xq never saturates), and
 // a scalar loop. Each vector path is compiled under its own `#pragma GCC target` (qgemv_body.h, included once per
-// path), so one library built anywhere holds them all. More than kMaxRows rows (a prefill) with int8 weights go
-// to at::_int_mm (oneDNN: AMX or VNNI where the CPU has them) with the same quantized activations and the same
-// exact int32 sums.
+// path), so one library built anywhere holds them all. More than kMaxRows rows (a prefill) with int8 weights run
+// on AMX tiles where the CPU has them, else on the packed kernels (each panel of output rows laid out once per call
+// for broadcast activations, qgemv_body.h), or on oneDNN's at::_int_mm (plain AVX2, where it measured faster):
+// the same quantized activations and the same exact int32 sums on every path. Before AMX tiles, prefills ran on
+// oneDNN everywhere: 1.4-2.3x slower on this CPU, and its first call left ~5 MB of code and buffers resident.
 //
 // int4 weights are read in their own layout, made once per matrix by int4_pack from the checkpoint's tensors: tiles
 // of 16 output rows whose 4-byte runs interleave, so a vector's int32 lanes are 16 (or 8) output rows and the
@@ -37,7 +39,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "kernels.h"
 
@@ -47,6 +52,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -83,6 +89,22 @@ struct I4Args {
   const float* bias;
   float* y;
 };
+
+// What the many-row int8 kernels read (int8_gemm in qgemv_body.h, amx::int8_gemm).
+struct GemmArgs {
+  const uint8_t* xs;  // (M, Kp) prepared activations, zero-padded to Kp (a multiple of 64); AMX: rows to a multiple of 32
+  int64_t M, K, Kp, N;
+  const int8_t* w;      // (N, K)
+  const float* sx;      // (M,)
+  const float* sw;      // (N,)
+  const int32_t* wsum;  // (N,)
+  const float* bias;    // (N,) or null
+  float* y;             // (M, N)
+};
+
+// Rows [n0, n0 + 16) of w (N, K) packed for the many-row kernels into out (Kq 64-byte records): record kq holds
+// each row's codes 4 kq .. 4 kq + 3 at byte 4 r (zero past K and past N). Kq is a multiple of 16.
+void pack16(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t Kq, uint8_t* out);
 
 inline float half_to_float(uint16_t v) { return static_cast<float>(c10::Half(v, c10::Half::from_bits())); }
 
@@ -125,6 +147,11 @@ void int4_rows(const I4Args& a, int64_t t0, int64_t t1) {
     }
   }
 }
+void pack16(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t Kq, uint8_t* out) {
+  std::memset(out, 0, static_cast<size_t>(Kq * 64));
+  for (int64_t r = 0; r < 16 && n0 + r < N; ++r)
+    for (int64_t k = 0; k < K; ++k) out[(k / 4) * 64 + 4 * r + k % 4] = static_cast<uint8_t>(w[(n0 + r) * K + k]);
+}
 }  // namespace scalar
 
 // --- AVX-512 VNNI -------------------------------------------------------------------------------------------------
@@ -143,6 +170,8 @@ inline VF mulf(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF fmaf(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline int32_t hsum(VI v) { return _mm512_reduce_add_epi32(v); }
 inline VF addf(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VI subi(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+inline VF loadf(const float* p) { return _mm512_loadu_ps(p); }
 inline VF setf(float s) { return _mm512_set1_ps(s); }
 inline void storef(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VI dot8(VI acc, VI w, VI xs) { return _mm512_dpbusd_epi32(acc, xs, w); }
@@ -174,6 +203,40 @@ inline void codes(const float* x, int64_t n, float s, uint8_t flip, uint8_t* out
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)), f));
   }
   for (; k < n; ++k) out[k] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(std::nearbyint(x[k] / s), -127.f, 127.f))) ^ flip;
+}
+// 16 rows of 16 int32 each -> 16 columns: r[j] becomes lane j of every input (4-byte runs of the weights' codes).
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + d], 128-bit lane l: lane 4 l + d of rows g .. g + 3
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int d = 0; d < 4; ++d) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0x88), v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0xdd);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x88), v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xdd);
+    r[d] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + d] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[8 + d] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    r[12 + d] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+}
+// pack16 (qgemv.cpp) 64 inputs at a time: 16 rows' 64 bytes loaded (masked past K), transposed as 4-byte runs.
+void pack16(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t Kq, uint8_t* out) {
+  for (int64_t kb = 0; kb < Kq; kb += 16) {
+    const int64_t k = 4 * kb, bytes = std::clamp<int64_t>(K - k, 0, 64);
+    const __mmask64 mask = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = n0 + i < N ? _mm512_maskz_loadu_epi8(mask, w + (n0 + i) * K + k) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + (kb + j) * 64, r[j]);
+  }
 }
 #include "qgemv_body.h"
 }  // namespace avx512vnni
@@ -213,6 +276,78 @@ inline VI dot4(VI acc, VI c, VI xq) {  // codes <= 15: pairs <= 2 * 15 * 127
 }
 #include "qgemv_body.h"
 }  // namespace avx2
+#pragma GCC pop_options
+
+// --- AMX (Sapphire Rapids and later): int8 tiles for the many-row products -----------------------------------------
+// Where the CPU has AMX-INT8 and the kernel grants the tile state (arch_prctl, once per process), a prefill's int8
+// products run on tiles: one tdpbssd multiplies 16 rows x 64 codes by 64 codes x 16 output rows into 16 x 16 int32
+// sums (1,024 products a cycle against VNNI's 64). The weights come packed by pack16, whose records are exactly
+// the B tile's rows; activations are plain int8 (signed x signed: no offset).
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace amx {
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Panels of 32 output rows [p0, p1) for every input row, 32 input rows at a time (a.xs padded to a multiple of 32
+// rows with zero codes): 4 accumulator tiles from 2 tiles of activations and the panel's 2 packed blocks.
+void int8_gemm(const GemmArgs& a, int64_t p0, int64_t p1) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t Kq = a.Kp / 4;
+  thread_local std::vector<uint8_t> packed;
+  packed.resize(static_cast<size_t>(2 * Kq * 64));
+  const uint8_t* b0 = packed.data();
+  const uint8_t* b1 = b0 + Kq * 64;
+  alignas(64) int32_t c[32 * 32];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * 32, nc = std::min<int64_t>(32, a.N - c0);
+    pack16(a.w, a.N, a.K, c0, Kq, packed.data());
+    pack16(a.w, a.N, a.K, c0 + 16, Kq, packed.data() + Kq * 64);
+    alignas(64) float sw[32] = {}, bias[32] = {};
+    for (int64_t j = 0; j < nc; ++j) sw[j] = a.sw[c0 + j], bias[j] = a.bias ? a.bias[c0 + j] : 0.f;
+    const __m512 swv[2] = {_mm512_load_ps(sw), _mm512_load_ps(sw + 16)}, bv[2] = {_mm512_load_ps(bias), _mm512_load_ps(bias + 16)};
+    const __mmask16 keep[2] = {static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1),
+                               static_cast<__mmask16>(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1)};
+    for (int64_t m0 = 0; m0 < a.M; m0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint8_t* x0 = a.xs + m0 * a.Kp;
+      const uint8_t* x1 = x0 + 16 * a.Kp;
+      for (int64_t k = 0; k < a.Kp; k += 64) {
+        _tile_loadd(4, x0 + k, a.Kp);
+        _tile_loadd(5, x1 + k, a.Kp);
+        _tile_loadd(6, b0 + 16 * k, 64);
+        _tile_loadd(7, b1 + 16 * k, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      }
+      _tile_stored(0, c, 128);
+      _tile_stored(1, c + 16, 128);
+      _tile_stored(2, c + 16 * 32, 128);
+      _tile_stored(3, c + 16 * 32 + 16, 128);
+      for (int64_t i = 0; i < std::min<int64_t>(32, a.M - m0); ++i) {
+        const __m512 sx = _mm512_set1_ps(a.sx[m0 + i]);
+        float* y = a.y + (m0 + i) * a.N + c0;
+        for (int v = 0; v < 2; ++v) {
+          __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + i * 32 + 16 * v)), _mm512_mul_ps(sx, swv[v]));
+          if (a.bias) r = _mm512_add_ps(r, bv[v]);
+          _mm512_mask_storeu_ps(y + 16 * v, keep[v], r);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+}  // namespace amx
 #pragma GCC pop_options
 
 // --- choosing a path ----------------------------------------------------------------------------------------------
@@ -291,6 +426,67 @@ inline void act_codes(const float* x, int64_t n, float s, uint8_t flip, uint8_t*
   if (kVectorCodes) return avx512vnni::codes(x, n, s, flip, out);
   for (int64_t k = 0; k < n; ++k)
     out[k] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(std::nearbyint(x[k] / s), -127.f, 127.f))) ^ flip;
+}
+
+void pack16(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t Kq, uint8_t* out) {
+  if (kVectorCodes) return avx512vnni::pack16(w, N, K, n0, Kq, out);
+  scalar::pack16(w, N, K, n0, Kq, out);
+}
+
+// --- the many-row int8 product: AMX tiles, the packed kernels of the current path, or oneDNN -----------------------
+enum Gemm : int { kGemmOnednn, kGemmPacked, kGemmAmx };
+const char* const kGemmNames[] = {"onednn", "packed", "amx"};
+
+// AMX-INT8 on the CPU (cpuid leaf 7: AMX-TILE, AMX-INT8) and the tile state granted by the kernel (Linux 5.16+).
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return supported(kAvx512Vnni) && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+bool gemm_supported(Gemm g) { return g != kGemmAmx || amx_usable(); }
+
+// The default, by measurement on the CI CPU (docs/BENCHMARKS.md; oneDNN held to each instruction set with
+// ONEDNN_MAX_CPU_ISA): AMX tiles 1.4-2.3x oneDNN's AMX GEMM from 17 to 512 rows; without AMX the packed kernels
+// 1.0-1.3x oneDNN's on AVX-512 VNNI and 1.1-1.4x on AVX-VNNI, but 0.8-0.96x on plain AVX2 from 32 rows (no
+// integer dot product there), where oneDNN stays.
+Gemm default_gemm() {
+  if (amx_usable()) return kGemmAmx;
+  const Isa isa = best();
+  return isa == kAvx512Vnni || isa == kAvxVnni ? kGemmPacked : kGemmOnednn;
+}
+
+Gemm g_gemm = default_gemm();
+
+std::string gemm() { return kGemmNames[g_gemm]; }
+
+std::vector<std::string> gemms() {  // the many-row paths this CPU can run
+  std::vector<std::string> out;
+  for (Gemm g : {kGemmAmx, kGemmPacked, kGemmOnednn})
+    if (gemm_supported(g)) out.push_back(kGemmNames[g]);
+  return out;
+}
+
+// The tests' and benchmarks' hook for products of more than kMaxRows rows ("auto": the default). Returns the
+// previous one.
+std::string set_gemm(const std::string& name) {
+  const std::string before = gemm();
+  if (name == "auto") {
+    g_gemm = default_gemm();
+    return before;
+  }
+  for (int i = 0; i < 3; ++i)
+    if (name == kGemmNames[i]) {
+      TORCH_CHECK(gemm_supported(static_cast<Gemm>(i)), "qgemv: this CPU (or its kernel) lacks AMX-INT8 tiles");
+      g_gemm = static_cast<Gemm>(i);
+      return before;
+    }
+  TORCH_CHECK(false, "qgemv: unknown many-row path ", name, "; use auto, amx, packed or onednn");
+  return before;
 }
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -404,6 +600,32 @@ void int8_many_rows(const float* xp, int64_t M, const at::Tensor& q, const at::T
   });
 }
 
+// More rows on our own kernels: the activations quantized once, then panels of output rows (AMX tiles, or the
+// packed kernels of the current path) spread over the threads.
+void int8_gemm_rows(const float* xp, int64_t M, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum,
+                    const float* bp, float* yp) {
+  const Isa isa = g_isa;
+  const bool amx = g_gemm == kGemmAmx;
+  if (!amx && isa == kScalar) return int8_few_rows(xp, M, q, scale, wsum, bp, yp);  // the plain loops take any M
+  const int64_t N = q.size(0), K = q.size(1), Kp = round_up(K, 64), Mp = amx ? round_up(M, 32) : M;
+  at::Tensor codes = at::empty({Mp, Kp}, q.options().dtype(at::kByte));
+  std::vector<float> sx(static_cast<size_t>(M));
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  int8_activations(xp, M, K, Kp, !amx && (isa == kAvx512Vnni || isa == kAvxVnni), cp, sx.data());
+  if (Mp > M) std::memset(cp + M * Kp, 0, static_cast<size_t>((Mp - M) * Kp));
+  const GemmArgs a{cp, M, K, Kp, N, q.data_ptr<int8_t>(), sx.data(), scale.data_ptr<float>(),
+                   wsum.data_ptr<int32_t>(), bp, yp};
+  const int64_t panel = amx ? 32 : isa == kAvx512Vnni ? avx512vnni::kPanel : avx2::kPanel;
+  at::parallel_for(0, (N + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
+    if (amx) return amx::int8_gemm(a, p0, p1);
+    switch (isa) {
+      case kAvx512Vnni: avx512vnni::int8_gemm(a, p0, p1); break;
+      case kAvxVnni: avxvnni::int8_gemm(a, p0, p1); break;
+      default: avx2::int8_gemm(a, p0, p1); break;
+    }
+  });
+}
+
 // y = x @ dequant(q)^T (+ bias) with x quantized per row; any number of rows.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& wsum,
                        const std::optional<at::Tensor>& bias) {
@@ -415,8 +637,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   std::optional<at::Tensor> keep;
   const float* bp = bias_of(bias, N, keep);
   at::Tensor y = at::empty({M, N}, xf.options());
-  if (M > kMaxRows) int8_many_rows(xf.data_ptr<float>(), M, q, scale, bp, y.data_ptr<float>());
-  else int8_few_rows(xf.data_ptr<float>(), M, q, scale, wsum, bp, y.data_ptr<float>());
+  if (M <= kMaxRows) int8_few_rows(xf.data_ptr<float>(), M, q, scale, wsum, bp, y.data_ptr<float>());
+  else if (g_gemm == kGemmOnednn) int8_many_rows(xf.data_ptr<float>(), M, q, scale, bp, y.data_ptr<float>());
+  else int8_gemm_rows(xf.data_ptr<float>(), M, q, scale, wsum, bp, y.data_ptr<float>());
   return shaped(y, x);
 }
 
@@ -544,6 +767,9 @@ TORCH_LIBRARY(gptforge_qgemv, m) {
   m.def("isa() -> str", &isa);
   m.def("isas() -> str[]", &isas);
   m.def("set_isa(str name) -> str", &set_isa);
+  m.def("gemm() -> str", &gemm);
+  m.def("gemms() -> str[]", &gemms);
+  m.def("set_gemm(str name) -> str", &set_gemm);
 }
 
 TORCH_LIBRARY_IMPL(gptforge_qgemv, CPU, m) {

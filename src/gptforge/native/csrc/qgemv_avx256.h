@@ -12,6 +12,8 @@ inline int32_t hsum(VI v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 inline VF addf(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VI subi(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+inline VF loadf(const float* p) { return _mm256_loadu_ps(p); }
 inline VF setf(float s) { return _mm256_set1_ps(s); }
 inline void storef(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline VI bcast4(const void* p) {

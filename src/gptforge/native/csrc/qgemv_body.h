@@ -170,3 +170,90 @@ void int4_rows(const I4Args& a, int64_t t0, int64_t t1) {
     }
   }
 }
+
+// --- int8, many rows (a prefill, a batch of more than kMaxRows): panels of output rows packed per call ------------
+// A panel of kPanel output rows (two vectors of int32 lanes) is packed by pack16 (qgemv.cpp) into a thread's buffer,
+// per 16 rows [Kp / 4][16][4]: for each 4 inputs, the 16 rows' 4 codes side by side. Then every input row passes
+// over it while it sits in L1/L2: a broadcast of the row's 4 codes meets a vector of L output rows, so each int32 lane
+// keeps one output's sum to the end (the few-row kernels' layout ends each sum with a horizontal reduction: at 32
+// rows those cost as much as the products).
+constexpr int kPanel = 2 * L;
+constexpr int kGemmRows = kRegs == 32 ? 12 : 4;  // input rows per pass: 2 MR accumulators, 2 weights, 1 broadcast
+
+// What a panel's outputs are scaled by, per output row: the offset correction (VNNI), the weight scale and the bias.
+// Read from memory by each row's epilogue: held in registers across the loop they cost 6 of its accumulators.
+struct PanelScales {
+  alignas(64) int32_t off[kPanel];
+  alignas(64) float sw[kPanel], b[kPanel];
+};
+
+// Input rows m0 + I... against the packed panel (output rows c0.., nc of them real), into a.y. The rows are a pack of
+// constant indices, not a loop: GCC keeps arrays indexed by constants in registers, while a loop it unrolls only
+// late left all 24 accumulators on the stack (loaded and stored on every step, at half the speed).
+template <int... I>
+__attribute__((noinline)) void gemm_rows(const GemmArgs& a, const uint8_t* pk, int64_t Kq, int64_t m0, int64_t c0,
+                                         int64_t nc, const PanelScales& e, std::integer_sequence<int, I...>) {
+  constexpr int MR = sizeof...(I);
+  // vector v's lanes: output rows v L.. of the panel, in block (v L) / 16 at byte (v L % 16) * 4 of each 64
+  const uint8_t* w0 = pk;
+  const uint8_t* w1 = pk + (L / 16) * Kq * 64 + (L % 16) * 4;
+  const uint8_t* x = a.xs + m0 * a.Kp;
+  VI acc0[MR] = {((void)I, zero())...}, acc1[MR] = {((void)I, zero())...};
+  for (int64_t kq = 0; kq < Kq; ++kq) {
+    const VI wa = loadb(w0 + 64 * kq), wb = loadb(w1 + 64 * kq);
+    auto row = [&](VI& s0, VI& s1, const uint8_t* xr) {
+      const VI xb = bcast4(xr + 4 * kq);
+      s0 = dot8(s0, wa, xb);
+      s1 = dot8(s1, wb, xb);
+    };
+    (row(acc0[I], acc1[I], x + I * a.Kp), ...);
+  }
+  auto out = [&](int64_t m, VI s0, VI s1) {
+    const VF sx = setf(a.sx[m]);
+    const VI sums[2] = {s0, s1};
+    for (int v = 0; v < 2; ++v) {
+      VF r = mulf(tof(subi(sums[v], loadb(e.off + v * L))), mulf(sx, loadf(e.sw + v * L)));
+      if (a.bias) r = addf(r, loadf(e.b + v * L));
+      float* y = a.y + m * a.N + c0 + v * L;
+      if ((v + 1) * L <= nc) {
+        storef(y, r);
+      } else if (v * L < nc) {
+        alignas(64) float t[L];
+        storef(t, r);
+        std::memcpy(y, t, sizeof(float) * (nc - v * L));
+      }
+    }
+  };
+  (out(m0 + I, acc0[I], acc1[I]), ...);
+}
+
+// mr (1 .. kGemmRows) input rows from m0: the kernel of that many rows.
+template <int MR>
+void gemm_chunk(const GemmArgs& a, const uint8_t* pk, int64_t Kq, int64_t m0, int64_t mr, int64_t c0, int64_t nc,
+                const PanelScales& e) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return gemm_chunk<MR - 1>(a, pk, Kq, m0, mr, c0, nc, e);
+  }
+  gemm_rows(a, pk, Kq, m0, c0, nc, e, std::make_integer_sequence<int, MR>{});
+}
+
+// Panels [p0, p1) of the output rows, each packed once and passed over by every input row.
+void int8_gemm(const GemmArgs& a, int64_t p0, int64_t p1) {
+  const int64_t Kq = a.Kp / 4;
+  constexpr int blocks = (kPanel + 15) / 16;
+  thread_local std::vector<uint8_t> packed;
+  packed.resize(static_cast<size_t>(blocks * Kq * 64));
+  PanelScales e;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * kPanel, nc = std::min<int64_t>(kPanel, a.N - c0);
+    for (int blk = 0; blk < blocks; ++blk) pack16(a.w, a.N, a.K, c0 + 16 * blk, Kq, packed.data() + blk * Kq * 64);
+    for (int c = 0; c < kPanel; ++c) {
+      const bool real = c < nc;
+      e.off[c] = real && kOffset ? 128 * a.wsum[c0 + c] : 0;
+      e.sw[c] = real ? a.sw[c0 + c] : 0.f;
+      e.b[c] = real && a.bias ? a.bias[c0 + c] : 0.f;
+    }
+    for (int64_t m0 = 0; m0 < a.M; m0 += kGemmRows)
+      gemm_chunk<kGemmRows>(a, packed.data(), Kq, m0, std::min<int64_t>(kGemmRows, a.M - m0), c0, nc, e);
+  }
+}
