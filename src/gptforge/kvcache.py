@@ -179,8 +179,9 @@ class _LayerKV:
         """Write this call's k, v (B, K, T, Hd) at the cache's slots; attention of q (B, H, T, Hd) over the
         cached keys and values up to `cache.end`, under its mask: (B, H, T, Hd)."""
         c = self.cache
-        if c.native and q.shape[2] == 1 and not torch.compiler.is_compiling():
-            # A CPU decode step: one native op (csrc/attention.cpp) for the cache writes and the attention.
+        if c.native and q.shape[2] <= native.ops.PROMPT_TOKENS and not torch.compiler.is_compiling():
+            # A CPU decode step or short prompt: one native op (csrc/attention.cpp) for the cache writes and the
+            # attention (the block op's own, so the two paths stay equal bit for bit).
             return torch.ops.gptforge_attn.decode_attention(q, k, v, self.k, self.v, c.slots, c.mask)
         k, v = self.update(k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, enable_gqa=q.shape[1] != k.shape[1])

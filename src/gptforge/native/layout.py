@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gptforge.model import Block, TiedHead
 from gptforge.native.build import available
-from gptforge.native.ops import MAX_ROWS
+from gptforge.native.ops import MAX_ROWS, PROMPT_TOKENS
 from gptforge.native.schema import (MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams, CodedLinear,
                                     named_linears)
 
@@ -86,11 +86,11 @@ def _runnable(block: nn.Module) -> bool:
 
 
 class DecodeBlock(Block):
-    """A model.Block (the same submodules) whose one-token CPU decode step over a native KV cache is one C++ call
+    """A model.Block (the same submodules) whose CPU decode step over a native KV cache is one C++ call
     (csrc/step.cpp's block op: the whole-step op's layer, run on this one layer; results equal Block.forward's bit
     for bit), with the matmuls on the few-row kernels and the attention on csrc/attention.cpp. Every other call (a
-    prefill, no cache, training, torch.compile) runs Block.forward. Its tensors reach the op through the named
-    schema of schema.py.
+    prompt of more than ops.PROMPT_TOKENS tokens, no cache, training, torch.compile) runs Block.forward; a shorter
+    prompt runs the op on its T tokens. Its tensors reach the op through the named schema of schema.py.
 
     A block whose Linears hold LoRA adapters served per row (schema.AdaptedLinear) runs the op too: the op adds
     each row's update, and the row mask is read from the adapters' thread-local selection at every call (it
@@ -118,15 +118,20 @@ class DecodeBlock(Block):
         new.eps = float(block.norm1.eps)
         selections = _selections(_linears(block))
         new._selection = selections[0] if selections else None  # None: no Linear of this block holds adapters
-        new._quantized = any(k != 0 for k in (new.layout.qkv_kind, new.layout.proj_kind, new.layout.up_kind,
-                                              new.layout.down_kind, new.layout.gate_kind))
+        kinds = (new.layout.qkv_kind, new.layout.proj_kind, new.layout.up_kind, new.layout.down_kind,
+                 new.layout.gate_kind)
+        new._quantized = any(k != 0 for k in kinds)
+        new._weight_only = any(k in (3, 4) for k in kinds)  # schema.LINEAR_KIND's weight-only int8 / int4
         return new
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv=None,
                 ve: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if kv is None or x.shape[1] != 1 or self.training or not kv.cache.native or torch.compiler.is_compiling():
+        if kv is None or self.training or not kv.cache.native or torch.compiler.is_compiling():
             return super().forward(x, rope, kv, ve, mask)
-        if self._quantized and (x.shape[0] > MAX_ROWS or x.dtype != torch.float32):
+        B, T = x.shape[:2]
+        if T > 1 and (T > PROMPT_TOKENS or self._selection is not None or self._weight_only):
+            return super().forward(x, rope, kv, ve, mask)
+        if self._quantized and ((T == 1 and B > MAX_ROWS) or x.dtype != torch.float32):
             return super().forward(x, rope, kv, ve, mask)
         c = kv.cache
         cos, sin = rope if rope is not None else (None, None)

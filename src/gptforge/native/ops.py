@@ -18,6 +18,10 @@ import torch
 from gptforge.native.build import available
 
 MAX_ROWS = 16  # rows per call that csrc/gemv.cpp accepts; from 16 rows on PyTorch's GEMM is as fast
+# A prompt of up to this many tokens over a native KV cache attends through csrc/attention.cpp (each query's loop
+# over its cached keys, whose cost grows as T x T) and runs its layers in the block op, as a decode step does: no
+# module calls, no SDPA (whose first call alone left ~2 MB of code resident). Longer prompts keep SDPA, faster there.
+PROMPT_TOKENS = 64
 
 
 def usable(x: torch.Tensor) -> bool:

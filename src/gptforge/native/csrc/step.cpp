@@ -307,26 +307,28 @@ at::Tensor linear_into(const at::Tensor& in, const Lin& l, const Opt& lora_mask,
 // The step's state across layers: the residual stream x (fp32 holding T's values) and buffers of T allocated once
 // per call: the normed rows, q|k|v side by side (with the attention's views of them), a Linear's output into the
 // residual, the MLP's up and gate.
+// The rows are tokens: B sequences of T new tokens each (a decode step: T = 1; the block op on a short prompt: T > 1).
 struct Work {
   at::Tensor x, h, qkv, res, up, gate, q, k, v;
+  int64_t T;
 
-  Work(const Shape& s, int64_t B, int64_t D, const at::TensorOptions& t) {
+  Work(const Shape& s, int64_t rows, int64_t D, const at::TensorOptions& t, int64_t tokens = 1) : T(tokens) {
     const int64_t R = (s.H + 2 * s.Kh) * s.Hd;
-    x = at::empty({B, D}, t.dtype(at::kFloat));
-    h = at::empty({B, D}, t);
-    res = at::empty({B, D}, t);
-    up = at::empty({B, s.hidden}, t);
-    gate = at::empty({B, s.hidden}, t);
-    views(at::empty({B, R}, t), s);
+    x = at::empty({rows, D}, t.dtype(at::kFloat));
+    h = at::empty({rows, D}, t);
+    res = at::empty({rows, D}, t);
+    up = at::empty({rows, s.hidden}, t);
+    gate = at::empty({rows, s.hidden}, t);
+    views(at::empty({rows, R}, t), s);
   }
 
-  // q (B, H, 1, Hd), k and v (B, Kh, 1, Hd) over qkv (B, R)
+  // q (B, H, T, Hd), k and v (B, Kh, T, Hd) over qkv (B T, R)
   void views(const at::Tensor& fused, const Shape& s) {
-    const int64_t B = fused.size(0), R = fused.size(1);
+    const int64_t B = fused.size(0) / T, R = fused.size(1);
     qkv = fused;
-    q = qkv.as_strided({B, s.H, 1, s.Hd}, {R, s.Hd, R, 1});
-    k = qkv.as_strided({B, s.Kh, 1, s.Hd}, {R, s.Hd, R, 1}, s.H * s.Hd);
-    v = qkv.as_strided({B, s.Kh, 1, s.Hd}, {R, s.Hd, R, 1}, (s.H + s.Kh) * s.Hd);
+    q = qkv.as_strided({B, s.H, T, s.Hd}, {T * R, s.Hd, R, 1});
+    k = qkv.as_strided({B, s.Kh, T, s.Hd}, {T * R, s.Hd, R, 1}, s.H * s.Hd);
+    v = qkv.as_strided({B, s.Kh, T, s.Hd}, {T * R, s.Hd, R, 1}, (s.H + s.Kh) * s.Hd);
   }
 };
 
@@ -404,7 +406,8 @@ void prepare_qkv(const Step& st, int64_t l, Work& w) {
     rotary<T>(qp + r * R, H + Kh, Hd, st.cos + st.rope[r] * Hd, st.sin + st.rope[r] * Hd);
 }
 
-// One layer: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x), then x + down(act(up(norm2(x)))).
+// One layer: x + proj(attend(rotary(q), rotary(k), v)) over norm1(x), then x + down(act(up(norm2(x)))), on the
+// B = w.x.size(0) rows (tokens) of the stream.
 // Every op's result equals PyTorch's to the bit (RMSNorm sums in ATen's order; LayerNorm, SiLU and GELU are ATen's
 // own ops, one call each), so with int8 activations every quantized product sees the block path's inputs exactly:
 // a last-bit difference there moves a rounding step of its quantized copy.
@@ -418,9 +421,9 @@ void layer(const Step& st, int64_t l, Work& w) {
   if (!qkv.is_same(w.qkv)) w.views(qkv, s);  // block_linear's own result (its views; the buffers' from here on)
   prepare_qkv<T>(st, l, w);
   const at::Tensor y = gptforge::decode_attention(w.q, w.k, w.v, st.k_caches[l], st.v_caches[l], st.slots,
-                                                  st.mask);  // (B, H, 1, Hd)
-  add_into<T>(xp, linear_into(y.view({B, H * Hd}), st.lin(l, kProjK, kProjW, kProjB, kProjS, kProjA, D), st.lora_mask,
-                              w.res), B * D);
+                                                  st.mask);  // (B / T, H, T, Hd): a view of it below when T = 1
+  add_into<T>(xp, linear_into(y.transpose(1, 2).reshape({B, H * Hd}),
+                              st.lin(l, kProjK, kProjW, kProjB, kProjS, kProjA, D), st.lora_mask, w.res), B * D);
 
   const at::Tensor hn = norm<T>(s, w, st.f(l, kNorm2W), st.f(l, kNorm2B));
   at::Tensor a = linear_into(hn, st.lin(l, kUpK, kUpW, kUpB, kUpS, kUpA, s.hidden), st.lora_mask, w.up);
@@ -537,16 +540,17 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const
   return run<c10::BFloat16>(s, id, pos, x, globals, layers, kinds, softcap, k_caches, v_caches, slots, mask, lora_mask);
 }
 
-// The block op (native.DecodeBlock's one-token step): one layer as the step op runs it, on x (B, 1, D) of the
-// model's dtype, returned in that dtype; cos and sin the rows' rotary tables ((1, Hd) for every row, or (B, 1, 1, Hd)
-// each row's; model.rotary_tables of the positions), ve this layer's value-embedding rows.
+// The block op (native.DecodeBlock's step, or a short prompt's layer): one layer as the step op runs it, on x
+// (B, T, D) of the model's dtype, returned in that dtype; cos and sin the tokens' rotary tables ((1, Hd) for every
+// token, (T, Hd) per position, or (B, 1, T, Hd) each row's; model.rotary_tables of the positions), ve this layer's
+// value-embedding rows (B, T, K Hd).
 template <class T>
 at::Tensor block(const Step& st, const at::Tensor& x) {
-  const int64_t B = x.size(0), D = x.size(2);
-  Work w(st.s, B, D, x.options());
-  w.x.copy_(x.reshape({B, D}));  // widened exactly: the stream holds T's values in fp32
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2);
+  Work w(st.s, B * Tn, D, x.options(), Tn);
+  w.x.copy_(x.reshape({B * Tn, D}));  // widened exactly: the stream holds T's values in fp32
   layer<T>(st, 0, w);
-  return w.x.to(x.scalar_type()).view({B, 1, D});
+  return w.x.to(x.scalar_type()).view({B, Tn, D});
 }
 
 at::Tensor decode_block(const at::Tensor& x, const Opts& p, at::IntArrayRef layout, double eps, const at::Tensor& kc,
@@ -554,19 +558,21 @@ at::Tensor decode_block(const at::Tensor& x, const Opts& p, at::IntArrayRef layo
                         const Opt& sin, const Opt& ve, const Opt& lora_mask) {
   TORCH_CHECK(p.size() == kFields, "decode block: expected ", kFields, " parameters, got ", p.size());
   TORCH_CHECK(layout.size() == kBLayout, "decode block: layout must have ", kBLayout, " entries (schema.py's BlockLayout)");
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode block: x must be (B, 1, D): one new token a row");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1, "decode block: x must be (B, T, D): T new tokens a row");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "decode block: rotary cos and sin come together");
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // frozen weights, inference only
-  const int64_t B = x.size(0), Hd = layout[kBHeadDim];
+  const int64_t B = x.size(0), Tn = x.size(1), rows = B * Tn, Hd = layout[kBHeadDim];
   const Shape s{1, layout[kBHead], layout[kBKvHead], Hd, layout[kBMlp], layout[kBHidden], 0, 0, layout[kBNorm] == 1,
                 static_cast<float>(eps)};
   at::Tensor c, sn;
-  std::vector<int64_t> rope(B, 0);
+  std::vector<int64_t> rope(rows, 0);  // each token's row of the tables
   if (cos.has_value()) {
     c = cos->to(at::kFloat).reshape({-1, Hd}).contiguous();
     sn = sin->to(at::kFloat).reshape({-1, Hd}).contiguous();
-    TORCH_CHECK(c.size(0) == 1 || c.size(0) == B, "decode block: cos and sin must be (1, Hd) or (B, 1, 1, Hd)");
-    for (int64_t r = 0; c.size(0) == B && r < B; ++r) rope[r] = r;
+    const int64_t n = c.size(0);
+    TORCH_CHECK(n == 1 || n == Tn || n == rows,
+                "decode block: cos and sin must be (1, Hd), (T, Hd) or (B, 1, T, Hd)");
+    for (int64_t r = 0; n > 1 && r < rows; ++r) rope[r] = n == rows ? r : r % Tn;
   }
   const std::vector<at::Tensor> kcs{kc}, vcs{vc};
   const Step st{s, p, layout.slice(kBKinds, kKinds), kcs, vcs, slots, mask, lora_mask, rope.data(),
