@@ -7,12 +7,24 @@ shared machine, where other jobs swing wall time by 2x but disturb a process's o
 
     python benchmarks/decode_step_cpu.py formats gpt2 --threads 1,2 --rounds 3   # formats and kernel paths
     python benchmarks/decode_step_cpu.py kernels 1                                # the quantized products alone
+    python benchmarks/decode_step_cpu.py gemm 1                                   # int8 products of 17-512 rows
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI python benchmarks/decode_step_cpu.py gemm 1   # oneDNN without AMX
+    python benchmarks/decode_step_cpu.py gemm 1 avx2    # the packed kernels on AVX2 (with ONEDNN_MAX_CPU_ISA=AVX2)
+    python benchmarks/decode_step_cpu.py prompt CKPT 1                            # short prompts: op vs Python block
 
 static: `generate_steps` on a batch of 64-token prompts, (t(65 tokens) - t(1 token)) / 64, min of 7 repeats.
 engine: `BatchEngine.step` with `batch` sequences of 32-token prompts, 48 steps, min of 5 repeats.
 shape: demo (the `shakespeare` preset) or tiny (1 layer, d 16, vocab 4096: the policy's own cost dominates).
 temperature > 0 adds top-p 0.95. One JSON line: wall_ms and cpu_ms per step. Runs against trees from before
 the decode policy's split too (generate.py then held BatchEngine and decode_layout), for the A side.
+
+gemm: the many-row int8 products (a prefill's) on each path this CPU has (native.ops.gemm_paths: AMX tiles, the
+packed kernels of the current instruction-set path or the one named, oneDNN's at::_int_mm), ms for the four `gpt2`
+block matrices at 17 to 512 rows, paths alternating in one process (A B C A B C), best of 2 alternations of medians
+of 7. ONEDNN_MAX_CPU_ISA holds oneDNN to an older instruction set, as on a CPU without AMX.
+prompt: a checkpoint's prefill (generate's _prefill: the prompt into a fresh KV cache) of 8-256 tokens, ms, with
+every layer in the block op (native attention) and with Block.forward (SDPA), alternating, best of 2 medians of 5:
+where native.ops.PROMPT_TOKENS comes from.
 
 formats: random weights of a shape (gpt2: the 124M preset; demo) written once as checkpoints in fp32, bf16, int8
 and int4 g32 (each int format with dynamic and weight-only activations), each loaded in a fresh process as
@@ -182,8 +194,8 @@ def kernels_main(threads: int) -> None:
     weights per second (G weights/s: each weight counted once per call, whatever the rows) and the bytes they
     stand for (GB/s: fp32 4, int8 1, int4 g32 0.625 bytes a weight) of each path at 1, 2, 4, 8 and 16 rows, for
     the `gpt2` block matrices (in cache: 2.4 MB int8) and for 16 such sets (out of cache: 113 MB int8), and the
-    512-row prefill of those four matrices, int8 dynamic (oneDNN) and int4 dynamic (its kernels) vs fp32 (PyTorch's
-    GEMM). One JSON line."""
+    512-row prefill of those four matrices, int8 dynamic (native.ops.gemm_path's: AMX tiles here) and int4 dynamic
+    (its kernels) vs fp32 (PyTorch's GEMM). One JSON line."""
     import statistics
 
     from gptforge.compress.quantize import int4_codes, int8_codes
@@ -237,7 +249,79 @@ def kernels_main(threads: int) -> None:
     print(json.dumps(out))
 
 
+def gemm_main(threads: int, isa: str | None) -> None:
+    """The many-row int8 products per path (module docstring: gemm). One JSON line."""
+    import statistics
+
+    from gptforge.compress.quantize import int8_codes
+    from gptforge.native import available, ops
+
+    assert available(), "the native kernels could not be built"
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    mats = [(q, s, ops.int8_row_sums(q)) for q, s in (int8_codes(torch.randn(n, k)) for n, k in
+                                                      [(2304, 768), (768, 768), (3072, 768), (768, 3072)])]
+    def ms(path: str, rows: int) -> float:
+        xs = {k: torch.randn(rows, k) for k in (768, 3072)}
+        with ops.forced_gemm_path(path):
+            once = lambda: [ops.linear_int8_dynamic(xs[q.shape[1]], q, s, w) for q, s, w in mats]  # noqa: E731
+            once()
+            ts = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                once()
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    paths, out = ops.gemm_paths(), {}
+    with ops.forced_quant_path(isa or ops.quant_path()):  # the packed kernels' instruction set
+        for rows in (17, 32, 64, 128, 512):
+            runs = {p: [] for p in paths}
+            for _ in range(2):
+                for p in paths:
+                    runs[p].append(ms(p, rows))
+            out[rows] = {p: round(min(v), 3) for p, v in runs.items()}
+        path = ops.quant_path()
+    print(json.dumps({"threads": threads, "quant_path": path, "ms_per_layer": out}))
+
+
+def prompt_main(ckpt: str, threads: int) -> None:
+    """A checkpoint's prefill through the block op and through Block.forward (module docstring: prompt)."""
+    import statistics
+
+    import gptforge
+    import gptforge.native.layout as layout
+    import gptforge.native.ops as ops
+
+    torch.set_num_threads(threads)
+    model, _ = gptforge.load(ckpt, device="cpu")
+
+    def ms(T: int, limit: int) -> float:
+        ops.PROMPT_TOKENS = layout.PROMPT_TOKENS = limit
+        prompt = [[100 + (i * 37) % 3000 for i in range(T)]]
+        with torch.inference_mode():
+            G._prefill(model, prompt, T + 8, False)
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                G._prefill(model, prompt, T + 8, False)
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    out = {}
+    for T in (8, 17, 32, 64, 128, 256):
+        runs = [ms(T, 10**6), ms(T, 0), ms(T, 10**6), ms(T, 0)]
+        out[T] = {"op": round(min(runs[0::2]), 2), "python": round(min(runs[1::2]), 2)}
+    print(json.dumps({"checkpoint": ckpt, "threads": threads, "prefill_ms": out}))
+
+
 def main() -> None:
+    if sys.argv[1] == "gemm":
+        gemm_main(int(sys.argv[2]) if len(sys.argv) > 2 else 1, sys.argv[3] if len(sys.argv) > 3 else None)
+        return
+    if sys.argv[1] == "prompt":
+        prompt_main(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+        return
     if sys.argv[1] == "kernels":
         kernels_main(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
         return
