@@ -290,14 +290,13 @@ def prompt_main(ckpt: str, threads: int) -> None:
     import statistics
 
     import gptforge
-    import gptforge.native.layout as layout
     import gptforge.native.ops as ops
 
     torch.set_num_threads(threads)
     model, _ = gptforge.load(ckpt, device="cpu")
 
     def ms(T: int, limit: int) -> float:
-        ops.PROMPT_TOKENS = layout.PROMPT_TOKENS = limit
+        ops.PROMPT_TOKENS = limit  # read at each call by native/layout.py and kvcache.py
         prompt = [[100 + (i * 37) % 3000 for i in range(T)]]
         with torch.inference_mode():
             G._prefill(model, prompt, T + 8, False)

@@ -275,6 +275,30 @@ def test_decode_attention_matches_cache_write_and_sdpa(threads, dtype, heads, kv
     torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-slots", "per-row-slots"])
+def test_prompt_attention_matches_cache_write_and_sdpa(threads, dtype, per_row):
+    """A short prompt's attention (T queries a row, native.ops.PROMPT_TOKENS): the same op over a causal mask with
+    left padding equals index_copy_/scatter_ + SDPA, grouped-query heads included."""
+    torch.manual_seed(3)
+    B, T, H, Kh, Hd, S = 2, 7, 8, 2, 32, 16
+    q = torch.randn(B, T, H, Hd).to(dtype).transpose(1, 2)  # (B, H, T, Hd), strided as the model's
+    k, v = (torch.randn(B, T, Kh, Hd).to(dtype).transpose(1, 2) for _ in range(2))
+    kc, vc = torch.zeros(B, Kh, S, Hd).to(dtype), torch.zeros(B, Kh, S, Hd).to(dtype)
+    slots = torch.arange(T).repeat(B, 1) if per_row else torch.arange(T)
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, :3] = False  # row 1 left-padded by 3: its real tokens see only each other
+    allowed = torch.ones(T, T).tril().bool()[None] & real[:, None, :]
+    allowed |= torch.eye(T, dtype=torch.bool)[None]  # a query always sees its own slot
+    mask = torch.where(allowed[:, None], torch.zeros((), dtype=dtype), float("-inf"))  # (B, 1, T, T)
+    kc2, vc2 = kc.clone(), vc.clone()
+    ours = torch.ops.gptforge_attn.decode_attention(q, k, v, kc, vc, slots, mask)
+    ref = _eager_attention(q, k, v, kc2, vc2, slots, mask)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+
+
 def test_decode_attention_refuses_bad_shapes():
     q, kv = torch.randn(1, 3, 1, 16), torch.randn(1, 2, 1, 16)
     cache, mask = torch.randn(1, 2, 8, 16), torch.zeros(1, 1, 1, 4)
@@ -400,6 +424,22 @@ def test_decode_block_step_is_the_block_bit_for_bit(threads, variant, dtype, mon
                 plain, plain_cache = _decode_logits(model, prompts, 4, per_row)
             assert torch.equal(fused, plain)
             assert all(torch.equal(a, b) for a, b in zip(fused_cache, plain_cache))
+
+
+def test_a_prompt_longer_than_prompt_tokens_keeps_the_python_block_and_sdpa(monkeypatch):
+    """Past native.ops.PROMPT_TOKENS a prompt runs Block.forward (SDPA: faster there than the op's per-query
+    attention), and its decode steps still run the op; at the limit the prompt runs the op."""
+    torch.manual_seed(0)
+    model = native.decode_layout(GPT(ModelConfig(**BLOCK_VARIANTS["llama"])).eval())
+    calls, real_attn = [], CausalSelfAttention.forward
+    monkeypatch.setattr(CausalSelfAttention, "forward", lambda self, x, *a: calls.append(x.shape[1]) or real_attn(self, x, *a))
+    monkeypatch.setattr(native.ops, "PROMPT_TOKENS", 4)
+    with torch.no_grad():
+        _decode_logits(model, [[5, 6, 7, 8, 9]], 2, False)
+        assert calls == [5] * len(model.blocks)  # the prompt only
+        calls.clear()
+        _decode_logits(model, [[5, 6, 7, 8]], 2, False)
+        assert calls == []
 
 
 def test_decode_block_is_swapped_only_where_the_op_can_run_it():

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from gptforge.model import Block, TiedHead
 from gptforge.native.build import available
-from gptforge.native.ops import MAX_ROWS, PROMPT_TOKENS
+from gptforge.native import ops
+from gptforge.native.ops import MAX_ROWS
 from gptforge.native.schema import (MLP_KIND, NORM_KIND, AdaptedLinear, BlockLayout, BlockParams, CodedLinear,
                                     named_linears)
 
@@ -129,7 +130,7 @@ class DecodeBlock(Block):
         if kv is None or self.training or not kv.cache.native or torch.compiler.is_compiling():
             return super().forward(x, rope, kv, ve, mask)
         B, T = x.shape[:2]
-        if T > 1 and (T > PROMPT_TOKENS or self._selection is not None or self._weight_only):
+        if T > 1 and (T > ops.PROMPT_TOKENS or self._selection is not None or self._weight_only):
             return super().forward(x, rope, kv, ve, mask)
         if self._quantized and ((T == 1 and B > MAX_ROWS) or x.dtype != torch.float32):
             return super().forward(x, rope, kv, ve, mask)

@@ -421,9 +421,10 @@ void layer(const Step& st, int64_t l, Work& w) {
   if (!qkv.is_same(w.qkv)) w.views(qkv, s);  // block_linear's own result (its views; the buffers' from here on)
   prepare_qkv<T>(st, l, w);
   const at::Tensor y = gptforge::decode_attention(w.q, w.k, w.v, st.k_caches[l], st.v_caches[l], st.slots,
-                                                  st.mask);  // (B / T, H, T, Hd): a view of it below when T = 1
-  add_into<T>(xp, linear_into(y.transpose(1, 2).reshape({B, H * Hd}),
-                              st.lin(l, kProjK, kProjW, kProjB, kProjS, kProjA, D), st.lora_mask, w.res), B * D);
+                                                  st.mask);  // (B / T, H, T, Hd)
+  const at::Tensor heads = w.T == 1 ? y.view({B, H * Hd}) : y.transpose(1, 2).reshape({B, H * Hd});  // token rows
+  add_into<T>(xp, linear_into(heads, st.lin(l, kProjK, kProjW, kProjB, kProjS, kProjA, D), st.lora_mask, w.res),
+              B * D);
 
   const at::Tensor hn = norm<T>(s, w, st.f(l, kNorm2W), st.f(l, kNorm2B));
   at::Tensor a = linear_into(hn, st.lin(l, kUpK, kUpW, kUpB, kUpS, kUpA, s.hidden), st.lora_mask, w.up);
