@@ -23,7 +23,7 @@
 // on AMX tiles where the CPU has them, else on the packed kernels (each panel of output rows laid out once per call
 // for broadcast activations, qgemv_body.h), or on oneDNN's at::_int_mm (plain AVX2, where it measured faster):
 // the same quantized activations and the same exact int32 sums on every path. Before AMX tiles, prefills ran on
-// oneDNN everywhere: 1.4-2.3x slower on this CPU, and its first call left ~5 MB of code and buffers resident.
+// oneDNN everywhere: 1.4-1.9x slower on this CPU, and its first call left ~5 MB of code and buffers resident.
 //
 // int4 weights are read in their own layout, made once per matrix by int4_pack from the checkpoint's tensors: tiles
 // of 16 output rows whose 4-byte runs interleave, so a vector's int32 lanes are 16 (or 8) output rows and the
@@ -450,10 +450,10 @@ bool amx_usable() {
 
 bool gemm_supported(Gemm g) { return g != kGemmAmx || amx_usable(); }
 
-// The default, by measurement on the CI CPU (docs/BENCHMARKS.md; oneDNN held to each instruction set with
-// ONEDNN_MAX_CPU_ISA): AMX tiles 1.4-2.3x oneDNN's AMX GEMM from 17 to 512 rows; without AMX the packed kernels
-// 1.0-1.3x oneDNN's on AVX-512 VNNI and 1.1-1.4x on AVX-VNNI, but 0.8-0.96x on plain AVX2 from 32 rows (no
-// integer dot product there), where oneDNN stays.
+// The default, by measurement on the CI CPU (docs/BENCHMARKS.md, "int8 prefills on AMX tiles"; oneDNN held to each
+// instruction set with ONEDNN_MAX_CPU_ISA): AMX tiles 1.4-1.9x oneDNN's AMX GEMM from 17 to 512 rows; without AMX
+// the packed kernels 1.05-1.4x oneDNN's on AVX-512 VNNI and 1.0-1.5x on AVX-VNNI, but 0.8-0.94x on plain AVX2 from
+// 32 rows (no integer dot product there), where oneDNN stays.
 Gemm default_gemm() {
   if (amx_usable()) return kGemmAmx;
   const Isa isa = best();
