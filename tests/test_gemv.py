@@ -248,6 +248,16 @@ def _eager_attention(q, k, v, kc, vc, slots, mask):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _assert_attention_is_the_eager_one(q, k, v, kc, vc, slots, mask):
+    """The op's cache writes equal _eager_attention's exactly and its output within fp32 (bf16) rounding."""
+    kc2, vc2 = kc.clone(), vc.clone()
+    ours = torch.ops.gptforge_attn.decode_attention(q, k, v, kc, vc, slots, mask)
+    ref = _eager_attention(q, k, v, kc2, vc2, slots, mask)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    tol = 1e-5 if q.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 32), (2, 1, 24)])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared-slot", "per-row-slots"])
@@ -267,12 +277,7 @@ def test_decode_attention_matches_cache_write_and_sdpa(threads, dtype, heads, kv
     allowed = torch.rand(B, 1, 1, E) > 0.3
     allowed[torch.arange(B), 0, 0, slots.view(-1).expand(B)] = True  # a query always sees its own slot
     mask = torch.where(allowed, torch.zeros((), dtype=dtype), float("-inf"))
-    kc2, vc2 = kc.clone(), vc.clone()
-    ours = torch.ops.gptforge_attn.decode_attention(q, k, v, kc, vc, slots, mask)
-    ref = _eager_attention(q, k, v, kc2, vc2, slots, mask)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+    _assert_attention_is_the_eager_one(q, k, v, kc, vc, slots, mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -291,12 +296,7 @@ def test_prompt_attention_matches_cache_write_and_sdpa(threads, dtype, per_row):
     allowed = torch.ones(T, T).tril().bool()[None] & real[:, None, :]
     allowed |= torch.eye(T, dtype=torch.bool)[None]  # a query always sees its own slot
     mask = torch.where(allowed[:, None], torch.zeros((), dtype=dtype), float("-inf"))  # (B, 1, T, T)
-    kc2, vc2 = kc.clone(), vc.clone()
-    ours = torch.ops.gptforge_attn.decode_attention(q, k, v, kc, vc, slots, mask)
-    ref = _eager_attention(q, k, v, kc2, vc2, slots, mask)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+    _assert_attention_is_the_eager_one(q, k, v, kc, vc, slots, mask)
 
 
 def test_decode_attention_refuses_bad_shapes():
