@@ -92,7 +92,7 @@ struct I4Args {
 
 // What the many-row int8 kernels read (int8_gemm in qgemv_body.h, amx::int8_gemm).
 struct GemmArgs {
-  const uint8_t* xs;  // (M, Kp) prepared activations, zero-padded to Kp (a multiple of 64); AMX: rows to a multiple of 32
+  const uint8_t* xs;  // (M, Kp) prepared activations, zero-padded to Kp (a multiple of 64; AMX: M to a multiple of 32)
   int64_t M, K, Kp, N;
   const int8_t* w;      // (N, K)
   const float* sx;      // (M,)
@@ -219,7 +219,8 @@ inline void transpose16(__m512i (&r)[16]) {
   }
   for (int d = 0; d < 4; ++d) {
     const __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0x88), v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0xdd);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x88), v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xdd);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xdd);
     r[d] = _mm512_shuffle_i32x4(v0, v2, 0x88);
     r[4 + d] = _mm512_shuffle_i32x4(v1, v3, 0x88);
     r[8 + d] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
@@ -310,7 +311,8 @@ void int8_gemm(const GemmArgs& a, int64_t p0, int64_t p1) {
     pack16(a.w, a.N, a.K, c0 + 16, Kq, packed.data() + Kq * 64);
     alignas(64) float sw[32] = {}, bias[32] = {};
     for (int64_t j = 0; j < nc; ++j) sw[j] = a.sw[c0 + j], bias[j] = a.bias ? a.bias[c0 + j] : 0.f;
-    const __m512 swv[2] = {_mm512_load_ps(sw), _mm512_load_ps(sw + 16)}, bv[2] = {_mm512_load_ps(bias), _mm512_load_ps(bias + 16)};
+    const __m512 swv[2] = {_mm512_load_ps(sw), _mm512_load_ps(sw + 16)};
+    const __m512 bv[2] = {_mm512_load_ps(bias), _mm512_load_ps(bias + 16)};
     const __mmask16 keep[2] = {static_cast<__mmask16>(nc >= 16 ? 0xffff : (1u << nc) - 1),
                                static_cast<__mmask16>(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1)};
     for (int64_t m0 = 0; m0 < a.M; m0 += 32) {
@@ -338,7 +340,8 @@ void int8_gemm(const GemmArgs& a, int64_t p0, int64_t p1) {
         const __m512 sx = _mm512_set1_ps(a.sx[m0 + i]);
         float* y = a.y + (m0 + i) * a.N + c0;
         for (int v = 0; v < 2; ++v) {
-          __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + i * 32 + 16 * v)), _mm512_mul_ps(sx, swv[v]));
+          const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + i * 32 + 16 * v));
+          __m512 r = _mm512_mul_ps(sums, _mm512_mul_ps(sx, swv[v]));
           if (a.bias) r = _mm512_add_ps(r, bv[v]);
           _mm512_mask_storeu_ps(y + 16 * v, keep[v], r);
         }
