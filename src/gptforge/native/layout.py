@@ -2,7 +2,8 @@
 
 `decode_layout(model)` replaces each nn.Linear by a DecodeLinear (same parameters, its forward one call of the
 few-row `linear` op), the tied head by a DecodeTiedHead (the same, on the token table) and each block whose
-variant the block op covers by a DecodeBlock (its one-token decode step as one native call, csrc/step.cpp).
+variant the block op covers by a DecodeBlock (its decode step, and a short prompt's layer, as one native call,
+csrc/step.cpp).
 State dict keys never change. Swaps rather than tensor subclasses: a weight subclass's __torch_function__ cost
 ~6 us of Python per matmul, as much as the product itself for the demo model's in-cache matrices.
 """

@@ -1,6 +1,6 @@
-// The CPU decode ops over the native KV cache, one new token a row: a whole step (token embedding, every block, the
-// final norm and the head; B <= 16 rows: torch.ops.gptforge_step.decode) and one block (native.DecodeBlock's step,
-// any number of rows: torch.ops.gptforge_decode.block). A layer's math is written once (`layer` below: norms, QK-norm,
+// The CPU decode ops over the native KV cache: a whole step of one new token a row (token embedding, every block, the
+// final norm and the head; B <= 16 rows: torch.ops.gptforge_step.decode) and one block (native.DecodeBlock's step or
+// a short prompt's layer, any number of rows of T tokens: torch.ops.gptforge_decode.block). A layer's math is written once (`layer` below: norms, QK-norm,
 // value embeddings, rotary, attention, MLP, residual adds) and the block op is that function on one layer. The
 // products run on the few-row kernels (gemv.cpp, qgemv.cpp, through block.cpp's block_linear) and the attention on
 // attention.cpp; everything between them is loops over the rows' few hundred floats, written into buffers allocated
